@@ -1,0 +1,309 @@
+"""Payload codecs: the exact bytes of a fragment update, and the exact float32 values every peer decodes.
+
+Theory of operation
+-------------------
+A contribution carries one update for one fragment (a contiguous slice of the flat float32 model of
+``length`` entries). The update is a sparse vector: ``indices`` (uint32, strictly increasing, ``< length``,
+relative to the fragment start) and ``values`` (float32, finite). Every peer must turn the same payload
+bytes into bit-identical float32 values before fixed-point accumulation, so decoding uses only IEEE-754
+float32 operations with one rounding each (``float32(q) * float32(scale)``), which numpy performs
+identically on every platform. The *encoder* may be anything; its quantization error is returned to the
+trainer via ``decode_payload(encode_payload(...))`` (error feedback).
+
+Byte layout (all integers and floats little-endian)
+---------------------------------------------------
+``dense-f32``   ``length`` x f32. Decodes to ``indices = arange(length)``.
+``sparse-f32``  u32 ``n``; ``n`` x u32 indices; ``n`` x f32 values.
+``sparse-q8``   u32 ``n``; ``n`` x u32 indices; ``ceil(n/64)`` x f32 chunk scales; ``n`` x i8 codes in
+                ``[-127, 127]`` (-128 is rejected). value = code * scale.
+``sparse-q4``   header, indices and scales as above; ``ceil(n/2)`` bytes of 4-bit codes, low nibble first.
+                A nibble holds ``code + 8`` with code in ``[-7, 7]`` (nibble 0 is rejected); an odd tail
+                leaves the high nibble 0. value = code * scale.
+``sparse-q2``   header, indices and scales as above; ``ceil(n/4)`` bytes of 2-bit codes, lowest bits first,
+                unused tail bits 0. Code c in 0..3 maps to the level ``(-3, -1, +1, +3)[c]``;
+                value = level * scale. There is no zero level on purpose: a sparse payload only carries
+                entries top-k selected for being large, so spending a level on 0 would waste a quarter of
+                the code space; the symmetric odd levels keep the quantizer unbiased in sign.
+
+Quantization (encoder side): values are cut into chunks of ``CHUNK_SIZE`` in index order; per chunk
+``scale = float32(max|v| / QMAX)`` where QMAX is 127 (q8), 7 (q4), 3 (q2). Codes are the nearest level,
+clipped. Error bound per entry, for a chunk whose largest magnitude is ``m``:
+q8 ``<= m/254``, q4 ``<= m/14``, q2 ``<= m/3`` (plus float32 rounding, ~1e-7 relative). An all-zero chunk
+gets scale 0 and decodes to zeros (q2 too, since level * 0 = 0).
+
+Rejected alternatives: delta/varint index coding (smaller, but variable-length parsing is a larger attack
+surface and the q-codecs already dominate the win; a future codec name can add it without breaking these);
+per-tensor scales (one outlier wrecks the whole fragment's resolution); stochastic rounding (needs
+randomness in crdt; the trainer's error feedback already removes the bias).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from crdt.errors import ValidationError
+
+__all__ = [
+    "CHUNK_SIZE",
+    "CODECS",
+    "MAX_LENGTH",
+    "decode_payload",
+    "encode_payload",
+    "payload_error_bound",
+]
+
+# ---------------------------------------------------------------------------------------------------------
+# Constants
+# ---------------------------------------------------------------------------------------------------------
+
+#: Values per quantization scale. 64 matches the block sizes of common low-bit formats (GGML q4_0 uses 32,
+#: bitsandbytes 64): small enough to track local magnitude, big enough that the scale costs 0.5 bit/value.
+CHUNK_SIZE = 64
+#: Indices are u32 on the wire, so a fragment can have at most 2**32 - 1 entries.
+MAX_LENGTH = 2**32 - 1
+#: Largest |code| per quantized codec (symmetric ranges; q8 leaves -128 unused so that negation is exact).
+_QMAX = {"sparse-q8": 127, "sparse-q4": 7, "sparse-q2": 3}
+#: q2 levels, indexed by the 2-bit code. Odd levels, no zero: see the module docstring.
+_Q2_LEVELS = np.array([-3.0, -1.0, 1.0, 3.0], dtype=np.float32)
+#: Every codec name this module understands (the order is irrelevant; it is a set in spirit).
+CODECS: tuple[str, ...] = ("dense-f32", "sparse-f32", "sparse-q8", "sparse-q4", "sparse-q2")
+
+_U32 = np.dtype("<u4")
+_F32 = np.dtype("<f4")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _check_codec_length(codec: str, length: int) -> None:
+    if codec not in CODECS:
+        raise ValidationError(f"unknown codec {codec!r}; expected one of {', '.join(CODECS)}")
+    if isinstance(length, bool) or not isinstance(length, int | np.integer):
+        raise ValidationError(f"length must be an int, got {type(length).__name__}")
+    if not 0 <= int(length) <= MAX_LENGTH:
+        raise ValidationError(f"length {length} outside [0, {MAX_LENGTH}]")
+
+
+def _check_indices(indices: np.ndarray, length: int) -> None:
+    """Strictly increasing and < length (so also unique). Shared by encoder and decoder."""
+    if indices.size and int(indices[-1]) >= length:
+        raise ValidationError(f"index {int(indices[-1])} out of range for fragment length {length}")
+    if indices.size > 1 and not bool(np.all(indices[1:] > indices[:-1])):
+        raise ValidationError("indices must be strictly increasing")
+
+
+def _check_finite(values: np.ndarray, what: str) -> None:
+    if not bool(np.all(np.isfinite(values))):
+        raise ValidationError(f"{what} contain NaN or infinity")
+
+
+def _n_chunks(n: int) -> int:
+    return -(-n // CHUNK_SIZE)
+
+
+def _chunk_max_abs(values: np.ndarray) -> np.ndarray:
+    """Per-chunk max |v| in float64 (the last chunk is zero-padded, which cannot raise a maximum)."""
+    n = values.size
+    padded = np.zeros(_n_chunks(n) * CHUNK_SIZE, dtype=np.float64)
+    padded[:n] = np.abs(values.astype(np.float64))
+    return padded.reshape(-1, CHUNK_SIZE).max(axis=1)
+
+
+def _expand_scales(scales: np.ndarray, n: int) -> np.ndarray:
+    return np.repeat(scales, CHUNK_SIZE)[:n]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Quantizers (encoder side: any deterministic choice works, the decoder defines the values)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _quantize(codec: str, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Return (f32 scales per chunk, int codes). For q2 the codes are 0..3 level indices."""
+    qmax = _QMAX[codec]
+    scales = (_chunk_max_abs(values) / qmax).astype(np.float32)
+    if not bool(np.all(np.isfinite(scales))):  # pragma: no cover - max|f32| / qmax is always finite
+        raise ValidationError("values too large to quantize")
+    per = _expand_scales(scales, values.size).astype(np.float64)
+    safe = np.where(per > 0, per, 1.0)
+    ratio = values.astype(np.float64) / safe
+    if codec == "sparse-q2":
+        # nearest odd level in {-3,-1,1,3}: level = 2*rint((r-1)/2) + 1, clipped; code = (level + 3) / 2
+        level = np.clip(2.0 * np.rint((ratio - 1.0) / 2.0) + 1.0, -3.0, 3.0)
+        codes = ((level + 3.0) / 2.0).astype(np.int64)
+    else:
+        codes = np.clip(np.rint(ratio), -qmax, qmax).astype(np.int64)
+    return scales, codes
+
+
+def _pack_codes(codec: str, codes: np.ndarray) -> bytes:
+    if codec == "sparse-q8":
+        return codes.astype(np.int8).tobytes()
+    if codec == "sparse-q4":
+        nib = (codes + 8).astype(np.uint8)
+        if nib.size % 2:
+            nib = np.append(nib, np.uint8(0))
+        return (nib[0::2] | (nib[1::2] << 4)).astype(np.uint8).tobytes()
+    c = codes.astype(np.uint8)
+    pad = (-c.size) % 4
+    if pad:
+        c = np.append(c, np.zeros(pad, dtype=np.uint8))
+    c = c.reshape(-1, 4)
+    return (c[:, 0] | (c[:, 1] << 2) | (c[:, 2] << 4) | (c[:, 3] << 6)).astype(np.uint8).tobytes()
+
+
+def _code_bytes(codec: str, n: int) -> int:
+    return {"sparse-q8": n, "sparse-q4": -(-n // 2), "sparse-q2": -(-n // 4)}[codec]
+
+
+def _unpack_levels(codec: str, raw: np.ndarray, n: int) -> np.ndarray:
+    """Bytes -> float32 levels (code values), validating reserved codes and zero padding."""
+    if codec == "sparse-q8":
+        codes = raw.view(np.int8)
+        if bool(np.any(codes == -128)):
+            raise ValidationError("sparse-q8 code -128 is reserved")
+        return codes.astype(np.float32)
+    if codec == "sparse-q4":
+        nib = np.empty(raw.size * 2, dtype=np.uint8)
+        nib[0::2] = raw & 0x0F
+        nib[1::2] = raw >> 4
+        if bool(np.any(nib[n:] != 0)):
+            raise ValidationError("sparse-q4 padding nibble must be 0")
+        nib = nib[:n]
+        if bool(np.any(nib == 0)):
+            raise ValidationError("sparse-q4 nibble 0 (code -8) is reserved")
+        return nib.astype(np.float32) - np.float32(8)
+    codes = np.empty(raw.size * 4, dtype=np.uint8)
+    for k in range(4):
+        codes[k::4] = (raw >> (2 * k)) & 0x03
+    if bool(np.any(codes[n:] != 0)):
+        raise ValidationError("sparse-q2 padding bits must be 0")
+    return _Q2_LEVELS[codes[:n]]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Public API
+# ---------------------------------------------------------------------------------------------------------
+
+
+def encode_payload(codec: str, length: int, indices: np.ndarray | None, values: np.ndarray) -> bytes:
+    """Encode a fragment update.
+
+    Args:
+        codec: one of :data:`CODECS`.
+        length: fragment length (number of model entries the fragment covers).
+        indices: uint32-convertible, strictly increasing, ``< length``; ``None`` means all of
+            ``0..length-1`` (then ``values`` has ``length`` entries). For ``dense-f32`` given indices are
+            scattered into a zero vector.
+        values: finite float32-convertible values, one per index.
+
+    Returns:
+        The payload bytes (layout in the module docstring).
+
+    Raises:
+        ValidationError: unknown codec, bad length, mismatched sizes, unsorted/out-of-range indices,
+            non-finite values.
+    """
+    _check_codec_length(codec, length)
+    length = int(length)
+    vals = np.ascontiguousarray(values, dtype=np.float32).reshape(-1)
+    _check_finite(vals, "values")
+    if indices is None:
+        if vals.size != length:
+            raise ValidationError(f"{vals.size} values for a dense update of length {length}")
+        idx = np.arange(length, dtype=np.uint32)
+    else:
+        raw_idx = np.asarray(indices).reshape(-1)
+        if raw_idx.size and (raw_idx.dtype.kind not in "iu" or int(raw_idx.min()) < 0):
+            raise ValidationError("indices must be non-negative integers")
+        idx = raw_idx.astype(np.uint32)
+        if idx.size != vals.size:
+            raise ValidationError(f"{idx.size} indices but {vals.size} values")
+        _check_indices(idx, length)
+
+    if codec == "dense-f32":
+        dense = np.zeros(length, dtype=_F32)
+        dense[idx] = vals
+        return dense.tobytes()
+    header = np.array([idx.size], dtype=_U32).tobytes() + idx.astype(_U32).tobytes()
+    if codec == "sparse-f32":
+        return header + vals.astype(_F32).tobytes()
+    scales, codes = _quantize(codec, vals)
+    data = header + scales.astype(_F32).tobytes() + _pack_codes(codec, codes)
+    # Guard the decoder's finiteness rule on the encoder side too (code * scale could round up to inf).
+    _check_finite(_expand_scales(scales, vals.size) * _levels_for(codec, codes), "quantized values")
+    return data
+
+
+def _levels_for(codec: str, codes: np.ndarray) -> np.ndarray:
+    return _Q2_LEVELS[codes] if codec == "sparse-q2" else codes.astype(np.float32)
+
+
+def decode_payload(codec: str, length: int, data: bytes) -> tuple[np.ndarray, np.ndarray]:
+    """Decode payload bytes into ``(indices uint32, values float32)``, validating every rule.
+
+    The returned arrays are fresh, writable and native-endian. Decoding is strict: the byte length must be
+    exactly what the header implies, padding must be zero, reserved codes are refused, scales must be
+    finite and ``>= 0``, decoded values must be finite.
+
+    Raises:
+        ValidationError: any violation, with the rule in the message.
+    """
+    _check_codec_length(codec, length)
+    length = int(length)
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise ValidationError(f"payload must be bytes, got {type(data).__name__}")
+    buf = bytes(data)
+    if codec == "dense-f32":
+        if len(buf) != 4 * length:
+            raise ValidationError(f"dense-f32 payload has {len(buf)} bytes, expected {4 * length}")
+        values = np.frombuffer(buf, dtype=_F32).astype(np.float32)
+        _check_finite(values, "values")
+        return np.arange(length, dtype=np.uint32), values
+    if len(buf) < 4:
+        raise ValidationError("sparse payload shorter than its 4-byte count header")
+    n = int(np.frombuffer(buf, dtype=_U32, count=1)[0])
+    if n > length:
+        raise ValidationError(f"sparse payload claims {n} entries for fragment length {length}")
+    if codec == "sparse-f32":
+        expected = 4 + 4 * n + 4 * n
+    else:
+        expected = 4 + 4 * n + 4 * _n_chunks(n) + _code_bytes(codec, n)
+    if len(buf) != expected:
+        raise ValidationError(f"{codec} payload with {n} entries must be {expected} bytes, got {len(buf)}")
+    indices = np.frombuffer(buf, dtype=_U32, count=n, offset=4).astype(np.uint32)
+    _check_indices(indices, length)
+    off = 4 + 4 * n
+    if codec == "sparse-f32":
+        values = np.frombuffer(buf, dtype=_F32, count=n, offset=off).astype(np.float32)
+        _check_finite(values, "values")
+        return indices, values
+    nc = _n_chunks(n)
+    scales = np.frombuffer(buf, dtype=_F32, count=nc, offset=off).astype(np.float32)
+    if not bool(np.all(np.isfinite(scales))) or bool(np.any(scales < 0)):
+        raise ValidationError("chunk scales must be finite and >= 0")
+    off += 4 * nc
+    raw = np.frombuffer(buf, dtype=np.uint8, offset=off)
+    levels = _unpack_levels(codec, raw, n)
+    with np.errstate(over="ignore"):
+        values = (levels * _expand_scales(scales, n)).astype(np.float32)  # one f32 rounding per entry
+    _check_finite(values, "decoded values")
+    return indices, values
+
+
+def payload_error_bound(codec: str, values: np.ndarray) -> np.ndarray:
+    """Per-entry bound on |decoded - original| for ``values`` encoded with ``codec`` (for tests and docs).
+
+    Includes a small float32 rounding allowance; exact codecs return zeros.
+    """
+    vals = np.asarray(values, dtype=np.float32).reshape(-1)
+    if codec in ("dense-f32", "sparse-f32"):
+        return np.zeros(vals.size, dtype=np.float64)
+    if codec not in _QMAX:
+        raise ValidationError(f"unknown codec {codec!r}")
+    m = _expand_scales(_chunk_max_abs(vals), vals.size)
+    step = m / _QMAX[codec]
+    half = 1.0 if codec == "sparse-q2" else 0.5  # q2 levels are 2 apart (odd), others 1 apart
+    return step * half * (1 + 1e-5) + m * 1e-6 + 1e-30

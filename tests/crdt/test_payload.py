@@ -1,0 +1,175 @@
+"""Payload codecs: round trips, error bounds, determinism, strict decoding."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import crdt
+from crdt import CODECS, ValidationError, decode_payload, encode_payload, payload_error_bound
+
+QUANT = ("sparse-q8", "sparse-q4", "sparse-q2")
+SPARSE = ("sparse-f32", *QUANT)
+
+
+def _sparse(rng: np.random.Generator, length: int, k: int, scale: float = 1.0):
+    idx = np.sort(rng.choice(length, size=k, replace=False)).astype(np.uint32)
+    vals = (rng.standard_normal(k) * scale).astype(np.float32)
+    return idx, vals
+
+
+@pytest.mark.parametrize("codec", CODECS)
+def test_round_trip_within_bound(codec: str) -> None:
+    rng = np.random.default_rng(1)
+    length = 1000
+    idx, vals = _sparse(rng, length, 300, scale=0.01)
+    if codec == "dense-f32":
+        data = encode_payload(codec, length, idx, vals)
+        assert len(data) == 4 * length
+        d_idx, d_vals = decode_payload(codec, length, data)
+        expect = np.zeros(length, np.float32)
+        expect[idx] = vals
+        np.testing.assert_array_equal(d_idx, np.arange(length))
+        np.testing.assert_array_equal(d_vals, expect)
+        return
+    data = encode_payload(codec, length, idx, vals)
+    d_idx, d_vals = decode_payload(codec, length, data)
+    assert d_idx.dtype == np.uint32 and d_vals.dtype == np.float32
+    np.testing.assert_array_equal(d_idx, idx)
+    err = np.abs(d_vals.astype(np.float64) - vals.astype(np.float64))
+    assert np.all(err <= payload_error_bound(codec, vals))
+    # re-encoding the decoded values is a fixed point for quantized codecs (decode o encode idempotent)
+    again = decode_payload(codec, length, encode_payload(codec, length, d_idx, d_vals))[1]
+    np.testing.assert_array_equal(again, d_vals)
+
+
+def test_sizes_shrink_with_bits() -> None:
+    rng = np.random.default_rng(2)
+    idx, vals = _sparse(rng, 100_000, 6400)
+    sizes = {c: len(encode_payload(c, 100_000, idx, vals)) for c in SPARSE}
+    assert sizes["sparse-f32"] > sizes["sparse-q8"] > sizes["sparse-q4"] > sizes["sparse-q2"]
+    assert sizes["sparse-q2"] == 4 + 4 * 6400 + 4 * 100 + 1600
+
+
+def test_dense_none_indices_and_empty() -> None:
+    vals = np.arange(5, dtype=np.float32)
+    for codec in CODECS:
+        i, v = decode_payload(codec, 5, encode_payload(codec, 5, None, vals))
+        np.testing.assert_array_equal(i, np.arange(5))
+        assert np.all(np.abs(v - vals) <= payload_error_bound(codec, vals))
+        i, v = decode_payload(codec, 7, encode_payload(codec, 7, np.array([], np.uint32), np.array([])))
+        assert v.size == (7 if codec == "dense-f32" else 0)
+
+
+def test_zero_chunk_and_q2_levels() -> None:
+    idx = np.arange(4, dtype=np.uint32)
+    _, v = decode_payload("sparse-q2", 4, encode_payload("sparse-q2", 4, idx, np.zeros(4, np.float32)))
+    np.testing.assert_array_equal(v, np.zeros(4, np.float32))
+    vals = np.array([-3.0, -1.0, 1.0, 3.0], np.float32)
+    _, v = decode_payload("sparse-q2", 4, encode_payload("sparse-q2", 4, idx, vals))
+    np.testing.assert_array_equal(v, vals)
+
+
+def test_decoding_is_deterministic_bytes() -> None:
+    rng = np.random.default_rng(3)
+    idx, vals = _sparse(rng, 5000, 777)
+    for codec in QUANT:
+        data = encode_payload(codec, 5000, idx, vals)
+        assert data == encode_payload(codec, 5000, idx.copy(), vals.copy())
+        a = decode_payload(codec, 5000, data)[1]
+        b = decode_payload(codec, 5000, bytearray(data))[1]
+        assert a.tobytes() == b.tobytes()
+
+
+@pytest.mark.parametrize(
+    ("codec", "length", "indices", "values", "reason"),
+    [
+        ("nope", 4, None, np.zeros(4), "unknown codec"),
+        ("sparse-f32", -1, None, np.zeros(0), "length"),
+        ("sparse-f32", 4, np.array([1, 1]), np.zeros(2), "strictly increasing"),
+        ("sparse-f32", 4, np.array([2, 1]), np.zeros(2), "strictly increasing"),
+        ("sparse-f32", 4, np.array([4]), np.zeros(1), "out of range"),
+        ("sparse-f32", 4, np.array([-1]), np.zeros(1), "non-negative"),
+        ("sparse-f32", 4, np.array([1]), np.zeros(2), "indices but"),
+        ("sparse-q8", 4, np.array([1]), np.array([np.nan]), "NaN"),
+        ("dense-f32", 4, None, np.array([np.inf, 0, 0, 0]), "NaN or infinity"),
+        ("dense-f32", 4, None, np.zeros(3), "dense update"),
+    ],
+)
+def test_encode_rejects(codec, length, indices, values, reason) -> None:
+    with pytest.raises(ValidationError, match=reason):
+        encode_payload(codec, length, indices, values)
+
+
+def _u32(*xs: int) -> bytes:
+    return np.array(xs, dtype="<u4").tobytes()
+
+
+@pytest.mark.parametrize(
+    ("codec", "length", "data", "reason"),
+    [
+        ("dense-f32", 2, b"\x00" * 7, "expected 8"),
+        ("dense-f32", 1, np.array([np.nan], "<f4").tobytes(), "NaN"),
+        ("sparse-f32", 4, b"\x01\x00", "count header"),
+        ("sparse-f32", 4, _u32(5), "claims 5"),
+        ("sparse-f32", 4, _u32(1, 0), "must be 12 bytes"),
+        ("sparse-f32", 4, _u32(2, 1, 1) + b"\x00" * 8, "strictly increasing"),
+        ("sparse-f32", 4, _u32(1, 9) + b"\x00" * 4, "out of range"),
+        ("sparse-q8", 4, _u32(1, 0) + np.array([-1.0], "<f4").tobytes() + b"\x01", "scales"),
+        ("sparse-q8", 4, _u32(1, 0) + np.array([1.0], "<f4").tobytes() + b"\x80", "reserved"),
+        ("sparse-q8", 4, _u32(1, 0) + np.array([3e38], "<f4").tobytes() + b"\x7f", "decoded values"),
+        ("sparse-q4", 4, _u32(1, 0) + np.array([1.0], "<f4").tobytes() + b"\x00", "reserved"),
+        ("sparse-q4", 4, _u32(1, 0) + np.array([1.0], "<f4").tobytes() + b"\x18", "padding"),
+        ("sparse-q2", 4, _u32(1, 0) + np.array([1.0], "<f4").tobytes() + b"\x04", "padding"),
+    ],
+)
+def test_decode_rejects(codec, length, data, reason) -> None:
+    with pytest.raises(ValidationError, match=reason):
+        decode_payload(codec, length, data)
+
+
+def test_decode_rejects_non_bytes() -> None:
+    with pytest.raises(ValidationError):
+        decode_payload("sparse-f32", 4, "text")  # type: ignore[arg-type]
+
+
+_finite = st.floats(-(2.0**100), 2.0**100, allow_nan=False, allow_infinity=False, width=32)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    codec=st.sampled_from(CODECS),
+    data=st.data(),
+    length=st.integers(1, 300),
+)
+def test_property_round_trip(codec: str, data: st.DataObject, length: int) -> None:
+    idx = sorted(data.draw(st.sets(st.integers(0, length - 1), max_size=length)))
+    vals = np.array(data.draw(st.lists(_finite, min_size=len(idx), max_size=len(idx))), np.float32)
+    indices = np.array(idx, np.uint32)
+    enc = encode_payload(codec, length, indices, vals)
+    d_idx, d_vals = decode_payload(codec, length, enc)
+    if codec == "dense-f32":
+        expect = np.zeros(length, np.float32)
+        expect[indices] = vals
+        np.testing.assert_array_equal(d_vals, expect)
+    else:
+        np.testing.assert_array_equal(d_idx, indices)
+        assert np.all(np.abs(d_vals.astype(np.float64) - vals) <= payload_error_bound(codec, vals))
+
+
+@settings(max_examples=150, deadline=None)
+@given(codec=st.sampled_from(CODECS), length=st.integers(0, 64), blob=st.binary(max_size=200))
+def test_fuzz_decode_only_validation_error(codec: str, length: int, blob: bytes) -> None:
+    try:
+        idx, vals = decode_payload(codec, length, blob)
+    except ValidationError:
+        return
+    assert idx.size == vals.size and np.all(np.isfinite(vals))
+    assert idx.size == 0 or int(idx.max()) < length
+
+
+def test_exports() -> None:
+    for name in crdt.__all__:
+        assert hasattr(crdt, name)
