@@ -1,1 +1,41 @@
-"""training"""
+"""training: DiLoCo peers, tasks, and the flat-vector bridge to crdt.
+
+Public API (see the contracts doc): load_task / Task, flatten_params / load_flat_params /
+fragment_ranges, DilocoConfig, PeerTrainer, RoundResult, and the error tree (TrainingError,
+ConfigError, TaskNotFoundError). Pure pieces of the round (inner_loop, outer_update, compress) are
+exported for tests and benchmarks.
+"""
+
+from training._diloco import (
+    CODECS,
+    DilocoConfig,
+    PeerTrainer,
+    RoundResult,
+    compress,
+    inner_loop,
+    outer_update,
+    resolve_device,
+)
+from training._errors import ConfigError, TaskNotFoundError, TrainingError
+from training._params import flatten_params, fragment_ranges, load_flat_params, num_params
+from training._task import Task, load_task
+
+__all__ = [
+    "CODECS",
+    "ConfigError",
+    "DilocoConfig",
+    "PeerTrainer",
+    "RoundResult",
+    "Task",
+    "TaskNotFoundError",
+    "TrainingError",
+    "compress",
+    "flatten_params",
+    "fragment_ranges",
+    "inner_loop",
+    "load_flat_params",
+    "load_task",
+    "num_params",
+    "outer_update",
+    "resolve_device",
+]
