@@ -1,0 +1,123 @@
+"""The control API: JSON over HTTP on a Unix socket in the node's home dir.
+
+A Unix socket with mode 0600 means only the node's own user can drive it: the file system is the access
+control, and there is no TCP listener to protect. The CLI is just a client of this API
+(``daemon.client``); scripts may use it directly (``curl --unix-socket``). The routes are described in
+``daemon/openapi.yaml``.
+
+Errors are JSON ``{"error": "..."}`` with a 4xx status for a bad request and 503 while the node is
+still loading its state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+from aiohttp import web
+
+import p2p
+from daemon.node import Node, NodeError
+
+__all__ = ["create_app", "open_control_site"]
+
+NODE = web.AppKey("node", Node)
+routes = web.RouteTableDef()
+
+
+def _error(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message}, status=status)
+
+
+@routes.get("/v1/status")
+async def status(request: web.Request) -> web.Response:
+    return web.json_response(request.app[NODE].status())
+
+
+@routes.get("/v1/peers")
+async def peers(request: web.Request) -> web.Response:
+    node = request.app[NODE]
+    return web.json_response({"peers": node.host.connected_peers()})
+
+
+@routes.post("/v1/connect")
+async def connect(request: web.Request) -> web.Response:
+    body = await _json_body(request)
+    addr = body.get("addr")
+    if not isinstance(addr, str) or "/p2p/" not in addr:
+        return _error(400, 'body must be {"addr": "<multiaddr ending in /p2p/<peer id>>"}')
+    try:
+        peer = await request.app[NODE].host.connect(addr)
+    except p2p.P2PError as exc:
+        return _error(502, f"could not connect to {addr}: {exc}")
+    return web.json_response({"peer_id": peer})
+
+
+@routes.post("/v1/train/{action}")
+async def train(request: web.Request) -> web.Response:
+    node = request.app[NODE]
+    action = request.match_info["action"]
+    if action == "pause":
+        node.pause_training()
+    elif action == "resume":
+        node.resume_training()
+    else:
+        return _error(404, f"unknown training action {action!r} (pause, resume)")
+    return web.json_response({"training": action})
+
+
+@routes.post("/v1/checkpoint")
+async def checkpoint(request: web.Request) -> web.Response:
+    body = await _json_body(request)
+    path = body.get("path")
+    if not isinstance(path, str) or not path.endswith(".safetensors"):
+        return _error(400, 'body must be {"path": "/absolute/path/model.safetensors"}')
+    if not os.path.isabs(path):
+        return _error(400, "path must be absolute (the daemon's working dir is not yours)")
+    try:
+        result = await request.app[NODE].export_checkpoint(Path(path))
+    except NodeError as exc:
+        return _error(503, str(exc))
+    return web.json_response(result)
+
+
+@routes.get("/v1/history")
+async def history(request: web.Request) -> web.Response:
+    node = request.app[NODE]
+    return web.json_response({"rounds": [dataclasses.asdict(r) for r in node.history]})
+
+
+async def _json_body(request: web.Request) -> dict:
+    try:
+        body = await request.json()
+    except ValueError as exc:
+        raise web.HTTPBadRequest(
+            text='{"error": "body is not JSON"}', content_type="application/json"
+        ) from exc
+    if not isinstance(body, dict):
+        raise web.HTTPBadRequest(
+            text='{"error": "body must be a JSON object"}', content_type="application/json"
+        )
+    return body
+
+
+def create_app(node: Node) -> web.Application:
+    app = web.Application()
+    app[NODE] = node
+    app.add_routes(routes)
+    return app
+
+
+async def open_control_site(node: Node, socket_path: Path) -> web.AppRunner:
+    """Serve the API on ``socket_path`` (mode 0600). The caller owns the runner: ``await runner.cleanup()``."""
+    runner = web.AppRunner(create_app(node), access_log=None)
+    await runner.setup()
+    socket_path.unlink(missing_ok=True)
+    old_umask = os.umask(0o177)  # the socket is created 0600, with no window where it is wider
+    try:
+        await web.UnixSite(runner, str(socket_path)).start()
+    finally:
+        os.umask(old_umask)
+    os.chmod(socket_path, 0o600)
+    return runner

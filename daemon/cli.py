@@ -1,0 +1,390 @@
+"""The ``meshtrain`` command line: a thin client of the control API, plus init, daemon and cluster.
+
+Every command takes ``--home`` (default: the per-user state dir) and ``--json`` (one JSON document on
+stdout, for scripts). Exit codes: 0 success, 1 the operation failed, 2 bad usage (click's), 3 no daemon is
+running.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from daemon.client import ControlClient, DaemonNotRunning, RequestFailed
+from daemon.cluster import Cluster, ClusterError
+from daemon.config import ConfigError, default_home, render_config
+from daemon.home import Home
+
+EXIT_FAILED = 1
+EXIT_NOT_RUNNING = 3
+
+console = Console()
+home_option = click.option(
+    "--home",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Node state dir (default: $MESHTRAIN_HOME or ~/.local/state/meshtrain).",
+)
+json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+
+
+def _home(path: Path | None) -> Home:
+    return Home((path or default_home()).resolve())
+
+
+def _fail(message: str, code: int = EXIT_FAILED, *, as_json: bool = False) -> None:
+    if as_json:
+        click.echo(json.dumps({"error": message}))
+    else:
+        click.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
+def _call(home: Home, method: str, path: str, body: dict[str, Any] | None = None, *, as_json: bool) -> Any:
+    try:
+        client = ControlClient(home.socket_path())
+        return client.get(path) if method == "GET" else client.post(path, body)
+    except ConfigError as exc:
+        _fail(str(exc), as_json=as_json)
+    except DaemonNotRunning as exc:
+        _fail(
+            f"{exc}. Start it with `meshtrain daemon --home {home.path}`.", EXIT_NOT_RUNNING, as_json=as_json
+        )
+    except RequestFailed as exc:
+        _fail(str(exc), as_json=as_json)
+
+
+def _echo_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, sort_keys=True))
+
+
+@click.group()
+@click.version_option(package_name="meshtrain")
+def main() -> None:
+    """meshtrain: pool your machines to train one model, peer to peer."""
+
+
+# -- init and daemon ----------------------------------------------------------------------------------
+
+
+@main.command()
+@home_option
+@click.option("--run", default="default", show_default=True, help="Training run name.")
+@click.option("--listen", multiple=True, help="Listen multiaddr (repeatable).")
+@click.option("--bootstrap", multiple=True, help="Bootstrap peer multiaddr (repeatable).")
+@click.option("--task", default="stdlib-lm", show_default=True, help="Task name or module:factory.")
+@click.option("--force", is_flag=True, help="Overwrite an existing config file.")
+@json_option
+def init(
+    home: Path | None,
+    run: str,
+    listen: tuple[str, ...],
+    bootstrap: tuple[str, ...],
+    task: str,
+    force: bool,
+    as_json: bool,
+) -> None:
+    """Create the home dir, a commented config file and the node identity."""
+    import p2p
+
+    node_home = _home(home)
+    node_home.create()
+    if node_home.config_file.exists() and not force:
+        _fail(f"{node_home.config_file} exists (use --force to overwrite)", as_json=as_json)
+    options: dict[str, Any] = {"run": run, "bootstrap": bootstrap, "task": task}
+    if listen:
+        options["listen"] = listen
+    node_home.config_file.write_text(render_config(**options))
+    identity = p2p.load_or_create_identity(node_home.identity_file)
+    result = {"home": str(node_home.path), "config": str(node_home.config_file), "peer_id": identity.peer_id}
+    if as_json:
+        _echo_json(result)
+    else:
+        console.print(f"initialized [bold]{node_home.path}[/] peer id [cyan]{identity.peer_id}[/]")
+
+
+@main.command()
+@home_option
+@click.option("--listen", multiple=True, help="Listen multiaddr (repeatable); overrides the config.")
+@click.option(
+    "--bootstrap", multiple=True, help="Bootstrap peer multiaddr (repeatable); overrides the config."
+)
+@click.option("--task", default=None, help="Task name or module:factory; overrides the config.")
+@click.option("--max-rounds", type=click.IntRange(min=0), default=None, help="Stop training after N rounds.")
+@click.option("--no-train", is_flag=True, help="Serve and merge the model without training locally.")
+@click.option("--log-level", default="INFO", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
+def daemon(
+    home: Path | None,
+    listen: tuple[str, ...],
+    bootstrap: tuple[str, ...],
+    task: str | None,
+    max_rounds: int | None,
+    no_train: bool,
+    log_level: str,
+) -> None:
+    """Run the node in the foreground until SIGTERM or SIGINT."""
+    from daemon.service import configure_logging, run_daemon
+
+    node_home = _home(home)
+    try:
+        config = node_home.load_config()
+        config = config.with_overrides("node", listen=listen or None, bootstrap=bootstrap or None)
+        config = config.with_overrides(
+            "training", task=task, max_rounds=max_rounds, enabled=False if no_train else None
+        )
+    except ConfigError as exc:
+        _fail(str(exc))
+    configure_logging(log_level)
+    try:
+        run_daemon(node_home, config)
+    except Exception as exc:
+        _fail(f"daemon failed: {_describe(exc)}")
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, BaseExceptionGroup):
+        return "; ".join(_describe(e) for e in exc.exceptions)
+    return f"{exc.__class__.__name__}: {exc}"
+
+
+# -- talking to a running daemon ----------------------------------------------------------------------
+
+
+@main.command()
+@home_option
+@json_option
+def status(home: Path | None, as_json: bool) -> None:
+    """Show the node's peers, training progress and model state."""
+    data = _call(_home(home), "GET", "/v1/status", as_json=as_json)
+    if as_json:
+        _echo_json(data)
+        return
+    table = Table(show_header=False, box=None)
+    evaluation = data.get("eval") or {}
+    rows = [
+        ("peer id", data["peer_id"]),
+        ("run / task", f"{data['run']} / {data['task']}"),
+        ("listening", "\n".join(data["listen_addrs"])),
+        ("peers", str(len(data["peers"]))),
+        ("training", f"{data['training']}, round {data['round']}"),
+        ("contributions", str(data["contributions"])),
+        ("state hash", (data["state_hash"] or "-")[:16]),
+        ("train loss", _fmt(data.get("train_loss"))),
+        ("val loss", _fmt(evaluation.get("val_loss"))),
+        ("val accuracy", _fmt(evaluation.get("val_accuracy"))),
+        ("sent / received", f"{_bytes(data['bytes_sent'])} / {_bytes(data['bytes_received'])}"),
+    ]
+    for key, value in rows:
+        table.add_row(f"[bold]{key}[/]", value)
+    console.print(table)
+
+
+@main.command()
+@home_option
+@json_option
+def peers(home: Path | None, as_json: bool) -> None:
+    """List connected peers."""
+    data = _call(_home(home), "GET", "/v1/peers", as_json=as_json)
+    if as_json:
+        _echo_json(data)
+    else:
+        for peer in data["peers"]:
+            click.echo(peer)
+
+
+@main.command()
+@click.argument("addr")
+@home_option
+@json_option
+def connect(addr: str, home: Path | None, as_json: bool) -> None:
+    """Connect to a peer by multiaddr (ending in /p2p/<peer id>)."""
+    data = _call(_home(home), "POST", "/v1/connect", {"addr": addr}, as_json=as_json)
+    if as_json:
+        _echo_json(data)
+    else:
+        console.print(f"connected to [cyan]{data['peer_id']}[/]")
+
+
+@main.command()
+@click.argument("action", type=click.Choice(["pause", "resume"]))
+@home_option
+@json_option
+def train(action: str, home: Path | None, as_json: bool) -> None:
+    """Pause or resume local training (the node keeps serving its peers)."""
+    data = _call(_home(home), "POST", f"/v1/train/{action}", as_json=as_json)
+    if as_json:
+        _echo_json(data)
+    else:
+        console.print(f"training: {action}")
+
+
+@main.command()
+@click.argument("path", type=click.Path(dir_okay=False, path_type=Path))
+@home_option
+@json_option
+def checkpoint(path: Path, home: Path | None, as_json: bool) -> None:
+    """Export the merged model to a safetensors file."""
+    data = _call(_home(home), "POST", "/v1/checkpoint", {"path": str(path.resolve())}, as_json=as_json)
+    if as_json:
+        _echo_json(data)
+    else:
+        console.print(
+            f"wrote {data['path']} (state {data['state_hash'][:16]}, {data['contributions']} contributions)"
+        )
+
+
+# -- local clusters -----------------------------------------------------------------------------------
+
+dir_option = click.option(
+    "--dir", "directory", type=click.Path(file_okay=False, path_type=Path), required=True, help="Cluster dir."
+)
+
+
+@main.group()
+def cluster() -> None:
+    """Run several nodes on this machine (tests, demos)."""
+
+
+@cluster.command("up")
+@dir_option
+@click.option("--nodes", type=click.IntRange(1, 64), default=4, show_default=True)
+@click.option("--task", default="digits", show_default=True)
+@click.option("--max-rounds", type=click.IntRange(min=0), default=0, help="Rounds per node (0: unlimited).")
+@json_option
+def cluster_up(directory: Path, nodes: int, task: str, max_rounds: int, as_json: bool) -> None:
+    """Start N daemons bootstrapped into one mesh; return when they are connected."""
+    group = Cluster(directory)
+    try:
+        group.up(nodes, task=task, training={"max_rounds": max_rounds})
+    except ClusterError as exc:
+        _fail(str(exc), as_json=as_json)
+    _print_cluster(group, as_json)
+
+
+@cluster.command("status")
+@dir_option
+@json_option
+def cluster_status(directory: Path, as_json: bool) -> None:
+    """Each node's status (JSON: a list of status objects)."""
+    try:
+        _print_cluster(Cluster(directory), as_json)
+    except ClusterError as exc:
+        _fail(str(exc), as_json=as_json)
+
+
+@cluster.command("stop")
+@dir_option
+@click.option("--node", "index", type=int, required=True)
+@click.option(
+    "--signal", "sig", type=click.Choice(["TERM", "INT", "KILL"]), default="TERM", show_default=True
+)
+@json_option
+def cluster_stop(directory: Path, index: int, sig: str, as_json: bool) -> None:
+    """Stop (or crash, with --signal KILL) one node."""
+    try:
+        Cluster(directory).stop(index, sig=signal.Signals[f"SIG{sig}"])
+    except ClusterError as exc:
+        _fail(str(exc), as_json=as_json)
+    _done(as_json, {"node": index, "stopped": True, "signal": sig})
+
+
+@cluster.command("start")
+@dir_option
+@click.option("--node", "index", type=int, required=True)
+@json_option
+def cluster_start(directory: Path, index: int, as_json: bool) -> None:
+    """Start one node of the cluster again."""
+    try:
+        pid = Cluster(directory).start(index)
+    except ClusterError as exc:
+        _fail(str(exc), as_json=as_json)
+    _done(as_json, {"node": index, "started": True, "pid": pid})
+
+
+@cluster.command("down")
+@dir_option
+@json_option
+def cluster_down(directory: Path, as_json: bool) -> None:
+    """Stop every node of the cluster."""
+    try:
+        Cluster(directory).down()
+    except ClusterError as exc:
+        _fail(str(exc), as_json=as_json)
+    _done(as_json, {"down": True})
+
+
+@cluster.command("demo")
+@dir_option
+@click.option("--nodes", type=click.IntRange(1, 16), default=4, show_default=True)
+@click.option("--task", default="stdlib-lm", show_default=True)
+@click.option("--rounds", type=click.IntRange(min=1), default=12, show_default=True, help="Rounds per node.")
+def cluster_demo(directory: Path, nodes: int, task: str, rounds: int) -> None:
+    """Start a cluster, train with a live table, then plot the loss curve and print a summary."""
+    from daemon.demo import run_demo
+
+    try:
+        run_demo(Cluster(directory), nodes=nodes, task=task, rounds=rounds, console=console)
+    except ClusterError as exc:
+        _fail(str(exc))
+
+
+def _print_cluster(group: Cluster, as_json: bool) -> None:
+    statuses = group.status()
+    if as_json:
+        _echo_json(statuses)
+        return
+    console.print(cluster_table(statuses))
+
+
+def cluster_table(statuses: list[dict[str, Any]]) -> Table:
+    table = Table(
+        "node", "peer", "peers", "training", "round", "contribs", "state", "train loss", "val loss", "sent"
+    )
+    for s in statuses:
+        if "error" in s:
+            table.add_row(str(s["index"]), s["peer_id"][-8:], "-", "[red]down[/]", *["-"] * 6)
+            continue
+        evaluation = s.get("eval") or {}
+        table.add_row(
+            str(s["index"]),
+            s["peer_id"][-8:],
+            str(len(s["peers"])),
+            s["training"],
+            str(s["round"]),
+            str(s["contributions"]),
+            (s["state_hash"] or "-")[:10],
+            _fmt(s.get("train_loss")),
+            _fmt(evaluation.get("val_loss")),
+            _bytes(s["bytes_sent"]),
+        )
+    return table
+
+
+def _done(as_json: bool, result: dict[str, Any]) -> None:
+    if as_json:
+        _echo_json(result)
+    else:
+        console.print(", ".join(f"{k}: {v}" for k, v in result.items()))
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def _bytes(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"  # pragma: no cover
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,263 @@
+"""Node configuration: a TOML file with documented defaults, validated on load.
+
+The file has one table per component. Every key is optional; a missing key takes the default written
+here. An unknown key, or a value of the wrong type, is an error that names the key, because a typo that
+silently falls back to a default is the worst kind of configuration bug.
+
+The ``[diloco]`` table is handed to :class:`training.DilocoConfig` as keyword arguments, which validates
+it; this module only checks that it is a table, so training owns its own knobs.
+
+Command-line flags override the file (see ``daemon.cli``); ``Config.replace`` builds the merged value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "ApiConfig",
+    "Config",
+    "ConfigError",
+    "NodeConfig",
+    "SyncConfig",
+    "TrainingConfig",
+    "default_home",
+    "load_config",
+]
+
+CONFIG_FILE = "config.toml"
+
+
+class ConfigError(ValueError):
+    """The configuration file or a flag has a bad key or value; the message names it."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class NodeConfig:
+    run: str = "default"
+    """Name of the training run. Peers of one run find each other and share one model."""
+    listen: tuple[str, ...] = ("/ip4/0.0.0.0/tcp/4001",)
+    """Multiaddrs to listen on. Port 0 lets the OS choose."""
+    bootstrap: tuple[str, ...] = ()
+    """Multiaddrs (ending in /p2p/<peer id>) of peers to join through. Empty: this node founds the run."""
+    mdns: bool = False
+    """Discover peers of the run on the local network by multicast DNS."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainingConfig:
+    enabled: bool = True
+    """Train locally. A node with training off still stores, merges and serves the model."""
+    task: str = "stdlib-lm"
+    """Task name ("stdlib-lm", "digits") or a plug-in "package.module:factory"."""
+    max_rounds: int = 0
+    """Stop local training after this many rounds; 0 trains until stopped."""
+    threads: int = 1
+    """CPU threads for the training process (torch.set_num_threads)."""
+    eval_every: int = 5
+    """Evaluate the merged model on the validation set every this many local rounds."""
+    shard: int = -1
+    """Data shard of this node; -1 derives one from the peer id."""
+    num_shards: int = 4
+    """Number of data shards the training set is split into."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class SyncConfig:
+    interval_s: float = 2.0
+    """Anti-entropy period: how often this node asks a peer for what it is missing."""
+    max_batch: int = 64
+    """Most contributions shipped in one anti-entropy response."""
+    request_timeout_s: float = 30.0
+    """Deadline of one request to a peer."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ApiConfig:
+    socket: str = "control.sock"
+    """Control socket path, relative to the home dir. Mode 0600."""
+
+
+_SECTIONS: dict[str, type] = {
+    "node": NodeConfig,
+    "training": TrainingConfig,
+    "sync": SyncConfig,
+    "api": ApiConfig,
+}
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config:
+    node: NodeConfig = field(default_factory=NodeConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    sync: SyncConfig = field(default_factory=SyncConfig)
+    api: ApiConfig = field(default_factory=ApiConfig)
+    diloco: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments for training.DilocoConfig (validated there)."""
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Config:
+        sections: dict[str, Any] = {}
+        for name, value in data.items():
+            if name == "diloco":
+                if not isinstance(value, dict):
+                    raise ConfigError("[diloco] must be a table")
+                sections["diloco"] = dict(value)
+            elif name in _SECTIONS:
+                if not isinstance(value, dict):
+                    raise ConfigError(f"[{name}] must be a table")
+                sections[name] = _build_section(name, _SECTIONS[name], value)
+            else:
+                raise ConfigError(f"unknown section [{name}] (known: {', '.join([*_SECTIONS, 'diloco'])})")
+        return cls(**sections)
+
+    def with_overrides(self, section: str, **values: Any) -> Config:
+        """Return a copy with some keys of one section replaced (flags override the file)."""
+        values = {k: v for k, v in values.items() if v is not None}
+        if not values:
+            return self
+        if section == "diloco":
+            return dataclasses.replace(self, diloco={**self.diloco, **values})
+        current = getattr(self, section)
+        merged = {f.name: getattr(current, f.name) for f in dataclasses.fields(current)} | values
+        return dataclasses.replace(self, **{section: _build_section(section, type(current), merged)})
+
+
+def _build_section(section: str, cls: type, values: dict[str, Any]) -> Any:
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in values.items():
+        if key not in fields:
+            raise ConfigError(f"[{section}] unknown key {key!r} (known: {', '.join(fields)})")
+        kwargs[key] = _coerce(f"{section}.{key}", fields[key].default, value)
+    return cls(**kwargs)
+
+
+def _coerce(name: str, default: Any, value: Any) -> Any:
+    """Check ``value`` against the type of the field's default, converting lists to tuples."""
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{name} must be true or false, got {value!r}")
+        return value
+    if isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{name} must be an integer, got {value!r}")
+        if value < -1:
+            raise ConfigError(f"{name} must not be negative, got {value}")
+        return value
+    if isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{name} must be a number, got {value!r}")
+        if value <= 0:
+            raise ConfigError(f"{name} must be positive, got {value}")
+        return float(value)
+    if isinstance(default, str):
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{name} must be a non-empty string, got {value!r}")
+        return value
+    if isinstance(default, tuple):
+        if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{name} must be a list of strings, got {value!r}")
+        return tuple(value)
+    raise ConfigError(f"{name}: unsupported type")  # pragma: no cover - every field is covered above
+
+
+def load_config(home: Path) -> Config:
+    """Read ``home/config.toml``; a missing file means all defaults."""
+    path = home / CONFIG_FILE
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return Config()
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    try:
+        return Config.from_dict(data)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
+
+
+def default_home() -> Path:
+    """Per-user state dir (XDG), or $MESHTRAIN_HOME when set."""
+    if env := os.environ.get("MESHTRAIN_HOME"):
+        return Path(env)
+    state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(state) / "meshtrain"
+
+
+CONFIG_TEMPLATE = """\
+# meshtrain node configuration. Every key is optional; the values shown are the defaults.
+# Flags given to `meshtrain daemon` override this file.
+
+[node]
+# Name of the training run: peers of one run find each other and share one model.
+run = "{run}"
+# Multiaddrs to listen on (port 0: the OS chooses).
+listen = {listen}
+# Peers to join through, e.g. "/ip4/192.0.2.7/tcp/4001/p2p/12D3Koo...". Empty: this node founds the run.
+bootstrap = {bootstrap}
+# Find peers of the run on the local network by multicast DNS.
+mdns = false
+
+[training]
+# Train locally (a node with training off still merges and serves the model).
+enabled = true
+# "stdlib-lm" (byte-level transformer on Python's own source), "digits" (tiny, fast), or "pkg.mod:factory".
+task = "{task}"
+# Stop local training after this many rounds (0: train until stopped).
+max_rounds = {max_rounds}
+# CPU threads for the training process.
+threads = 1
+# Evaluate the merged model every this many local rounds.
+eval_every = 5
+# Data shard of this node (-1: derived from the peer id) out of num_shards.
+shard = -1
+num_shards = 4
+
+[sync]
+# Anti-entropy period in seconds, and the most contributions shipped per response.
+interval_s = 2.0
+max_batch = 64
+request_timeout_s = 30.0
+
+[api]
+# Control socket (mode 0600), relative to the home dir.
+socket = "control.sock"
+
+[diloco]
+# Passed to training.DilocoConfig, e.g.:
+# inner_steps = 20
+# codec = "sparse-q8"
+# topk_density = 0.02
+"""
+
+
+def render_config(
+    *,
+    run: str = "default",
+    listen: tuple[str, ...] = NodeConfig.listen,
+    bootstrap: tuple[str, ...] = (),
+    task: str = TrainingConfig.task,
+    max_rounds: int = 0,
+) -> str:
+    """The commented config file that ``meshtrain init`` writes."""
+    text = CONFIG_TEMPLATE.format(
+        run=run,
+        listen=_toml_list(listen),
+        bootstrap=_toml_list(bootstrap),
+        task=task,
+        max_rounds=max_rounds,
+    )
+    Config.from_dict(tomllib.loads(text))  # what init writes must load
+    return text
+
+
+def _toml_list(items: tuple[str, ...]) -> str:
+    return "[" + ", ".join(f'"{item}"' for item in items) + "]"

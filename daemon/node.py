@@ -1,0 +1,500 @@
+"""One meshtrain node: the libp2p host, the CRDT model state, its log, and the training process, composed.
+
+Theory of operation
+-------------------
+The model is ``genesis + sum of contributions`` (see ``crdt``). A node grows it two ways:
+
+* **Locally**: the training loop takes the merged parameters, runs one DiLoCo round in the child process,
+  and turns the encoded update into a signed contribution with the next sequence number of this node's
+  slot. The contribution is logged (fsync) before it is announced, so nothing acknowledged is lost.
+* **From peers**: a gossip announcement of a contribution this node lacks triggers a pull from the
+  announcer; a periodic anti-entropy pull from each connected peer repairs anything gossip dropped. Pulls
+  send this node's digest (version vector) and receive exactly the missing contributions.
+
+Every accepted contribution, local or remote, goes through one path (:meth:`Node._accept`): validate,
+apply to the state, append to the log. Order does not matter: the state is an exact integer sum.
+
+Founding and joining: a node without bootstrap peers and without a stored genesis founds the run with its
+task's freshly initialized parameters. A node with bootstrap peers fetches the genesis from them by
+request and trusts it by content (every later contribution is checked against it).
+
+Concurrency: everything here runs on the asyncio loop. The p2p host runs its trio thread behind its
+facade; the trainer is a child process. Background tasks live in one ``asyncio.TaskGroup``; one of them
+failing stops the node (no task without an owner, no log-and-continue).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import crdt
+import p2p
+from daemon import wire
+from daemon.config import Config
+from daemon.home import Home
+from daemon.store import Store
+from daemon.trainer_process import TrainerProcess, TrainerSpec
+
+__all__ = ["Node", "NodeError"]
+
+log = logging.getLogger(__name__)
+
+BOOTSTRAP_RETRY_S = (0.2, 5.0)  # first and largest backoff between bootstrap dial attempts
+GENESIS_RETRY_S = 1.0
+HISTORY_LIMIT = 10_000  # per-round telemetry records kept in memory for status and plots
+
+
+class NodeError(RuntimeError):
+    """The node cannot start or continue (bad genesis, wrong run, store failure)."""
+
+
+@dataclass
+class RoundRecord:
+    round: int
+    time_s: float
+    train_loss: float
+    update_norm: float
+    density: float
+    payload_bytes: int
+    contributions: int
+    bytes_sent: int
+    bytes_received: int
+    val_loss: float | None = None
+    val_accuracy: float | None = None
+
+
+@dataclass
+class Counters:
+    accepted: int = 0
+    duplicates: int = 0
+    rejected: int = 0
+    rejected_reasons: dict[str, int] = field(default_factory=dict)
+    pulls: int = 0
+    pull_failures: int = 0
+
+
+class Node:
+    def __init__(self, home: Home, config: Config) -> None:
+        self.home = home
+        self.config = config
+        self.identity = p2p.load_or_create_identity(home.identity_file)
+        self.signer = crdt.Signer.from_seed(self.identity.seed)
+        self.store = Store(home.store_dir)
+        self.host = p2p.Host(self.identity, listen_addrs=list(config.node.listen))
+        self.state: crdt.ModelState | None = None
+        self.trainer: TrainerProcess | None = None
+        self.training_state = "starting"
+        self.started_at = time.time()
+        self.history: list[RoundRecord] = []
+        self.last_eval: dict[str, Any] = {}
+        self.initial_eval: dict[str, Any] = {}
+        self.counters = Counters()
+        self._resume = asyncio.Event()
+        self._resume.set()
+        self._state_changed = asyncio.Event()
+        self._genesis_ready = asyncio.Event()
+        self._pull_wanted: dict[str, None] = {}  # peers to pull from soon, insertion-ordered set
+        self._pull_wakeup = asyncio.Event()
+
+    # -- lifecycle ------------------------------------------------------------------------------------
+
+    async def run(self, *, on_ready: Callable[[], Awaitable[None]] | None = None) -> None:
+        """Run until cancelled. ``on_ready`` is awaited once the node serves its model."""
+        await self.host.start()
+        try:
+            self.host.set_request_handler(wire.GENESIS_PROTOCOL, self._serve_genesis)
+            self.host.set_request_handler(wire.SYNC_PROTOCOL, self._serve_sync)
+            announcements = self.host.subscribe(wire.announce_topic(self.config.node.run))
+            self._start_trainer_spec()
+            async with asyncio.TaskGroup() as tasks:
+                tasks.create_task(self._bootstrap_loop(), name="bootstrap")
+                await self._load_state()
+                if on_ready is not None:
+                    await on_ready()
+                tasks.create_task(self._announcement_loop(announcements), name="announcements")
+                tasks.create_task(self._pull_loop(), name="pull")
+                tasks.create_task(self._anti_entropy_loop(), name="anti-entropy")
+                if self.trainer is not None:
+                    tasks.create_task(self._training_loop(), name="training")
+        finally:
+            await self._shutdown()
+
+    async def _shutdown(self) -> None:
+        # Fixed order: stop compute, make the log durable, then leave the mesh.
+        if self.trainer is not None:
+            await self.trainer.aclose()
+        self.store.close()
+        await self.host.aclose()
+
+    def _start_trainer_spec(self) -> None:
+        training = self.config.training
+        shard = training.shard
+        if shard < 0:
+            shard = int.from_bytes(self.signer.public_key[:4], "big") % training.num_shards
+        self.trainer = TrainerProcess(
+            TrainerSpec(
+                task=training.task,
+                diloco=dict(self.config.diloco),
+                shard=shard,
+                num_shards=training.num_shards,
+                threads=training.threads,
+                state_file=self.home.trainer_state_file,
+            )
+        )
+        self.shard = shard
+
+    # -- genesis and recovery -------------------------------------------------------------------------
+
+    async def _load_state(self) -> None:
+        assert self.trainer is not None
+        self.training_state = "loading"
+        await self.trainer.start()
+        genesis, snapshot, logged = self.store.load()
+        if genesis is None:
+            genesis = await self._found_or_fetch_genesis()
+            self.store.write_genesis(genesis)
+        if genesis.meta.get("run") != self.config.node.run:
+            raise NodeError(
+                f"stored genesis belongs to run {genesis.meta.get('run')!r}, config says "
+                f"{self.config.node.run!r}; use another --home"
+            )
+        state = crdt.ModelState.from_snapshot(genesis, snapshot) if snapshot else crdt.ModelState(genesis)
+        for contribution in logged:
+            with contextlib.suppress(crdt.CrdtError):
+                state.apply(contribution)
+        self.state = state
+        self._genesis_ready.set()
+        log.info(
+            "model state loaded genesis=%s contributions=%d state_hash=%s",
+            genesis.id[:16],
+            state.contribution_count,
+            state.state_hash[:16],
+        )
+        self.training_state = "running" if self.config.training.enabled else "disabled"
+
+    async def _found_or_fetch_genesis(self) -> crdt.Genesis:
+        run = self.config.node.run
+        if not self.config.node.bootstrap:
+            assert self.trainer is not None
+            params = await self.trainer.initial_params()
+            fragments = await self.trainer.fragment_ranges()
+            genesis = crdt.Genesis(
+                params=params,
+                fragments=tuple(fragments),
+                meta={"run": run, "task": self.config.training.task},
+            )
+            log.info("founded run=%s genesis=%s params=%d", run, genesis.id[:16], params.size)
+            return genesis
+        self.training_state = "fetching-genesis"
+        request = wire.GenesisRequest(run=run).encode()
+        while True:
+            for peer in self.host.connected_peers():
+                try:
+                    data = await self.host.request(
+                        peer, wire.GENESIS_PROTOCOL, request, timeout_s=self.config.sync.request_timeout_s
+                    )
+                    genesis = crdt.Genesis.decode(data)
+                except (p2p.P2PError, crdt.CrdtError) as exc:
+                    log.warning("genesis fetch failed peer=%s error=%s", peer, exc)
+                    continue
+                if genesis.meta.get("task") != self.config.training.task:
+                    raise NodeError(
+                        f"run {run!r} trains task {genesis.meta.get('task')!r}, this node is configured "
+                        f"for {self.config.training.task!r}"
+                    )
+                log.info("fetched genesis=%s from peer=%s", genesis.id[:16], peer)
+                return genesis
+            await asyncio.sleep(GENESIS_RETRY_S)
+
+    # -- accepting contributions ----------------------------------------------------------------------
+
+    def _accept(self, contribution: crdt.Contribution) -> crdt.ApplyOutcome:
+        """The one path by which a contribution enters this node: apply, then log."""
+        assert self.state is not None
+        outcome = self.state.apply(contribution)
+        if outcome is crdt.ApplyOutcome.DUPLICATE:
+            self.counters.duplicates += 1
+            return outcome
+        self.store.append(contribution)
+        self.counters.accepted += 1
+        self._state_changed.set()
+        return outcome
+
+    def _reject(self, peer: str, reason: Exception) -> None:
+        key = type(reason).__name__
+        self.counters.rejected += 1
+        self.counters.rejected_reasons[key] = self.counters.rejected_reasons.get(key, 0) + 1
+        log.warning("rejected contribution peer=%s reason=%s", peer, reason)
+
+    # -- serving peers --------------------------------------------------------------------------------
+
+    async def _serve_genesis(self, peer: str, data: bytes) -> bytes:
+        request = wire.GenesisRequest.decode(data)
+        if request.run != self.config.node.run:
+            raise wire.WireError(f"this node serves run {self.config.node.run!r}, not {request.run!r}")
+        await self._genesis_ready.wait()
+        assert self.state is not None
+        return self.state.genesis.encode()
+
+    async def _serve_sync(self, peer: str, data: bytes) -> bytes:
+        remote = crdt.Digest.decode(data)
+        await self._genesis_ready.wait()
+        assert self.state is not None
+        missing = self.state.contributions_missing_for(
+            remote.version_vector, max_count=self.config.sync.max_batch
+        )
+        if not remote.version_vector.dominates(self.state.version_vector):
+            # The requester has something we lack: pull it back soon (push-pull without a push protocol).
+            self._want_pull(peer)
+        return wire.SyncResponse(
+            digest=self._digest().encode(), contributions=tuple(c.encode() for c in missing)
+        ).encode()
+
+    def _digest(self) -> crdt.Digest:
+        assert self.state is not None
+        return crdt.Digest(
+            version_vector=self.state.version_vector,
+            state_hash=self.state.state_hash,
+            contribution_count=self.state.contribution_count,
+        )
+
+    # -- pulling from peers ---------------------------------------------------------------------------
+
+    def _want_pull(self, peer: str) -> None:
+        self._pull_wanted[peer] = None
+        self._pull_wakeup.set()
+
+    async def _pull_loop(self) -> None:
+        while True:
+            await self._pull_wakeup.wait()
+            self._pull_wakeup.clear()
+            while self._pull_wanted:
+                peer = next(iter(self._pull_wanted))
+                del self._pull_wanted[peer]
+                await self._pull_from(peer)
+
+    async def _pull_from(self, peer: str) -> None:
+        """Pull what ``peer`` has and we lack, batch by batch, until we have caught up with it."""
+        assert self.state is not None
+        while True:
+            self.counters.pulls += 1
+            try:
+                data = await self.host.request(
+                    peer,
+                    wire.SYNC_PROTOCOL,
+                    self._digest().encode(),
+                    timeout_s=self.config.sync.request_timeout_s,
+                )
+                response = wire.SyncResponse.decode(data)
+                remote = crdt.Digest.decode(response.digest)
+            except (p2p.P2PError, wire.WireError, crdt.CrdtError) as exc:
+                self.counters.pull_failures += 1
+                log.info("pull failed peer=%s error=%s", peer, exc)
+                return
+            progressed = False
+            for encoded in response.contributions:
+                try:
+                    contribution = crdt.Contribution.decode(encoded)
+                    outcome = self._accept(contribution)
+                except crdt.CrdtError as exc:
+                    self._reject(peer, exc)
+                    return
+                progressed |= outcome is not crdt.ApplyOutcome.DUPLICATE
+            behind = not self.state.version_vector.dominates(remote.version_vector)
+            if not (progressed and behind):
+                return
+
+    async def _anti_entropy_loop(self) -> None:
+        interval = self.config.sync.interval_s
+        while True:
+            # Jitter so that a cluster started together does not pull in lockstep.
+            await asyncio.sleep(interval * random.uniform(0.5, 1.5))
+            for peer in self.host.connected_peers():
+                self._want_pull(peer)
+
+    async def _announcement_loop(self, queue: asyncio.Queue[p2p.GossipMessage]) -> None:
+        while True:
+            message = await queue.get()
+            if message.from_peer == self.host.peer_id:
+                continue
+            try:
+                announcement = wire.Announcement.decode(message.data)
+            except wire.WireError as exc:
+                log.info("bad announcement peer=%s error=%s", message.from_peer, exc)
+                continue
+            assert self.state is not None
+            if self.state.version_vector.get(announcement.author) < announcement.seq:
+                author = p2p.peer_id_from_public_key(announcement.author)
+                connected = self.host.connected_peers()
+                self._want_pull(author if author in connected else message.from_peer)
+
+    async def _bootstrap_loop(self) -> None:
+        """Dial every bootstrap peer until connected, and again whenever the connection drops."""
+        delay = dict.fromkeys(self.config.node.bootstrap, BOOTSTRAP_RETRY_S[0])
+        while delay:
+            connected = set(self.host.connected_peers())
+            for addr in delay:
+                if addr.rsplit("/p2p/", 1)[-1] in connected:
+                    delay[addr] = BOOTSTRAP_RETRY_S[0]
+                    continue
+                try:
+                    peer = await self.host.connect(addr)
+                    log.info("connected bootstrap peer=%s", peer)
+                    self._want_pull(peer)
+                    delay[addr] = BOOTSTRAP_RETRY_S[0]
+                except p2p.P2PError as exc:
+                    log.info("bootstrap dial failed addr=%s error=%s", addr, exc)
+                    delay[addr] = min(delay[addr] * 2, BOOTSTRAP_RETRY_S[1])
+            await asyncio.sleep(min(delay.values()))
+
+    # -- training -------------------------------------------------------------------------------------
+
+    @property
+    def rounds_done(self) -> int:
+        assert self.state is not None
+        return self.state.next_seq(self.signer.public_key) - 1
+
+    async def _training_loop(self) -> None:
+        assert self.trainer is not None and self.state is not None
+        training = self.config.training
+        topic = wire.announce_topic(self.config.node.run)
+        fragments = len(self.state.genesis.fragments)
+        if training.enabled and self.rounds_done == 0:
+            await self._evaluate()  # the starting point, for loss curves
+            self.initial_eval = dict(self.last_eval)
+        while training.enabled and not (training.max_rounds and self.rounds_done >= training.max_rounds):
+            if not self._resume.is_set():
+                self.training_state = "paused"
+                await self._resume.wait()
+                self.training_state = "running"
+            seq = self.rounds_done + 1
+            base_version = self.state.version_vector.digest()
+            result = await self.trainer.run_round(self.state.materialize(), (seq - 1) % fragments)
+            contribution = crdt.make_contribution(
+                self.signer,
+                seq=seq,
+                fragment=result.fragment,
+                codec=result.codec,
+                payload=result.payload,
+                weight=result.weight,
+                base_version=base_version,
+            )
+            self._accept(contribution)
+            await self.trainer.commit()
+            announcement = wire.Announcement(
+                author=contribution.author,
+                seq=contribution.seq,
+                fragment=contribution.fragment,
+                size=len(contribution.payload),
+                id=contribution.id,
+            )
+            await self.host.publish(topic, announcement.encode())
+            self._record_round(seq, result)
+            if seq % training.eval_every == 0:
+                await self._evaluate()
+        self.training_state = "done" if training.enabled else "disabled"
+        # Keep the reported quality current as peers' contributions keep arriving.
+        while True:
+            await self._evaluate()
+            self._state_changed.clear()
+            await self._state_changed.wait()
+            await asyncio.sleep(0.5)  # debounce: a pull usually brings a batch
+
+    def _record_round(self, seq: int, result: Any) -> None:
+        assert self.state is not None
+        stats = self.host.stats()
+        self.history.append(
+            RoundRecord(
+                round=seq,
+                time_s=round(time.time() - self.started_at, 3),
+                train_loss=float(result.train_loss),
+                update_norm=float(result.update_norm),
+                density=float(result.density),
+                payload_bytes=int(result.payload_bytes),
+                contributions=self.state.contribution_count,
+                bytes_sent=int(stats["bytes_sent"]),
+                bytes_received=int(stats["bytes_received"]),
+            )
+        )
+        del self.history[:-HISTORY_LIMIT]
+        log.info(
+            "round=%d train_loss=%.4f payload_bytes=%d contributions=%d",
+            seq,
+            result.train_loss,
+            result.payload_bytes,
+            self.state.contribution_count,
+        )
+
+    async def _evaluate(self) -> None:
+        assert self.trainer is not None and self.state is not None
+        state_hash = self.state.state_hash
+        metrics = await self.trainer.evaluate(self.state.materialize())
+        self.last_eval = {
+            "state_hash": state_hash,
+            "contributions": self.state.contribution_count,
+            **{k: float(v) for k, v in metrics.items()},
+        }
+        if self.history and self.history[-1].val_loss is None:
+            self.history[-1].val_loss = metrics.get("val_loss")
+            self.history[-1].val_accuracy = metrics.get("val_accuracy")
+
+    # -- control --------------------------------------------------------------------------------------
+
+    def pause_training(self) -> None:
+        self._resume.clear()
+
+    def resume_training(self) -> None:
+        self._resume.set()
+
+    async def export_checkpoint(self, path: Path) -> dict[str, Any]:
+        if self.state is None or self.trainer is None:
+            raise NodeError("the model state is not loaded yet")
+        state_hash = self.state.state_hash
+        await self.trainer.export(self.state.materialize(), path)
+        return {"path": str(path), "state_hash": state_hash, "contributions": self.state.contribution_count}
+
+    def status(self) -> dict[str, Any]:
+        stats = self.host.stats()
+        state = self.state
+        return {
+            "peer_id": self.host.peer_id,
+            "pid": os.getpid(),
+            "home": str(self.home.path),
+            "run": self.config.node.run,
+            "task": self.config.training.task,
+            "listen_addrs": self.host.listen_addrs(),
+            "peers": self.host.connected_peers(),
+            "round": self.rounds_done if state else 0,
+            "training": self.training_state,
+            "shard": self.shard,
+            "contributions": state.contribution_count if state else 0,
+            "state_hash": state.state_hash if state else None,
+            "genesis": state.genesis.id if state else None,
+            "version_vector": (
+                {p2p.peer_id_from_public_key(a): s for a, s in state.version_vector.items()} if state else {}
+            ),
+            "bytes_sent": int(stats["bytes_sent"]),
+            "bytes_received": int(stats["bytes_received"]),
+            "train_loss": self.history[-1].train_loss if self.history else None,
+            "eval": self.last_eval,
+            "initial_eval": self.initial_eval,
+            "counters": {
+                "accepted": self.counters.accepted,
+                "duplicates": self.counters.duplicates,
+                "rejected": self.counters.rejected,
+                "rejected_reasons": dict(self.counters.rejected_reasons),
+                "pulls": self.counters.pulls,
+                "pull_failures": self.counters.pull_failures,
+            },
+            "p2p": stats,
+            "uptime_s": round(time.time() - self.started_at, 3),
+        }

@@ -1,0 +1,207 @@
+"""Local training in a child process, driven from the daemon's event loop.
+
+Why a process: the daemon's asyncio loop and the libp2p trio thread share one GIL; a training step that
+holds it for tens of milliseconds would stall networking. The child owns torch, the model, the inner
+optimizer and the error-feedback residuals; the parent sends it the merged global parameters and gets
+back an encoded update. Messages go over a ``multiprocessing`` pipe (pickled numpy arrays: one copy of
+the parameters per round, small next to the compute).
+
+The protocol is strictly request/response, one request in flight, so the parent needs no correlation ids.
+Blocking pipe calls run on a single worker thread so the event loop never blocks.
+
+Persistence: after the parent has made a round's contribution durable in its log, it sends ``commit``
+and the child saves its momentum and residual state atomically. A crash between the two only replays
+a little error feedback; it never loses or duplicates a contribution.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import multiprocessing
+import os
+import traceback
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["TrainerError", "TrainerProcess", "TrainerSpec"]
+
+log = logging.getLogger(__name__)
+
+START_TIMEOUT_S = 120.0  # importing torch and building a task on a loaded 2-core box
+STOP_TIMEOUT_S = 10.0
+
+
+class TrainerError(RuntimeError):
+    """The training process failed; the message carries its traceback."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainerSpec:
+    """Everything the child needs to build its trainer (picklable)."""
+
+    task: str
+    diloco: dict[str, Any]
+    shard: int
+    num_shards: int
+    threads: int
+    state_file: Path
+
+
+class TrainerProcess:
+    """Asyncio handle on the training child process."""
+
+    def __init__(self, spec: TrainerSpec) -> None:
+        self._spec = spec
+        self._ctx = multiprocessing.get_context("spawn")
+        self._conn: Connection | None = None
+        self._proc: multiprocessing.process.BaseProcess | None = None
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="trainer-pipe")
+        self._lock = asyncio.Lock()
+        self.info: dict[str, Any] = {}
+
+    async def start(self) -> None:
+        parent, child = self._ctx.Pipe()
+        self._proc = self._ctx.Process(
+            target=_child_main, args=(child, self._spec), name="meshtrain-trainer", daemon=True
+        )
+        self._proc.start()
+        child.close()
+        self._conn = parent
+        self.info = await asyncio.wait_for(self._call("info"), START_TIMEOUT_S)
+
+    async def initial_params(self) -> np.ndarray:
+        """The task's freshly initialized flat parameters (used once, by the node that founds a run)."""
+        return await self._call("init_params")
+
+    async def fragment_ranges(self) -> tuple[tuple[int, int], ...]:
+        return await self._call("fragments")
+
+    async def run_round(self, params: np.ndarray, fragment: int) -> Any:
+        return await self._call("round", params, fragment)
+
+    async def evaluate(self, params: np.ndarray) -> dict[str, float]:
+        return await self._call("evaluate", params)
+
+    async def commit(self) -> None:
+        await self._call("commit")
+
+    async def set_threads(self, threads: int) -> None:
+        await self._call("threads", threads)
+
+    async def export(self, params: np.ndarray, path: Path) -> None:
+        """Write ``params`` as a safetensors checkpoint with the model's own tensor names."""
+        await self._call("export", params, path)
+
+    async def _call(self, command: str, *args: Any) -> Any:
+        async with self._lock:
+            if self._conn is None:
+                raise TrainerError("training process is not running")
+            loop = asyncio.get_running_loop()
+            status, value = await loop.run_in_executor(self._executor, _roundtrip, self._conn, command, args)
+        if status != "ok":
+            raise TrainerError(f"training process failed on {command!r}:\n{value}")
+        return value
+
+    async def aclose(self) -> None:
+        """Ask the child to exit, then make sure it has."""
+        proc, conn = self._proc, self._conn
+        self._conn = None
+        if proc is None or conn is None:
+            return
+        with contextlib.suppress(BrokenPipeError, OSError):
+            conn.send(("stop", ()))
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, proc.join, STOP_TIMEOUT_S)
+        if proc.is_alive():
+            log.warning("training process did not stop in %.0f s; killing it", STOP_TIMEOUT_S)
+            proc.kill()
+            await loop.run_in_executor(None, proc.join)
+        conn.close()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _roundtrip(conn: Connection, command: str, args: tuple[Any, ...]) -> tuple[str, Any]:
+    try:
+        conn.send((command, args))
+        return conn.recv()
+    except (EOFError, BrokenPipeError, ConnectionResetError, OSError) as exc:
+        return "error", f"training process is gone ({exc.__class__.__name__})"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Child side
+
+
+def _child_main(conn: Connection, spec: TrainerSpec) -> None:
+    import signal
+
+    import torch
+
+    # The parent drives shutdown: a Ctrl-C sent to the whole process group must not kill a round midway.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    import training
+
+    torch.set_num_threads(spec.threads)
+    task = training.load_task(spec.task)
+    config = training.DilocoConfig(**spec.diloco)
+    trainer = training.PeerTrainer(task, config, shard=spec.shard, num_shards=spec.num_shards)
+    if spec.state_file.exists():
+        trainer.load_state_dict(torch.load(spec.state_file, weights_only=False))
+
+    def save_state() -> None:
+        tmp = spec.state_file.with_suffix(".tmp")
+        torch.save(trainer.state_dict(), tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, spec.state_file)
+
+    handlers = {
+        "info": lambda: {"task": task.name, "pid": os.getpid(), "threads": torch.get_num_threads()},
+        "init_params": lambda: _fresh_params(task, config),
+        "fragments": lambda: training.fragment_ranges(task.build_model(), config.num_fragments),
+        "round": lambda params, fragment: trainer.run_round(params, fragment=fragment),
+        "evaluate": lambda params: trainer.evaluate(params),
+        "commit": save_state,
+        "threads": torch.set_num_threads,
+        "export": lambda params, path: _export(task, params, path),
+    }
+    while True:
+        try:
+            command, args = conn.recv()
+        except (EOFError, KeyboardInterrupt):
+            return
+        if command == "stop":
+            return
+        try:
+            conn.send(("ok", handlers[command](*args)))
+        except Exception:
+            conn.send(("error", traceback.format_exc()))
+
+
+def _fresh_params(task: Any, config: Any) -> np.ndarray:
+    import torch
+
+    import training
+
+    torch.manual_seed(config.seed)
+    return training.flatten_params(task.build_model())
+
+
+def _export(task: Any, params: np.ndarray, path: Path) -> None:
+    from safetensors.torch import save_file
+
+    import training
+
+    model = task.build_model()
+    training.load_flat_params(model, params)
+    tmp = Path(path).with_suffix(".tmp")
+    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(tmp))
+    os.replace(tmp, path)

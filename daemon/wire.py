@@ -1,0 +1,138 @@
+"""Messages of the daemon's own protocols, and their strict msgpack codecs.
+
+Three protocols carry the model between nodes of one run:
+
+``/meshtrain/genesis/1``
+    request ``GenesisRequest(run)``; response: the run's encoded :class:`crdt.Genesis`. A joiner fetches
+    the genesis state by content (its id is the hash), never re-derives it from a seed: initialization
+    differs across torch builds.
+``/meshtrain/sync/1``
+    anti-entropy pull. Request: the caller's :class:`crdt.Digest` (version vector + state hash). Response:
+    ``SyncResponse``: the contributions the caller lacks (at most a batch) and the responder's digest, so
+    the caller knows whether to pull again.
+gossip topic ``meshtrain/<run>/announce``
+    ``Announcement``: a small header per new contribution (author, seq, fragment, size, id). Receivers that
+    lack it pull from the announcer. Gossip may drop; the periodic anti-entropy pull repairs what it misses.
+
+Every decoder validates types and sizes and raises :class:`WireError` with the reason; nothing here trusts
+the peer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+__all__ = [
+    "GENESIS_PROTOCOL",
+    "SYNC_PROTOCOL",
+    "Announcement",
+    "GenesisRequest",
+    "SyncResponse",
+    "WireError",
+    "announce_topic",
+]
+
+GENESIS_PROTOCOL = "/meshtrain/genesis/1"
+SYNC_PROTOCOL = "/meshtrain/sync/1"
+WIRE_VERSION = 1
+MAX_ANNOUNCEMENT_BYTES = 1024  # a header, never a payload: gossip caps messages at 1 MiB and is CPU-bound
+MAX_SYNC_CONTRIBUTIONS = 4096
+
+
+def announce_topic(run: str) -> str:
+    return f"meshtrain/{run}/announce"
+
+
+class WireError(ValueError):
+    """A peer sent a message that does not decode or validate."""
+
+
+def _unpack(data: bytes, *, max_bytes: int | None = None) -> dict[str, Any]:
+    if max_bytes is not None and len(data) > max_bytes:
+        raise WireError(f"message of {len(data)} bytes exceeds {max_bytes}")
+    try:
+        obj = msgpack.unpackb(data, raw=False, strict_map_key=True, max_buffer_size=len(data))
+    except Exception as exc:  # msgpack raises a handful of unrelated types
+        raise WireError(f"not msgpack: {exc.__class__.__name__}: {exc}") from exc
+    if not isinstance(obj, dict):
+        raise WireError(f"expected a map, got {type(obj).__name__}")
+    if obj.get("v") != WIRE_VERSION:
+        raise WireError(f"unsupported wire version {obj.get('v')!r}")
+    return obj
+
+
+def _field(obj: dict[str, Any], name: str, kind: type | tuple[type, ...]) -> Any:
+    value = obj.get(name)
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is int):
+        raise WireError(f"field {name!r} missing or not {getattr(kind, '__name__', kind)}")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class GenesisRequest:
+    run: str
+
+    def encode(self) -> bytes:
+        return msgpack.packb({"v": WIRE_VERSION, "run": self.run})
+
+    @classmethod
+    def decode(cls, data: bytes) -> GenesisRequest:
+        return cls(run=_field(_unpack(data, max_bytes=1024), "run", str))
+
+
+@dataclass(frozen=True, slots=True)
+class SyncResponse:
+    digest: bytes
+    """The responder's encoded crdt.Digest."""
+    contributions: tuple[bytes, ...]
+    """Encoded crdt.Contribution records the requester lacks, in causal (per-author seq) order."""
+
+    def encode(self) -> bytes:
+        return msgpack.packb(
+            {"v": WIRE_VERSION, "digest": self.digest, "contributions": list(self.contributions)}
+        )
+
+    @classmethod
+    def decode(cls, data: bytes) -> SyncResponse:
+        obj = _unpack(data)
+        items = _field(obj, "contributions", list)
+        if len(items) > MAX_SYNC_CONTRIBUTIONS:
+            raise WireError(f"{len(items)} contributions exceed the limit of {MAX_SYNC_CONTRIBUTIONS}")
+        if not all(isinstance(item, bytes) for item in items):
+            raise WireError("contributions must be byte strings")
+        return cls(digest=_field(obj, "digest", bytes), contributions=tuple(items))
+
+
+@dataclass(frozen=True, slots=True)
+class Announcement:
+    author: bytes
+    seq: int
+    fragment: int
+    size: int
+    id: str
+
+    def encode(self) -> bytes:
+        return msgpack.packb(
+            {
+                "v": WIRE_VERSION,
+                "author": self.author,
+                "seq": self.seq,
+                "fragment": self.fragment,
+                "size": self.size,
+                "id": self.id,
+            }
+        )
+
+    @classmethod
+    def decode(cls, data: bytes) -> Announcement:
+        obj = _unpack(data, max_bytes=MAX_ANNOUNCEMENT_BYTES)
+        author = _field(obj, "author", bytes)
+        if len(author) != 32:
+            raise WireError("author must be a 32-byte public key")
+        ints = {name: _field(obj, name, int) for name in ("seq", "fragment", "size")}
+        if ints["seq"] < 1 or ints["fragment"] < 0 or ints["size"] < 0:
+            raise WireError("seq, fragment and size out of range")
+        return cls(author=author, id=_field(obj, "id", str), **ints)
