@@ -167,6 +167,11 @@ class Node:
                 f"stored genesis belongs to run {genesis.meta.get('run')!r}, config says "
                 f"{self.config.node.run!r}; use another --home"
             )
+        if _ranges(genesis.fragments) != _ranges(await self.trainer.fragment_ranges()):
+            raise NodeError(
+                f"the run's genesis splits the model into {len(genesis.fragments)} fragments, this node's "
+                "[diloco] num_fragments (or its task's model) differs"
+            )
         state = crdt.ModelState.from_snapshot(genesis, snapshot) if snapshot else crdt.ModelState(genesis)
         for contribution in logged:
             with contextlib.suppress(crdt.CrdtError):
@@ -498,3 +503,7 @@ class Node:
             "p2p": stats,
             "uptime_s": round(time.time() - self.started_at, 3),
         }
+
+
+def _ranges(ranges: Any) -> tuple[tuple[int, int], ...]:
+    return tuple((int(start), int(stop)) for start, stop in ranges)

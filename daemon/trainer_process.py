@@ -150,11 +150,19 @@ def _child_main(conn: Connection, spec: TrainerSpec) -> None:
     import training
 
     torch.set_num_threads(spec.threads)
-    task = training.load_task(spec.task)
-    config = training.DilocoConfig(**spec.diloco)
-    trainer = training.PeerTrainer(task, config, shard=spec.shard, num_shards=spec.num_shards)
-    if spec.state_file.exists():
-        trainer.load_state_dict(torch.load(spec.state_file, weights_only=False))
+    try:
+        task = training.load_task(spec.task)
+        config = training.DilocoConfig(**spec.diloco)
+        trainer = training.PeerTrainer(task, config, shard=spec.shard, num_shards=spec.num_shards)
+        if spec.state_file.exists():
+            trainer.load_state_dict(torch.load(spec.state_file, weights_only=False))
+    except Exception:
+        # Answer the parent's first request with the reason (a bad [diloco] key, an unknown task).
+        failure = traceback.format_exc(limit=-3)
+        with contextlib.suppress(EOFError, OSError):
+            conn.recv()
+            conn.send(("error", failure))
+        return
 
     def save_state() -> None:
         tmp = spec.state_file.with_suffix(".tmp")

@@ -1,0 +1,59 @@
+from __future__ import annotations
+
+import msgpack
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from daemon.wire import Announcement, GenesisRequest, SyncResponse, WireError
+
+
+def test_round_trips() -> None:
+    a = Announcement(author=b"a" * 32, seq=3, fragment=1, size=100, id="ab" * 32)
+    assert Announcement.decode(a.encode()) == a
+    r = SyncResponse(digest=b"d", contributions=(b"x", b"y"))
+    assert SyncResponse.decode(r.encode()) == r
+    g = GenesisRequest(run="r")
+    assert GenesisRequest.decode(g.encode()) == g
+
+
+@pytest.mark.parametrize(
+    ("message", "reason"),
+    [
+        ({"v": 2, "run": "r"}, "unsupported wire version"),
+        ({"v": 1}, "field 'run' missing"),
+        ([1, 2], "expected a map"),
+    ],
+)
+def test_genesis_request_rejects(message: object, reason: str) -> None:
+    with pytest.raises(WireError, match=reason):
+        GenesisRequest.decode(msgpack.packb(message))
+
+
+def test_announcement_rejects_bad_fields() -> None:
+    good = {"v": 1, "author": b"a" * 32, "seq": 1, "fragment": 0, "size": 1, "id": "x"}
+    for key, value, reason in [
+        ("author", b"short", "32-byte"),
+        ("seq", 0, "out of range"),
+        ("seq", True, "field 'seq'"),
+        ("id", 5, "field 'id'"),
+    ]:
+        with pytest.raises(WireError, match=reason):
+            Announcement.decode(msgpack.packb({**good, key: value}))
+    with pytest.raises(WireError, match="exceeds"):
+        Announcement.decode(msgpack.packb({**good, "id": "x" * 5000}))
+
+
+def test_sync_response_rejects_non_bytes() -> None:
+    with pytest.raises(WireError, match="byte strings"):
+        SyncResponse.decode(msgpack.packb({"v": 1, "digest": b"", "contributions": ["s"]}))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=300))
+def test_garbage_never_escapes_as_another_error(data: bytes) -> None:
+    for decoder in (Announcement.decode, SyncResponse.decode, GenesisRequest.decode):
+        try:
+            decoder(data)
+        except WireError:
+            pass
