@@ -1,30 +1,63 @@
 """crdt: the pure (sans-IO) replicated model state of meshtrain.
 
-Layout: ``errors`` (the exception tree), ``payload`` (sparse/quantized update codecs). Everything public is
-re-exported here; import from ``crdt`` rather than from the submodules.
+Layout (one concept per module; import the public names from ``crdt`` itself):
+
+- ``errors``      the exception tree (CrdtError > ValidationError > ...)
+- ``payload``     sparse / quantized update codecs (encode_payload, decode_payload)
+- ``signing``     Ed25519 Signer / verify_signature
+- ``records``     Limits, Genesis, Contribution, make_contribution
+- ``vv``          VersionVector, Digest
+- ``state``       ModelState (int64 fixed-point accumulator), Snapshot, ApplyOutcome
+- ``log``         WAL framing and scan_log (bytes only; the files live in daemon/store.py)
+- ``antientropy`` plan_sync, retention_floor
 """
 
+from crdt.antientropy import SyncPlan, plan_sync, retention_floor
 from crdt.errors import (
     ConflictError,
     CrdtError,
     GapTooLargeError,
     GenesisMismatchError,
+    HistoryPrunedError,
     SignatureError,
     ValidationError,
 )
 from crdt.payload import CHUNK_SIZE, CODECS, MAX_LENGTH, decode_payload, encode_payload, payload_error_bound
+from crdt.records import DEFAULT_LIMITS, FORMAT_VERSION, Contribution, Genesis, Limits, make_contribution
+from crdt.signing import Signer, verify_signature
+from crdt.state import QUANTUM, SCALE_BITS, ApplyOutcome, ModelState, Snapshot
+from crdt.vv import Digest, VersionVector
 
 __all__ = [
     "CHUNK_SIZE",
     "CODECS",
+    "DEFAULT_LIMITS",
+    "FORMAT_VERSION",
     "MAX_LENGTH",
+    "QUANTUM",
+    "SCALE_BITS",
+    "ApplyOutcome",
     "ConflictError",
+    "Contribution",
     "CrdtError",
+    "Digest",
     "GapTooLargeError",
+    "Genesis",
     "GenesisMismatchError",
+    "HistoryPrunedError",
+    "Limits",
+    "ModelState",
     "SignatureError",
+    "Signer",
+    "Snapshot",
+    "SyncPlan",
     "ValidationError",
+    "VersionVector",
     "decode_payload",
     "encode_payload",
+    "make_contribution",
     "payload_error_bound",
+    "plan_sync",
+    "retention_floor",
+    "verify_signature",
 ]

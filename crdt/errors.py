@@ -7,10 +7,13 @@
     │   │                         unsigned, out of range or inconsistent; ``.reason`` says which rule broke
     │   ├── SignatureError        the Ed25519 signature does not verify
     │   ├── GenesisMismatchError  the record belongs to another genesis / model layout
-    │   └── GapTooLargeError      a contribution is too far ahead of its author's contiguous prefix to
-    │                             buffer (not malicious by itself: fetch the missing seqs, then retry)
-    └── ConflictError             two *different* contributions claim the same (author, seq) slot: the
-                                  author equivocated; the second one is refused (first one wins locally)
+    │   ├── GapTooLargeError      a contribution is too far ahead of its author's contiguous prefix to
+    │   │                         buffer (not malicious by itself: fetch the missing seqs, then retry)
+    │   └── ConflictError         two *different* validly signed contributions claim the same
+    │                             (author, seq) slot: the author equivocated; the second one is refused
+    │                             (first one wins locally). ``.evidence`` holds both, a proof to ban on.
+    └── HistoryPrunedError        a merge or anti-entropy answer needs contributions this replica has
+                                  already compacted away; transfer a snapshot instead
 
 Why one tree: the daemon's handlers catch ``ValidationError`` at the boundary and turn it into "drop the
 message and maybe penalise the peer"; anything that is not a ``CrdtError`` is a bug in meshtrain and must
@@ -25,6 +28,7 @@ __all__ = [
     "CrdtError",
     "GapTooLargeError",
     "GenesisMismatchError",
+    "HistoryPrunedError",
     "SignatureError",
     "ValidationError",
 ]
@@ -54,5 +58,13 @@ class GapTooLargeError(ValidationError):
     """Seq is beyond the per-author buffering window; the sender should be asked for the gap first."""
 
 
-class ConflictError(CrdtError):
+class ConflictError(ValidationError):
     """Equivocation: a different contribution already occupies this (author, seq) slot."""
+
+    def __init__(self, reason: str, evidence: tuple[object, object] = (None, None)) -> None:
+        super().__init__(reason)
+        self.evidence = evidence
+
+
+class HistoryPrunedError(CrdtError):
+    """The needed contributions were compacted away (below the retention floor)."""

@@ -1,0 +1,272 @@
+"""Signed, content-addressed records: Limits, Genesis and Contribution.
+
+Theory of operation
+-------------------
+``Genesis`` fixes the model: the initial flat float32 parameters, the fragment layout and free-form meta.
+Its id is the blake2b-256 of its canonical encoding, so "same id" means "same starting point".
+
+A ``Contribution`` is one author's signed update to one fragment. Authors number their contributions
+1, 2, 3, ... without gaps; the pair (author, seq) is the contribution's *slot*. The signature covers a
+domain-separated body (every field except the signature); the content id is blake2b-256 of that body, so
+it names the content independently of the signature bytes.
+
+Wire layout (msgpack arrays, canonical: decoders re-encode and require identical bytes)::
+
+    Contribution = [FORMAT_VERSION, "contribution", author(bin32), seq(uint), fragment(uint), codec(str),
+                    payload(bin), weight(float64), base_version(bin32), signature(bin64)]
+    signed body  = [FORMAT_VERSION, "contribution-body", author, seq, fragment, codec, payload, weight,
+                    base_version]
+    Genesis      = [FORMAT_VERSION, "genesis", params(bin, <f4), [[start, stop], ...], [[key, value], ...]]
+
+Validation is split in two: ``decode`` checks what needs no context (shape, sizes, signature);
+``validate_against(genesis)`` checks the rest (fragment exists, payload decodes for that fragment length,
+finite, weighted L2 norm bounded) and returns the decoded update so ``ModelState`` decodes once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+import numpy as np
+
+from crdt import _wire
+from crdt.errors import GenesisMismatchError, SignatureError, ValidationError
+from crdt.payload import CODECS, decode_payload
+from crdt.signing import PUBLIC_KEY_BYTES, SIGNATURE_BYTES, Signer, verify_signature
+
+__all__ = [
+    "DEFAULT_LIMITS",
+    "FORMAT_VERSION",
+    "Contribution",
+    "Genesis",
+    "Limits",
+    "content_hash",
+    "make_contribution",
+]
+
+#: Version of every record layout in crdt; bump on any incompatible change (decoders refuse others).
+FORMAT_VERSION = 1
+#: Hash size for content ids and version digests: blake2b-256 (fast in hashlib, 128-bit collision margin).
+HASH_BYTES = 32
+#: Generous framing allowance on top of the payload for the other contribution fields (~150 bytes used).
+_CONTRIBUTION_OVERHEAD_BYTES = 1024
+
+
+def content_hash(data: bytes) -> bytes:
+    """blake2b-256, the one hash crdt uses for content addresses."""
+    return hashlib.blake2b(data, digest_size=HASH_BYTES).digest()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Limits
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Limits:
+    """Resource limits applied to input from peers (httpx-style small value object)."""
+
+    max_payload_bytes: int = 64 * 2**20
+    """Largest payload accepted. 64 MiB = a dense-f32 fragment of 16M params; gossip layers cap lower."""
+    max_norm: float = 1.0e4
+    """Bound on the L2 norm of ``weight * values``. Pseudo-gradients are O(1); 1e4 still keeps the int64
+    accumulator far from wrap-around (see crdt.state) while refusing garbage like 1e30."""
+    max_weight: float = 1.0e6
+    """Weights must be finite and in (0, max_weight]."""
+    max_buffered_gap: int = 256
+    """How far past an author's contiguous prefix a contribution may be buffered (seq - vv[author])."""
+    max_buffered_total: int = 4096
+    """Total buffered contributions over all authors (keys are free, so the per-author bound alone is not
+    a memory bound)."""
+    max_genesis_bytes: int = 2**31
+    """Largest genesis encoding accepted (2 GiB: ~500M float32 params)."""
+    max_meta_items: int = 64
+    """Genesis meta entries; meta is a label, not a storage area."""
+
+
+DEFAULT_LIMITS = Limits()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Genesis
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Genesis:
+    """Initial model and fragment layout. Immutable: ``params`` is stored as a read-only copy."""
+
+    params: np.ndarray
+    fragments: tuple[tuple[int, int], ...]
+    meta: MappingProxyType[str, str] | dict[str, str] = field(default_factory=dict)
+    _encoded: bytes = field(init=False, repr=False)
+    _id: str = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        tag = "genesis"
+        params = np.asarray(self.params)
+        _wire.expect(params.ndim == 1 and params.dtype == np.float32, tag, "params must be 1-D float32")
+        _wire.expect(bool(np.all(np.isfinite(params))), tag, "params contain NaN or infinity")
+        frags = tuple((int(a), int(b)) for a, b in self.fragments)
+        _wire.expect(len(frags) > 0, tag, "at least one fragment")
+        pos = 0
+        for start, stop in frags:
+            _wire.expect(start == pos and stop > start, tag, "fragments must be non-empty and contiguous")
+            pos = stop
+        _wire.expect(pos == params.size, tag, f"fragments cover {pos} entries, params have {params.size}")
+        _wire.expect(isinstance(self.meta, dict | MappingProxyType), tag, "meta must be a mapping")
+        items = sorted(self.meta.items())
+        _wire.expect(all(type(k) is str and type(v) is str for k, v in items), tag, "meta must be str->str")
+        frozen = params.astype("<f4", copy=True)
+        frozen.flags.writeable = False
+        object.__setattr__(self, "params", frozen)
+        object.__setattr__(self, "fragments", frags)
+        object.__setattr__(self, "meta", MappingProxyType(dict(items)))
+        enc = _wire.pack(
+            [FORMAT_VERSION, tag, frozen.tobytes(), [list(f) for f in frags], [list(kv) for kv in items]]
+        )
+        object.__setattr__(self, "_encoded", enc)
+        object.__setattr__(self, "_id", content_hash(enc).hex())
+
+    @property
+    def id(self) -> str:
+        """Hex blake2b-256 of :meth:`encode` (the content address)."""
+        return self._id
+
+    @property
+    def length(self) -> int:
+        return int(self.params.size)
+
+    def fragment_length(self, fragment: int) -> int:
+        start, stop = self.fragments[fragment]
+        return stop - start
+
+    def encode(self) -> bytes:
+        return self._encoded
+
+    @classmethod
+    def decode(cls, data: bytes, *, limits: Limits = DEFAULT_LIMITS) -> Genesis:
+        """Parse and validate. Raises ValidationError."""
+        tag = "genesis"
+        obj = _wire.unpack_array(data, tag=tag, version=FORMAT_VERSION, length=5,
+                                 max_bytes=limits.max_genesis_bytes)
+        _, _, raw, frags, meta = obj
+        _wire.expect(_wire.is_bytes(raw) and len(raw) % 4 == 0, tag, "params must be bin of f32")
+        _wire.expect(isinstance(frags, list) and all(
+            isinstance(f, list) and len(f) == 2 and all(_wire.is_int(x) for x in f) for f in frags
+        ), tag, "fragments must be [[start, stop], ...]")
+        _wire.expect(isinstance(meta, list) and len(meta) <= limits.max_meta_items and all(
+            isinstance(kv, list) and len(kv) == 2 for kv in meta
+        ), tag, "meta must be a short list of [key, value]")
+        _wire.expect(len({kv[0] for kv in meta if isinstance(kv[0], str)}) == len(meta), tag,
+                     "meta keys must be unique strings")
+        genesis = cls(np.frombuffer(raw, dtype="<f4").astype(np.float32),
+                      tuple(tuple(f) for f in frags), dict((k, v) for k, v in meta))  # type: ignore[misc]
+        _wire.expect(genesis.encode() == bytes(data), tag, "non-canonical encoding")
+        return genesis
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Genesis) and other._id == self._id
+
+    def __hash__(self) -> int:
+        return hash(self._id)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Contribution
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Contribution:
+    """One signed update. Build with :func:`make_contribution` or :meth:`decode`; the constructor does not
+    verify the signature (``ModelState.apply`` does)."""
+
+    author: bytes
+    seq: int
+    fragment: int
+    codec: str
+    payload: bytes
+    weight: float
+    base_version: bytes
+    signature: bytes
+
+    def _body(self) -> bytes:
+        return _wire.pack([FORMAT_VERSION, "contribution-body", self.author, self.seq, self.fragment,
+                           self.codec, self.payload, self.weight, self.base_version])
+
+    @property
+    def id(self) -> str:
+        """Hex blake2b-256 of the signed body (signature excluded)."""
+        return content_hash(self._body()).hex()
+
+    @property
+    def slot(self) -> tuple[bytes, int]:
+        return (self.author, self.seq)
+
+    def encode(self) -> bytes:
+        return _wire.pack([FORMAT_VERSION, "contribution", self.author, self.seq, self.fragment, self.codec,
+                           self.payload, self.weight, self.base_version, self.signature])
+
+    def check_fields(self, limits: Limits = DEFAULT_LIMITS) -> None:
+        """Context-free field checks (types, sizes, ranges). Raises ValidationError."""
+        tag = "contribution"
+        _wire.expect(_wire.is_bytes(self.author, PUBLIC_KEY_BYTES), tag, "author must be 32 bytes")
+        _wire.expect(_wire.is_int(self.seq) and 1 <= self.seq < 2**63, tag, "seq must be an int >= 1")
+        _wire.expect(_wire.is_int(self.fragment) and 0 <= self.fragment < 2**32, tag,
+                     "fragment must be a non-negative int")
+        _wire.expect(type(self.codec) is str and self.codec in CODECS, tag, f"unknown codec {self.codec!r}")
+        _wire.expect(_wire.is_bytes(self.payload), tag, "payload must be bytes")
+        _wire.expect(len(self.payload) <= limits.max_payload_bytes, tag,
+                     f"payload of {len(self.payload)} bytes exceeds {limits.max_payload_bytes}")
+        _wire.expect(type(self.weight) is float and math.isfinite(self.weight)
+                     and 0.0 < self.weight <= limits.max_weight, tag,
+                     f"weight must be a finite float in (0, {limits.max_weight}]")
+        _wire.expect(_wire.is_bytes(self.base_version, HASH_BYTES), tag, "base_version must be 32 bytes")
+        _wire.expect(_wire.is_bytes(self.signature, SIGNATURE_BYTES), tag, "signature must be 64 bytes")
+
+    def verify(self, limits: Limits = DEFAULT_LIMITS) -> None:
+        """Field checks plus signature. Raises ValidationError / SignatureError."""
+        self.check_fields(limits)
+        if not verify_signature(self.author, self._body(), self.signature):
+            raise SignatureError("contribution: signature does not verify for its author")
+
+    def validate_against(self, genesis: Genesis, limits: Limits = DEFAULT_LIMITS
+                         ) -> tuple[np.ndarray, np.ndarray]:
+        """Check the contribution fits ``genesis``; return the decoded ``(indices, values)``.
+
+        Raises:
+            GenesisMismatchError: the fragment does not exist in this genesis.
+            ValidationError: payload does not decode for the fragment, or the weighted norm is too big.
+        """
+        if not 0 <= self.fragment < len(genesis.fragments):
+            raise GenesisMismatchError(
+                f"contribution: fragment {self.fragment} not in genesis ({len(genesis.fragments)} fragments)")
+        indices, values = decode_payload(self.codec, genesis.fragment_length(self.fragment), self.payload)
+        norm = float(np.linalg.norm(values.astype(np.float64))) * self.weight
+        if not norm <= limits.max_norm:
+            raise ValidationError(f"contribution: weighted update norm {norm:.3g} exceeds {limits.max_norm}")
+        return indices, values
+
+    @classmethod
+    def decode(cls, data: bytes, *, limits: Limits = DEFAULT_LIMITS) -> Contribution:
+        """Parse, check fields, check canonical form and verify the signature. Raises ValidationError."""
+        obj = _wire.unpack_array(data, tag="contribution", version=FORMAT_VERSION, length=10,
+                                 max_bytes=limits.max_payload_bytes + _CONTRIBUTION_OVERHEAD_BYTES)
+        c = cls(*obj[2:])
+        c.verify(limits)
+        _wire.expect(c.encode() == bytes(data), "contribution", "non-canonical encoding")
+        return c
+
+
+def make_contribution(signer: Signer, *, seq: int, fragment: int, codec: str, payload: bytes,
+                      weight: float, base_version: bytes) -> Contribution:
+    """Build and sign a contribution (fields are checked; raises ValidationError on bad input)."""
+    unsigned = Contribution(signer.public_key, seq, fragment, codec, bytes(payload), float(weight),
+                            bytes(base_version), b"\x00" * SIGNATURE_BYTES)
+    unsigned.check_fields(Limits(max_payload_bytes=2**62, max_weight=math.inf))
+    return Contribution(signer.public_key, seq, fragment, codec, bytes(payload), float(weight),
+                        bytes(base_version), signer.sign(unsigned._body()))

@@ -1,0 +1,176 @@
+"""ModelState: apply semantics, exact order independence, CRDT laws, snapshots."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+from crdt_testlib import SIGNERS, contribution, genesis, history
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from crdt import (
+    QUANTUM,
+    ApplyOutcome,
+    ConflictError,
+    GapTooLargeError,
+    Genesis,
+    GenesisMismatchError,
+    HistoryPrunedError,
+    Limits,
+    ModelState,
+    SignatureError,
+    Snapshot,
+    ValidationError,
+    VersionVector,
+    decode_payload,
+)
+
+G = genesis(length=96, n_fragments=3)
+HIST = history(G, n_authors=4, per_author=5)
+
+
+def _replay(cs, g: Genesis = G) -> ModelState:
+    s = ModelState(g)
+    for c in cs:
+        s.apply(c)
+    return s
+
+
+def test_apply_outcomes_and_buffering() -> None:
+    a = SIGNERS[0]
+    c1, c2, c3 = (contribution(G, a, i) for i in (1, 2, 3))
+    s = ModelState(G)
+    h0 = s.state_hash
+    assert s.apply(c3) is ApplyOutcome.BUFFERED
+    assert s.apply(c3) is ApplyOutcome.DUPLICATE
+    assert s.apply(c2) is ApplyOutcome.BUFFERED
+    assert s.pending_count == 2 and s.contribution_count == 0 and s.state_hash == h0
+    assert s.apply(c1) is ApplyOutcome.APPLIED
+    assert s.pending_count == 0 and s.contribution_count == 3
+    assert s.version_vector.get(a.public_key) == 3 and s.next_seq(a.public_key) == 4
+    assert s.apply(c1) is ApplyOutcome.DUPLICATE
+    assert s.get(a.public_key, 2) == c2 and s.get(a.public_key, 9) is None
+    assert s.state_hash != h0
+
+
+def test_materialize_matches_float_reference() -> None:
+    s = _replay(HIST)
+    ref = G.params.astype(np.float64)
+    for c in HIST:
+        idx, vals = decode_payload(c.codec, G.fragment_length(c.fragment), c.payload)
+        ref[G.fragments[c.fragment][0] + idx.astype(np.int64)] += vals.astype(np.float64) * c.weight
+    out = s.materialize()
+    assert out.dtype == np.float32
+    assert np.max(np.abs(out - ref)) <= len(HIST) * QUANTUM + np.max(np.abs(ref)) * 2**-23
+
+
+def test_rejections() -> None:
+    a = SIGNERS[0]
+    s = ModelState(G, limits=Limits(max_buffered_gap=3, max_buffered_total=2))
+    with pytest.raises(GapTooLargeError):
+        s.apply(contribution(G, a, 5))
+    s.apply(contribution(G, a, 3))
+    s.apply(contribution(G, SIGNERS[1], 3))
+    with pytest.raises(GapTooLargeError, match="buffer full"):
+        s.apply(contribution(G, SIGNERS[2], 2))
+    c1 = contribution(G, a, 1)
+    with pytest.raises(SignatureError):
+        s.apply(dataclasses.replace(c1, weight=9.0))
+    s.apply(c1)
+    with pytest.raises(ConflictError) as err:
+        s.apply(contribution(G, a, 1, seed=99))
+    assert err.value.evidence[0] == c1
+    with pytest.raises(ConflictError):  # equivocation on a buffered slot
+        s.apply(contribution(G, a, 3, seed=99))
+    with pytest.raises(ValidationError):  # ConflictError is a ValidationError: one catch at the boundary
+        s.apply(contribution(G, a, 1, seed=98))
+    other = genesis(length=10, n_fragments=1)
+    with pytest.raises(GenesisMismatchError):
+        ModelState(other).apply(next(c for c in HIST if c.fragment > 0 and c.seq == 1))
+
+
+def test_snapshot_round_trip_and_continue() -> None:
+    s = _replay(HIST[:10])
+    snap = Snapshot.decode(s.snapshot().encode())
+    r = ModelState.from_snapshot(G, snap)
+    assert r.state_hash == s.state_hash and r.version_vector == s.version_vector
+    for c in HIST[10:]:
+        r.apply(c)
+    full = _replay(HIST)
+    assert r.state_hash == full.state_hash
+    assert r.materialize().tobytes() == full.materialize().tobytes()
+    assert r.apply(HIST[0]) is ApplyOutcome.DUPLICATE  # compacted slots read as duplicates
+    bad = dataclasses.replace(snap, state_hash="00" * 32)
+    with pytest.raises(ValidationError, match="state hash"):
+        ModelState.from_snapshot(G, bad)
+    with pytest.raises(GenesisMismatchError):
+        ModelState.from_snapshot(genesis(seed=5), snap)
+
+
+def test_missing_for_and_compaction() -> None:
+    s = _replay(HIST)
+    empty = VersionVector()
+    missing = s.contributions_missing_for(empty, max_count=1000)
+    assert sorted(c.id for c in missing) == sorted(c.id for c in HIST)
+    assert [c.seq for c in missing] == sorted(c.seq for c in missing)  # lowest seqs first
+    assert len(s.contributions_missing_for(empty, max_count=3)) == 3
+    assert s.contributions_missing_for(s.version_vector, max_count=10) == []
+    half = _replay([c for c in HIST if c.seq <= 2])
+    assert s.can_serve(half.version_vector)
+    dropped = s.compact(half.version_vector)
+    assert dropped == 8 and not s.can_serve(empty) and s.can_serve(half.version_vector)
+    with pytest.raises(HistoryPrunedError):
+        ModelState(G).merge(s)
+    assert half.merge(s).state_hash == _replay(HIST).state_hash
+
+
+# -- CRDT laws and order independence (bit for bit) --------------------------------------------------------
+
+subsets = st.lists(st.sampled_from(range(len(HIST))), max_size=len(HIST)).map(
+    lambda ix: [HIST[i] for i in ix]
+)
+
+
+@settings(max_examples=25, deadline=None)
+@given(a=subsets, b=subsets, c=subsets)
+def test_merge_laws(a, b, c) -> None:
+    sa, sb, sc = _replay(a), _replay(b), _replay(c)
+    # commutative
+    ab, ba = sa.merge(sb), sb.merge(sa)
+    assert ab.state_hash == ba.state_hash and ab.materialize().tobytes() == ba.materialize().tobytes()
+    # associative
+    assert ab.merge(sc).state_hash == sa.merge(sb.merge(sc)).state_hash
+    # idempotent
+    assert sa.merge(sa).state_hash == sa.state_hash
+    # the join covers both sides (and more when one side's buffered items fill the other's gaps)
+    assert ab.version_vector.dominates(sa.version_vector.merge(sb.version_vector))
+    assert ab.state_hash == _replay(a + b).state_hash
+
+
+@settings(max_examples=40, deadline=None)
+@given(perm=st.permutations(range(len(HIST))), dups=st.lists(st.integers(0, len(HIST) - 1), max_size=10))
+def test_every_permutation_with_duplicates_same_state(perm, dups) -> None:
+    ref = _replay(HIST)
+    order = [HIST[i] for i in perm]
+    for k, i in enumerate(dups):
+        order.insert((k * 7) % (len(order) + 1), HIST[i])
+    s = _replay(order)
+    assert s.pending_count == 0
+    assert s.state_hash == ref.state_hash
+    assert s.materialize().tobytes() == ref.materialize().tobytes()
+
+
+@settings(max_examples=25, deadline=None)
+@given(perm=st.permutations(range(len(HIST))), cut=st.integers(0, len(HIST)))
+def test_snapshot_plus_rest_equals_full_replay(perm, cut) -> None:
+    order = [HIST[i] for i in perm]
+    first = _replay(order[:cut])
+    restored = ModelState.from_snapshot(G, Snapshot.decode(first.snapshot().encode()))
+    rest = order[cut:]
+    # contributions buffered before the snapshot are not in it: they must be re-delivered
+    pending = [c for c in order[:cut] if c.seq > first.version_vector.get(c.author)]
+    for c in rest + pending:
+        restored.apply(c)
+    assert restored.state_hash == _replay(HIST).state_hash
