@@ -54,9 +54,10 @@ class DigitsTask:
 
     def build_model(self) -> torch.nn.Module:
         h = self.config.hidden
-        torch.manual_seed(self.config.init_seed)
         nn = torch.nn
-        return nn.Sequential(nn.Linear(64, h), nn.GELU(), nn.Linear(h, h), nn.GELU(), nn.Linear(h, 10))
+        with torch.random.fork_rng(devices=[]):  # seeded init without disturbing the caller's RNG
+            torch.manual_seed(self.config.init_seed)
+            return nn.Sequential(nn.Linear(64, h), nn.GELU(), nn.Linear(h, h), nn.GELU(), nn.Linear(h, 10))
 
     def shard_indices(self, shard: int, num_shards: int) -> np.ndarray:
         """Training-row indices of one shard (round-robin over the fixed permutation)."""

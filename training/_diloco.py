@@ -37,7 +37,7 @@ import inspect
 import itertools
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -92,6 +92,15 @@ class DilocoConfig:
     """bf16 autocast for the inner loop and evaluation on CUDA devices that support it; no-op on CPU."""
     torch_threads: int | None = None
     """If set, torch.set_num_threads(n) at trainer construction (process-wide; e.g. 1 on a 2-core box)."""
+
+    @classmethod
+    def from_dict(cls, options: Mapping[str, Any]) -> "DilocoConfig":
+        """Build from a TOML table / dict; unknown keys raise ConfigError (not TypeError) naming them."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ConfigError(f"DilocoConfig: unknown option(s) {unknown}; known: {sorted(known)}")
+        return cls(**options)
 
     def __post_init__(self) -> None:
         def bad(field: str, why: str) -> ConfigError:

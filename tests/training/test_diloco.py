@@ -44,6 +44,12 @@ def test_config_errors_name_the_field(field: str, value: object) -> None:
         training.DilocoConfig(**{field: value})  # type: ignore[arg-type]
 
 
+def test_config_from_dict() -> None:
+    assert training.DilocoConfig.from_dict({"inner_steps": 7}).inner_steps == 7
+    with pytest.raises(training.ConfigError, match="inner_stpes"):
+        training.DilocoConfig.from_dict({"inner_stpes": 7})
+
+
 # -------------------------------------------------------------------------------------------- training
 
 
