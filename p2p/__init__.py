@@ -1,1 +1,39 @@
-"""p2p"""
+"""p2p: meshtrain's networking layer, an asyncio facade over py-libp2p 0.8.1 running in a trio thread.
+
+Layout: `_host.py` (the asyncio `Host`), `_bridge.py` (the only code crossing asyncio <-> trio),
+`_node.py` (trio side: libp2p host, request/response streams, gossip readers), `_framing.py` (sans-IO
+request/response framing), `_libp2p.py` (safe libp2p construction and monkeypatches), `_identity.py`
+(Ed25519 seed files), `_errors.py` (the exception tree). Only the names below are public.
+"""
+
+from p2p._errors import (
+    DiscoveryError,
+    HostClosed,
+    MessageTooLarge,
+    P2PError,
+    PeerUnreachable,
+    ProtocolNotSupported,
+    ProtocolViolation,
+    RemoteError,
+    RequestTimeout,
+)
+from p2p._host import GossipMessage, Host, HostConfig
+from p2p._identity import Identity, load_or_create_identity, peer_id_from_public_key
+
+__all__ = [
+    "DiscoveryError",
+    "GossipMessage",
+    "Host",
+    "HostClosed",
+    "HostConfig",
+    "Identity",
+    "MessageTooLarge",
+    "P2PError",
+    "PeerUnreachable",
+    "ProtocolNotSupported",
+    "ProtocolViolation",
+    "RemoteError",
+    "RequestTimeout",
+    "load_or_create_identity",
+    "peer_id_from_public_key",
+]

@@ -1,0 +1,246 @@
+"""`p2p.Host`: the asyncio facade over one libp2p node running in its own trio thread.
+
+Threads and loops (the rules the daemon relies on):
+
+* Create, start, use and close a Host from ONE asyncio event loop (the one running `start()`).
+* Request handlers (`set_request_handler`) run as asyncio tasks on that loop. A handler that blocks the loop
+  stalls the whole daemon, libp2p included for its bridged calls: do CPU work in executors/processes.
+* Gossip messages arrive in per-subscriber `asyncio.Queue`s, filled on that loop. A full queue drops the
+  message and counts it in ``stats()["gossip_dropped_queue_full"]``: gossip is best effort by design, and
+  libp2p's own `publish()` never applies backpressure either.
+* `aclose()` stops the trio thread (the libp2p host, its connections and tasks) and waits for it; in-flight
+  `request()`s fail with HostClosed. Call it before the event loop closes (``async with`` does).
+
+Several Hosts may live in one process (tests do this): each has its own trio thread and libp2p stack.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any
+
+from p2p._bridge import TrioBridge
+from p2p._errors import P2PError
+from p2p._framing import DEFAULT_MAX_MESSAGE_BYTES
+from p2p._identity import Identity
+from p2p._libp2p import DIAL_TIMEOUT_S
+from p2p._node import GOSSIP_MAX_BYTES_LIMIT, NodeConfig, TrioNode
+
+__all__ = ["DEFAULT_LISTEN_ADDRS", "GossipMessage", "Host", "HostConfig"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_LISTEN_ADDRS = ("/ip4/127.0.0.1/tcp/0",)  # loopback, ephemeral port: safe default, opt in to 0.0.0.0
+DEFAULT_GOSSIP_MAX_BYTES = 512 * 1024  # "well below 1 MiB": libp2p's limit includes the envelope
+DEFAULT_GOSSIP_QUEUE_SIZE = 10_000  # per subscriber; at ~100 msg/s that is 100 s of backlog
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HostConfig:
+    """Tunables of a Host. Defaults are safe for a LAN/loopback training cluster."""
+
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    """Largest request or response payload accepted or sent (checked on the header, before buffering)."""
+    gossip_max_bytes: int = DEFAULT_GOSSIP_MAX_BYTES
+    """Largest gossip payload `publish()` accepts; at most 1 MiB minus envelope headroom."""
+    gossip_queue_size: int = DEFAULT_GOSSIP_QUEUE_SIZE
+    """Capacity of each `subscribe()` queue; overflow is dropped and counted."""
+    handler_timeout_s: float = 600.0
+    """Server side: a whole inbound request (read, handler, write) is abandoned after this long."""
+    dial_timeout_s: float = DIAL_TIMEOUT_S
+    """`connect()` gives up after this long."""
+    start_timeout_s: float = 30.0
+    """`start()` gives up (and cleans up) if the libp2p host is not listening after this long."""
+    close_timeout_s: float = 10.0
+    """`aclose()` stops waiting for the trio thread after this long (it is a daemon thread)."""
+
+    def __post_init__(self) -> None:
+        if not 0 < self.gossip_max_bytes <= GOSSIP_MAX_BYTES_LIMIT:
+            raise ValueError(f"gossip_max_bytes must be in 1..{GOSSIP_MAX_BYTES_LIMIT}")
+        if self.max_message_bytes <= 0 or self.max_message_bytes >= 2**32:
+            raise ValueError("max_message_bytes must be in 1..2**32-1 (u32 frame length)")
+        if self.gossip_queue_size <= 0:
+            raise ValueError("gossip_queue_size must be positive")
+
+
+@dataclass(frozen=True, slots=True)
+class GossipMessage:
+    """One gossip message: ``from_peer`` is the signed author (not the forwarding peer)."""
+
+    from_peer: str
+    data: bytes = field(repr=False)
+
+
+RequestHandler = Callable[[str, bytes], Awaitable[bytes]]
+
+
+class Host:
+    """A libp2p node (Noise + Yamux + TCP, gossipsub) behind an asyncio API. See the module docstring."""
+
+    def __init__(
+        self,
+        identity: Identity,
+        *,
+        listen_addrs: list[str] | tuple[str, ...] = DEFAULT_LISTEN_ADDRS,
+        config: HostConfig | None = None,
+    ) -> None:
+        self.identity = identity
+        self.config = config or HostConfig()
+        self._handlers: dict[str, RequestHandler] = {}
+        self._subscribers: dict[str, list[asyncio.Queue[GossipMessage]]] = {}
+        self._gossip_dropped = 0
+        node_config = NodeConfig(
+            listen_addrs=tuple(listen_addrs),
+            max_message_bytes=self.config.max_message_bytes,
+            gossip_max_bytes=self.config.gossip_max_bytes,
+            handler_timeout_s=self.config.handler_timeout_s,
+            dial_timeout_s=self.config.dial_timeout_s,
+        )
+        self._node = TrioNode(
+            identity, node_config, handlers=self._handlers, gossip_sink=self._deliver_gossip
+        )
+        self._bridge: TrioBridge[TrioNode] = TrioBridge(self._node.open, name=f"p2p-{identity.peer_id[-8:]}")
+        self._node.bridge = self._bridge
+        self._started = False
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @property
+    def peer_id(self) -> str:
+        return self.identity.peer_id
+
+    async def start(self) -> None:
+        """Start the trio thread, listen, join gossipsub. Raises P2PError (e.g. address in use)."""
+        if self._started:
+            raise RuntimeError("Host.start() called twice")
+        self._started = True
+        try:
+            await self._bridge.start(timeout_s=self.config.start_timeout_s)
+        except TimeoutError as exc:
+            raise P2PError(f"libp2p host did not start within {self.config.start_timeout_s} s") from exc
+        except P2PError:
+            raise
+        except BaseException as exc:
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            raise P2PError(f"libp2p host failed to start: {_describe(exc)}") from exc
+        # Handlers/topics added while the thread was starting may have missed its registration pass.
+        for protocol in self._handlers:
+            self._bridge.call_soon_in_trio(self._node.register_protocol, protocol)
+        for topic in self._subscribers:
+            self._ensure_subscribed(topic)
+        log.info("p2p host started peer=%s addrs=%s", self.peer_id, self.listen_addrs())
+
+    async def aclose(self) -> None:
+        """Stop libp2p and the trio thread; idempotent. In-flight calls fail with HostClosed."""
+        await self._bridge.aclose(timeout_s=self.config.close_timeout_s)
+
+    async def __aenter__(self) -> Host:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    def listen_addrs(self) -> list[str]:
+        """Full multiaddrs, each ending in /p2p/<peer id> (empty before start)."""
+        return list(self._node.listen_addrs)
+
+    # ------------------------------------------------------------------ connections
+
+    async def connect(self, maddr: str) -> str:
+        """Dial ``maddr`` (must end in /p2p/<id>); returns the peer id. Raises PeerUnreachable, ValueError."""
+        return await self._bridge.run(self._node.connect, maddr)
+
+    def connected_peers(self) -> list[str]:
+        """Peer ids with an open connection right now (a snapshot)."""
+        return self._node.connected_peers()
+
+    # ------------------------------------------------------------------ request/response
+
+    def set_request_handler(self, protocol: str, handler: RequestHandler) -> None:
+        """Serve ``protocol``: ``await handler(peer_id, request) -> response`` on this asyncio loop.
+
+        An exception in the handler is sent back as RemoteError(type name, message); it never kills the Host.
+        Replacing a handler is allowed; may be called before or after start().
+        """
+        if not protocol.startswith("/"):
+            raise ValueError(f"protocol ids start with '/': {protocol!r}")
+        new = protocol not in self._handlers
+        self._handlers[protocol] = handler
+        if new and self._bridge.is_open:
+            self._bridge.call_soon_in_trio(self._node.register_protocol, protocol)
+
+    async def request(self, peer_id: str, protocol: str, data: bytes, *, timeout_s: float) -> bytes:
+        """Send one request and wait for its response.
+
+        Raises:
+            RequestTimeout: no response within ``timeout_s`` (dial + transfer + remote handler).
+            RemoteError: the remote handler raised.
+            PeerUnreachable / ProtocolNotSupported: no connection/stream could be made.
+            MessageTooLarge: ``data`` (or the response) exceeds ``max_message_bytes``.
+            HostClosed: the Host is not running.
+        """
+        return await self._bridge.run(self._node.request, peer_id, protocol, bytes(data), timeout_s)
+
+    # ------------------------------------------------------------------ gossip
+
+    async def publish(self, topic: str, data: bytes) -> None:
+        """Gossip ``data`` on ``topic`` (best effort, no backpressure); MessageTooLarge over the bound."""
+        await self._bridge.run(self._node.publish, topic, bytes(data))
+
+    def subscribe(self, topic: str) -> asyncio.Queue[GossipMessage]:
+        """A new queue receiving every later message on ``topic`` from other peers (not our own publishes)."""
+        queue: asyncio.Queue[GossipMessage] = asyncio.Queue(maxsize=self.config.gossip_queue_size)
+        self._subscribers.setdefault(topic, []).append(queue)
+        if self._bridge.is_open:
+            self._ensure_subscribed(topic)
+        return queue
+
+    def unsubscribe(self, topic: str, queue: asyncio.Queue[GossipMessage]) -> None:
+        """Stop delivering to ``queue`` (the libp2p subscription stays; it is cheap)."""
+        queues = self._subscribers.get(topic, [])
+        if queue in queues:
+            queues.remove(queue)
+
+    def gossip_peers(self, topic: str) -> list[str]:
+        """Peers known to be subscribed to ``topic`` (useful to wait for the mesh before publishing)."""
+        return self._node.topic_peers(topic)
+
+    def _ensure_subscribed(self, topic: str) -> None:
+        self._bridge.call_soon_in_trio(self._node.ensure_subscribed, topic)
+
+    def _deliver_gossip(self, topic: str, from_peer: str, data: bytes) -> None:  # asyncio loop
+        message = GossipMessage(from_peer=from_peer, data=data)
+        for queue in self._subscribers.get(topic, ()):
+            try:
+                queue.put_nowait(message)
+            except asyncio.QueueFull:
+                self._gossip_dropped += 1
+
+    # ------------------------------------------------------------------ stats
+
+    def stats(self) -> dict[str, Any]:
+        """Counters since start: payload bytes of requests/responses/gossip, request and gossip counts.
+
+        Keys: bytes_sent, bytes_received, requests_sent, requests_received, requests_failed,
+        gossip_published, gossip_received, gossip_dropped_queue_full, connected_peers.
+        """
+        out: dict[str, Any] = dict(self._node.stats.as_dict())
+        out["gossip_dropped_queue_full"] = self._gossip_dropped
+        out["connected_peers"] = len(self.connected_peers())
+        return out
+
+
+def _describe(exc: BaseException) -> str:
+    """One line for an exception, looking inside trio's ExceptionGroups."""
+    if isinstance(exc, BaseExceptionGroup):
+        return "; ".join(_describe(e) for e in exc.exceptions)
+    return f"{type(exc).__name__}: {exc}"
+

@@ -1,0 +1,171 @@
+"""Everything that configures py-libp2p 0.8.1: safe host construction, gossipsub knobs, monkeypatches, logs.
+
+Never use py-libp2p's defaults (see /work/shared/notes/py-libp2p-0.8.1.md §0, §5):
+
+* security: a default host accepts ``/plaintext/2.0.0`` and secio, and a plaintext dialer holding only a
+  victim's *public* key can impersonate it. We pass ``sec_opt`` with Noise ONLY.
+* muxer: Yamux only (Mplex is 5x slower and deprecated); transport: TCP only (QUIC is 4-5 MB/s and was seen
+  silently truncating stream tails).
+* ``max_connections_per_peer=1``: the default (3) adds a flat 250 ms happy-eyeballs wait to every connect.
+* gossipsub: spam protection (10 msg/s/topic, applied to our own publishes too) off; heartbeat at the
+  spec's 1 s instead of 120 s; the hard-coded 32-slot outbound and subscription queues enlarged (below).
+
+Everything in this module runs (or is constructed) in the Host's trio thread, except the import-time patches.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+
+import libp2p.pubsub.pubsub as _lp_pubsub
+import multiaddr
+from libp2p import new_host
+from libp2p.abc import IHost
+from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
+from libp2p.custom_types import TProtocol
+from libp2p.network.config import ConnectionConfig
+from libp2p.pubsub.gossipsub import PROTOCOL_ID, PROTOCOL_ID_V11, PROTOCOL_ID_V12, GossipSub
+from libp2p.pubsub.pubsub import Pubsub
+from libp2p.pubsub.rpc_queue import DefaultMaxMessageSize, RpcQueue
+from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
+from libp2p.security.noise.transport import Transport as NoiseTransport
+from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
+from libp2p.stream_muxer.yamux.yamux import Yamux
+
+from p2p._errors import P2PError
+from p2p._identity import Identity
+
+__all__ = [
+    "GOSSIP_ENVELOPE_HEADROOM_BYTES",
+    "build_gossipsub",
+    "build_host",
+    "check_tcp_ports_free",
+    "quiet_libp2p_logging",
+]
+
+# ---------------------------------------------------------------------------------------------- constants
+
+GOSSIP_QUEUE_SLOTS = 4096  # was 32 (hard-coded) in both queues: 1000 unpaced messages then arrive 1000/1000
+# libp2p counts the 1 MiB gossip limit *including* the signed envelope and drops larger RPCs silently;
+# we refuse payloads that could come near it (keys, signature, seqno, topic are ~200 B; be generous).
+GOSSIP_ENVELOPE_HEADROOM_BYTES = 64 * 1024
+GOSSIP_PROTOCOLS = (PROTOCOL_ID_V12, PROTOCOL_ID_V11, PROTOCOL_ID)  # the spec'd versions js also speaks
+GOSSIP_DEGREE, GOSSIP_DEGREE_LOW, GOSSIP_DEGREE_HIGH = 6, 4, 12  # the gossipsub spec's D, D_lo, D_hi
+GOSSIP_HEARTBEAT_S = 1  # spec default; libp2p ships 120 s
+DIAL_TIMEOUT_S = 10.0  # per connection attempt (ConnectionConfig.dial_timeout default)
+
+# Loggers that report routine peer behaviour (a peer closing a DHT stream, a relay probe) at WARNING/ERROR.
+NOISY_LOGGERS = (
+    "libp2p.kad_dht",
+    "libp2p.relay",
+    "libp2p.pubsub",
+    "libp2p.security.secio",
+    "libp2p.host.basic_host",
+    "libp2p.network",
+    "libp2p.stream_muxer",
+    "libp2p.discovery",
+)
+
+# ---------------------------------------------------------------------------------------------- monkeypatches
+
+# py-libp2p 0.8.1 hard-codes 32-slot queues that drop without error when full: the per-peer outbound RPC
+# queue (`RpcQueue(max_size=OutBoundQueueSize)`, the default is bound at definition time, so patching the
+# module constant has no effect: we patch the function defaults) and the per-subscription channel
+# (`SUBSCRIPTION_CHANNEL_SIZE`, read at call time from the pubsub module). Measured: 16/1000 delivered with
+# the defaults when unpaced, 1000/1000 with these enlarged. Revisit when upgrading libp2p.
+RpcQueue.__init__.__defaults__ = (GOSSIP_QUEUE_SLOTS, DefaultMaxMessageSize)
+_lp_pubsub.SUBSCRIPTION_CHANNEL_SIZE = GOSSIP_QUEUE_SLOTS  # type: ignore[attr-defined]
+
+
+def quiet_libp2p_logging(level: int = logging.ERROR) -> None:
+    """Route libp2p's logs through the application's logging config, at ``level`` and up.
+
+    libp2p's own `setup_logging()` (run at import) detaches its logger (propagate=False, no handler), so its
+    warnings reach stderr through logging's last-resort handler. Leave it alone when LIBP2P_DEBUG is set:
+    then the user asked for libp2p's own debug logging.
+    """
+    if os.environ.get("LIBP2P_DEBUG"):
+        return
+    root = logging.getLogger("libp2p")
+    root.setLevel(level)
+    root.propagate = True
+    # Some modules pin their own level at import (auto_connector: INFO); make them inherit instead.
+    for name, child in list(logging.root.manager.loggerDict.items()):
+        if name.startswith("libp2p.") and isinstance(child, logging.Logger):
+            child.setLevel(logging.NOTSET)
+    for name in NOISY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
+quiet_libp2p_logging()
+
+# ---------------------------------------------------------------------------------------------- builders
+
+
+def build_host(identity: Identity, listen_addrs: list[multiaddr.Multiaddr]) -> IHost:
+    """A libp2p host with Noise-only security, Yamux, TCP, one connection per peer."""
+    key_pair = identity.key_pair()
+    noise = NoiseTransport(key_pair, noise_privkey=create_x25519_key_pair().private_key)
+    return new_host(
+        key_pair=key_pair,
+        sec_opt={TProtocol(NOISE_PROTOCOL_ID): noise},  # NOT the default: that accepts plaintext and secio
+        muxer_opt={TProtocol(YAMUX_PROTOCOL_ID): Yamux},
+        listen_addrs=listen_addrs,
+        enable_quic=False,
+        enable_tcp=True,
+        enable_mDNS=False,
+        enable_upnp=False,
+        connection_config=ConnectionConfig(
+            max_connections_per_peer=1,
+            dial_timeout=DIAL_TIMEOUT_S,
+            # The auto-connector otherwise dials up to 50 peerstore entries (incl. every DHT-learned peer)
+            # every 10 s; who we connect to is the daemon's/discovery's decision, not libp2p's.
+            min_connections=0,
+            low_watermark=0,
+        ),
+    )
+
+
+def build_gossipsub(host: IHost) -> tuple[Pubsub, GossipSub]:
+    """GossipSub router + Pubsub with spam protection off and the spec's heartbeat."""
+    router = GossipSub(
+        protocols=list(GOSSIP_PROTOCOLS),
+        degree=GOSSIP_DEGREE,
+        degree_low=GOSSIP_DEGREE_LOW,
+        degree_high=GOSSIP_DEGREE_HIGH,
+        heartbeat_interval=GOSSIP_HEARTBEAT_S,
+        spam_protection_enabled=False,
+        # Eclipse protection wants >= 3 distinct IPs in the mesh; every test and LAN cluster shares one IP.
+        eclipse_protection_enabled=False,
+    )
+    return Pubsub(host, router), router
+
+
+def check_tcp_ports_free(listen_addrs: list[multiaddr.Multiaddr]) -> None:
+    """Fail fast if a fixed TCP listen port is already taken.
+
+    libp2p 0.8.1 listens with SO_REUSEPORT (for TCP hole punching), so a second daemon on the same port does
+    NOT get EADDRINUSE: the kernel silently splits inbound connections between the two processes (Noise
+    then fails half the dials on a peer-id mismatch). A plain bind without SO_REUSEPORT does conflict, so we
+    probe each fixed port that way first. Port 0 (ephemeral) needs no check.
+    """
+    for addr in listen_addrs:
+        protocols = {p.name for p in addr.protocols()}
+        if "tcp" not in protocols:
+            continue
+        port = int(addr.value_for_protocol("tcp"))
+        if port == 0:
+            continue
+        if "ip6" in protocols:
+            family, host = socket.AF_INET6, addr.value_for_protocol("ip6")
+        elif "ip4" in protocols:
+            family, host = socket.AF_INET, addr.value_for_protocol("ip4")
+        else:
+            continue
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            try:
+                probe.bind((host, port))
+            except OSError as exc:
+                raise P2PError(f"cannot listen on {addr}: {exc.strerror or exc}") from exc
