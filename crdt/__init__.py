@@ -22,6 +22,7 @@ from crdt.errors import (
     SignatureError,
     ValidationError,
 )
+from crdt.log import LOG_HEADER, MAX_RECORD_BYTES, LogScan, frame_record, scan_log, seal_blob, unseal_blob
 from crdt.payload import CHUNK_SIZE, CODECS, MAX_LENGTH, decode_payload, encode_payload, payload_error_bound
 from crdt.records import DEFAULT_LIMITS, FORMAT_VERSION, Contribution, Genesis, Limits, make_contribution
 from crdt.signing import Signer, verify_signature
@@ -33,7 +34,9 @@ __all__ = [
     "CODECS",
     "DEFAULT_LIMITS",
     "FORMAT_VERSION",
+    "LOG_HEADER",
     "MAX_LENGTH",
+    "MAX_RECORD_BYTES",
     "QUANTUM",
     "SCALE_BITS",
     "ApplyOutcome",
@@ -46,6 +49,7 @@ __all__ = [
     "GenesisMismatchError",
     "HistoryPrunedError",
     "Limits",
+    "LogScan",
     "ModelState",
     "SignatureError",
     "Signer",
@@ -55,9 +59,13 @@ __all__ = [
     "VersionVector",
     "decode_payload",
     "encode_payload",
+    "frame_record",
     "make_contribution",
     "payload_error_bound",
     "plan_sync",
     "retention_floor",
+    "scan_log",
+    "seal_blob",
+    "unseal_blob",
     "verify_signature",
 ]

@@ -1,0 +1,240 @@
+"""Store: the node's durable copy of the model state (genesis, latest snapshot, WAL of contributions).
+
+Theory of operation
+-------------------
+Directory layout (``path`` is created if missing)::
+
+    genesis.bin    sealed blob (crdt.seal_blob) of Genesis.encode(); written once
+    snapshot.bin   sealed blob of Snapshot.encode(); replaced atomically
+    wal.log        crdt WAL: header + framed Contribution.encode() records, appended + fsynced
+    LOCK           flock()ed while a Store is open, so two daemons cannot share a directory
+
+Durability: :meth:`append` writes one record and fsyncs before returning, so an accepted contribution
+survives a crash (the node applies first, then appends: a crash in between loses a contribution that
+anti-entropy fetches again, never the other way round). Whole files are written with the classic
+tmp-file + fsync + rename + fsync(dir) sequence, so a reader sees the old or the new file, never a mix.
+
+Recovery on open: the WAL is scanned with :func:`crdt.scan_log`; a torn or corrupt tail (a crash during
+append, or garbage) is truncated to the valid prefix and reported in :attr:`Store.recovery` and the log.
+A WAL that is not ours (bad magic, other format version) raises StoreError instead of being truncated.
+
+Compaction: :meth:`write_snapshot` atomically replaces the snapshot, then rewrites the WAL keeping only
+contributions the snapshot does not cover. A crash between the two steps leaves covered contributions in
+the WAL; :meth:`load` filters them, so that window is harmless.
+
+Rejected alternatives: SQLite (another format to carry, and we only ever append and replay); one file
+per contribution (millions of inodes, slow fsync of directories); mmap (no durability ordering).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import crdt
+
+__all__ = ["RecoveryReport", "Store", "StoreError"]
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+_GENESIS_FILE = "genesis.bin"
+_SNAPSHOT_FILE = "snapshot.bin"
+_WAL_FILE = "wal.log"
+_LOCK_FILE = "LOCK"
+#: Blob kinds (7 bytes each, see crdt.log.seal_blob).
+_GENESIS_KIND = b"GENESIS"
+_SNAPSHOT_KIND = b"SNAPSHT"
+
+
+class StoreError(Exception):
+    """The store cannot be opened or used (locked by another process, unreadable or foreign files)."""
+
+
+@dataclass(frozen=True, slots=True)
+class RecoveryReport:
+    """What opening the store found in the WAL."""
+
+    records: int
+    """Valid records kept."""
+    truncated_bytes: int
+    """Bytes cut from the tail (0: the log was clean)."""
+    error: str | None
+    """Why the tail was cut (scan_log's reason), or None."""
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+class Store:
+    """Durable genesis + snapshot + WAL in one directory. Not thread-safe; one instance per directory.
+
+    Raises:
+        StoreError: the directory is locked by another Store, or holds files this build cannot read.
+    """
+
+    def __init__(self, path: Path, *, limits: crdt.Limits = crdt.DEFAULT_LIMITS) -> None:
+        self.path = Path(path)
+        self._limits = limits
+        self.path.mkdir(parents=True, exist_ok=True)
+        self._lock_fd = os.open(self.path / _LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            os.close(self._lock_fd)
+            raise StoreError(f"store {self.path} is in use by another process") from exc
+        try:
+            self._records, self.recovery = self._recover()
+            self._wal = open(self.path / _WAL_FILE, "ab")  # noqa: SIM115 - owned until close()
+        except BaseException:
+            os.close(self._lock_fd)
+            raise
+
+    # -- lifecycle --------------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Flush and release the directory. Idempotent."""
+        if self._lock_fd < 0:
+            return
+        self._wal.close()
+        os.close(self._lock_fd)
+        self._lock_fd = -1
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- recovery ---------------------------------------------------------------------------------------
+    def _recover(self) -> tuple[list[bytes], RecoveryReport]:
+        wal = self.path / _WAL_FILE
+        data = wal.read_bytes() if wal.exists() else b""
+        try:
+            scan = crdt.scan_log(data)
+        except crdt.ValidationError as exc:
+            raise StoreError(f"{wal}: {exc}") from exc
+        truncated = len(data) - scan.good_length
+        if scan.good_length == 0:
+            _atomic_write(wal, crdt.LOG_HEADER)
+        elif truncated:
+            with open(wal, "r+b") as f:
+                f.truncate(scan.good_length)
+                f.flush()
+                os.fsync(f.fileno())
+        if truncated:
+            log.warning("store recovered path=%s kept_records=%d truncated_bytes=%d reason=%s",
+                        wal, len(scan.records), truncated, scan.error)
+        return scan.records, RecoveryReport(len(scan.records), truncated, scan.error)
+
+    # -- reading ----------------------------------------------------------------------------------------
+    def load(self) -> tuple[crdt.Genesis | None, crdt.Snapshot | None, list[crdt.Contribution]]:
+        """Read everything back: genesis, latest snapshot, and the WAL contributions it does not cover.
+
+        Contributions come sorted by (seq, author), so replaying them into
+        ``ModelState.from_snapshot(genesis, snapshot)`` applies each without buffering.
+
+        Raises:
+            StoreError: a file fails its checksum or does not decode (not a torn write: whole files are
+                written atomically, so this is disk corruption or a foreign file).
+        """
+        genesis = self._read_blob(_GENESIS_FILE, _GENESIS_KIND, crdt.Genesis.decode)
+        snapshot = self._read_blob(_SNAPSHOT_FILE, _SNAPSHOT_KIND, crdt.Snapshot.decode)
+        if snapshot is not None and genesis is not None and snapshot.genesis_id != genesis.id:
+            raise StoreError(f"{self.path}: snapshot belongs to another genesis")
+        covered = snapshot.version_vector if snapshot is not None else crdt.VersionVector()
+        out: list[crdt.Contribution] = []
+        for i, raw in enumerate(self._records):
+            try:
+                c = crdt.Contribution.decode(raw, limits=self._limits)
+            except crdt.ValidationError as exc:
+                raise StoreError(f"{self.path / _WAL_FILE}: record {i} does not decode: {exc}") from exc
+            if c.seq > covered.get(c.author):
+                out.append(c)
+        out.sort(key=lambda c: (c.seq, c.author))
+        return genesis, snapshot, out
+
+    def _read_blob(self, name: str, kind: bytes, decode: Callable[[bytes], T]) -> T | None:
+        path = self.path / name
+        if not path.exists():
+            return None
+        try:
+            return decode(crdt.unseal_blob(kind, path.read_bytes()))
+        except crdt.ValidationError as exc:
+            raise StoreError(f"{path}: {exc}") from exc
+
+    # -- writing ----------------------------------------------------------------------------------------
+    def append(self, contribution: crdt.Contribution) -> None:
+        """Append one contribution and fsync (durable when this returns)."""
+        raw = contribution.encode()
+        self._wal.write(crdt.frame_record(raw))
+        self._wal.flush()
+        os.fsync(self._wal.fileno())
+        self._records.append(raw)
+
+    def write_genesis(self, genesis: crdt.Genesis) -> None:
+        """Persist the genesis atomically. Writing the same genesis again is a no-op.
+
+        Raises:
+            StoreError: a *different* genesis is already stored (one directory = one run).
+        """
+        existing = self._read_blob(_GENESIS_FILE, _GENESIS_KIND, crdt.Genesis.decode)
+        if existing is not None:
+            if existing.id != genesis.id:
+                raise StoreError(f"{self.path} already holds genesis {existing.id[:16]}")
+            return
+        _atomic_write(self.path / _GENESIS_FILE, crdt.seal_blob(_GENESIS_KIND, genesis.encode()))
+
+    def write_snapshot(self, snapshot: crdt.Snapshot) -> int:
+        """Atomically replace the snapshot, then compact the WAL. Returns WAL records dropped."""
+        genesis = self._read_blob(_GENESIS_FILE, _GENESIS_KIND, crdt.Genesis.decode)
+        if genesis is not None and genesis.id != snapshot.genesis_id:
+            raise StoreError("snapshot belongs to another genesis than the stored one")
+        _atomic_write(self.path / _SNAPSHOT_FILE, crdt.seal_blob(_SNAPSHOT_KIND, snapshot.encode()))
+        return self._compact(snapshot.version_vector)
+
+    def _compact(self, covered: crdt.VersionVector) -> int:
+        keep: list[bytes] = []
+        for raw in self._records:
+            c = crdt.Contribution.decode(raw, limits=self._limits)
+            if c.seq > covered.get(c.author):
+                keep.append(raw)
+        dropped = len(self._records) - len(keep)
+        if dropped == 0:
+            return 0
+        wal = self.path / _WAL_FILE
+        self._wal.close()
+        _atomic_write(wal, crdt.LOG_HEADER + b"".join(crdt.frame_record(r) for r in keep))
+        self._wal = open(wal, "ab")  # noqa: SIM115 - owned until close()
+        self._records = keep
+        return dropped
+
+    @property
+    def wal_records(self) -> int:
+        return len(self._records)
+
+    @property
+    def wal_bytes(self) -> int:
+        with contextlib.suppress(OSError):
+            return (self.path / _WAL_FILE).stat().st_size
+        return 0
