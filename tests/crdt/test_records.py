@@ -18,8 +18,10 @@ from crdt import (
     Genesis,
     GenesisMismatchError,
     Limits,
+    ModelState,
     SignatureError,
     Signer,
+    Snapshot,
     ValidationError,
     VersionVector,
     encode_payload,
@@ -154,12 +156,14 @@ _SAMPLES = {
     "genesis": _G.encode(),
     "vv": VersionVector.from_dict({SIGNERS[0].public_key: 2}).encode(),
     "digest": Digest(VersionVector.from_dict({SIGNERS[0].public_key: 2}), "00" * 32, 2).encode(),
+    "snapshot": ModelState(_G).snapshot().encode(),
 }
 _DECODERS = {
     "contribution": Contribution.decode,
     "genesis": Genesis.decode,
     "vv": VersionVector.decode,
     "digest": Digest.decode,
+    "snapshot": Snapshot.decode,
 }
 
 _msgpack_values = st.recursive(
