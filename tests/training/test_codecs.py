@@ -1,0 +1,37 @@
+"""The codec trade-off on a real digits update: fewer bytes <-> more quantization error, EF keeps up."""
+
+import numpy as np
+import pytest
+
+from training.codec_report import codec_table, format_table, one_update
+
+
+@pytest.fixture(scope="module")
+def rows() -> dict[str, dict[str, float | str]]:
+    u = one_update("digits", hidden=64)
+    return {str(r["codec"]): r for r in codec_table(u, density=0.02, rounds=10)}
+
+
+def test_bytes_decrease_with_bits(rows: dict[str, dict[str, float | str]]) -> None:
+    order = ["dense-f32", "sparse-f32", "sparse-q8", "sparse-q4", "sparse-q2"]
+    sizes = [rows[c]["bytes"] for c in order]
+    assert sizes == sorted(sizes, reverse=True) and len(set(sizes)) == len(sizes)
+    assert rows["dense-f32"]["total err"] == 0 and rows["sparse-f32"]["quant err"] == 0
+
+
+def test_quantization_error_grows_as_bits_shrink(rows: dict[str, dict[str, float | str]]) -> None:
+    q8, q4 = float(rows["sparse-q8"]["quant err"]), float(rows["sparse-q4"]["quant err"])
+    q2 = float(rows["sparse-q2"]["quant err"])
+    assert 0 < q8 < q4 < 0.2 and q2 < 0.5
+    assert q8 < 1 / 254 * 2  # per-entry bound m/254, relative L2 is below it for any chunk
+
+
+def test_error_feedback_is_codec_agnostic(rows: dict[str, dict[str, float | str]]) -> None:
+    """With feedback, the cumulative error is dominated by top-k, not by the quantizer."""
+    ef = np.array([float(rows[c]["EF err"]) for c in ("sparse-f32", "sparse-q8", "sparse-q4", "sparse-q2")])
+    assert np.ptp(ef) < 0.1 and ef.max() < 1.0
+
+
+def test_format_table(rows: dict[str, dict[str, float | str]]) -> None:
+    text = format_table(list(rows.values()))
+    assert text.count("\n") == 6 and "| sparse-q2 |" in text

@@ -1,0 +1,102 @@
+"""Bytes per round vs reconstruction error for each crdt payload codec, on a real DiLoCo update.
+
+Run `python -m training.codec_report [--task digits|stdlib-lm] [--density 0.02]` for a markdown table;
+tests/training/test_codecs.py checks the orderings it shows (fewer bytes <-> more error).
+
+Columns: `bytes` per round for the whole model (one fragment = whole model here), `bits/param` over the
+full fragment, `quant err` = ||topk(u) - sent|| / ||topk(u)|| (the codec's own error on the entries
+it keeps), `total err` = ||u - sent|| / ||u|| (top-k + quantization, one shot), `EF err` = relative
+error of the *sum* of sent updates vs the sum of true updates after `rounds` rounds with error feedback
+(the number that matters for training; the update stream is the real u plus noise, see `_stream`).
+
+A DCT-domain top-k codec (DeMo, Peng et al. 2024: chunked DCT-II, keep the top-k coefficients per
+chunk) would concentrate the smooth, correlated part of a pseudo-gradient into few coefficients, so
+fewer entries carry more of ||u||. It needs no crdt change beyond a new codec name whose decoder runs
+the inverse DCT deterministically, but cross-platform bit-exact float32 IDCT is the hard part (crdt
+must decode identical values everywhere: use a fixed-order matrix multiply, not an FFT library). Not
+implemented; measure `total err` here against sparse-q4 first.
+"""
+
+import argparse
+from typing import Any
+
+import numpy as np
+import torch
+
+import training
+from training._diloco import compress
+
+
+def one_update(task_name: str, **task_options: Any) -> np.ndarray:
+    """A real outer update (what a peer would send uncompressed) from one 2-peer round on `task_name`."""
+    torch.manual_seed(0)
+    task = training.load_task(task_name, **task_options)
+    cfg = training.DilocoConfig(inner_steps=20, inner_lr=3e-3, batch_size=16, codec="dense-f32",
+                                expected_peers=2, device="cpu")
+    peer = training.PeerTrainer(task, cfg, shard=0, num_shards=2)
+    theta = training.flatten_params(task.build_model())
+    peer.run_round(theta, fragment=0)
+    start, stop = peer.fragments[0]
+    return -(cfg.outer_lr / cfg.expected_peers) * (1 + cfg.outer_momentum) * (
+        theta[start:stop] - training.flatten_params(peer.model)[start:stop]
+    )
+
+
+def _stream(u: np.ndarray, rounds: int, seed: int) -> list[np.ndarray]:
+    """Successive updates: the same direction u plus fresh noise of equal per-entry scale."""
+    rng = np.random.default_rng(seed)
+    return [(u + rng.normal(scale=float(np.std(u)), size=u.shape)).astype(np.float32) for _ in range(rounds)]
+
+
+Row = dict[str, float | str]
+
+
+def codec_table(u: np.ndarray, *, density: float, rounds: int = 20, seed: int = 0) -> list[Row]:
+    """One row per codec (see module docstring for the columns)."""
+    u = u.astype(np.float32)
+    rows: list[Row] = []
+    for codec in training.CODECS:
+        payload, sent = compress(u, codec=codec, density=density)
+        kept = sent != 0 if codec != "dense-f32" else np.ones(u.shape, dtype=bool)
+        topk = np.where(kept, u, 0)
+        residual = np.zeros_like(u)
+        true_sum, sent_sum = np.zeros(u.shape), np.zeros(u.shape)
+        for update in _stream(u, rounds, seed):
+            v = update + residual
+            _, s = compress(v, codec=codec, density=density)
+            residual = v - s
+            true_sum += update
+            sent_sum += s
+        rows.append({
+            "codec": codec,
+            "bytes": len(payload),
+            "bits/param": 8 * len(payload) / u.size,
+            "quant err": float(np.linalg.norm(topk - sent) / max(np.linalg.norm(topk), 1e-30)),
+            "total err": float(np.linalg.norm(u - sent) / np.linalg.norm(u)),
+            "EF err": float(np.linalg.norm(sent_sum - true_sum) / np.linalg.norm(true_sum)),
+        })
+    return rows
+
+
+def format_table(rows: list[Row]) -> str:
+    cols = list(rows[0])
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        cells = (f"{v:.4g}" if isinstance(v, float) else str(v) for v in r.values())
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--task", default="digits")
+    parser.add_argument("--density", type=float, default=0.02)
+    parser.add_argument("--rounds", type=int, default=20)
+    args = parser.parse_args()
+    u = one_update(args.task)
+    print(f"task={args.task} D={u.size} density={args.density} rounds={args.rounds}")
+    print(format_table(codec_table(u, density=args.density, rounds=args.rounds)))
+
+
+if __name__ == "__main__":
+    main()
