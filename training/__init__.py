@@ -2,15 +2,17 @@
 
 Public API (see the contracts doc): load_task / Task, flatten_params / load_flat_params /
 fragment_ranges, DilocoConfig, PeerTrainer, RoundResult, and the error tree (TrainingError,
-ConfigError, TaskNotFoundError). Pure pieces of the round (inner_loop, outer_update, compress) are
-exported for tests and benchmarks.
+ConfigError, TaskNotFoundError). Pure pieces of the round (build_inner_optimizer, inner_loop,
+outer_update, compress) are exported for tests and benchmarks.
 """
 
 from training._diloco import (
     CODECS,
+    Compressed,
     DilocoConfig,
     PeerTrainer,
     RoundResult,
+    build_inner_optimizer,
     compress,
     inner_loop,
     outer_update,
@@ -22,6 +24,7 @@ from training._task import Task, load_task
 
 __all__ = [
     "CODECS",
+    "Compressed",
     "ConfigError",
     "DilocoConfig",
     "PeerTrainer",
@@ -29,6 +32,7 @@ __all__ = [
     "Task",
     "TaskNotFoundError",
     "TrainingError",
+    "build_inner_optimizer",
     "compress",
     "flatten_params",
     "fragment_ranges",

@@ -38,7 +38,7 @@ import itertools
 import logging
 import math
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -198,10 +198,19 @@ def outer_update(
     return (-(outer_lr / expected_peers) * step).astype(np.float32)
 
 
-def compress(u: np.ndarray, *, codec: str, density: float) -> tuple[bytes, np.ndarray]:
-    """Encode top-k(u) (or all of u for dense-f32); return (payload, dense decoded update).
+class Compressed(NamedTuple):
+    payload: bytes
+    """crdt-encoded payload."""
+    sent: np.ndarray
+    """(n,) float32: the decoded update, dense; exactly what every receiver adds."""
+    indices: np.ndarray
+    """(k,) uint32: the entries present in the payload (a quantized value may still be 0)."""
 
-    The decoded update is what every receiver will add, so `u - decoded` is the exact residual.
+
+def compress(u: np.ndarray, *, codec: str, density: float) -> Compressed:
+    """Encode top-k(u) (or all of u for dense-f32) and decode it back.
+
+    `u - sent` is the exact error-feedback residual (top-k drop plus quantization error).
     """
     n = u.shape[0]
     if codec == "dense-f32":
@@ -212,11 +221,18 @@ def compress(u: np.ndarray, *, codec: str, density: float) -> tuple[bytes, np.nd
         payload = crdt.encode_payload(codec, n, idx, u[idx].astype(np.float32))
     dec_idx, dec_vals = crdt.decode_payload(codec, n, payload)
     sent = np.zeros(n, dtype=np.float32)
-    if dec_idx is None:
-        sent[:] = dec_vals
-    else:
-        sent[dec_idx.astype(np.int64)] = dec_vals
-    return payload, sent
+    sent[dec_idx.astype(np.int64)] = dec_vals
+    return Compressed(payload, sent, dec_idx)
+
+
+def build_inner_optimizer(model: torch.nn.Module, config: DilocoConfig) -> torch.optim.AdamW:
+    """AdamW; weight decay on matrices/embeddings (dim >= 2) only, never on biases or norms (nanoGPT)."""
+    params = list(model.parameters())
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": config.inner_weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=config.inner_lr)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -244,9 +260,7 @@ class PeerTrainer:
         self.model = task.build_model().to(self.device)
         self.dim = num_params(self.model)
         self.fragments = fragment_ranges(self.model, config.num_fragments)
-        self.optimizer = torch.optim.AdamW(
-            self.model.parameters(), lr=config.inner_lr, weight_decay=config.inner_weight_decay
-        )
+        self.optimizer = build_inner_optimizer(self.model, config)
         self.momentum = np.zeros(self.dim, dtype=np.float32)  # per-fragment slices of outer momentum
         self.residual = np.zeros(self.dim, dtype=np.float32)  # per-fragment error-feedback residuals
         self.batches_consumed = 0
@@ -309,14 +323,14 @@ class PeerTrainer:
             expected_peers=c.expected_peers,
         )
         u = update + self.residual[start:stop]  # (n,)
-        payload, sent = compress(u, codec=c.codec, density=c.topk_density)
+        payload, sent, indices = compress(u, codec=c.codec, density=c.topk_density)
         self.momentum[start:stop] = momentum
         self.residual[start:stop] = u - sent
         self.rounds += 1
         return RoundResult(
             fragment=fragment, codec=c.codec, payload=payload, weight=1.0, train_loss=train_loss,
             update_norm=float(np.linalg.norm(sent)), residual_norm=float(np.linalg.norm(u - sent)),
-            density=float(np.count_nonzero(sent) / (stop - start)), payload_bytes=len(payload),
+            density=len(indices) / (stop - start), payload_bytes=len(payload),
         )
 
     def evaluate(self, global_params: np.ndarray) -> dict[str, float]:

@@ -56,14 +56,14 @@ def codec_table(u: np.ndarray, *, density: float, rounds: int = 20, seed: int = 
     u = u.astype(np.float32)
     rows: list[Row] = []
     for codec in training.CODECS:
-        payload, sent = compress(u, codec=codec, density=density)
-        kept = sent != 0 if codec != "dense-f32" else np.ones(u.shape, dtype=bool)
-        topk = np.where(kept, u, 0)
+        payload, sent, indices = compress(u, codec=codec, density=density)
+        topk = np.zeros_like(u)
+        topk[indices] = u[indices]
         residual = np.zeros_like(u)
         true_sum, sent_sum = np.zeros(u.shape), np.zeros(u.shape)
         for update in _stream(u, rounds, seed):
             v = update + residual
-            _, s = compress(v, codec=codec, density=density)
+            s = compress(v, codec=codec, density=density).sent
             residual = v - s
             true_sum += update
             sent_sum += s

@@ -88,8 +88,7 @@ def test_matches_centralized_diloco(digits: training.Task) -> None:
 
     # Centralized reference: N local models + AdamWs, one global tensor with torch's own Nesterov SGD.
     models = [digits.build_model() for _ in range(n)]
-    wd = cfg.inner_weight_decay
-    inner = [torch.optim.AdamW(m.parameters(), lr=cfg.inner_lr, weight_decay=wd) for m in models]
+    inner = [training.build_inner_optimizer(m, cfg) for m in models]
     data = [digits.batches(i, n, seed=cfg.seed, batch_size=cfg.batch_size) for i in range(n)]
     global_p = torch.nn.Parameter(torch.from_numpy(theta0.copy()))
     outer = torch.optim.SGD([global_p], lr=cfg.outer_lr, momentum=cfg.outer_momentum, nesterov=True)
@@ -120,7 +119,7 @@ def test_error_feedback_tracks_true_sum(codec: str) -> None:
     for _ in range(rounds):
         update = (bias + rng.normal(size=n)).astype(np.float32) * 1e-3
         u = update + residual
-        _, sent = training.compress(u, codec=codec, density=density)
+        sent = training.compress(u, codec=codec, density=density).sent
         residual = u - sent
         true_sum += update
         sent_sum += sent
