@@ -57,6 +57,8 @@ class HostConfig:
     """`start()` gives up (and cleans up) if the libp2p host is not listening after this long."""
     close_timeout_s: float = 10.0
     """`aclose()` stops waiting for the trio thread after this long (it is a daemon thread)."""
+    discovery_interval_s: float = 10.0
+    """Period of the discovery loop: re-dial bootstrap if needed, re-announce the run, find and dial peers."""
 
     def __post_init__(self) -> None:
         if not 0 < self.gossip_max_bytes <= GOSSIP_MAX_BYTES_LIMIT:
@@ -86,8 +88,19 @@ class Host:
         identity: Identity,
         *,
         listen_addrs: list[str] | tuple[str, ...] = DEFAULT_LISTEN_ADDRS,
+        bootstrap: list[str] | tuple[str, ...] = (),
+        run_id: str | None = None,
         config: HostConfig | None = None,
     ) -> None:
+        """
+        Args:
+            identity: the node's key (see `load_or_create_identity`).
+            listen_addrs: TCP multiaddrs to listen on (port 0 = ephemeral).
+            bootstrap: full multiaddrs (ending /p2p/<id>) dialled at start and whenever none is connected.
+            run_id: if set, run a Kademlia DHT (server mode), announce this node under the run's key and keep
+                dialling the run's other providers; a node that knows one bootstrap peer finds the rest.
+            config: tunables (`HostConfig`).
+        """
         self.identity = identity
         self.config = config or HostConfig()
         self._handlers: dict[str, RequestHandler] = {}
@@ -99,6 +112,9 @@ class Host:
             gossip_max_bytes=self.config.gossip_max_bytes,
             handler_timeout_s=self.config.handler_timeout_s,
             dial_timeout_s=self.config.dial_timeout_s,
+            bootstrap=tuple(bootstrap),
+            run_id=run_id,
+            discovery_interval_s=self.config.discovery_interval_s,
         )
         self._node = TrioNode(
             identity, node_config, handlers=self._handlers, gossip_sink=self._deliver_gossip
@@ -161,6 +177,15 @@ class Host:
     def connected_peers(self) -> list[str]:
         """Peer ids with an open connection right now (a snapshot)."""
         return self._node.connected_peers()
+
+    def run_peers(self) -> list[str]:
+        """Connected peers that announced our ``run_id`` in the DHT (empty without ``run_id``).
+
+        Use this, not `connected_peers()`, to pick run members: DHT routing also connects us to peers of
+        other runs that share a bootstrap node.
+        """
+        announced = self._node.discovery_stats.run_peers
+        return [p for p in self.connected_peers() if p in announced]
 
     # ------------------------------------------------------------------ request/response
 
@@ -230,10 +255,13 @@ class Host:
         """Counters since start: payload bytes of requests/responses/gossip, request and gossip counts.
 
         Keys: bytes_sent, bytes_received, requests_sent, requests_received, requests_failed,
-        gossip_published, gossip_received, gossip_dropped_queue_full, connected_peers.
+        gossip_published, gossip_received, gossip_dropped_queue_full, connected_peers, discovery_rounds,
+        discovery_round_errors, discovery_dials_ok, discovery_dials_failed, discovery_failed.
         """
         out: dict[str, Any] = dict(self._node.stats.as_dict())
         out["gossip_dropped_queue_full"] = self._gossip_dropped
+        out.update(self._node.discovery_stats.as_dict())
+        out["discovery_failed"] = self._node.discovery_failed
         out["connected_peers"] = len(self.connected_peers())
         return out
 

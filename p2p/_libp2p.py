@@ -66,6 +66,8 @@ NOISY_LOGGERS = (
     "libp2p.network",
     "libp2p.stream_muxer",
     "libp2p.discovery",
+    "libp2p.transport",  # "Failed to open TCP stream" at ERROR for every refused dial
+    "libp2p.protocol_muxer",  # "handshake: read failed" at ERROR when a peer closes during negotiation
 )
 
 # ---------------------------------------------------------------------------------------------- monkeypatches

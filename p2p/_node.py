@@ -30,6 +30,7 @@ from libp2p.protocol_muxer.exceptions import ProtocolNotSupportedError
 from libp2p.pubsub.pubsub import Pubsub
 from libp2p.tools.anyio_service import background_trio_service
 
+from p2p._discovery import DiscoveryStats, run_discovery
 from p2p._errors import (
     HostClosed,
     MessageTooLarge,
@@ -74,6 +75,9 @@ class NodeConfig:
     gossip_max_bytes: int
     handler_timeout_s: float
     dial_timeout_s: float
+    bootstrap: tuple[str, ...] = ()
+    run_id: str | None = None
+    discovery_interval_s: float = 10.0
 
 
 class NodeStats:
@@ -124,6 +128,7 @@ class TrioNode:
         self.identity = identity
         self.config = config
         self.stats = NodeStats()
+        self.discovery_stats = DiscoveryStats()
         self.bridge: TrioBridge[TrioNode] | None = None  # set by the Host before start
         self._handlers = handlers  # owned by the asyncio Host; read here (dict reads are atomic)
         self._gossip_sink = gossip_sink
@@ -132,6 +137,7 @@ class TrioNode:
         self._nursery: trio.Nursery | None = None
         self._topics: set[str] = set()
         self.listen_addrs: list[str] = []
+        self.discovery_failed = False
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -154,6 +160,8 @@ class TrioNode:
                 self.listen_addrs = [str(a) for a in host.get_addrs()]
                 for protocol in list(self._handlers):
                     self.register_protocol(protocol)
+                if self.config.bootstrap or self.config.run_id is not None:
+                    nursery.start_soon(self._supervise_discovery)
                 try:
                     yield self
                 finally:
@@ -163,6 +171,25 @@ class TrioNode:
             # libp2p 0.8.1 bug: Pubsub's seen-message cache starts a sweeper thread that nothing stops, so
             # every Pubsub leaks a thread. stop() sets its event and joins (immediate).
             pubsub.seen_messages.stop()
+
+    @property
+    def host(self) -> IHost:
+        """The running libp2p host (trio thread only). Raises HostClosed when not running."""
+        return self._require_host()
+
+    async def _supervise_discovery(self) -> None:
+        """Owner of the discovery task: a crash is logged once and discovery is marked failed."""
+        try:
+            await run_discovery(
+                self,
+                run_id=self.config.run_id,
+                bootstrap=self.config.bootstrap,
+                interval_s=self.config.discovery_interval_s,
+                stats=self.discovery_stats,
+            )
+        except Exception:
+            self.discovery_failed = True
+            log.exception("discovery task crashed run=%s", self.config.run_id)
 
     def _require_host(self) -> IHost:
         if self._host is None:
@@ -179,6 +206,7 @@ class TrioNode:
             raise ValueError(f"not a dialable multiaddr with /p2p/<peer id>: {maddr!r}") from exc
         if info.peer_id == host.get_id():
             raise ValueError("refusing to dial ourselves")
+        self.forget_dial_failure(info.peer_id)
         try:
             with trio.fail_after(self.config.dial_timeout_s):
                 await host.connect(info)
@@ -187,6 +215,18 @@ class TrioNode:
         except (BaseLibp2pError, OSError) as exc:
             raise PeerUnreachable(f"dial {maddr} failed: {exc}") from exc
         return info.peer_id.to_base58()
+
+    def forget_dial_failure(self, peer_id: ID) -> None:
+        """Make the next dial to ``peer_id`` real.
+
+        libp2p 0.8.1's swarm keeps a 60 s negative cache: after one failed dial, every dial to that peer fails
+        instantly with "recently failed all addresses", even once the peer is back (a restarted bootstrap
+        node would be unreachable for a minute). Our dials are explicit or paced by discovery, so we clear it.
+        """
+        network = self._require_host().get_network()
+        unblock = getattr(network, "unblock_peer", None)
+        if unblock is not None:
+            unblock(peer_id)
 
     def connected_peers(self) -> list[str]:
         host = self._host
