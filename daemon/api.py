@@ -110,7 +110,7 @@ def create_app(node: Node) -> web.Application:
 
 
 async def open_control_site(node: Node, socket_path: Path) -> web.AppRunner:
-    """Serve the API on ``socket_path`` (mode 0600). The caller owns the runner: ``await runner.cleanup()``."""
+    """Serve the API on ``socket_path`` (mode 0600); the caller owns the runner and cleans it up."""
     runner = web.AppRunner(create_app(node), access_log=None)
     await runner.setup()
     socket_path.unlink(missing_ok=True)

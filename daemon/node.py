@@ -266,11 +266,7 @@ class Node:
 
     def _digest(self) -> crdt.Digest:
         assert self.state is not None
-        return crdt.Digest(
-            version_vector=self.state.version_vector,
-            state_hash=self.state.state_hash,
-            contribution_count=self.state.contribution_count,
-        )
+        return self.state.digest()
 
     # -- pulling from peers ---------------------------------------------------------------------------
 

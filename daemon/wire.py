@@ -54,7 +54,7 @@ def _unpack(data: bytes, *, max_bytes: int | None = None) -> dict[str, Any]:
     if max_bytes is not None and len(data) > max_bytes:
         raise WireError(f"message of {len(data)} bytes exceeds {max_bytes}")
     try:
-        obj = msgpack.unpackb(data, raw=False, strict_map_key=True, max_buffer_size=len(data))
+        obj = msgpack.unpackb(data, raw=False, strict_map_key=True)
     except Exception as exc:  # msgpack raises a handful of unrelated types
         raise WireError(f"not msgpack: {exc.__class__.__name__}: {exc}") from exc
     if not isinstance(obj, dict):
