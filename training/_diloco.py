@@ -301,21 +301,28 @@ class PeerTrainer:
 
         Raises:
             ConfigError: wrong vector shape/dtype or fragment index.
-            TrainingError: the inner loop diverged (non-finite update); nothing was changed.
+            TrainingError: the inner loop diverged (non-finite pseudo-gradient). Outer momentum and
+                residuals are untouched; the inner AdamW moments are reset (they hold NaN/inf by then)
+                and the data position moves on, so the next round restarts cleanly from global θ.
         """
         self._check_params(global_params)
         if not 0 <= fragment < len(self.fragments):
             raise ConfigError(f"fragment must be in [0, {len(self.fragments)}), got {fragment}")
         c = self.config
         load_flat_params(self.model, global_params)
-        train_loss = inner_loop(
-            self.model, self.task, self.optimizer, self._data(),
-            steps=c.inner_steps, grad_clip=c.grad_clip, autocast=self._autocast(),
-        )
+        try:
+            train_loss = inner_loop(
+                self.model, self.task, self.optimizer, self._data(),
+                steps=c.inner_steps, grad_clip=c.grad_clip, autocast=self._autocast(),
+            )
+        except BaseException:
+            self._batches = None  # stream position unknown now: re-create it at batches_consumed
+            raise
         self.batches_consumed += c.inner_steps
         start, stop = self.fragments[fragment]
         delta = global_params[start:stop] - flatten_params(self.model)[start:stop]  # (n,) pseudo-gradient
         if not np.all(np.isfinite(delta)):
+            self.optimizer = build_inner_optimizer(self.model, c)
             raise TrainingError(f"round {self.rounds}: non-finite pseudo-gradient (train_loss={train_loss})")
         momentum = self.momentum[start:stop].copy()  # commit state only after everything succeeded
         update = outer_update(

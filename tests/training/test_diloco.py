@@ -170,6 +170,7 @@ def test_divergence_raises_and_leaves_state(digits: training.Task) -> None:
     with pytest.raises(training.TrainingError, match="non-finite"):
         peer.run_round(training.flatten_params(digits.build_model()), fragment=0)
     assert peer.rounds == 0 and not peer.momentum.any() and not peer.residual.any()
+    assert not peer.optimizer.state  # poisoned AdamW moments were dropped
 
 
 def test_plugin_without_start_resumes_by_replay(digits: training.Task) -> None:
