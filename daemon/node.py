@@ -48,7 +48,6 @@ __all__ = ["Node", "NodeError"]
 
 log = logging.getLogger(__name__)
 
-BOOTSTRAP_RETRY_S = (0.2, 5.0)  # first and largest backoff between bootstrap dial attempts
 GENESIS_RETRY_S = 1.0
 HISTORY_LIMIT = 10_000  # per-round telemetry records kept in memory for status and plots
 
@@ -89,7 +88,12 @@ class Node:
         self.identity = p2p.load_or_create_identity(home.identity_file)
         self.signer = crdt.Signer.from_seed(self.identity.seed)
         self.store = Store(home.store_dir)
-        self.host = p2p.Host(self.identity, listen_addrs=list(config.node.listen))
+        self.host = p2p.Host(
+            self.identity,
+            listen_addrs=list(config.node.listen),
+            bootstrap=config.node.bootstrap,
+            run_id=config.node.run,
+        )
         self.state: crdt.ModelState | None = None
         self.trainer: TrainerProcess | None = None
         self.training_state = "starting"
@@ -116,7 +120,6 @@ class Node:
             announcements = self.host.subscribe(wire.announce_topic(self.config.node.run))
             self._start_trainer_spec()
             async with asyncio.TaskGroup() as tasks:
-                tasks.create_task(self._bootstrap_loop(), name="bootstrap")
                 await self._load_state()
                 if on_ready is not None:
                     await on_ready()
@@ -251,9 +254,14 @@ class Node:
         return self.state.genesis.encode()
 
     async def _serve_sync(self, peer: str, data: bytes) -> bytes:
-        remote = crdt.Digest.decode(data)
+        request = wire.SyncRequest.decode(data)
+        remote = crdt.Digest.decode(request.digest)
         await self._genesis_ready.wait()
         assert self.state is not None
+        if request.genesis != self.state.genesis.id:
+            raise wire.WireError(
+                f"this node serves genesis {self.state.genesis.id[:16]}, not {request.genesis[:16]}"
+            )
         missing = self.state.contributions_missing_for(
             remote.version_vector, max_count=self.config.sync.max_batch
         )
@@ -289,11 +297,9 @@ class Node:
         while True:
             self.counters.pulls += 1
             try:
+                request = wire.SyncRequest(genesis=self.state.genesis.id, digest=self._digest().encode())
                 data = await self.host.request(
-                    peer,
-                    wire.SYNC_PROTOCOL,
-                    self._digest().encode(),
-                    timeout_s=self.config.sync.request_timeout_s,
+                    peer, wire.SYNC_PROTOCOL, request.encode(), timeout_s=self.config.sync.request_timeout_s
                 )
                 response = wire.SyncResponse.decode(data)
                 remote = crdt.Digest.decode(response.digest)
@@ -319,7 +325,7 @@ class Node:
         while True:
             # Jitter so that a cluster started together does not pull in lockstep.
             await asyncio.sleep(interval * random.uniform(0.5, 1.5))
-            for peer in self.host.connected_peers():
+            for peer in self.host.run_peers():
                 self._want_pull(peer)
 
     async def _announcement_loop(self, queue: asyncio.Queue[p2p.GossipMessage]) -> None:
@@ -337,25 +343,6 @@ class Node:
                 author = p2p.peer_id_from_public_key(announcement.author)
                 connected = self.host.connected_peers()
                 self._want_pull(author if author in connected else message.from_peer)
-
-    async def _bootstrap_loop(self) -> None:
-        """Dial every bootstrap peer until connected, and again whenever the connection drops."""
-        delay = dict.fromkeys(self.config.node.bootstrap, BOOTSTRAP_RETRY_S[0])
-        while delay:
-            connected = set(self.host.connected_peers())
-            for addr in delay:
-                if addr.rsplit("/p2p/", 1)[-1] in connected:
-                    delay[addr] = BOOTSTRAP_RETRY_S[0]
-                    continue
-                try:
-                    peer = await self.host.connect(addr)
-                    log.info("connected bootstrap peer=%s", peer)
-                    self._want_pull(peer)
-                    delay[addr] = BOOTSTRAP_RETRY_S[0]
-                except p2p.P2PError as exc:
-                    log.info("bootstrap dial failed addr=%s error=%s", addr, exc)
-                    delay[addr] = min(delay[addr] * 2, BOOTSTRAP_RETRY_S[1])
-            await asyncio.sleep(min(delay.values()))
 
     # -- training -------------------------------------------------------------------------------------
 

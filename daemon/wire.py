@@ -7,7 +7,8 @@ Three protocols carry the model between nodes of one run:
     the genesis state by content (its id is the hash), never re-derives it from a seed: initialization
     differs across torch builds.
 ``/meshtrain/sync/1``
-    anti-entropy pull. Request: the caller's :class:`crdt.Digest` (version vector + state hash). Response:
+    anti-entropy pull. Request: ``SyncRequest``: the caller's genesis id and :class:`crdt.Digest` (version
+    vector + state hash). Response:
     ``SyncResponse``: the contributions the caller lacks (at most a batch) and the responder's digest, so
     the caller knows whether to pull again.
 gossip topic ``meshtrain/<run>/announce``
@@ -30,6 +31,7 @@ __all__ = [
     "SYNC_PROTOCOL",
     "Announcement",
     "GenesisRequest",
+    "SyncRequest",
     "SyncResponse",
     "WireError",
     "announce_topic",
@@ -40,6 +42,7 @@ SYNC_PROTOCOL = "/meshtrain/sync/1"
 WIRE_VERSION = 1
 MAX_ANNOUNCEMENT_BYTES = 1024  # a header, never a payload: gossip caps messages at 1 MiB and is CPU-bound
 MAX_SYNC_CONTRIBUTIONS = 4096
+MAX_SYNC_REQUEST_BYTES = 4 << 20  # a version vector of ~100k authors
 
 
 def announce_topic(run: str) -> str:
@@ -81,6 +84,22 @@ class GenesisRequest:
     @classmethod
     def decode(cls, data: bytes) -> GenesisRequest:
         return cls(run=_field(_unpack(data, max_bytes=1024), "run", str))
+
+
+@dataclass(frozen=True, slots=True)
+class SyncRequest:
+    genesis: str
+    """Id of the requester's genesis: nodes of different runs never exchange contributions."""
+    digest: bytes
+    """The requester's encoded crdt.Digest."""
+
+    def encode(self) -> bytes:
+        return msgpack.packb({"v": WIRE_VERSION, "genesis": self.genesis, "digest": self.digest})
+
+    @classmethod
+    def decode(cls, data: bytes) -> SyncRequest:
+        obj = _unpack(data, max_bytes=MAX_SYNC_REQUEST_BYTES)
+        return cls(genesis=_field(obj, "genesis", str), digest=_field(obj, "digest", bytes))
 
 
 @dataclass(frozen=True, slots=True)

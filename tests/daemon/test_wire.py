@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from daemon.wire import Announcement, GenesisRequest, SyncResponse, WireError
+from daemon.wire import Announcement, GenesisRequest, SyncRequest, SyncResponse, WireError
 
 
 def test_round_trips() -> None:
@@ -15,6 +15,8 @@ def test_round_trips() -> None:
     assert Announcement.decode(a.encode()) == a
     r = SyncResponse(digest=b"d", contributions=(b"x", b"y"))
     assert SyncResponse.decode(r.encode()) == r
+    q = SyncRequest(genesis="ab" * 32, digest=b"d")
+    assert SyncRequest.decode(q.encode()) == q
     g = GenesisRequest(run="r")
     assert GenesisRequest.decode(g.encode()) == g
 
@@ -54,6 +56,6 @@ def test_sync_response_rejects_non_bytes() -> None:
 @settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=300))
 def test_garbage_never_escapes_as_another_error(data: bytes) -> None:
-    for decoder in (Announcement.decode, SyncResponse.decode, GenesisRequest.decode):
+    for decoder in (Announcement.decode, SyncRequest.decode, SyncResponse.decode, GenesisRequest.decode):
         with contextlib.suppress(WireError):
             decoder(data)
