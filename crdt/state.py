@@ -161,6 +161,11 @@ class ModelState:
         return self._pending_count
 
     @property
+    def retained_count(self) -> int:
+        """Applied contributions still held as records (servable to peers; the rest were compacted)."""
+        return sum(len(log) for log in self._log.values())
+
+    @property
     def retention_floor(self) -> VersionVector:
         """Per author, the highest seq no longer retained (0 = full history)."""
         return VersionVector.from_dict(self._floor)

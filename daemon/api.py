@@ -82,6 +82,17 @@ async def checkpoint(request: web.Request) -> web.Response:
     return web.json_response(result)
 
 
+@routes.post("/v1/faults")
+async def faults(request: web.Request) -> web.Response:
+    """Fault injection for tests and drills: exchange no model data with the listed peers."""
+    body = await _json_body(request)
+    block = body.get("block")
+    if not isinstance(block, list) or not all(isinstance(p, str) for p in block):
+        return _error(400, 'body must be {"block": ["<peer id>", ...]} (an empty list heals)')
+    request.app[NODE].set_blocked_peers(set(block))
+    return web.json_response({"blocked_peers": sorted(block)})
+
+
 @routes.get("/v1/history")
 async def history(request: web.Request) -> web.Response:
     node = request.app[NODE]

@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 import time
+import tomllib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -119,6 +120,13 @@ class Cluster:
         self.manifest_path.write_text(json.dumps({"nodes": [asdict(i) for i in infos]}, indent=2))
         return infos
 
+    def set_training_option(self, index: int, **values: Any) -> None:
+        """Change ``[training]`` keys of one node's config (takes effect when it next starts)."""
+        home = Home(Path(self.node(index).home))
+        config = tomllib.loads(home.config_file.read_text())
+        config.setdefault("training", {}).update(values)
+        home.config_file.write_text(tomli_w.dumps(config))
+
     def start(self, index: int) -> int:
         """Start node ``index`` as a detached daemon process; returns its pid."""
         info = self.node(index)
@@ -171,6 +179,21 @@ class Cluster:
                 self.stop(info.index, timeout_s=30.0)
             except ClusterError:
                 self.stop(info.index, sig=signal.SIGKILL)
+
+    def partition(self, groups: list[list[int]]) -> None:
+        """Split the mesh: nodes exchange model data only within their group (fault injection)."""
+        nodes = self.nodes()
+        group_of = {index: g for g, members in enumerate(groups) for index in members}
+        if sorted(group_of) != [n.index for n in nodes]:
+            raise ClusterError("every node must be in exactly one group")
+        for info in nodes:
+            others = [n.peer_id for n in nodes if group_of[n.index] != group_of[info.index]]
+            self.client(info.index).post("/v1/faults", {"block": others})
+
+    def heal(self) -> None:
+        """Undo :meth:`partition` on every running node."""
+        for info in self.nodes():
+            self.client(info.index).post("/v1/faults", {"block": []})
 
     # -- observation ----------------------------------------------------------------------------------
 

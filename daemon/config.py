@@ -23,6 +23,10 @@ __all__ = [
     "ApiConfig",
     "Config",
     "ConfigError",
+    "DashboardConfig",
+    "LimitsConfig",
+    "LogConfig",
+    "MetricsConfig",
     "NodeConfig",
     "SyncConfig",
     "TrainingConfig",
@@ -65,6 +69,9 @@ class TrainingConfig:
     """Data shard of this node; -1 derives one from the peer id."""
     num_shards: int = 4
     """Number of data shards the training set is split into."""
+    slowdown: float = 1.0
+    """Run this many times slower than the hardware allows (idles after each round): to share a machine,
+    or to test that a slow peer does not stall the others."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -75,6 +82,8 @@ class SyncConfig:
     """Most contributions shipped in one anti-entropy response."""
     request_timeout_s: float = 30.0
     """Deadline of one request to a peer."""
+    snapshot_every: int = 256
+    """Write a snapshot (and compact the log and the in-memory history) after this many new contributions."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -83,11 +92,68 @@ class ApiConfig:
     """Control socket path, relative to the home dir. Mode 0600."""
 
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
+
+
+@dataclass(frozen=True, kw_only=True)
+class LogConfig:
+    level: str = "INFO"
+    """Log level: DEBUG, INFO, WARNING or ERROR (reloaded on SIGHUP)."""
+
+    def __post_init__(self) -> None:
+        if self.level.upper() not in LOG_LEVELS:
+            raise ConfigError(f"log.level must be one of {', '.join(LOG_LEVELS)}, got {self.level!r}")
+        object.__setattr__(self, "level", self.level.upper())
+
+
+@dataclass(frozen=True, kw_only=True)
+class LimitsConfig:
+    bandwidth_bytes_per_s: int = 0
+    """Cap on the bytes per second this node sends to peers in sync traffic; 0: no cap."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class MetricsConfig:
+    enabled: bool = False
+    """Serve Prometheus metrics at http://<listen>/metrics."""
+    listen: str = "127.0.0.1:9464"
+    """host:port of the metrics HTTP server. Loopback by default; another address exposes the metrics."""
+
+    def __post_init__(self) -> None:
+        parse_listen("metrics.listen", self.listen)
+
+
+@dataclass(frozen=True, kw_only=True)
+class DashboardConfig:
+    enabled: bool = False
+    """Serve a read-only web dashboard at http://<listen>/ (peers, loss curves, bytes)."""
+    listen: str = "127.0.0.1:8465"
+    """host:port of the dashboard; loopback only. May equal metrics.listen (one server serves both)."""
+
+    def __post_init__(self) -> None:
+        host, _ = parse_listen("dashboard.listen", self.listen)
+        if host not in LOOPBACK_HOSTS:
+            raise ConfigError(f"dashboard.listen must be a loopback address (127.0.0.1, ::1), got {host!r}")
+
+
+def parse_listen(name: str, value: str) -> tuple[str, int]:
+    """Split "host:port" (IPv6 as "[::1]:port"); raise ConfigError naming the key."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ConfigError(f"{name} must be host:port, e.g. 127.0.0.1:9464, got {value!r}")
+    return host, int(port)
+
+
 _SECTIONS: dict[str, type] = {
     "node": NodeConfig,
     "training": TrainingConfig,
     "sync": SyncConfig,
     "api": ApiConfig,
+    "log": LogConfig,
+    "limits": LimitsConfig,
+    "metrics": MetricsConfig,
+    "dashboard": DashboardConfig,
 }
 
 
@@ -97,6 +163,10 @@ class Config:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     sync: SyncConfig = field(default_factory=SyncConfig)
     api: ApiConfig = field(default_factory=ApiConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    dashboard: DashboardConfig = field(default_factory=DashboardConfig)
     diloco: dict[str, Any] = field(default_factory=dict)
     """Keyword arguments for training.DilocoConfig (validated there)."""
 
@@ -220,16 +290,38 @@ eval_every = 5
 # Data shard of this node (-1: derived from the peer id) out of num_shards.
 shard = -1
 num_shards = 4
+# Train this many times slower than the hardware allows (idle between rounds), e.g. 2.0 on a shared desktop.
+slowdown = 1.0
 
 [sync]
 # Anti-entropy period in seconds, and the most contributions shipped per response.
 interval_s = 2.0
 max_batch = 64
 request_timeout_s = 30.0
+# Snapshot (and compact history every known peer already has) after this many new contributions.
+snapshot_every = 256
 
 [api]
 # Control socket (mode 0600), relative to the home dir.
 socket = "control.sock"
+
+[log]
+# DEBUG, INFO, WARNING or ERROR. `systemctl reload meshtrain` (SIGHUP) applies a change.
+level = "INFO"
+
+[limits]
+# Cap on bytes/s sent to peers in sync traffic (0: no cap). Reloaded on SIGHUP; also `meshtrain limits`.
+bandwidth_bytes_per_s = 0
+
+[metrics]
+# Prometheus metrics at http://<listen>/metrics. Another host than loopback exposes them to the network.
+enabled = false
+listen = "127.0.0.1:9464"
+
+[dashboard]
+# Read-only web page (peers, loss curves, bytes) at http://<listen>/. Loopback only.
+enabled = false
+listen = "127.0.0.1:8465"
 
 [diloco]
 # Passed to training.DilocoConfig, e.g.:

@@ -79,6 +79,9 @@ class Counters:
     rejected_reasons: dict[str, int] = field(default_factory=dict)
     pulls: int = 0
     pull_failures: int = 0
+    snapshots_written: int = 0
+    snapshots_installed: int = 0
+    snapshots_served: int = 0
 
 
 class Node:
@@ -108,6 +111,10 @@ class Node:
         self._genesis_ready = asyncio.Event()
         self._pull_wanted: dict[str, None] = {}  # peers to pull from soon, insertion-ordered set
         self._pull_wakeup = asyncio.Event()
+        self._peer_vectors: dict[str, crdt.VersionVector] = {}  # last known per peer, for retention
+        self._since_snapshot = 0
+        self.blocked_peers: set[str] = set()
+        """Fault injection: peers this node exchanges no model data with (a network partition)."""
 
     # -- lifecycle ------------------------------------------------------------------------------------
 
@@ -117,6 +124,7 @@ class Node:
         try:
             self.host.set_request_handler(wire.GENESIS_PROTOCOL, self._serve_genesis)
             self.host.set_request_handler(wire.SYNC_PROTOCOL, self._serve_sync)
+            self.host.set_request_handler(wire.SNAPSHOT_PROTOCOL, self._serve_snapshot)
             announcements = self.host.subscribe(wire.announce_topic(self.config.node.run))
             self._start_trainer_spec()
             async with asyncio.TaskGroup() as tasks:
@@ -234,8 +242,29 @@ class Node:
             return outcome
         self.store.append(contribution)
         self.counters.accepted += 1
+        self._since_snapshot += 1
+        if self._since_snapshot >= self.config.sync.snapshot_every:
+            self._snapshot_and_compact()
         self._state_changed.set()
         return outcome
+
+    def _snapshot_and_compact(self) -> None:
+        """Persist a snapshot (the WAL shrinks to what it does not cover), then forget the history that
+        every known peer already has: memory and disk stay bounded in a long run. A peer that later needs
+        the forgotten part gets the snapshot instead (``snapshot_required``)."""
+        assert self.state is not None
+        snapshot = self.state.snapshot()
+        self.store.write_snapshot(snapshot)
+        floor = crdt.retention_floor(snapshot.version_vector, self._peer_vectors.values())
+        dropped = self.state.compact(floor)
+        self._since_snapshot = 0
+        self.counters.snapshots_written += 1
+        log.info(
+            "snapshot written contributions=%d compacted=%d retained=%d",
+            snapshot.version_vector.total,
+            dropped,
+            self.state.retained_count,
+        )
 
     def _reject(self, peer: str, reason: Exception) -> None:
         key = type(reason).__name__
@@ -262,15 +291,31 @@ class Node:
             raise wire.WireError(
                 f"this node serves genesis {self.state.genesis.id[:16]}, not {request.genesis[:16]}"
             )
-        missing = self.state.contributions_missing_for(
-            remote.version_vector, max_count=self.config.sync.max_batch
-        )
-        if not remote.version_vector.dominates(self.state.version_vector):
+        self._check_not_blocked(peer)
+        self._peer_vectors[peer] = remote.version_vector
+        plan = crdt.plan_sync(self.state, remote, max_count=self.config.sync.max_batch)
+        if plan.remote_has_more:
             # The requester has something we lack: pull it back soon (push-pull without a push protocol).
             self._want_pull(peer)
         return wire.SyncResponse(
-            digest=self._digest().encode(), contributions=tuple(c.encode() for c in missing)
+            digest=self._digest().encode(),
+            contributions=tuple(c.encode() for c in plan.send),
+            snapshot_required=plan.remote_needs_snapshot,
         ).encode()
+
+    async def _serve_snapshot(self, peer: str, data: bytes) -> bytes:
+        request = wire.SyncRequest.decode(data)
+        await self._genesis_ready.wait()
+        assert self.state is not None
+        self._check_not_blocked(peer)
+        if request.genesis != self.state.genesis.id:
+            raise wire.WireError(f"this node serves genesis {self.state.genesis.id[:16]}")
+        self.counters.snapshots_served += 1
+        return self.state.snapshot().encode()
+
+    def _check_not_blocked(self, peer: str) -> None:
+        if peer in self.blocked_peers:
+            raise wire.WireError("partitioned away (fault injection)")
 
     def _digest(self) -> crdt.Digest:
         assert self.state is not None
@@ -294,7 +339,7 @@ class Node:
     async def _pull_from(self, peer: str) -> None:
         """Pull what ``peer`` has and we lack, batch by batch, until we have caught up with it."""
         assert self.state is not None
-        while True:
+        while peer not in self.blocked_peers:
             self.counters.pulls += 1
             try:
                 request = wire.SyncRequest(genesis=self.state.genesis.id, digest=self._digest().encode())
@@ -306,6 +351,10 @@ class Node:
             except (p2p.P2PError, wire.WireError, crdt.CrdtError) as exc:
                 self.counters.pull_failures += 1
                 log.info("pull failed peer=%s error=%s", peer, exc)
+                return
+            self._peer_vectors[peer] = remote.version_vector
+            if response.snapshot_required and not response.contributions:
+                await self._install_snapshot_from(peer)
                 return
             progressed = False
             for encoded in response.contributions:
@@ -320,18 +369,57 @@ class Node:
             if not (progressed and behind):
                 return
 
+    async def _install_snapshot_from(self, peer: str) -> None:
+        """Catch up through ``peer``'s snapshot, then re-apply what we hold beyond it.
+
+        Adopted only if nothing is lost: every contribution we applied that the snapshot lacks must still
+        be retained here, so that it can be applied on top.
+        """
+        assert self.state is not None
+        request = wire.SyncRequest(genesis=self.state.genesis.id, digest=b"")
+        try:
+            data = await self.host.request(
+                peer, wire.SNAPSHOT_PROTOCOL, request.encode(), timeout_s=self.config.sync.request_timeout_s
+            )
+            snapshot = crdt.Snapshot.decode(data)
+            fresh = crdt.ModelState.from_snapshot(self.state.genesis, snapshot)
+        except (p2p.P2PError, wire.WireError, crdt.CrdtError) as exc:
+            self.counters.pull_failures += 1
+            log.info("snapshot fetch failed peer=%s error=%s", peer, exc)
+            return
+        current = self.state
+        if not current.can_serve(snapshot.version_vector):
+            log.warning("not adopting snapshot from peer=%s: it would drop history we compacted", peer)
+            return
+        for contribution in current.contributions_missing_for(
+            snapshot.version_vector, max_count=current.contribution_count
+        ):
+            fresh.apply(contribution)
+        self.store.write_snapshot(fresh.snapshot())
+        self.state = fresh
+        self._since_snapshot = 0
+        self.counters.snapshots_installed += 1
+        self._state_changed.set()
+        log.info(
+            "installed snapshot from peer=%s contributions=%d state_hash=%s",
+            peer,
+            fresh.contribution_count,
+            fresh.state_hash[:16],
+        )
+
     async def _anti_entropy_loop(self) -> None:
         interval = self.config.sync.interval_s
         while True:
             # Jitter so that a cluster started together does not pull in lockstep.
             await asyncio.sleep(interval * random.uniform(0.5, 1.5))
             for peer in self.host.run_peers():
-                self._want_pull(peer)
+                if peer not in self.blocked_peers:
+                    self._want_pull(peer)
 
     async def _announcement_loop(self, queue: asyncio.Queue[p2p.GossipMessage]) -> None:
         while True:
             message = await queue.get()
-            if message.from_peer == self.host.peer_id:
+            if message.from_peer == self.host.peer_id or message.from_peer in self.blocked_peers:
                 continue
             try:
                 announcement = wire.Announcement.decode(message.data)
@@ -342,7 +430,8 @@ class Node:
             if self.state.version_vector.get(announcement.author) < announcement.seq:
                 author = p2p.peer_id_from_public_key(announcement.author)
                 connected = self.host.connected_peers()
-                self._want_pull(author if author in connected else message.from_peer)
+                source = author if author in connected and author not in self.blocked_peers else None
+                self._want_pull(source or message.from_peer)
 
     # -- training -------------------------------------------------------------------------------------
 
@@ -366,6 +455,7 @@ class Node:
                 self.training_state = "running"
             seq = self.rounds_done + 1
             base_version = self.state.version_vector.digest()
+            started = time.monotonic()
             result = await self.trainer.run_round(self.state.materialize(), (seq - 1) % fragments)
             contribution = crdt.make_contribution(
                 self.signer,
@@ -389,6 +479,8 @@ class Node:
             self._record_round(seq, result)
             if seq % training.eval_every == 0:
                 await self._evaluate()
+            if training.slowdown > 1.0:
+                await asyncio.sleep((training.slowdown - 1.0) * (time.monotonic() - started))
         self.training_state = "done" if training.enabled else "disabled"
         # Keep the reported quality current as peers' contributions keep arriving.
         while True:
@@ -437,6 +529,11 @@ class Node:
 
     # -- control --------------------------------------------------------------------------------------
 
+    def set_blocked_peers(self, peers: set[str]) -> None:
+        """Fault injection: stop exchanging model data with ``peers`` (empty set: heal)."""
+        self.blocked_peers = set(peers)
+        log.warning("fault injection: blocked peers=%s", ",".join(sorted(peers)) or "none")
+
     def pause_training(self) -> None:
         self._resume.clear()
 
@@ -482,7 +579,12 @@ class Node:
                 "rejected_reasons": dict(self.counters.rejected_reasons),
                 "pulls": self.counters.pulls,
                 "pull_failures": self.counters.pull_failures,
+                "snapshots_written": self.counters.snapshots_written,
+                "snapshots_installed": self.counters.snapshots_installed,
+                "snapshots_served": self.counters.snapshots_served,
             },
+            "retained_contributions": state.retained_count if state else 0,
+            "blocked_peers": sorted(self.blocked_peers),
             "p2p": stats,
             "uptime_s": round(time.time() - self.started_at, 3),
         }

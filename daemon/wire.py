@@ -10,7 +10,11 @@ Three protocols carry the model between nodes of one run:
     anti-entropy pull. Request: ``SyncRequest``: the caller's genesis id and :class:`crdt.Digest` (version
     vector + state hash). Response:
     ``SyncResponse``: the contributions the caller lacks (at most a batch) and the responder's digest, so
-    the caller knows whether to pull again.
+    the caller knows whether to pull again; ``snapshot_required`` when some of what the caller lacks was
+    compacted away here, so only a snapshot can bring it up to date.
+``/meshtrain/snapshot/1``
+    request ``SyncRequest`` (the digest is ignored); response: the responder's encoded
+    :class:`crdt.Snapshot` (accumulator + version vector + hash), checked against the genesis on receipt.
 gossip topic ``meshtrain/<run>/announce``
     ``Announcement``: a small header per new contribution (author, seq, fragment, size, id). Receivers that
     lack it pull from the announcer. Gossip may drop; the periodic anti-entropy pull repairs what it misses.
@@ -28,6 +32,7 @@ import msgpack
 
 __all__ = [
     "GENESIS_PROTOCOL",
+    "SNAPSHOT_PROTOCOL",
     "SYNC_PROTOCOL",
     "Announcement",
     "GenesisRequest",
@@ -39,6 +44,7 @@ __all__ = [
 
 GENESIS_PROTOCOL = "/meshtrain/genesis/1"
 SYNC_PROTOCOL = "/meshtrain/sync/1"
+SNAPSHOT_PROTOCOL = "/meshtrain/snapshot/1"
 WIRE_VERSION = 1
 MAX_ANNOUNCEMENT_BYTES = 1024  # a header, never a payload: gossip caps messages at 1 MiB and is CPU-bound
 MAX_SYNC_CONTRIBUTIONS = 4096
@@ -108,10 +114,17 @@ class SyncResponse:
     """The responder's encoded crdt.Digest."""
     contributions: tuple[bytes, ...]
     """Encoded crdt.Contribution records the requester lacks, in causal (per-author seq) order."""
+    snapshot_required: bool = False
+    """Part of what the requester lacks was compacted here: fetch a snapshot."""
 
     def encode(self) -> bytes:
         return msgpack.packb(
-            {"v": WIRE_VERSION, "digest": self.digest, "contributions": list(self.contributions)}
+            {
+                "v": WIRE_VERSION,
+                "digest": self.digest,
+                "contributions": list(self.contributions),
+                "snapshot_required": self.snapshot_required,
+            }
         )
 
     @classmethod
@@ -122,7 +135,11 @@ class SyncResponse:
             raise WireError(f"{len(items)} contributions exceed the limit of {MAX_SYNC_CONTRIBUTIONS}")
         if not all(isinstance(item, bytes) for item in items):
             raise WireError("contributions must be byte strings")
-        return cls(digest=_field(obj, "digest", bytes), contributions=tuple(items))
+        return cls(
+            digest=_field(obj, "digest", bytes),
+            contributions=tuple(items),
+            snapshot_required=_field(obj, "snapshot_required", bool),
+        )
 
 
 @dataclass(frozen=True, slots=True)
