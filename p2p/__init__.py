@@ -19,6 +19,14 @@ from p2p._errors import (
 )
 from p2p._host import GossipMessage, Host, HostConfig
 from p2p._identity import Identity, load_or_create_identity, peer_id_from_public_key
+from p2p._security import (
+    PeerLimits,
+    SwarmKeyError,
+    generate_swarm_key,
+    load_swarm_key,
+    parse_swarm_key,
+    write_swarm_key,
+)
 
 __all__ = [
     "DiscoveryError",
@@ -29,11 +37,17 @@ __all__ = [
     "Identity",
     "MessageTooLarge",
     "P2PError",
+    "PeerLimits",
     "PeerUnreachable",
     "ProtocolNotSupported",
     "ProtocolViolation",
     "RemoteError",
     "RequestTimeout",
+    "SwarmKeyError",
+    "generate_swarm_key",
     "load_or_create_identity",
+    "load_swarm_key",
+    "parse_swarm_key",
     "peer_id_from_public_key",
+    "write_swarm_key",
 ]

@@ -29,6 +29,7 @@ from p2p._framing import DEFAULT_MAX_MESSAGE_BYTES
 from p2p._identity import Identity
 from p2p._libp2p import DIAL_TIMEOUT_S
 from p2p._node import GOSSIP_MAX_BYTES_LIMIT, NodeConfig, TrioNode
+from p2p._security import SWARM_KEY_BYTES, PeerLimits
 
 __all__ = ["DEFAULT_LISTEN_ADDRS", "GossipMessage", "Host", "HostConfig"]
 
@@ -59,6 +60,12 @@ class HostConfig:
     """`aclose()` stops waiting for the trio thread after this long (it is a daemon thread)."""
     discovery_interval_s: float = 10.0
     """Period of the discovery loop: re-dial bootstrap if needed, re-announce the run, find and dial peers."""
+    swarm_key: bytes | None = field(default=None, repr=False)
+    """32-byte private-network key (p2p/_security.py): only peers holding it can connect at all."""
+    allow_peers: frozenset[str] | None = None
+    """If set, only these peer ids may connect, send requests or author gossip (None: anyone)."""
+    peer_limits: PeerLimits = field(default_factory=PeerLimits)
+    """Connection bounds and per-peer request/gossip rates, penalties and bans."""
 
     def __post_init__(self) -> None:
         if not 0 < self.gossip_max_bytes <= GOSSIP_MAX_BYTES_LIMIT:
@@ -67,6 +74,8 @@ class HostConfig:
             raise ValueError("max_message_bytes must be in 1..2**32-1 (u32 frame length)")
         if self.gossip_queue_size <= 0:
             raise ValueError("gossip_queue_size must be positive")
+        if self.swarm_key is not None and len(self.swarm_key) != SWARM_KEY_BYTES:
+            raise ValueError(f"swarm_key must be {SWARM_KEY_BYTES} bytes")
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +124,9 @@ class Host:
             bootstrap=tuple(bootstrap),
             run_id=run_id,
             discovery_interval_s=self.config.discovery_interval_s,
+            swarm_key=self.config.swarm_key,
+            allow_peers=self.config.allow_peers,
+            peer_limits=self.config.peer_limits,
         )
         self._node = TrioNode(
             identity, node_config, handlers=self._handlers, gossip_sink=self._deliver_gossip
@@ -250,6 +262,17 @@ class Host:
             except asyncio.QueueFull:
                 self._gossip_dropped += 1
 
+    # ------------------------------------------------------------------ peer scoring
+
+    def penalize(self, peer_id: str) -> None:
+        """Score ``peer_id`` down for misbehaviour (e.g. it sent an invalid record); enough penalties
+        within the window ban and disconnect it (HostConfig.peer_limits)."""
+        if self._bridge.is_open:
+            self._bridge.call_soon_in_trio(self._node.penalize, peer_id)
+
+    def banned_peers(self) -> list[str]:
+        return self._node.gate.banned_peers()
+
     # ------------------------------------------------------------------ stats
 
     def stats(self) -> dict[str, Any]:
@@ -264,6 +287,7 @@ class Host:
         out.update(self._node.discovery_stats.as_dict())
         out["discovery_failed"] = self._node.discovery_failed
         out["connected_peers"] = len(self.connected_peers())
+        out["gate"] = self._node.gate.stats()
         return out
 
 

@@ -29,6 +29,8 @@ from libp2p.network.config import ConnectionConfig
 from libp2p.pubsub.gossipsub import PROTOCOL_ID, PROTOCOL_ID_V11, PROTOCOL_ID_V12, GossipSub
 from libp2p.pubsub.pubsub import Pubsub
 from libp2p.pubsub.rpc_queue import DefaultMaxMessageSize, RpcQueue
+from libp2p.rcmgr import new_resource_manager
+from libp2p.rcmgr.connection_limits import ConnectionLimits
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
@@ -106,8 +108,20 @@ quiet_libp2p_logging()
 # ---------------------------------------------------------------------------------------------- builders
 
 
-def build_host(identity: Identity, listen_addrs: list[multiaddr.Multiaddr]) -> IHost:
-    """A libp2p host with Noise-only security, Yamux, TCP, one connection per peer."""
+def build_host(
+    identity: Identity,
+    listen_addrs: list[multiaddr.Multiaddr],
+    *,
+    swarm_key: bytes | None = None,
+    max_connections: int = 256,
+    max_inbound_connections: int = 128,
+) -> IHost:
+    """A libp2p host with Noise-only security, Yamux, TCP, one connection per peer.
+
+    ``swarm_key`` (32 bytes) makes it a private network (libp2p pnet, see p2p/_security.py): peers without
+    the same key cannot complete a handshake. The connection bounds go to ConnectionConfig and to the
+    resource manager (py-libp2p creates one by default; we give it explicit connection limits).
+    """
     key_pair = identity.key_pair()
     noise = NoiseTransport(key_pair, noise_privkey=create_x25519_key_pair().private_key)
     return new_host(
@@ -126,7 +140,17 @@ def build_host(identity: Identity, listen_addrs: list[multiaddr.Multiaddr]) -> I
             # every 10 s; who we connect to is the daemon's/discovery's decision, not libp2p's.
             min_connections=0,
             low_watermark=0,
+            max_connections=max_connections,
+            high_watermark=max_connections,
         ),
+        resource_manager=new_resource_manager(
+            connection_limits=ConnectionLimits(
+                max_established_inbound=max_inbound_connections,
+                max_established_total=max_connections,
+                max_established_per_peer=2,  # one each way while a simultaneous dial resolves
+            )
+        ),
+        psk=swarm_key.hex() if swarm_key is not None else None,
     )
 
 

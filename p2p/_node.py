@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import multiaddr
@@ -51,6 +51,7 @@ from p2p._framing import (
 )
 from p2p._identity import Identity
 from p2p._libp2p import GOSSIP_ENVELOPE_HEADROOM_BYTES, build_gossipsub, build_host, check_tcp_ports_free
+from p2p._security import GateNotifee, PeerGate, PeerLimits
 
 if TYPE_CHECKING:
     from p2p._bridge import TrioBridge
@@ -78,6 +79,9 @@ class NodeConfig:
     bootstrap: tuple[str, ...] = ()
     run_id: str | None = None
     discovery_interval_s: float = 10.0
+    swarm_key: bytes | None = field(default=None, repr=False)
+    allow_peers: frozenset[str] | None = None
+    peer_limits: PeerLimits = field(default_factory=PeerLimits)
 
 
 class NodeStats:
@@ -129,6 +133,7 @@ class TrioNode:
         self.config = config
         self.stats = NodeStats()
         self.discovery_stats = DiscoveryStats()
+        self.gate = PeerGate(allow_peers=config.allow_peers, limits=config.peer_limits)
         self.bridge: TrioBridge[TrioNode] | None = None  # set by the Host before start
         self._handlers = handlers  # owned by the asyncio Host; read here (dict reads are atomic)
         self._gossip_sink = gossip_sink
@@ -146,7 +151,14 @@ class TrioNode:
         """Run the libp2p host and gossipsub until the context exits (the bridge's stop event)."""
         addrs = [multiaddr.Multiaddr(a) for a in self.config.listen_addrs]
         check_tcp_ports_free(addrs)
-        host = build_host(self.identity, addrs)
+        limits = self.config.peer_limits
+        host = build_host(
+            self.identity,
+            addrs,
+            swarm_key=self.config.swarm_key,
+            max_connections=limits.max_connections,
+            max_inbound_connections=limits.max_inbound_connections,
+        )
         pubsub, router = build_gossipsub(host)
         try:
             async with (
@@ -157,6 +169,7 @@ class TrioNode:
             ):
                 await pubsub.wait_until_ready()
                 self._host, self._pubsub, self._nursery = host, pubsub, nursery
+                host.get_network().register_notifee(GateNotifee(self.gate, nursery))
                 self.listen_addrs = [str(a) for a in host.get_addrs()]
                 for protocol in list(self._handlers):
                     self.register_protocol(protocol)
@@ -206,6 +219,8 @@ class TrioNode:
             raise ValueError(f"not a dialable multiaddr with /p2p/<peer id>: {maddr!r}") from exc
         if info.peer_id == host.get_id():
             raise ValueError("refusing to dial ourselves")
+        if not self.gate.admit_connection(info.peer_id.to_base58()):
+            raise PeerUnreachable(f"{info.peer_id} is not an allowed member (or is banned)")
         self.forget_dial_failure(info.peer_id)
         try:
             with trio.fail_after(self.config.dial_timeout_s):
@@ -227,6 +242,22 @@ class TrioNode:
         unblock = getattr(network, "unblock_peer", None)
         if unblock is not None:
             unblock(peer_id)
+
+    async def disconnect(self, peer_id: str) -> None:
+        """Close every connection to ``peer_id`` (best effort; used for non-members and banned peers)."""
+        host = self._host
+        if host is None:
+            return
+        with trio.move_on_after(2.0):
+            try:
+                await host.disconnect(parse_peer_id(peer_id))
+            except Exception as exc:  # already gone, or libp2p cleanup failing: nothing more to do
+                log.debug("disconnect failed peer=%s error=%r", peer_id, exc)
+
+    def penalize(self, peer_id: str) -> None:
+        """Score a peer down; enough penalties ban and disconnect it (see p2p/_security.py)."""
+        if self.gate.penalize(peer_id) and self._nursery is not None:
+            self._nursery.start_soon(self.disconnect, peer_id)
 
     def connected_peers(self) -> list[str]:
         host = self._host
@@ -300,6 +331,19 @@ class TrioNode:
     async def _serve(self, stream: INetStream, protocol: str) -> None:
         peer_id = stream.muxed_conn.peer_id.to_base58()
         ok = False
+        refusal = self.gate.admit_request(peer_id)
+        if refusal is not None:  # refused before reading the payload: a flood costs us one header
+            log.debug("request refused peer=%s protocol=%s reason=%s", peer_id, protocol, refusal)
+            with trio.move_on_after(1.0):
+                try:
+                    await self._write_frame(stream, FrameKind.ERROR, encode_error_payload(refusal, protocol))
+                    ok = True
+                except P2PError:
+                    pass
+            await _finish_stream(stream, ok=ok)
+            if self.gate.is_banned(peer_id) or not self.gate.is_member(peer_id):
+                await self.disconnect(peer_id)
+            return
         try:
             with trio.move_on_after(self.config.handler_timeout_s):
                 ok = await self._serve_one(stream, protocol, peer_id)
@@ -411,6 +455,8 @@ class TrioNode:
                 log.debug("gossip message with bad author dropped topic=%s", topic)
                 continue
             if from_peer == me:  # libp2p delivers our own publishes to our own subscription
+                continue
+            if not self.gate.admit_gossip(from_peer):  # non-member author or over its rate: drop
                 continue
             self.stats.gossip_received += 1
             self.stats.bytes_received += len(msg.data)
