@@ -125,10 +125,8 @@ async def _dht_round(node: TrioNode, dht: KadDHT, key: str, stats: DiscoveryStat
         seen.add(info.peer_id)
         if not info.addrs:
             continue
-        node.forget_dial_failure(info.peer_id)
         try:
-            with trio.fail_after(node.config.dial_timeout_s):
-                await node.host.connect(info)
+            await node.dial_peer_info(info)  # direct addrs, then /p2p-circuit ones (p2p/_nat.py)
         except Exception as exc:  # stale provider record or unreachable peer: try again next round
             stats.dials_failed += 1
             log.debug("discovery dial failed peer=%s error=%r", info.peer_id, exc)

@@ -28,6 +28,7 @@ from p2p._errors import P2PError
 from p2p._framing import DEFAULT_MAX_MESSAGE_BYTES
 from p2p._identity import Identity
 from p2p._libp2p import DIAL_TIMEOUT_S
+from p2p._nat import NatConfig
 from p2p._node import GOSSIP_MAX_BYTES_LIMIT, NodeConfig, TrioNode
 from p2p._security import SWARM_KEY_BYTES, PeerLimits
 
@@ -60,6 +61,18 @@ class HostConfig:
     """`aclose()` stops waiting for the trio thread after this long (it is a daemon thread)."""
     discovery_interval_s: float = 10.0
     """Period of the discovery loop: re-dial bootstrap if needed, re-announce the run, find and dial peers."""
+    autonat: bool = False
+    """NAT traversal (p2p/_nat.py): ask peers to dial us back (AutoNAT v1) and serve their dial-backs."""
+    autonat_confirmations: int = 1
+    """Distinct AutoNAT servers that must agree before `reachability()` flips (libp2p's default: 4)."""
+    relay_service: bool = False
+    """Serve Circuit Relay v2 (HOP) for other peers, within the relay limits of NatConfig."""
+    use_relays: bool = False
+    """Unless public: reserve a slot on connected relays, advertise /p2p-circuit addrs, dial relayed addrs."""
+    hole_punch: bool = False
+    """Upgrade relayed connections to direct ones with DCUtR (TCP simultaneous open)."""
+    max_relays: int = 2
+    """Relays to hold a reservation on at once."""
     swarm_key: bytes | None = field(default=None, repr=False)
     """32-byte private-network key (p2p/_security.py): only peers holding it can connect at all."""
     allow_peers: frozenset[str] | None = None
@@ -124,6 +137,14 @@ class Host:
             bootstrap=tuple(bootstrap),
             run_id=run_id,
             discovery_interval_s=self.config.discovery_interval_s,
+            nat=NatConfig(
+                autonat=self.config.autonat,
+                autonat_confirmations=self.config.autonat_confirmations,
+                relay_service=self.config.relay_service,
+                use_relays=self.config.use_relays,
+                hole_punch=self.config.hole_punch,
+                max_relays=self.config.max_relays,
+            ),
             swarm_key=self.config.swarm_key,
             allow_peers=self.config.allow_peers,
             peer_limits=self.config.peer_limits,
@@ -275,6 +296,32 @@ class Host:
 
     # ------------------------------------------------------------------ stats
 
+    # ------------------------------------------------------------------ NAT traversal
+
+    def reachability(self) -> str:
+        """AutoNAT's verdict: "public", "private" or "unknown" (no verdict yet, or autonat off)."""
+        return self._node.reachability()
+
+    def peer_connections(self) -> dict[str, str]:
+        """Connected peer id -> "direct" or "relayed" (through a Circuit Relay v2 relay), a snapshot."""
+        return self._node.peer_connections()
+
+    def nat_status(self) -> dict[str, Any]:
+        """What the daemon's status/doctor report: reachability, relayed addrs, relays, NAT counters."""
+        nat = self._node.nat
+        return {
+            "reachability": self.reachability(),
+            "connections": self.peer_connections(),
+            "relay_addrs": [f"{a}/p2p/{self.peer_id}" for a in nat.relay_addrs] if nat else [],
+            "relays": sorted(p.to_base58() for p in list(nat.reservations)) if nat else [],
+            "autonat_verdicts": {p.to_base58(): v for p, v in list(nat.verdicts.items())} if nat else {},
+            "relay_service": self.config.relay_service,
+            "use_relays": self.config.use_relays,
+            "hole_punch": self.config.hole_punch,
+            "autonat": self.config.autonat,
+            "counters": dict(nat.counters) if nat else {},
+        }
+
     def stats(self) -> dict[str, Any]:
         """Counters since start: payload bytes of requests/responses/gossip, request and gossip counts.
 
@@ -287,6 +334,7 @@ class Host:
         out.update(self._node.discovery_stats.as_dict())
         out["discovery_failed"] = self._node.discovery_failed
         out["connected_peers"] = len(self.connected_peers())
+        out["reachability"] = self.reachability()
         out["gate"] = self._node.gate.stats()
         return out
 

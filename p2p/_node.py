@@ -25,7 +25,7 @@ from libp2p.custom_types import TProtocol
 from libp2p.exceptions import BaseLibp2pError
 from libp2p.network.stream.exceptions import StreamEOF
 from libp2p.peer.id import ID
-from libp2p.peer.peerinfo import info_from_p2p_addr
+from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 from libp2p.protocol_muxer.exceptions import ProtocolNotSupportedError
 from libp2p.pubsub.pubsub import Pubsub
 from libp2p.tools.anyio_service import background_trio_service
@@ -51,6 +51,7 @@ from p2p._framing import (
 )
 from p2p._identity import Identity
 from p2p._libp2p import GOSSIP_ENVELOPE_HEADROOM_BYTES, build_gossipsub, build_host, check_tcp_ports_free
+from p2p._nat import NatConfig, NatService, is_relayed_addr
 from p2p._security import GateNotifee, PeerGate, PeerLimits
 
 if TYPE_CHECKING:
@@ -79,6 +80,7 @@ class NodeConfig:
     bootstrap: tuple[str, ...] = ()
     run_id: str | None = None
     discovery_interval_s: float = 10.0
+    nat: NatConfig = field(default_factory=NatConfig)
     swarm_key: bytes | None = field(default=None, repr=False)
     allow_peers: frozenset[str] | None = None
     peer_limits: PeerLimits = field(default_factory=PeerLimits)
@@ -143,6 +145,7 @@ class TrioNode:
         self._topics: set[str] = set()
         self.listen_addrs: list[str] = []
         self.discovery_failed = False
+        self.nat: NatService | None = None  # set while running when config.nat.enabled (p2p/_nat.py)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -173,6 +176,9 @@ class TrioNode:
                 self.listen_addrs = [str(a) for a in host.get_addrs()]
                 for protocol in list(self._handlers):
                     self.register_protocol(protocol)
+                if self.config.nat.enabled:  # before discovery: it falls back to relayed dials
+                    self.nat = NatService(host, self.config.nat)
+                    await nursery.start(self.nat.run)
                 if self.config.bootstrap or self.config.run_id is not None:
                     nursery.start_soon(self._supervise_discovery)
                 try:
@@ -221,6 +227,10 @@ class TrioNode:
             raise ValueError("refusing to dial ourselves")
         if not self.gate.admit_connection(info.peer_id.to_base58()):
             raise PeerUnreachable(f"{info.peer_id} is not an allowed member (or is banned)")
+        if is_relayed_addr(maddr):  # libp2p's swarm never dials /p2p-circuit (p2p/_nat.py, bug 3)
+            if self.nat is None or not await self.nat.dial_relayed(info.peer_id, info.addrs):
+                raise PeerUnreachable(f"relayed dial {maddr} failed (use_relays off, or no circuit)")
+            return info.peer_id.to_base58()
         self.forget_dial_failure(info.peer_id)
         try:
             with trio.fail_after(self.config.dial_timeout_s):
@@ -258,6 +268,32 @@ class TrioNode:
         """Score a peer down; enough penalties ban and disconnect it (see p2p/_security.py)."""
         if self.gate.penalize(peer_id) and self._nursery is not None:
             self._nursery.start_soon(self.disconnect, peer_id)
+
+    async def dial_peer_info(self, info: PeerInfo) -> None:
+        """Dial a discovered peer: its direct addrs first, then its /p2p-circuit addrs. Raises on failure."""
+        host = self._require_host()
+        self.forget_dial_failure(info.peer_id)
+        try:
+            with trio.fail_after(self.config.dial_timeout_s):
+                await host.connect(info)
+            return
+        except Exception:
+            if self.nat is None or not any(is_relayed_addr(a) for a in info.addrs):
+                raise
+        if not await self.nat.dial_relayed(info.peer_id, info.addrs):
+            raise PeerUnreachable(f"{info.peer_id}: direct and relayed dials failed")
+
+    def reachability(self) -> str:
+        """AutoNAT verdict: "public", "private" or "unknown" (always "unknown" with autonat off)."""
+        return self.nat.status if self.nat is not None else "unknown"
+
+    def peer_connections(self) -> dict[str, str]:
+        host = self._host
+        if host is None:
+            return {}
+        if self.nat is not None:
+            return self.nat.peer_connections()
+        return {p.to_base58(): "direct" for p in host.get_connected_peers()}
 
     def connected_peers(self) -> list[str]:
         host = self._host
