@@ -7,8 +7,10 @@ request/response framing), `_libp2p.py` (safe libp2p construction and monkeypatc
 """
 
 from p2p._errors import (
+    BlobNotFound,
     DiscoveryError,
     HostClosed,
+    IntegrityError,
     MessageTooLarge,
     P2PError,
     PeerUnreachable,
@@ -16,6 +18,7 @@ from p2p._errors import (
     ProtocolViolation,
     RemoteError,
     RequestTimeout,
+    TransferFailed,
 )
 from p2p._host import GossipMessage, Host, HostConfig
 from p2p._identity import Identity, load_or_create_identity, peer_id_from_public_key
@@ -27,14 +30,19 @@ from p2p._security import (
     parse_swarm_key,
     write_swarm_key,
 )
+from p2p._transfer import BlobSource, Manifest
 
 __all__ = [
+    "BlobNotFound",
+    "BlobSource",
     "DiscoveryError",
     "GossipMessage",
     "Host",
     "HostClosed",
     "HostConfig",
     "Identity",
+    "IntegrityError",
+    "Manifest",
     "MessageTooLarge",
     "P2PError",
     "PeerLimits",
@@ -44,6 +52,7 @@ __all__ = [
     "RemoteError",
     "RequestTimeout",
     "SwarmKeyError",
+    "TransferFailed",
     "generate_swarm_key",
     "load_or_create_identity",
     "load_swarm_key",

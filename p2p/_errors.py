@@ -11,7 +11,10 @@ survives for debugging, while callers only ever need to catch `P2PError` subclas
     ├── RequestTimeout        the whole request (dial + send + remote handler + receive) exceeded timeout_s
     ├── RemoteError           the remote handler raised; `.error_type` and `.remote_message` describe it
     ├── ProtocolViolation     the peer sent bytes that break our framing (bad kind, oversized frame, EOF)
-    │   └── MessageTooLarge   a frame is larger than the configured `max_message_bytes`
+    │   ├── MessageTooLarge   a frame is larger than the configured `max_message_bytes`
+    │   └── IntegrityError    transferred bytes do not match their blake2b digest
+    ├── TransferFailed        `fetch_blob` gave up: every peer failed or time ran out (`.peer_errors`)
+    │   └── BlobNotFound      no peer offered the blob (every peer answered "not found" or was unreachable)
     └── DiscoveryError        the DHT could not be started or queried
 
 Rejected alternative: re-raising libp2p exceptions directly (hivemind style). Their tree is wide, changes
@@ -22,8 +25,10 @@ know any of it.
 from __future__ import annotations
 
 __all__ = [
+    "BlobNotFound",
     "DiscoveryError",
     "HostClosed",
+    "IntegrityError",
     "MessageTooLarge",
     "P2PError",
     "PeerUnreachable",
@@ -31,6 +36,7 @@ __all__ = [
     "ProtocolViolation",
     "RemoteError",
     "RequestTimeout",
+    "TransferFailed",
 ]
 
 
@@ -78,3 +84,30 @@ class MessageTooLarge(ProtocolViolation):
 
 class DiscoveryError(P2PError):
     """The Kademlia DHT could not be started or queried."""
+
+
+class IntegrityError(ProtocolViolation):
+    """Bytes received for a blob (one chunk, or the reassembled whole) do not match their blake2b digest."""
+
+
+class TransferFailed(P2PError):
+    """A blob fetch gave up: every peer failed, or the fetch's deadline passed.
+
+    Attributes:
+        peer_errors: peer id -> why that peer was dropped from the fetch (unreachable, timeout, corrupt ...).
+        chunks_done / chunks_total: progress reached; with ``dest=`` the verified chunks stay in the partial
+            file, so calling `fetch_blob` again resumes from them.
+    """
+
+    def __init__(
+        self, message: str, *, peer_errors: dict[str, str], chunks_done: int = 0, chunks_total: int = 0
+    ) -> None:
+        detail = "; ".join(f"{p[-8:]}: {e}" for p, e in peer_errors.items())
+        super().__init__(f"{message} ({chunks_done}/{chunks_total} chunks) [{detail}]")
+        self.peer_errors = peer_errors
+        self.chunks_done = chunks_done
+        self.chunks_total = chunks_total
+
+
+class BlobNotFound(TransferFailed):
+    """No peer could provide a manifest for the blob id (not served there, or unreachable)."""

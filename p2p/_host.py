@@ -20,9 +20,11 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from p2p._blobs import BlobProvider, BlobStats, fetch_blob, serve_blobs
 from p2p._bridge import TrioBridge
 from p2p._errors import P2PError
 from p2p._framing import DEFAULT_MAX_MESSAGE_BYTES
@@ -128,6 +130,7 @@ class Host:
         self._handlers: dict[str, RequestHandler] = {}
         self._subscribers: dict[str, list[asyncio.Queue[GossipMessage]]] = {}
         self._gossip_dropped = 0
+        self._blob_stats = BlobStats()
         node_config = NodeConfig(
             listen_addrs=tuple(listen_addrs),
             max_message_bytes=self.config.max_message_bytes,
@@ -248,6 +251,64 @@ class Host:
         payload = data if type(data) is bytes else bytes(data)  # no 64 MB copy on the loop for plain bytes
         return await self._bridge.run(self._node.request, peer_id, protocol, payload, timeout_s)
 
+    # ------------------------------------------------------------------ bulk transfer (p2p/_blobs.py)
+
+    def serve_blobs(self, provider: BlobProvider) -> None:
+        """Serve blobs over `/meshtrain/blob/1`: ``provider(blob_id: bytes) -> BlobSource | None``.
+
+        The provider (sync, or async returning the same) runs on this loop for every manifest and chunk
+        request, so it must be a cheap lookup (e.g. a dict of prepared `BlobSource`s); None answers "not
+        served here". Build sources ahead of time (``await asyncio.to_thread(BlobSource.from_file, path)``):
+        they hash the blob once. Calling it again replaces the provider.
+        """
+        serve_blobs(self, provider, self._blob_stats)
+
+    async def fetch_blob(
+        self,
+        blob_id: bytes,
+        *,
+        peers: list[str] | tuple[str, ...],
+        digest: bytes | None = None,
+        size: int | None = None,
+        dest: str | Path | None = None,
+        timeout_s: float = 600.0,
+        chunk_timeout_s: float = 30.0,
+        max_in_flight_per_peer: int = 2,
+    ) -> bytes | Path:
+        """Fetch a blob from ``peers`` in parallel, verified chunk by chunk and as a whole (blake2b-256).
+
+        Args:
+            blob_id: the id the serving peers' provider knows the blob by.
+            peers: connected peers that may hold it; chunks are pulled from all of them at once, and a peer
+                that fails (unreachable, chunk timeout, corrupt chunk) is dropped while the others go on.
+            digest: blake2b-256 of the whole blob, if known in advance (e.g. from a signed announcement):
+                manifests that disagree are refused before any chunk is fetched. Without it the first
+                manifest that arrives is trusted, and the whole-blob check only proves self-consistency.
+            size: expected size in bytes, if known (same role as ``digest``).
+            dest: write to this path (via ``<dest>.part``, fsynced, renamed) and return it; memory stays
+                bounded by peers x max_in_flight_per_peer x chunk size. Re-calling after a failure resumes:
+                chunks already in the part file are re-verified and not fetched again. None: return bytes.
+            timeout_s: deadline of the whole fetch; chunk_timeout_s: of each single request.
+
+        Raises:
+            BlobNotFound: no peer produced an acceptable manifest (``.peer_errors`` says why per peer).
+            TransferFailed: every peer was dropped, or the deadline passed (``.peer_errors``,
+                ``.chunks_done``/``.chunks_total``).
+            IntegrityError: the reassembled blob does not match the manifest digest.
+        """
+        return await fetch_blob(
+            self,
+            blob_id,
+            peers=peers,
+            stats=self._blob_stats,
+            digest=digest,
+            size=size,
+            dest=Path(dest) if dest is not None else None,
+            timeout_s=timeout_s,
+            chunk_timeout_s=chunk_timeout_s,
+            max_in_flight_per_peer=max_in_flight_per_peer,
+        )
+
     # ------------------------------------------------------------------ gossip
 
     async def publish(self, topic: str, data: bytes) -> None:
@@ -331,6 +392,7 @@ class Host:
         """
         out: dict[str, Any] = dict(self._node.stats.as_dict())
         out["gossip_dropped_queue_full"] = self._gossip_dropped
+        out.update(self._blob_stats.as_dict())
         out.update(self._node.discovery_stats.as_dict())
         out["discovery_failed"] = self._node.discovery_failed
         out["connected_peers"] = len(self.connected_peers())
