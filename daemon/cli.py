@@ -189,6 +189,21 @@ def status(home: Path | None, as_json: bool) -> None:
 @main.command()
 @home_option
 @json_option
+def doctor(home: Path | None, as_json: bool) -> None:
+    """Explain this node's connectivity (NAT, relays, what to forward, which address to share)."""
+    from daemon.doctor import diagnose
+
+    report = diagnose(_call(_home(home), "GET", "/v1/status", as_json=as_json))
+    if as_json:
+        _echo_json(report.as_dict())
+        return
+    for line in report.lines:
+        click.echo(line)
+
+
+@main.command()
+@home_option
+@json_option
 def peers(home: Path | None, as_json: bool) -> None:
     """List connected peers."""
     data = _call(_home(home), "GET", "/v1/peers", as_json=as_json)

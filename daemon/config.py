@@ -51,6 +51,16 @@ class NodeConfig:
     """Multiaddrs (ending in /p2p/<peer id>) of peers to join through. Empty: this node founds the run."""
     mdns: bool = False
     """Discover peers of the run on the local network by multicast DNS."""
+    autonat: bool = True
+    """Ask peers to dial us back (AutoNAT) to learn whether this node is publicly reachable."""
+    autonat_confirmations: int = 1
+    """Peers that must agree before reachability flips to public/private (libp2p's default is 4)."""
+    relay_service: bool = False
+    """Relay traffic (Circuit Relay v2, with limits) for peers behind NAT. Turn on for public nodes."""
+    use_relays: bool = True
+    """Unless publicly reachable: reserve a slot on a relay peer and advertise a /p2p-circuit address."""
+    hole_punch: bool = True
+    """Upgrade relayed connections to direct ones by hole punching (DCUtR)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -275,6 +285,13 @@ listen = {listen}
 bootstrap = {bootstrap}
 # Find peers of the run on the local network by multicast DNS.
 mdns = false
+# NAT traversal (`meshtrain doctor` explains what to do behind NAT). Learn our reachability (AutoNAT):
+autonat = true
+# Relay for peers behind NAT (public nodes): relay_service = true
+relay_service = false
+# Behind NAT: reserve a slot on a relay and advertise the relayed address; hole punch to direct.
+use_relays = true
+hole_punch = true
 
 [training]
 # Train locally (a node with training off still merges and serves the model).

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import random
@@ -96,6 +97,14 @@ class Node:
             listen_addrs=list(config.node.listen),
             bootstrap=config.node.bootstrap,
             run_id=config.node.run,
+            config=dataclasses.replace(  # NAT traversal knobs from [node] (p2p/_nat.py, daemon/doctor.py)
+                p2p.HostConfig(),
+                autonat=config.node.autonat,
+                autonat_confirmations=config.node.autonat_confirmations,
+                relay_service=config.node.relay_service,
+                use_relays=config.node.use_relays,
+                hole_punch=config.node.hole_punch,
+            ),
         )
         self.state: crdt.ModelState | None = None
         self.trainer: TrainerProcess | None = None
@@ -586,6 +595,9 @@ class Node:
             "retained_contributions": state.retained_count if state else 0,
             "blocked_peers": sorted(self.blocked_peers),
             "p2p": stats,
+            "reachability": self.host.reachability(),
+            "connections": self.host.peer_connections(),
+            "nat": self.host.nat_status(),
             "uptime_s": round(time.time() - self.started_at, 3),
         }
 
