@@ -119,6 +119,12 @@ def init(
 @click.option("--task", default=None, help="Task name or module:factory; overrides the config.")
 @click.option("--max-rounds", type=click.IntRange(min=0), default=None, help="Stop training after N rounds.")
 @click.option("--no-train", is_flag=True, help="Serve and merge the model without training locally.")
+@click.option(
+    "--swarm-key",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Swarm key file of a private run (see `meshtrain swarm-key`); overrides [node] swarm_key.",
+)
 @click.option("--log-level", default="INFO", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
 def daemon(
     home: Path | None,
@@ -127,6 +133,7 @@ def daemon(
     task: str | None,
     max_rounds: int | None,
     no_train: bool,
+    swarm_key: Path | None,
     log_level: str,
 ) -> None:
     """Run the node in the foreground until SIGTERM or SIGINT."""
@@ -136,6 +143,8 @@ def daemon(
     try:
         config = node_home.load_config()
         config = config.with_overrides("node", listen=listen or None, bootstrap=bootstrap or None)
+        if swarm_key is not None:
+            config = config.with_overrides("node", swarm_key=str(swarm_key.expanduser().absolute()))
         config = config.with_overrides(
             "training", task=task, max_rounds=max_rounds, enabled=False if no_train else None
         )
@@ -387,6 +396,27 @@ def _done(as_json: bool, result: dict[str, Any]) -> None:
         _echo_json(result)
     else:
         console.print(", ".join(f"{k}: {v}" for k, v in result.items()))
+
+
+@main.group("swarm-key")
+def swarm_key_group() -> None:
+    """Private runs: a shared secret that every member holds (see SECURITY.md)."""
+
+
+@swarm_key_group.command("generate")
+@click.argument("path", type=click.Path(dir_okay=False, path_type=Path))
+def swarm_key_generate(path: Path) -> None:
+    """Write a new random swarm key to PATH (mode 0600; never overwrites). Copy it to every member
+    over a secure channel and start each daemon with --swarm-key PATH (or [node] swarm_key)."""
+    import p2p
+
+    try:
+        p2p.write_swarm_key(path)
+    except FileExistsError:
+        _fail(f"{path} already exists; a run's key is never overwritten")
+    except OSError as exc:
+        _fail(f"cannot write {path}: {exc.strerror or exc}")
+    click.echo(f"wrote swarm key {path}")
 
 
 def _fmt(value: float | None) -> str:

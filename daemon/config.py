@@ -51,6 +51,11 @@ class NodeConfig:
     """Multiaddrs (ending in /p2p/<peer id>) of peers to join through. Empty: this node founds the run."""
     mdns: bool = False
     """Discover peers of the run on the local network by multicast DNS."""
+    swarm_key: str = ""
+    """Path (relative to the home dir) of the run's swarm key: a private network only key holders can
+    join (``meshtrain swarm-key generate FILE``; see SECURITY.md). Empty: an open network."""
+    allow_peers: tuple[str, ...] = ()
+    """If not empty, only these peer ids may connect, send requests or author gossip."""
     autonat: bool = True
     """Ask peers to dial us back (AutoNAT) to learn whether this node is publicly reachable."""
     autonat_confirmations: int = 1
@@ -285,6 +290,10 @@ listen = {listen}
 bootstrap = {bootstrap}
 # Find peers of the run on the local network by multicast DNS.
 mdns = false
+# Private run: path (relative to this dir) of a swarm key made by `meshtrain swarm-key generate FILE`.
+# swarm_key = "swarm.key"
+# Only these peer ids may connect (empty: anyone holding the swarm key, or anyone if there is none).
+# allow_peers = ["12D3Koo..."]
 # NAT traversal (`meshtrain doctor` explains what to do behind NAT). Learn our reachability (AutoNAT):
 autonat = true
 # Relay for peers behind NAT (public nodes): relay_service = true

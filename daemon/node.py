@@ -39,7 +39,7 @@ from typing import Any
 
 import crdt
 import p2p
-from daemon import wire
+from daemon import security, wire
 from daemon.config import Config
 from daemon.home import Home
 from daemon.store import Store
@@ -98,7 +98,7 @@ class Node:
             bootstrap=config.node.bootstrap,
             run_id=config.node.run,
             config=dataclasses.replace(  # NAT traversal knobs from [node] (p2p/_nat.py, daemon/doctor.py)
-                p2p.HostConfig(),
+                security.host_config(home.path, config.node),
                 autonat=config.node.autonat,
                 autonat_confirmations=config.node.autonat_confirmations,
                 relay_service=config.node.relay_service,
@@ -132,7 +132,8 @@ class Node:
         await self.host.start()
         try:
             self.host.set_request_handler(wire.GENESIS_PROTOCOL, self._serve_genesis)
-            self.host.set_request_handler(wire.SYNC_PROTOCOL, self._serve_sync)
+            sync_handler = security.counting(self._serve_sync, self._reject)
+            self.host.set_request_handler(wire.SYNC_PROTOCOL, sync_handler)
             self.host.set_request_handler(wire.SNAPSHOT_PROTOCOL, self._serve_snapshot)
             announcements = self.host.subscribe(wire.announce_topic(self.config.node.run))
             self._start_trainer_spec()
@@ -276,10 +277,12 @@ class Node:
         )
 
     def _reject(self, peer: str, reason: Exception) -> None:
+        """Count (by exception type, shown in status), log, and score the sending peer down."""
         key = type(reason).__name__
         self.counters.rejected += 1
         self.counters.rejected_reasons[key] = self.counters.rejected_reasons.get(key, 0) + 1
-        log.warning("rejected contribution peer=%s reason=%s", peer, reason)
+        log.warning("rejected input peer=%s reason=%s: %s", peer, key, reason)
+        self.host.penalize(peer)
 
     # -- serving peers --------------------------------------------------------------------------------
 
@@ -360,6 +363,8 @@ class Node:
             except (p2p.P2PError, wire.WireError, crdt.CrdtError) as exc:
                 self.counters.pull_failures += 1
                 log.info("pull failed peer=%s error=%s", peer, exc)
+                if not isinstance(exc, p2p.P2PError):  # the peer answered garbage, not just failed
+                    self._reject(peer, exc)
                 return
             self._peer_vectors[peer] = remote.version_vector
             if response.snapshot_required and not response.contributions:
@@ -433,7 +438,7 @@ class Node:
             try:
                 announcement = wire.Announcement.decode(message.data)
             except wire.WireError as exc:
-                log.info("bad announcement peer=%s error=%s", message.from_peer, exc)
+                self._reject(message.from_peer, exc)
                 continue
             assert self.state is not None
             if self.state.version_vector.get(announcement.author) < announcement.seq:

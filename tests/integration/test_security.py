@@ -1,0 +1,170 @@
+"""Security end to end with real daemon processes (SECURITY.md).
+
+* A private run (swarm key): an outsider daemon bootstrapping from a member can neither connect nor
+  fetch the genesis, so it cannot contribute; the members train and converge without it.
+* A hostile peer (a p2p.Host in this process, no swarm key on an open run) feeds a real daemon garbage
+  sync requests, garbage gossip, and garbage or forged sync responses; the daemon stays up, its state hash
+  does not move, and status counts each rejection by reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+import tomllib
+from pathlib import Path
+
+import msgpack
+import numpy as np
+import pytest
+import tomli_w
+
+import crdt
+import p2p
+from daemon import wire
+from daemon.cluster import Cluster, converged
+from daemon.home import Home
+
+pytestmark = pytest.mark.timeout(300)
+
+DEADLINE_S = 200.0
+
+
+def _patch_node_config(home: str, **values: object) -> None:
+    config_file = Home(Path(home)).config_file
+    config = tomllib.loads(config_file.read_text())
+    config["node"].update(values)
+    config_file.write_text(tomli_w.dumps(config))
+
+
+def test_private_run_keeps_an_outsider_out(cluster_dir: Path, tmp_path: Path) -> None:
+    members = Cluster(cluster_dir)
+    infos = members.create(2, task="digits", training={"max_rounds": 2, "eval_every": 2})
+    key_file = tmp_path / "swarm.key"
+    p2p.write_swarm_key(key_file)
+    for info in infos:
+        _patch_node_config(info.home, swarm_key=str(key_file))
+    outsider = Cluster(cluster_dir / "outsider")  # stopped in the finally below
+    (outsider_info,) = outsider.create(1, task="digits", training={"max_rounds": 2})
+    _patch_node_config(outsider_info.home, bootstrap=[infos[0].addr])  # same run, knows a member's address
+    try:
+        for info in infos:
+            members.start(info.index)
+        outsider.start(0)
+        statuses = members.wait_until(
+            lambda s: converged(s, contributions=4), timeout_s=DEADLINE_S, what="the members to converge"
+        )
+        # The outsider never gets the genesis, so it never even opens its control socket ("ready").
+        outsider_home = Home(Path(outsider_info.home))
+        assert Cluster._running_pid(outsider_home) is not None, "the outsider daemon should still be trying"
+        outsider_log = (outsider_home.path / "daemon.log").read_text()
+        assert "fetched genesis" not in outsider_log and "msg=ready" not in outsider_log, outsider_log[-3000:]
+        (outside,) = outsider.status()
+        assert "error" in outside or outside["genesis"] is None, outside
+        for status in statuses:
+            assert outsider_info.peer_id not in status["peers"]
+            assert outsider_info.peer_id not in status["version_vector"]
+            assert set(status["version_vector"]) == {i.peer_id for i in infos}
+    finally:
+        outsider.down()
+
+
+class Hostile:
+    """Serves /meshtrain/sync/1 with a scripted list of bad responses, one per request."""
+
+    def __init__(self, responses: list[bytes]) -> None:
+        self.responses = list(responses)
+        self.served = 0
+
+    async def serve(self, peer: str, data: bytes) -> bytes:
+        self.served += 1
+        return self.responses.pop(0) if self.responses else b"\xc1"
+
+
+def _response(*contributions: bytes, digest: bytes | None = None) -> bytes:
+    empty = crdt.Digest(crdt.VersionVector.from_dict({}), "00" * 32, 0).encode()
+    return wire.SyncResponse(digest=digest or empty, contributions=contributions).encode()
+
+
+async def _attack(addr: str, genesis_run: str, statuses: callable) -> dict:  # type: ignore[valid-type]
+    attacker = crdt.Signer.from_seed(os.urandom(32))
+    identity = p2p.Identity.generate()
+    async with p2p.Host(identity) as host:
+        victim = await host.connect(addr)
+        genesis = crdt.Genesis.decode(
+            await host.request(
+                victim, wire.GENESIS_PROTOCOL, wire.GenesisRequest(genesis_run).encode(), timeout_s=30
+            )
+        )
+        length = genesis.fragment_length(0)
+        good_payload = crdt.encode_payload("dense-f32", length, None, np.full(length, 1e-3, np.float32))
+
+        def signed(
+            seq: int, *, fragment: int = 0, payload: bytes = good_payload, weight: float = 1.0
+        ) -> bytes:
+            return crdt.make_contribution(
+                attacker,
+                seq=seq,
+                fragment=fragment,
+                codec="dense-f32",
+                payload=payload,
+                weight=weight,
+                base_version=b"\x00" * 32,
+            ).encode()
+
+        forged = crdt.Contribution.decode(signed(1))
+        bad_signature = crdt.Contribution(*[getattr(forged, f) for f in forged.__slots__][:-1], b"\x01" * 64)
+        one, nan = np.float32(1e-3).tobytes(), np.float32(np.nan).tobytes()
+        nan_payload = good_payload.replace(one, nan)  # the encoder refuses NaN; a hostile peer does not
+        script = [
+            b"\x00garbage",  # not msgpack
+            msgpack.packb({"v": 1, "digest": b"x", "contributions": [b"y"], "snapshot_required": False}),
+            _response(b"\x93\x01\x02\x03"),  # a contribution that is not one
+            _response(bad_signature.encode()),  # forged: signature does not verify
+            _response(signed(10**9)),  # valid signature, enormous sequence gap
+            _response(signed(1, fragment=10**6)),  # fragment not in this genesis
+            _response(signed(1, payload=nan_payload)),  # NaN values
+            _response(signed(1, weight=1e6)),  # norm far above the bound
+        ]
+        hostile = Hostile(script)
+        host.set_request_handler(wire.SYNC_PROTOCOL, hostile.serve)
+        topic = wire.announce_topic(genesis_run)
+        host.subscribe(topic)
+        deadline = time.monotonic() + 30
+        while victim not in host.gossip_peers(topic) and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        # Garbage requests straight at the daemon's handlers.
+        for junk in (b"", b"\xc1", msgpack.packb({"v": 1, "genesis": 5, "digest": "x"}), os.urandom(300)):
+            with pytest.raises(p2p.RemoteError):
+                await host.request(victim, wire.SYNC_PROTOCOL, junk, timeout_s=10)
+        await host.publish(topic, b"not an announcement")
+        # Each announcement of an unknown (author, seq) makes the daemon pull from us: one script entry each.
+        for seq in range(1, len(script) + 1):
+            announcement = wire.Announcement(author=attacker.public_key, seq=seq, fragment=0, size=1, id="x")
+            await host.publish(topic, announcement.encode())
+            deadline = time.monotonic() + 20
+            while hostile.served < seq and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+        await asyncio.sleep(0.5)  # let the last pull's rejection be counted (checked by polling below)
+        return {"served": hostile.served, "script": len(script)}
+
+
+def test_hostile_peer_cannot_corrupt_a_daemon(cluster_dir: Path) -> None:
+    group = Cluster(cluster_dir)
+    (info,) = group.up(1, task="digits", training={"enabled": False})
+    before = group.wait_until(
+        lambda s: s[0].get("state_hash") is not None, timeout_s=120, what="the daemon to load its state"
+    )[0]
+    result = asyncio.run(_attack(info.addr, "cluster", group.status))
+    assert result["served"] >= result["script"], result
+    after = group.wait_until(
+        lambda s: s[0]["counters"]["rejected"] >= 12, timeout_s=30, what="every rejection to be counted"
+    )[0]
+    reasons = after["counters"]["rejected_reasons"]
+    assert after["state_hash"] == before["state_hash"] and after["contributions"] == 0
+    assert after["pid"] == before["pid"]  # still the same, running daemon
+    assert reasons.get("WireError", 0) >= 5, reasons  # 4 junk requests + junk gossip (+ junk responses)
+    for reason in ("SignatureError", "GapTooLargeError", "GenesisMismatchError"):
+        assert reasons.get(reason, 0) >= 1, reasons
+    assert reasons.get("ValidationError", 0) >= 3, reasons  # not msgpack contribution, NaN, norm
