@@ -85,6 +85,17 @@ class Limits:
     """Largest genesis encoding accepted (2 GiB: ~500M float32 params)."""
     max_meta_items: int = 64
     """Genesis meta entries; meta is a label, not a storage area."""
+    clip_norm: float | None = None
+    """Robust aggregation (off when None): an applied contribution whose weighted L2 norm exceeds this is
+    scaled down to exactly this norm before fixed-point conversion. The norm is computed exactly
+    (``math.fsum``), so the scaling is a pure function of the record and every replica adds the same
+    integers: convergence is unaffected. It must be the same on every replica of a run, so a run fixes it
+    in its genesis (``meta["clip_norm"]``, see ``ModelState``); bounds one Byzantine author's influence per
+    contribution to ``clip_norm`` (it does not stop many small poisoned updates)."""
+
+    def __post_init__(self) -> None:
+        if self.clip_norm is not None and not (math.isfinite(self.clip_norm) and self.clip_norm > 0):
+            raise ValueError("clip_norm must be a finite positive number or None")
 
 
 DEFAULT_LIMITS = Limits()

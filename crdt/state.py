@@ -41,8 +41,10 @@ carry slot ids; rejected for v1 as not worth the complexity while authors are kn
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import enum
 import hashlib
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -125,7 +127,7 @@ class ModelState:
 
     def __init__(self, genesis: Genesis, *, limits: Limits = DEFAULT_LIMITS) -> None:
         self._genesis = genesis
-        self._limits = limits
+        self._limits = _with_genesis_clip(genesis, limits)
         self._acc = np.zeros(genesis.length, dtype=np.int64)
         self._vv: dict[bytes, int] = {}
         self._floor: dict[bytes, int] = {}  # seqs <= floor[author] are applied but no longer retained
@@ -270,7 +272,12 @@ class ModelState:
     def _add(self, c: Contribution) -> None:
         indices, values = c.validate_against(self._genesis, self._limits)
         start = self._genesis.fragments[c.fragment][0]
-        delta = np.rint(values.astype(np.float64) * c.weight * _SCALE).astype(np.int64)
+        v64 = values.astype(np.float64)
+        factor = clip_factor(v64, c.weight, self._limits.clip_norm)
+        if factor is None:
+            delta = np.rint(v64 * c.weight * _SCALE).astype(np.int64)
+        else:
+            delta = np.rint(v64 * c.weight * factor * _SCALE).astype(np.int64)
         target = indices.astype(np.int64) + start
         self._acc[target] += delta  # indices are unique (strictly increasing), so no np.add.at needed
         self._vv[c.author] = c.seq
@@ -365,3 +372,32 @@ class ModelState:
     def apply_all(self, contributions: Iterable[Contribution]) -> list[ApplyOutcome]:
         """Convenience: apply in order, stopping at the first exception."""
         return [self.apply(c) for c in contributions]
+
+
+def clip_factor(values: np.ndarray, weight: float, clip_norm: float | None) -> float | None:
+    """The deterministic scale that brings ``weight * values`` down to ``clip_norm`` (None: no clipping).
+
+    ``math.fsum`` of the squares is exactly rounded, and sqrt/multiply/divide are correctly rounded IEEE
+    operations, so every replica computes the same factor bit for bit (numpy's pairwise sum may differ
+    across SIMD code paths, which is fine for a rejection bound but not for the accumulated value).
+    """
+    if clip_norm is None:
+        return None
+    v64 = values.astype(np.float64, copy=False)
+    norm = math.sqrt(math.fsum((v64 * v64).tolist())) * weight
+    if norm <= clip_norm:
+        return None
+    return clip_norm / norm
+
+
+def _with_genesis_clip(genesis: Genesis, limits: Limits) -> Limits:
+    """A run may fix robust aggregation in its genesis (``meta["clip_norm"]``): it then applies on every
+    replica, whatever limits the caller passed, because a per-replica setting would break convergence."""
+    raw = genesis.meta.get("clip_norm")
+    if raw is None:
+        return limits
+    try:
+        return dataclasses.replace(limits, clip_norm=float(raw))
+    except ValueError:
+        raise GenesisMismatchError(f"genesis: clip_norm {raw!r} is not a finite positive number") from None
+
