@@ -14,15 +14,20 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 
 import p2p
+from daemon.logs import RingBufferHandler
 from daemon.node import Node, NodeError
 
-__all__ = ["create_app", "open_control_site"]
+__all__ = ["create_app", "full_status", "open_control_site"]
 
 NODE = web.AppKey("node", Node)
+LOGS = web.AppKey("logs", RingBufferHandler)
+DEFAULT_LOG_LINES = 100
+MAX_LOG_LINES = 5000  # the ring's capacity (daemon.logs.RING_CAPACITY)
 routes = web.RouteTableDef()
 
 
@@ -30,9 +35,52 @@ def _error(status: int, message: str) -> web.Response:
     return web.json_response({"error": message}, status=status)
 
 
+def full_status(node: Node) -> dict[str, Any]:
+    """The node's status plus the runtime knobs (limits, reloadable config) the service layer owns."""
+    limits = node.limits.as_dict() | {"waited_s": round(node.limits.bucket.waited_s, 3)}
+    training = node.config.training
+    return node.status() | {
+        "limits": limits,
+        "config": {
+            "log_level": node.config.log.level,
+            "max_rounds": training.max_rounds,
+            "eval_every": training.eval_every,
+            "sync_interval_s": node.config.sync.interval_s,
+        },
+    }
+
+
 @routes.get("/v1/status")
 async def status(request: web.Request) -> web.Response:
-    return web.json_response(request.app[NODE].status())
+    return web.json_response(full_status(request.app[NODE]))
+
+
+@routes.get("/v1/limits")
+async def get_limits(request: web.Request) -> web.Response:
+    return web.json_response(request.app[NODE].limits.as_dict())
+
+
+@routes.post("/v1/limits")
+async def set_limits(request: web.Request) -> web.Response:
+    body = await _json_body(request)
+    unknown = set(body) - {"threads", "bandwidth_bytes_per_s"}
+    if unknown or not body:
+        return _error(400, 'body must be {"threads": n, "bandwidth_bytes_per_s": x} (either or both)')
+    node = request.app[NODE]
+    try:
+        node.limits.set(threads=body.get("threads"), bandwidth_bytes_per_s=body.get("bandwidth_bytes_per_s"))
+    except ValueError as exc:
+        return _error(400, str(exc))
+    return web.json_response(node.limits.as_dict())
+
+
+@routes.get("/v1/logs")
+async def logs(request: web.Request) -> web.Response:
+    raw = request.query.get("lines", str(DEFAULT_LOG_LINES))
+    if not raw.isdigit() or not 0 < int(raw) <= MAX_LOG_LINES:
+        return _error(400, f"lines must be an integer in 1..{MAX_LOG_LINES}, got {raw!r}")
+    ring = request.app.get(LOGS)
+    return web.json_response({"lines": ring.tail(int(raw)) if ring is not None else []})
 
 
 @routes.get("/v1/peers")
@@ -113,16 +161,20 @@ async def _json_body(request: web.Request) -> dict:
     return body
 
 
-def create_app(node: Node) -> web.Application:
+def create_app(node: Node, *, logs: RingBufferHandler | None = None) -> web.Application:
     app = web.Application()
     app[NODE] = node
+    if logs is not None:
+        app[LOGS] = logs
     app.add_routes(routes)
     return app
 
 
-async def open_control_site(node: Node, socket_path: Path) -> web.AppRunner:
+async def open_control_site(
+    node: Node, socket_path: Path, *, logs: RingBufferHandler | None = None
+) -> web.AppRunner:
     """Serve the API on ``socket_path`` (mode 0600); the caller owns the runner and cleans it up."""
-    runner = web.AppRunner(create_app(node), access_log=None)
+    runner = web.AppRunner(create_app(node, logs=logs), access_log=None)
     await runner.setup()
     socket_path.unlink(missing_ok=True)
     old_umask = os.umask(0o177)  # the socket is created 0600, with no window where it is wider

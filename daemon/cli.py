@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from daemon import render
 from daemon.client import ControlClient, DaemonNotRunning, RequestFailed
 from daemon.cluster import Cluster, ClusterError
 from daemon.config import ConfigError, default_home, render_config
@@ -125,7 +127,12 @@ def init(
     default=None,
     help="Swarm key file of a private run (see `meshtrain swarm-key`); overrides [node] swarm_key.",
 )
-@click.option("--log-level", default="INFO", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
+@click.option(
+    "--log-level",
+    default=None,
+    type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]),
+    help="Overrides [log] level of the config.",
+)
 def daemon(
     home: Path | None,
     listen: tuple[str, ...],
@@ -134,13 +141,16 @@ def daemon(
     max_rounds: int | None,
     no_train: bool,
     swarm_key: Path | None,
-    log_level: str,
+    log_level: str | None,
 ) -> None:
-    """Run the node in the foreground until SIGTERM or SIGINT."""
+    """Run the node in the foreground until SIGTERM or SIGINT; SIGHUP reloads the config file."""
+    from daemon.config import Config
     from daemon.service import configure_logging, run_daemon
 
     node_home = _home(home)
-    try:
+
+    def load() -> Config:
+        # Also used on SIGHUP, so that a reload keeps the flags this daemon was started with.
         config = node_home.load_config()
         config = config.with_overrides("node", listen=listen or None, bootstrap=bootstrap or None)
         if swarm_key is not None:
@@ -148,11 +158,15 @@ def daemon(
         config = config.with_overrides(
             "training", task=task, max_rounds=max_rounds, enabled=False if no_train else None
         )
+        return config.with_overrides("log", level=log_level)
+
+    try:
+        config = load()
     except ConfigError as exc:
         _fail(str(exc))
-    configure_logging(log_level)
+    configure_logging(config.log.level)
     try:
-        run_daemon(node_home, config)
+        run_daemon(node_home, config, reload_config=load)
     except Exception as exc:
         _fail(f"daemon failed: {_describe(exc)}")
 
@@ -175,24 +189,7 @@ def status(home: Path | None, as_json: bool) -> None:
     if as_json:
         _echo_json(data)
         return
-    table = Table(show_header=False, box=None)
-    evaluation = data.get("eval") or {}
-    rows = [
-        ("peer id", data["peer_id"]),
-        ("run / task", f"{data['run']} / {data['task']}"),
-        ("listening", "\n".join(data["listen_addrs"])),
-        ("peers", str(len(data["peers"]))),
-        ("training", f"{data['training']}, round {data['round']}"),
-        ("contributions", str(data["contributions"])),
-        ("state hash", (data["state_hash"] or "-")[:16]),
-        ("train loss", _fmt(data.get("train_loss"))),
-        ("val loss", _fmt(evaluation.get("val_loss"))),
-        ("val accuracy", _fmt(evaluation.get("val_accuracy"))),
-        ("sent / received", f"{_bytes(data['bytes_sent'])} / {_bytes(data['bytes_received'])}"),
-    ]
-    for key, value in rows:
-        table.add_row(f"[bold]{key}[/]", value)
-    console.print(table)
+    console.print(render.status_panel(data))
 
 
 @main.command()
@@ -214,13 +211,68 @@ def doctor(home: Path | None, as_json: bool) -> None:
 @home_option
 @json_option
 def peers(home: Path | None, as_json: bool) -> None:
-    """List connected peers."""
-    data = _call(_home(home), "GET", "/v1/peers", as_json=as_json)
+    """List connected peers (human output: with their contributions to the model)."""
+    if as_json:
+        _echo_json(_call(_home(home), "GET", "/v1/peers", as_json=as_json))
+    else:
+        console.print(render.peers_table(_call(_home(home), "GET", "/v1/status", as_json=as_json)))
+
+
+@main.command()
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads for training.")
+@click.option(
+    "--bandwidth",
+    default=None,
+    metavar="RATE",
+    help="Cap on sync bytes/s sent to peers: 0 (no cap), 500000, 250K, 2M, 1MiB.",
+)
+@home_option
+@json_option
+def limits(threads: int | None, bandwidth: str | None, home: Path | None, as_json: bool) -> None:
+    """Show or change runtime limits (training threads, sync bandwidth cap) without a restart."""
+    body: dict[str, Any] = {}
+    if threads is not None:
+        body["threads"] = threads
+    if bandwidth is not None:
+        try:
+            body["bandwidth_bytes_per_s"] = render.parse_rate(bandwidth)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--bandwidth") from exc
+    node_home = _home(home)
+    data = (
+        _call(node_home, "POST", "/v1/limits", body, as_json=as_json)
+        if body
+        else _call(node_home, "GET", "/v1/limits", as_json=as_json)
+    )
     if as_json:
         _echo_json(data)
     else:
-        for peer in data["peers"]:
-            click.echo(peer)
+        console.print(render.limits_table(data))
+
+
+@main.command()
+@click.option("-n", "--lines", type=click.IntRange(1, 5000), default=50, show_default=True)
+@click.option("-f", "--follow", is_flag=True, help="Keep printing new lines until Ctrl-C.")
+@home_option
+@json_option
+def logs(lines: int, follow: bool, home: Path | None, as_json: bool) -> None:
+    """Print the daemon's recent log lines (from its in-memory ring buffer)."""
+    node_home = _home(home)
+    data = _call(node_home, "GET", f"/v1/logs?lines={lines}", as_json=as_json)
+    if as_json:
+        _echo_json(data)
+        return
+    shown: list[str] = data["lines"]
+    for line in shown:
+        console.print(render.log_line(line), highlight=False, markup=False)
+    while follow:
+        time.sleep(1.0)
+        fresh = _call(node_home, "GET", "/v1/logs?lines=5000", as_json=False)["lines"]
+        # New lines are those after the last one we printed (lines carry millisecond timestamps).
+        start = len(fresh) - fresh[::-1].index(shown[-1]) if shown and shown[-1] in fresh else 0
+        for line in fresh[start:]:
+            console.print(render.log_line(line), highlight=False, markup=False)
+        shown = fresh or shown
 
 
 @main.command()

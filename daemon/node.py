@@ -42,6 +42,7 @@ import p2p
 from daemon import security, wire
 from daemon.config import Config
 from daemon.home import Home
+from daemon.ratelimit import Limits
 from daemon.store import Store
 from daemon.trainer_process import TrainerProcess, TrainerSpec
 
@@ -114,6 +115,11 @@ class Node:
         self.last_eval: dict[str, Any] = {}
         self.initial_eval: dict[str, Any] = {}
         self.counters = Counters()
+        self.limits = Limits(
+            threads=config.training.threads, bandwidth_bytes_per_s=config.limits.bandwidth_bytes_per_s
+        )
+        self.on_timing: Callable[[str, float], None] = lambda name, seconds: None
+        """Hook for metrics: called with ("merge" | "pull" | "round", seconds)."""
         self._resume = asyncio.Event()
         self._resume.set()
         self._state_changed = asyncio.Event()
@@ -146,6 +152,7 @@ class Node:
                 tasks.create_task(self._anti_entropy_loop(), name="anti-entropy")
                 if self.trainer is not None:
                     tasks.create_task(self._training_loop(), name="training")
+                    tasks.create_task(self.limits.run(self.trainer), name="limits")
         finally:
             await self._shutdown()
 
@@ -246,7 +253,9 @@ class Node:
     def _accept(self, contribution: crdt.Contribution) -> crdt.ApplyOutcome:
         """The one path by which a contribution enters this node: apply, then log."""
         assert self.state is not None
+        started = time.perf_counter()
         outcome = self.state.apply(contribution)
+        self.on_timing("merge", time.perf_counter() - started)
         if outcome is crdt.ApplyOutcome.DUPLICATE:
             self.counters.duplicates += 1
             return outcome
@@ -309,11 +318,13 @@ class Node:
         if plan.remote_has_more:
             # The requester has something we lack: pull it back soon (push-pull without a push protocol).
             self._want_pull(peer)
-        return wire.SyncResponse(
+        response = wire.SyncResponse(
             digest=self._digest().encode(),
             contributions=tuple(c.encode() for c in plan.send),
             snapshot_required=plan.remote_needs_snapshot,
         ).encode()
+        await self.limits.bucket.acquire(len(response))  # the bandwidth cap (no-op when 0)
+        return response
 
     async def _serve_snapshot(self, peer: str, data: bytes) -> bytes:
         request = wire.SyncRequest.decode(data)
@@ -323,7 +334,9 @@ class Node:
         if request.genesis != self.state.genesis.id:
             raise wire.WireError(f"this node serves genesis {self.state.genesis.id[:16]}")
         self.counters.snapshots_served += 1
-        return self.state.snapshot().encode()
+        response = self.state.snapshot().encode()
+        await self.limits.bucket.acquire(len(response))
+        return response
 
     def _check_not_blocked(self, peer: str) -> None:
         if peer in self.blocked_peers:
@@ -355,9 +368,11 @@ class Node:
             self.counters.pulls += 1
             try:
                 request = wire.SyncRequest(genesis=self.state.genesis.id, digest=self._digest().encode())
+                started = time.perf_counter()
                 data = await self.host.request(
                     peer, wire.SYNC_PROTOCOL, request.encode(), timeout_s=self.config.sync.request_timeout_s
                 )
+                self.on_timing("pull", time.perf_counter() - started)
                 response = wire.SyncResponse.decode(data)
                 remote = crdt.Digest.decode(response.digest)
             except (p2p.P2PError, wire.WireError, crdt.CrdtError) as exc:
@@ -422,10 +437,9 @@ class Node:
         )
 
     async def _anti_entropy_loop(self) -> None:
-        interval = self.config.sync.interval_s
         while True:
-            # Jitter so that a cluster started together does not pull in lockstep.
-            await asyncio.sleep(interval * random.uniform(0.5, 1.5))
+            # Jitter so that a cluster started together does not pull in lockstep. Re-read: SIGHUP.
+            await asyncio.sleep(self.config.sync.interval_s * random.uniform(0.5, 1.5))
             for peer in self.host.run_peers():
                 if peer not in self.blocked_peers:
                     self._want_pull(peer)
@@ -462,7 +476,9 @@ class Node:
         if training.enabled and self.rounds_done == 0:
             await self._evaluate()  # the starting point, for loss curves
             self.initial_eval = dict(self.last_eval)
-        while training.enabled and not (training.max_rounds and self.rounds_done >= training.max_rounds):
+        while (training := self.config.training).enabled and not (
+            training.max_rounds and self.rounds_done >= training.max_rounds
+        ):  # re-read every round: SIGHUP may change max_rounds and eval_every
             if not self._resume.is_set():
                 self.training_state = "paused"
                 await self._resume.wait()
@@ -471,6 +487,7 @@ class Node:
             base_version = self.state.version_vector.digest()
             started = time.monotonic()
             result = await self.trainer.run_round(self.state.materialize(), (seq - 1) % fragments)
+            self.on_timing("round", time.monotonic() - started)
             contribution = crdt.make_contribution(
                 self.signer,
                 seq=seq,

@@ -1,0 +1,116 @@
+"""Human output of the CLI (rich): status, peers, limits, log lines; and parsing of human byte rates.
+
+Kept apart from ``daemon.cli`` so the command definitions stay a thin layer over the control API, and
+so the look of the output can change without touching the commands. ``--json`` output never comes
+through here.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from rich.console import Group
+from rich.panel import Panel
+from rich.table import Table
+from rich.text import Text
+
+__all__ = ["format_bytes", "limits_table", "log_line", "parse_rate", "peers_table", "status_panel"]
+
+TRAINING_STYLE = {"running": "green", "paused": "yellow", "done": "blue", "disabled": "dim"}
+LEVEL_STYLE = {"debug": "dim", "warning": "yellow", "error": "bold red", "critical": "bold red"}
+RATE_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "ki": 2**10, "mi": 2**20, "gi": 2**30}
+_RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmg]i?)?b?(?:/s)?\s*$", re.IGNORECASE)
+_LEVEL = re.compile(r"\blevel=(\w+)")
+
+
+def parse_rate(text: str) -> int:
+    """ "0", "500000", "2M", "512KiB/s" -> bytes per second. Raises ValueError with the accepted forms."""
+    match = _RATE.match(text)
+    if match is None:
+        raise ValueError(f"not a byte rate: {text!r} (e.g. 0 for no cap, 500000, 250K, 2M, 1MiB/s)")
+    number, unit = match.groups()
+    return int(float(number) * RATE_UNITS[(unit or "").lower()])
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"  # pragma: no cover
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def status_panel(data: dict[str, Any]) -> Panel:
+    evaluation = data.get("eval") or {}
+    initial = data.get("initial_eval") or {}
+    state = data["training"]
+    table = Table(show_header=False, box=None, pad_edge=False)
+    table.add_column(style="bold", no_wrap=True)
+    table.add_column()
+    val_loss = _fmt(evaluation.get("val_loss"))
+    if initial.get("val_loss") is not None and evaluation.get("val_loss") is not None:
+        val_loss += f"  (from {initial['val_loss']:.4f})"
+    limits = data.get("limits") or {}
+    rows: list[tuple[str, str | Text]] = [
+        ("run / task", f"{data['run']} / {data['task']}"),
+        ("training", Text(f"{state}, round {data['round']}", style=TRAINING_STYLE.get(state, ""))),
+        ("peers", str(len(data["peers"]))),
+        ("contributions", str(data["contributions"])),
+        ("state hash", (data["state_hash"] or "-")[:16]),
+        ("train loss", _fmt(data.get("train_loss"))),
+        ("val loss", val_loss),
+        ("val accuracy", _fmt(evaluation.get("val_accuracy"))),
+        ("sent / received", f"{format_bytes(data['bytes_sent'])} / {format_bytes(data['bytes_received'])}"),
+    ]
+    if limits:
+        cap = limits["bandwidth_bytes_per_s"]
+        rows.append(
+            (
+                "limits",
+                f"{limits['threads_applied']} threads, "
+                + (f"{format_bytes(cap)}/s sync cap" if cap else "no bandwidth cap"),
+            )
+        )
+    rows.append(("listening", "\n".join(data["listen_addrs"]) or "-"))
+    for key, value in rows:
+        table.add_row(key, value)
+    uptime = int(data.get("uptime_s", 0))
+    title = f"[bold]meshtrain[/] [cyan]{data['peer_id']}[/]"
+    subtitle = f"up {uptime // 3600}h{uptime // 60 % 60:02d}m{uptime % 60:02d}s, pid {data.get('pid', '?')}"
+    return Panel(Group(table), title=title, subtitle=subtitle, expand=False)
+
+
+def peers_table(status: dict[str, Any]) -> Table:
+    """Connected peers with their contributions in this node's version vector (who trains, who lags)."""
+    vv = status.get("version_vector") or {}
+    table = Table(title=f"{len(status['peers'])} connected peers", title_justify="left")
+    table.add_column("peer id", style="cyan", no_wrap=True)
+    table.add_column("contributions", justify="right")
+    table.add_column("reachability")
+    reach = status.get("reachability") or (status.get("p2p") or {}).get("reachability") or {}
+    for peer in sorted(status["peers"]):
+        how = reach.get(peer, "connected") if isinstance(reach, dict) else str(reach)
+        table.add_row(peer, str(vv.get(peer, 0)), str(how))
+    return table
+
+
+def limits_table(limits: dict[str, Any]) -> Table:
+    table = Table(show_header=False, box=None)
+    table.add_column(style="bold")
+    table.add_column()
+    applied = limits["threads_applied"]
+    pending = "" if applied == limits["threads"] else f" (applying {limits['threads']} after this round)"
+    cap = limits["bandwidth_bytes_per_s"]
+    table.add_row("training threads", f"{applied}{pending}")
+    table.add_row("sync bandwidth cap", f"{format_bytes(cap)}/s ({cap} B/s)" if cap else "none")
+    return table
+
+
+def log_line(line: str) -> Text:
+    match = _LEVEL.search(line)
+    return Text(line, style=LEVEL_STYLE.get(match.group(1).lower(), "") if match else "")
