@@ -28,6 +28,7 @@ from p2p._blobs import BlobProvider, BlobStats, fetch_blob, serve_blobs
 from p2p._bridge import TrioBridge
 from p2p._errors import P2PError
 from p2p._framing import DEFAULT_MAX_MESSAGE_BYTES
+from p2p._gossip import GossipValidator
 from p2p._identity import Identity
 from p2p._libp2p import DIAL_TIMEOUT_S
 from p2p._nat import NatConfig
@@ -329,6 +330,18 @@ class Host:
         if queue in queues:
             queues.remove(queue)
 
+    def set_topic_validator(self, topic: str, fn: GossipValidator | None) -> None:
+        """Validate every message on ``topic`` with ``fn(from_peer, data) -> bool`` before it is delivered
+        to our subscribers or forwarded to other peers (None removes it).
+
+        ``from_peer`` is the signed author (strict signing is on, so the signature is already checked).
+        Runs synchronously in the p2p (trio) thread, for remote messages and our own publishes alike: keep it
+        fast, non-blocking and read-only (see p2p/_gossip.py). False or an exception rejects the message,
+        counts it in ``stats()["gossip_rejected_invalid"]`` and lowers the forwarding peer's gossip score.
+        """
+        self._node.validators.set(topic, fn)
+        self._bridge.call_soon_in_trio(self._node.validators.install, topic)
+
     def gossip_peers(self, topic: str) -> list[str]:
         """Peers known to be subscribed to ``topic`` (useful to wait for the mesh before publishing)."""
         return self._node.topic_peers(topic)
@@ -393,6 +406,7 @@ class Host:
         out: dict[str, Any] = dict(self._node.stats.as_dict())
         out["gossip_dropped_queue_full"] = self._gossip_dropped
         out.update(self._blob_stats.as_dict())
+        out.update(self._node.validators.as_dict())
         out.update(self._node.discovery_stats.as_dict())
         out["discovery_failed"] = self._node.discovery_failed
         out["connected_peers"] = len(self.connected_peers())

@@ -37,6 +37,7 @@ from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
 from libp2p.stream_muxer.yamux.yamux import Yamux
 
 from p2p._errors import P2PError
+from p2p._gossip import score_params
 from p2p._identity import Identity
 
 __all__ = [
@@ -165,8 +166,10 @@ def build_gossipsub(host: IHost) -> tuple[Pubsub, GossipSub]:
         spam_protection_enabled=False,
         # Eclipse protection wants >= 3 distinct IPs in the mesh; every test and LAN cluster shares one IP.
         eclipse_protection_enabled=False,
+        score_params=score_params(),  # v1.1 scoring; libp2p's defaults are all-zero weights (off)
     )
-    return Pubsub(host, router), router
+    # strict_signing is libp2p's default, but it is what authenticates gossip authors: pin it.
+    return Pubsub(host, router, strict_signing=True), router
 
 
 def check_tcp_ports_free(listen_addrs: list[multiaddr.Multiaddr]) -> None:

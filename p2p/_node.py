@@ -49,6 +49,7 @@ from p2p._framing import (
     encode_error_payload,
     encode_header,
 )
+from p2p._gossip import GossipValidators
 from p2p._identity import Identity
 from p2p._libp2p import GOSSIP_ENVELOPE_HEADROOM_BYTES, build_gossipsub, build_host, check_tcp_ports_free
 from p2p._nat import NatConfig, NatService, is_relayed_addr
@@ -135,6 +136,7 @@ class TrioNode:
         self.config = config
         self.stats = NodeStats()
         self.discovery_stats = DiscoveryStats()
+        self.validators = GossipValidators()  # the daemon's per-topic checks (p2p/_gossip.py)
         self.gate = PeerGate(allow_peers=config.allow_peers, limits=config.peer_limits)
         self.bridge: TrioBridge[TrioNode] | None = None  # set by the Host before start
         self._handlers = handlers  # owned by the asyncio Host; read here (dict reads are atomic)
@@ -172,6 +174,7 @@ class TrioNode:
             ):
                 await pubsub.wait_until_ready()
                 self._host, self._pubsub, self._nursery = host, pubsub, nursery
+                self.validators.attach(pubsub)
                 host.get_network().register_notifee(GateNotifee(self.gate, nursery))
                 self.listen_addrs = [str(a) for a in host.get_addrs()]
                 for protocol in list(self._handlers):
