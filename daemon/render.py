@@ -76,6 +76,8 @@ def status_panel(data: dict[str, Any]) -> Panel:
                 + (f"{format_bytes(cap)}/s sync cap" if cap else "no bandwidth cap"),
             )
         )
+    if data.get("reachability"):
+        rows.append(("reachability", data["reachability"]))
     rows.append(("listening", "\n".join(data["listen_addrs"]) or "-"))
     for key, value in rows:
         table.add_row(key, value)
@@ -91,11 +93,12 @@ def peers_table(status: dict[str, Any]) -> Table:
     table = Table(title=f"{len(status['peers'])} connected peers", title_justify="left")
     table.add_column("peer id", style="cyan", no_wrap=True)
     table.add_column("contributions", justify="right")
-    table.add_column("reachability")
-    reach = status.get("reachability") or (status.get("p2p") or {}).get("reachability") or {}
+    table.add_column("connection")
+    connections = status.get("connections") or {}
     for peer in sorted(status["peers"]):
-        how = reach.get(peer, "connected") if isinstance(reach, dict) else str(reach)
-        table.add_row(peer, str(vv.get(peer, 0)), str(how))
+        table.add_row(peer, str(vv.get(peer, 0)), connections.get(peer, "connected"))
+    if status.get("reachability"):
+        table.caption = f"this node's reachability: {status['reachability']}"
     return table
 
 
