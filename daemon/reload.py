@@ -93,8 +93,12 @@ def apply_reload(node: _Node, load: Callable[[], Config]) -> ReloadReport:
     merged, report = plan_reload(node.config, loaded)
     if "log.level" in report.reloaded:
         logging.getLogger().setLevel(merged.log.level)
+    # Only keys the file changed: a limit set at runtime (`meshtrain limits`) survives an unrelated reload.
     node.limits.set(
-        threads=merged.training.threads, bandwidth_bytes_per_s=merged.limits.bandwidth_bytes_per_s
+        threads=merged.training.threads if "training.threads" in report.reloaded else None,
+        bandwidth_bytes_per_s=(
+            merged.limits.bandwidth_bytes_per_s if "limits.bandwidth_bytes_per_s" in report.reloaded else None
+        ),
     )
     node.config = merged
     changes = " ".join(f"{k}={old!r}->{new!r}" for k, (old, new) in report.reloaded.items())
