@@ -256,9 +256,11 @@ def load_config(home: Path) -> Config:
     """Read ``home/config.toml``; a missing file means all defaults."""
     path = home / CONFIG_FILE
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         return Config()
+    except UnicodeDecodeError as exc:  # found by fuzzing: must be a named config error, not a crash
+        raise ConfigError(f"{path}: not UTF-8 text: {exc.reason} at byte {exc.start}") from exc
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:

@@ -115,6 +115,8 @@ class Node:
         self.last_eval: dict[str, Any] = {}
         self.initial_eval: dict[str, Any] = {}
         self.counters = Counters()
+        self.suspects: security.SuspectTracker | None = None
+        """Per-author update statistics; status names outliers (report only, see daemon/security.py)."""
         self.limits = Limits(
             threads=config.training.threads, bandwidth_bytes_per_s=config.limits.bandwidth_bytes_per_s
         )
@@ -261,6 +263,7 @@ class Node:
             return outcome
         self.store.append(contribution)
         self.counters.accepted += 1
+        self.suspects = security.observe(self.suspects, self.state.genesis, contribution)
         self._since_snapshot += 1
         if self._since_snapshot >= self.config.sync.snapshot_every:
             self._snapshot_and_compact()
@@ -620,6 +623,7 @@ class Node:
             "reachability": self.host.reachability(),
             "connections": self.host.peer_connections(),
             "nat": self.host.nat_status(),
+            "suspects": self.suspects.suspects() if self.suspects else [],
             "uptime_s": round(time.time() - self.started_at, 3),
         }
 

@@ -8,25 +8,32 @@
   mean update) and names outliers in status (``"suspects"``). It only *reports*: excluding an author
   would have to be a deterministic function of the record set (as crdt's norm clipping is) or replicas
   would diverge.
-* :func:`byzantine_transform` is a TEST-ONLY hook (``MESHTRAIN_TEST_BYZANTINE=flip10``) that makes this
-  node send sign-flipped, 10x-scaled updates, so tests can check that clipping and suspect detection work.
 """
 
 from __future__ import annotations
 
 import logging
+from collections import deque
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 import p2p
 from daemon import wire
 
-__all__ = ["BYZANTINE_ENV", "counting", "host_config"]
+__all__ = ["SuspectTracker", "counting", "host_config"]
 
 log = logging.getLogger(__name__)
 
-BYZANTINE_ENV = "MESHTRAIN_TEST_BYZANTINE"
+#: An author is suspect when its typical update norm is this many times the median author's ...
+SUSPECT_NORM_RATIO = 4.0
+#: ... or when its updates point, on average, against the running mean update (cosine below this).
+SUSPECT_COSINE = -0.2
+#: Updates an author must have sent before it can be named (one odd round is not a pattern).
+SUSPECT_MIN_UPDATES = 2
+_EMA = 0.2  # weight of a new update in the per-fragment running mean update
 
 
 def host_config(home: Path, node: Any) -> p2p.HostConfig:
@@ -58,3 +65,80 @@ def counting(
             raise
 
     return guarded
+
+
+class SuspectTracker:
+    """Per-author statistics of applied updates, to name likely Byzantine authors in status.
+
+    For every applied contribution: its weighted L2 norm, and its cosine with the running mean update of
+    its fragment (an exponential moving average of the *other* authors' updates before this one). An
+    author is suspect when its median norm is ``SUSPECT_NORM_RATIO`` times the median over authors, or its
+    mean cosine is below ``SUSPECT_COSINE`` (honest DiLoCo updates agree in sign with the consensus
+    direction; a sign-flipping attacker does not). Report only: see the module docstring. Memory: one
+    float32 vector per fragment (the model size) plus a bounded deque of norms per author.
+    """
+
+    def __init__(self, fragment_lengths: list[int], *, window: int = 32) -> None:
+        self._mean = [np.zeros(n, np.float32) for n in fragment_lengths]
+        self._norms: dict[str, deque[float]] = {}
+        self._cosines: dict[str, deque[float]] = {}
+        self._window = window
+
+    def observe(
+        self, author: str, fragment: int, indices: np.ndarray, values: np.ndarray, weight: float
+    ) -> None:
+        update = np.zeros_like(self._mean[fragment])
+        update[indices] = values * np.float32(weight)
+        norm = float(np.sqrt(np.dot(update, update)))
+        mean = self._mean[fragment]
+        mean_norm = float(np.sqrt(np.dot(mean, mean)))
+        if norm > 0 and mean_norm > 0:
+            cosine = float(np.dot(update, mean)) / (norm * mean_norm)
+            self._cosines.setdefault(author, deque(maxlen=self._window)).append(cosine)
+        self._norms.setdefault(author, deque(maxlen=self._window)).append(norm)
+        # Clip what enters the running mean to the median author's norm, so that one huge update (or one
+        # loud author) weighs no more than a typical one in the reference direction.
+        typical = self._median_norm()
+        if typical > 0 and norm > typical:
+            update *= np.float32(typical / norm)
+        mean *= np.float32(1 - _EMA)
+        mean += np.float32(_EMA) * update
+
+    def _median_norm(self) -> float:
+        medians = [float(np.median(v)) for v in self._norms.values() if v]
+        return float(np.median(medians)) if medians else 0.0
+
+    def stats(self) -> dict[str, dict[str, float]]:
+        return {
+            author: {
+                "updates": len(norms),
+                "median_norm": float(np.median(norms)),
+                "mean_cosine": float(np.mean(self._cosines[author])) if self._cosines.get(author) else 0.0,
+            }
+            for author, norms in self._norms.items()
+        }
+
+    def suspects(self) -> list[str]:
+        typical = self._median_norm()
+        out = []
+        for author, st in self.stats().items():
+            if st["updates"] < SUSPECT_MIN_UPDATES:
+                continue
+            if (typical > 0 and st["median_norm"] > SUSPECT_NORM_RATIO * typical) or (
+                self._cosines.get(author) and st["mean_cosine"] < SUSPECT_COSINE
+            ):
+                out.append(author)
+        return sorted(out)
+
+
+def observe(tracker: SuspectTracker | None, genesis: Any, contribution: Any) -> SuspectTracker:
+    """Feed one accepted contribution to the tracker (created on first use); returns the tracker."""
+    import crdt
+
+    if tracker is None:
+        tracker = SuspectTracker([stop - start for start, stop in genesis.fragments])
+    length = genesis.fragment_length(contribution.fragment)
+    indices, values = crdt.decode_payload(contribution.codec, length, contribution.payload)
+    author = p2p.peer_id_from_public_key(contribution.author)
+    tracker.observe(author, contribution.fragment, indices, values, contribution.weight)
+    return tracker
