@@ -4,15 +4,16 @@ Used by ``meshtrain cluster ...``, by ``make demo`` and by the integration and f
 tests prove is what users run. The cluster directory holds ``cluster.json`` (the manifest: each node's home
 and port) and ``node<I>/`` homes; each daemon logs to ``node<I>/daemon.log``.
 
-Ports are chosen once by the OS at ``up`` and kept in the manifest, so a restarted node comes back on
-the same address and its peers' bootstrap entries stay valid. Node 0 founds the run; the others bootstrap
-from it.
+Ports are chosen once at ``up`` (free, and outside the kernel's ephemeral range) and kept in the
+manifest, so a restarted node comes back on the same address and its peers' bootstrap entries stay
+valid. Node 0 founds the run; the others bootstrap from it.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -34,6 +35,7 @@ __all__ = ["Cluster", "ClusterError", "NodeInfo"]
 MANIFEST = "cluster.json"
 START_TIMEOUT_S = 180.0  # 2 cores, N processes importing torch and libp2p at once
 POLL_S = 0.25
+PORT_FLOOR = 20000  # cluster ports come from [PORT_FLOOR, start of the ephemeral range)
 
 
 class ClusterError(RuntimeError):
@@ -257,9 +259,25 @@ def converged(statuses: list[dict[str, Any]], *, contributions: int | None = Non
 
 
 def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A free port outside the kernel's ephemeral range.
+
+    A port the OS hands out for ``bind(0)`` comes from the ephemeral range, where any outgoing connection
+    may take it while its node is down; a restarted node would then find its address in use.
+    """
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    candidates = list(range(PORT_FLOOR, max(low, PORT_FLOOR + 1000)))
+    random.shuffle(candidates)
+    for port in candidates:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise ClusterError("no free TCP port below the ephemeral range")
 
 
 def _alive(pid: int) -> bool:

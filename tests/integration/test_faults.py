@@ -122,9 +122,9 @@ def test_late_joiner_catches_up_from_a_snapshot(cluster_dir: Path) -> None:
 def test_survivor_trains_alone_and_the_others_rejoin(cluster_dir: Path) -> None:
     rounds = 12
     group = Cluster(cluster_dir)
-    # Node 3 is throttled to a quarter of the others' speed: it must not hold them back.
+    # Node 3 is throttled to a tenth of the others' speed: it must not hold them back.
     group.create(4, task="digits", training={"max_rounds": rounds}, diloco=FAST)
-    group.set_training_option(3, slowdown=4.0)
+    group.set_training_option(3, slowdown=10.0)
     for index in range(4):
         group.start(index)
     group.wait_connected()
@@ -133,7 +133,7 @@ def test_survivor_trains_alone_and_the_others_rejoin(cluster_dir: Path) -> None:
         timeout_s=DEADLINE_S,
         what="the three fast nodes to finish",
     )
-    assert fast_done[3]["round"] < rounds, "the throttled node was not slower"
+    assert fast_done[3]["round"] < rounds / 2, "the throttled node was not slower"
 
     for index in (0, 1, 2):
         group.stop(index, sig=signal.SIGKILL)
