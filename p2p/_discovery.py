@@ -123,7 +123,7 @@ async def _dht_round(node: TrioNode, dht: KadDHT, key: str, stats: DiscoveryStat
         if info.peer_id in seen or info.peer_id == me or info.peer_id in connected:
             continue
         seen.add(info.peer_id)
-        if not info.addrs:
+        if not info.addrs and node.nat is None:  # with NAT traversal on, a relay may still reach it
             continue
         try:
             await node.dial_peer_info(info)  # direct addrs, then /p2p-circuit ones (p2p/_nat.py)

@@ -179,7 +179,14 @@ class NatService:
         transport = self._transport
         if transport is None:
             return False
-        for addr in addrs:
+        # No /p2p-circuit addr known (DHT provider records may carry none): try the relays we hold a
+        # reservation on; in a run that shares a bootstrap relay, the peer most likely holds one there too.
+        own = [
+            multiaddr.Multiaddr(f"{circuit}/p2p/{peer_id.to_base58()}")
+            for relay, circuit in list(self.reservations.items())
+            if relay != peer_id
+        ]
+        for addr in [*addrs, *own]:
             if not is_relayed_addr(addr):
                 continue
             if addr.get_peer_id() != peer_id.to_base58():

@@ -281,7 +281,7 @@ class TrioNode:
                 await host.connect(info)
             return
         except Exception:
-            if self.nat is None or not any(is_relayed_addr(a) for a in info.addrs):
+            if self.nat is None or not self.nat.config.use_relays:
                 raise
         if not await self.nat.dial_relayed(info.peer_id, info.addrs):
             raise PeerUnreachable(f"{info.peer_id}: direct and relayed dials failed")
