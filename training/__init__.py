@@ -1,8 +1,9 @@
 """training: DiLoCo peers, tasks, and the flat-vector bridge to crdt.
 
 Public API (see the contracts doc): load_task / Task, flatten_params / load_flat_params /
-fragment_ranges, DilocoConfig, PeerTrainer, RoundResult, and the error tree (TrainingError,
-ConfigError, TaskNotFoundError). Pure pieces of the round (build_inner_optimizer, inner_loop,
+fragment_ranges, DilocoConfig (DilocoConfig.for_task merges a task's tuned defaults), PeerTrainer,
+RoundResult, StalenessPolicy, and the error tree (TrainingError, ConfigError, TaskNotFoundError).
+Pure pieces of the round (build_inner_optimizer, inner_loop,
 outer_update, compress) are exported for tests and benchmarks.
 """
 
@@ -20,6 +21,7 @@ from training._diloco import (
 )
 from training._errors import ConfigError, TaskNotFoundError, TrainingError
 from training._params import flatten_params, fragment_ranges, load_flat_params, num_params
+from training._staleness import StalenessPolicy
 from training._task import Task, load_task
 
 __all__ = [
@@ -29,6 +31,7 @@ __all__ = [
     "DilocoConfig",
     "PeerTrainer",
     "RoundResult",
+    "StalenessPolicy",
     "Task",
     "TaskNotFoundError",
     "TrainingError",

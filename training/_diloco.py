@@ -46,6 +46,7 @@ import torch
 import crdt
 from training._errors import ConfigError, TrainingError
 from training._params import flatten_params, fragment_ranges, load_flat_params, num_params
+from training._staleness import StalenessPolicy, default_max_staleness
 from training._task import Task
 
 logger = logging.getLogger(__name__)
@@ -92,6 +93,9 @@ class DilocoConfig:
     """bf16 autocast for the inner loop and evaluation on CUDA devices that support it; no-op on CPU."""
     torch_threads: int | None = None
     """If set, torch.set_num_threads(n) at trainer construction (process-wide; e.g. 1 on a 2-core box)."""
+    max_staleness: int = 0
+    """Drop a round when more than this many other peers' contributions landed during it (see
+    training/_staleness.py); 0 = auto, 4 x expected_peers."""
 
     @classmethod
     def from_dict(cls, options: Mapping[str, Any]) -> "DilocoConfig":
@@ -101,6 +105,22 @@ class DilocoConfig:
         if unknown:
             raise ConfigError(f"DilocoConfig: unknown option(s) {unknown}; known: {sorted(known)}")
         return cls(**options)
+
+    @classmethod
+    def for_task(cls, task: Task, options: Mapping[str, Any]) -> "DilocoConfig":
+        """`from_dict` over the task's own defaults: {**task.default_diloco(), **options}.
+
+        A task may define `default_diloco() -> dict` (settings tuned for it); explicit options win.
+        """
+        defaults = task.default_diloco() if hasattr(task, "default_diloco") else {}
+        return cls.from_dict({**defaults, **options})
+
+    @property
+    def staleness_policy(self) -> StalenessPolicy:
+        return StalenessPolicy(
+            expected_peers=self.expected_peers,
+            max_staleness=self.max_staleness or default_max_staleness(self.expected_peers),
+        )
 
     def __post_init__(self) -> None:
         def bad(field: str, why: str) -> ConfigError:
@@ -132,6 +152,8 @@ class DilocoConfig:
             raise bad("device", f"must be one of {DEVICES}")
         if self.torch_threads is not None and self.torch_threads < 1:
             raise bad("torch_threads", "must be >= 1 or None")
+        if self.max_staleness != 0 and self.max_staleness < self.expected_peers - 1:
+            raise bad("max_staleness", "must be 0 (auto) or >= expected_peers - 1 (lockstep is not stale)")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
@@ -145,7 +167,8 @@ class RoundResult:
     payload: bytes
     """crdt-encoded update for the fragment (indices relative to the fragment start)."""
     weight: float
-    """Multiplier for the decoded values; always 1.0 (1/expected_peers and outer_lr are baked in)."""
+    """Multiplier for the decoded values: 1.0 (1/expected_peers and outer_lr are baked in) before the
+    daemon applies the staleness weight."""
     train_loss: float
     """Mean inner-loop training loss over this round's H steps."""
     update_norm: float
@@ -155,6 +178,9 @@ class RoundResult:
     density: float
     """Fraction of the fragment's entries present in the payload (1.0 for dense-f32)."""
     payload_bytes: int
+    staleness_policy: StalenessPolicy
+    """The author's staleness rule: the daemon sets the contribution's weight to
+    `weight * staleness_policy.weight(s)` once it knows s (and skips the round when that is 0)."""
 
 
 # ------------------------------------------------------------------------------------- pure pieces
@@ -338,6 +364,7 @@ class PeerTrainer:
             fragment=fragment, codec=c.codec, payload=payload, weight=1.0, train_loss=train_loss,
             update_norm=float(np.linalg.norm(sent)), residual_norm=float(np.linalg.norm(u - sent)),
             density=len(indices) / (stop - start), payload_bytes=len(payload),
+            staleness_policy=c.staleness_policy,
         )
 
     def evaluate(self, global_params: np.ndarray) -> dict[str, float]:

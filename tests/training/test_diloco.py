@@ -1,4 +1,6 @@
 import io
+import itertools
+import pickle
 
 import numpy as np
 import pytest
@@ -197,3 +199,58 @@ def test_cuda_round_matches_shapes(digits: training.Task) -> None:
     result = peer.run_round(theta, fragment=0)
     assert np.isfinite(result.train_loss) and result.payload_bytes > 0
     assert peer.evaluate(theta)["val_accuracy"] >= 0.0
+
+
+# ------------------------------------------------------------------------------------------- staleness
+
+
+def test_staleness_weight_is_one_in_lockstep_then_decays_then_drops() -> None:
+    policy = training.DilocoConfig(expected_peers=4).staleness_policy
+    assert policy.max_staleness == 16  # auto: 4 x expected_peers
+    assert [policy.weight(s) for s in (0, 3)] == [1.0, 1.0]  # the 3 others landing once is normal
+    assert policy.weight(7) == 0.5  # one extra round (4 contributions) behind: half weight
+    weights = [policy.weight(s) for s in range(3, 17)]
+    assert all(a > b for a, b in itertools.pairwise(weights)) and weights[-1] > 0.0
+    assert policy.weight(17) == 0.0  # beyond max_staleness: the daemon skips the round
+    assert training.DilocoConfig(expected_peers=4, max_staleness=5).staleness_policy.weight(6) == 0.0
+    with pytest.raises(training.ConfigError, match="max_staleness"):
+        training.DilocoConfig(expected_peers=4, max_staleness=2)
+
+
+def test_round_result_carries_the_authors_policy(digits: training.Task) -> None:
+    cfg = _cfg(inner_steps=2, expected_peers=3, max_staleness=9)
+    peer = training.PeerTrainer(digits, cfg, shard=0, num_shards=1)
+    result = peer.run_round(training.flatten_params(digits.build_model()), fragment=0)
+    assert result.weight == 1.0 and result.staleness_policy == cfg.staleness_policy
+    assert pickle.loads(pickle.dumps(result)) == result  # crosses the trainer process pipe
+
+
+def test_for_task_merges_task_defaults_under_options(digits: training.Task) -> None:
+    lm = training.load_task("stdlib-lm", max_corpus_bytes=400_000, val_permille=200)
+    tuned = training.DilocoConfig.for_task(lm, {})
+    assert tuned == training.DilocoConfig.from_dict(lm.default_diloco())  # type: ignore[attr-defined]
+    assert training.DilocoConfig.for_task(lm, {"inner_steps": 3}).inner_steps == 3
+    assert training.DilocoConfig.for_task(digits, {}) == training.DilocoConfig()  # no default_diloco
+
+
+# -------------------------------------------------------------------------------------------- restarts
+
+
+def test_reload_continues_bit_identically(digits: training.Task) -> None:
+    """A peer restarted from state_dict (through torch.save, as the daemon does) produces the very same
+    payloads as one that never stopped: momentum, residuals, AdamW moments and data position persist."""
+    cfg = _cfg(inner_steps=3, codec="sparse-q8", topk_density=0.1, num_fragments=2, expected_peers=1)
+    a = training.PeerTrainer(digits, cfg, shard=1, num_shards=2)
+    theta = training.flatten_params(digits.build_model())
+    for r in range(3):  # both fragments have momentum and residuals by now
+        theta = _apply(theta, [a.run_round(theta, fragment=r % 2)], a.fragments)
+    buf = io.BytesIO()
+    torch.save(a.state_dict(), buf)
+    b = training.PeerTrainer(digits, cfg, shard=1, num_shards=2)
+    b.load_state_dict(torch.load(io.BytesIO(buf.getvalue()), weights_only=True))
+    assert b.residual.any() and np.array_equal(a.residual, b.residual)
+    for r in range(3, 6):
+        ra, rb = a.run_round(theta, fragment=r % 2), b.run_round(theta, fragment=r % 2)
+        assert ra.payload == rb.payload and ra.train_loss == rb.train_loss
+        theta = _apply(theta, [ra], a.fragments)
+    assert np.array_equal(a.momentum, b.momentum) and np.array_equal(a.residual, b.residual)

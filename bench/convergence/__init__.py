@@ -1,0 +1,1 @@
+"""Convergence benchmark (python -m bench.convergence): meshtrain vs single process vs dense DDP."""

@@ -1,0 +1,3 @@
+from bench.convergence.run import main
+
+main()
