@@ -130,6 +130,7 @@ class Node:
         self._pull_wakeup = asyncio.Event()
         self._peer_vectors: dict[str, crdt.VersionVector] = {}  # last known per peer, for retention
         self._since_snapshot = 0
+        self._foreign_peers: set[str] = set()  # connected peers that serve another genesis
         self.blocked_peers: set[str] = set()
         """Fault injection: peers this node exchanges no model data with (a network partition)."""
 
@@ -312,7 +313,7 @@ class Node:
         await self._genesis_ready.wait()
         assert self.state is not None
         if request.genesis != self.state.genesis.id:
-            raise wire.WireError(
+            raise wire.ForeignRun(
                 f"this node serves genesis {self.state.genesis.id[:16]}, not {request.genesis[:16]}"
             )
         self._check_not_blocked(peer)
@@ -335,7 +336,7 @@ class Node:
         assert self.state is not None
         self._check_not_blocked(peer)
         if request.genesis != self.state.genesis.id:
-            raise wire.WireError(f"this node serves genesis {self.state.genesis.id[:16]}")
+            raise wire.ForeignRun(f"this node serves genesis {self.state.genesis.id[:16]}")
         self.counters.snapshots_served += 1
         response = self.state.snapshot().encode()
         await self.limits.bucket.acquire(len(response))
@@ -381,7 +382,9 @@ class Node:
             except (p2p.P2PError, wire.WireError, crdt.CrdtError) as exc:
                 self.counters.pull_failures += 1
                 log.info("pull failed peer=%s error=%s", peer, exc)
-                if not isinstance(exc, p2p.P2PError):  # the peer answered garbage, not just failed
+                if isinstance(exc, p2p.RemoteError) and exc.error_type == wire.ForeignRun.__name__:
+                    self._foreign_peers.add(peer)  # connected, but trains another model: stop asking
+                elif not isinstance(exc, p2p.P2PError):  # the peer answered garbage, not just failed
                     self._reject(peer, exc)
                 return
             self._peer_vectors[peer] = remote.version_vector
@@ -443,8 +446,10 @@ class Node:
         while True:
             # Jitter so that a cluster started together does not pull in lockstep. Re-read: SIGHUP.
             await asyncio.sleep(self.config.sync.interval_s * random.uniform(0.5, 1.5))
-            for peer in self.host.run_peers():
-                if peer not in self.blocked_peers:
+            # Every connected peer of our run: the DHT's run membership (host.run_peers) can lag behind
+            # connections, and a peer of another run answers ForeignRun once and is not asked again.
+            for peer in self.host.connected_peers():
+                if peer not in self.blocked_peers and peer not in self._foreign_peers:
                     self._want_pull(peer)
 
     async def _announcement_loop(self, queue: asyncio.Queue[p2p.GossipMessage]) -> None:

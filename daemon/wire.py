@@ -35,6 +35,7 @@ __all__ = [
     "SNAPSHOT_PROTOCOL",
     "SYNC_PROTOCOL",
     "Announcement",
+    "ForeignRun",
     "GenesisRequest",
     "SyncRequest",
     "SyncResponse",
@@ -57,6 +58,10 @@ def announce_topic(run: str) -> str:
 
 class WireError(ValueError):
     """A peer sent a message that does not decode or validate."""
+
+
+class ForeignRun(WireError):
+    """The peer belongs to another run (another genesis): it is connected, but shares no model."""
 
 
 def _unpack(data: bytes, *, max_bytes: int | None = None) -> dict[str, Any]:
