@@ -1,6 +1,10 @@
 """Convergence benchmark: meshtrain (4 DiLoCo peers, sparse updates) vs one process vs dense DDP.
 
-Run from the repo root:  python -m bench.convergence [--preset full|tiny] [--mode sim|cluster]
+Run from the repo root:  python -m bench.convergence [--preset full|small|tiny] [--mode cluster|sim]
+
+--mode cluster (default): meshtrain runs as 4 real daemons (daemon.cluster.Cluster, libp2p on loopback,
+one training child each); bytes_sent is their summed wire bytes. --mode sim: 4 PeerTrainers in one
+process merging through crdt.ModelState in lockstep; bytes = encoded contributions x (N - 1).
 Prints a table, writes bench/results/convergence.json ({"meshtrain", "single", "ddp"} each with
 val_loss, bytes_sent, wall_s, curve) and bench/results/convergence.png (val loss vs samples and vs bytes).
 
@@ -40,7 +44,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "peers": 4,
         "rounds": 48,
         "eval_every": 4,
-        "diloco": {"inner_steps": 25, "batch_size": 32},
+        "diloco": {"inner_steps": 25, "batch_size": 32, "topk_density": 0.05},
     },
     "small": {
         "task_options": {"n_layer": 2, "n_embd": 64, "n_head": 4, "block_size": 64},
@@ -71,7 +75,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument(
         "--mode",
         choices=["sim", "cluster"],
-        default="sim",
+        default="cluster",
         help="meshtrain in-process (sim) or as real daemons over libp2p (cluster)",
     )
     parser.add_argument("--rounds", type=int, help="override the preset's rounds")
