@@ -27,12 +27,14 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from contextlib import suppress
 from typing import TYPE_CHECKING
 
 import multihash
 import trio
 from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
 from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import PeerInfo
 from libp2p.tools.anyio_service import background_trio_service
 
 from p2p._errors import P2PError
@@ -45,13 +47,15 @@ __all__ = ["DiscoveryStats", "run_discovery", "run_key"]
 log = logging.getLogger(__name__)
 
 MAX_PROVIDERS_PER_ROUND = 64  # a training run has tens of peers; the DHT returns duplicates anyway
-DHT_QUERY_TIMEOUT_S = 10.0  # one provide/find round on a LAN takes ~50 ms (notes §3); WAN is slower
+PEER_QUERY_TIMEOUT_S = 5.0  # ADD_PROVIDER + GET_PROVIDERS to one connected peer (LAN: ~50 ms, notes §3)
+PROVIDE_WALK_TIMEOUT_S = 30.0  # libp2p's background provide walk (its own per-peer timeout is 10 s)
+ROUND_TIMEOUT_S = 60.0  # backstop for a whole round: queries (5 s) + parallel dials (dial timeouts)
 
 
 class DiscoveryStats:
     """Counters written by the discovery task only (trio thread)."""
 
-    __slots__ = ("dials_failed", "dials_ok", "round_errors", "rounds", "run_peers")
+    __slots__ = ("dials_failed", "dials_ok", "providing", "round_errors", "rounds", "run_peers")
 
     def __init__(self) -> None:
         self.rounds = 0
@@ -61,9 +65,12 @@ class DiscoveryStats:
         # Peer ids (base58) seen as providers of our run key. Replaced (never mutated) by the trio thread,
         # so the asyncio side can read it without a lock.
         self.run_peers: frozenset[str] = frozenset()
+        self.providing = False  # a background provide walk is running
+
 
     def as_dict(self) -> dict[str, int]:
-        return {f"discovery_{name}": getattr(self, name) for name in self.__slots__ if name != "run_peers"}
+        skip = ("run_peers", "providing")
+        return {f"discovery_{name}": getattr(self, name) for name in self.__slots__ if name not in skip}
 
 
 def run_key(run_id: str) -> str:
@@ -95,8 +102,11 @@ async def run_discovery(
                 for addr in bootstrap:
                     await _dial(node, addr, stats)
             if dht is not None:
+                if not stats.providing and node.host.get_connected_peers():
+                    stats.providing = True
+                    nursery.start_soon(_provide_walk, dht, key, stats)
                 try:
-                    with trio.fail_after(DHT_QUERY_TIMEOUT_S):
+                    with trio.fail_after(ROUND_TIMEOUT_S):  # a backstop: each step has its own bound
                         await _dht_round(node, dht, key, stats)
                 except Exception as exc:  # TooSlowError or libp2p errors: a bad round must not end discovery
                     stats.round_errors += 1
@@ -111,28 +121,85 @@ async def _run_service(dht: KadDHT, *, task_status: trio.TaskStatus[None] = trio
 
 
 async def _dht_round(node: TrioNode, dht: KadDHT, key: str, stats: DiscoveryStats) -> None:
+    """Announce, ask, dial: each step bounded on its own, so one unreachable peer cannot eat the round.
+
+    Why not just ``dht.provide()`` + ``dht.find_providers()`` (py-libp2p 0.8.1, see tests/p2p/test_nat.py):
+
+    * ``find_providers`` answers from the *local* provider store when it holds any record, and
+      ``provide`` always stores our own record there first: so after our first announcement it returns
+      only ourselves and never asks the network. Peers that could not reach us to store their record
+      (behind NAT) stay invisible forever.
+    * ``provide`` first walks to the closest peers of the key and dials each one it learns of, including
+      NATed peers at their private addresses; a dropped SYN holds the walk for the library's 10 s
+      ``QUERY_TIMEOUT``, which used to be our whole round budget (every round timed out half-way).
+
+    So: ADD_PROVIDER straight to every connected peer (the bootstrap node is one, and it serves
+    GET_PROVIDERS), the full network ``provide`` walk in the background (bounded, one at a time),
+    GET_PROVIDERS to every connected peer in parallel (each bounded), then dial new providers in parallel.
+    """
     me = node.host.get_id()
-    for peer in node.host.get_connected_peers():
+    store = dht.provider_store
+    connected = [p for p in node.host.get_connected_peers() if p != me]
+    for peer in connected:
         await dht.add_peer(peer)
-    await dht.provide(key)
-    providers = await dht.find_providers(key, MAX_PROVIDERS_PER_ROUND)
-    seen: set[ID] = set()
-    connected = set(node.host.get_connected_peers())
-    stats.run_peers = stats.run_peers | {p.peer_id.to_base58() for p in providers if p.peer_id != me}
-    for info in providers:  # the DHT returns the same provider several times: dedupe by peer id
-        if info.peer_id in seen or info.peer_id == me or info.peer_id in connected:
-            continue
-        seen.add(info.peer_id)
+    raw_key = bytes.fromhex(key)
+    found: dict[ID, PeerInfo] = {}
+    for info in store.get_providers(raw_key):
+        found.setdefault(info.peer_id, info)
+
+    async def ask(peer: ID) -> None:
+        with trio.move_on_after(PEER_QUERY_TIMEOUT_S):
+            with suppress(Exception):  # a peer without the DHT protocol, or gone: nothing from it
+                await store._send_add_provider(peer, raw_key)
+            try:
+                providers, _closer = await store._get_providers_from_peer_with_closers(peer, raw_key)
+            except Exception as exc:
+                log.debug("get_providers failed peer=%s error=%r", peer, exc)
+                return
+            for info in providers:
+                if info.peer_id not in found or (info.addrs and not found[info.peer_id].addrs):
+                    found[info.peer_id] = info
+
+    async with trio.open_nursery() as nursery:
+        for peer in connected:
+            nursery.start_soon(ask, peer)
+    others = {pid: info for pid, info in found.items() if pid != me}
+    log.debug(
+        "run providers=%s",
+        {pid.to_base58()[-8:]: [str(a) for a in info.addrs] for pid, info in others.items()},
+    )
+    stats.run_peers = stats.run_peers | {pid.to_base58() for pid in others}
+    now_connected = set(node.host.get_connected_peers())
+    todo = [info for pid, info in others.items() if pid not in now_connected]
+    if not todo:
+        return
+
+    async def dial(info: PeerInfo) -> None:
         if not info.addrs and node.nat is None:  # with NAT traversal on, a relay may still reach it
-            continue
+            return
         try:
-            await node.dial_peer_info(info)  # direct addrs, then /p2p-circuit ones (p2p/_nat.py)
+            await node.dial_peer_info(info)  # relayed first when it advertises circuits (p2p/_node.py)
         except Exception as exc:  # stale provider record or unreachable peer: try again next round
             stats.dials_failed += 1
             log.debug("discovery dial failed peer=%s error=%r", info.peer_id, exc)
         else:
             stats.dials_ok += 1
             log.info("discovered peer=%s", info.peer_id)
+
+    async with trio.open_nursery() as nursery:
+        for info in todo:
+            nursery.start_soon(dial, info)
+
+
+async def _provide_walk(dht: KadDHT, key: str, stats: DiscoveryStats) -> None:
+    """libp2p's full provide (closest-peer walk, then ADD_PROVIDER), bounded; never two at once."""
+    try:
+        with trio.move_on_after(PROVIDE_WALK_TIMEOUT_S):
+            await dht.provide(key)
+    except Exception as exc:
+        log.debug("provide walk failed error=%r", exc)
+    finally:
+        stats.providing = False
 
 
 async def _dial(node: TrioNode, addr: str, stats: DiscoveryStats) -> None:

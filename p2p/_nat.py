@@ -34,6 +34,11 @@ py-libp2p 0.8.1 bugs worked around here (see tests/p2p/test_nat.py):
    `CircuitV2Transport.dial` ourselves (`dial_relayed`) and tag the connection as relayed.
 4. Outbound relayed connections are not tagged as relayed (only inbound ones are), so DCUtR's auto-drive
    never sees them; we tag them (``set_transport_info``) after the dial.
+5. ``BasicHost.get_addrs`` mangles every ``/p2p-circuit`` address an ``addrs_factory`` returns into a
+   direct address of the relay with our peer id (`_install_addrs_factory`), so identify and DHT provider
+   records never carried a circuit. We wrap ``get_addrs`` instead.
+6. Kademlia ``find_providers`` answers from the local store whenever it is non-empty, and ``provide``
+   puts our own record there: a node never asks the network again (worked around in p2p/_discovery.py).
 """
 
 from __future__ import annotations
@@ -210,16 +215,21 @@ class NatService:
     # ------------------------------------------------------------------ relay client
 
     def _install_addrs_factory(self) -> None:
-        """Append our relayed addrs to what the host advertises (identify, DHT provider records)."""
-        previous: Callable[[list[multiaddr.Multiaddr]], list[multiaddr.Multiaddr]] | None = getattr(
-            self.host, "_addrs_factory", None
-        )
+        """Append our relayed addrs to what the host advertises (identify, DHT provider records; bug 5).
 
-        def factory(candidates: list[multiaddr.Multiaddr]) -> list[multiaddr.Multiaddr]:
-            base = list(previous(candidates)) if previous is not None else list(candidates)
-            return base + [multiaddr.Multiaddr(a) for a in self.relay_addrs]
+        Not through libp2p's ``addrs_factory``: ``BasicHost.get_addrs`` strips "any existing /p2p/ component"
+        from the factory's output by decapsulating at the *first* /p2p/, which turns
+        ``/ip4/R/tcp/P/p2p/<relay>/p2p-circuit`` into ``/ip4/R/tcp/P/p2p/<me>``: a wrong direct address (the
+        relay's socket with our id) in identify and in the DHT, and no circuit address at all. So we wrap
+        the instance's ``get_addrs`` and append the circuits, with our ``/p2p/<me>``, after that step.
+        """
+        original: Callable[[], list[multiaddr.Multiaddr]] = self.host.get_addrs
+        me = multiaddr.Multiaddr(f"/p2p/{self.host.get_id().to_base58()}")
 
-        self.host._addrs_factory = factory  # type: ignore[attr-defined]
+        def get_addrs() -> list[multiaddr.Multiaddr]:
+            return list(original()) + [multiaddr.Multiaddr(a).encapsulate(me) for a in self.relay_addrs]
+
+        self.host.get_addrs = get_addrs  # type: ignore[method-assign]
 
     async def _reserve_round(self) -> None:
         assert self._transport is not None and self._nursery is not None

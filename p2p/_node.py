@@ -273,8 +273,23 @@ class TrioNode:
             self._nursery.start_soon(self.disconnect, peer_id)
 
     async def dial_peer_info(self, info: PeerInfo) -> None:
-        """Dial a discovered peer: its direct addrs first, then its /p2p-circuit addrs. Raises on failure."""
+        """Dial a discovered peer: its direct addrs first, then its /p2p-circuit addrs. Raises on failure.
+
+        A peer that advertises /p2p-circuit addrs holds a relay slot because AutoNAT told it it is private:
+        its direct addrs are most likely unreachable (a dropped SYN costs the whole dial timeout). The same
+        holds when we are private ourselves. Then the relay goes first (our own relays too, where the peer
+        most likely holds a slot as well) and DCUtR upgrades the link to direct where the NATs allow.
+        """
         host = self._require_host()
+        nat = self.nat
+        circuits = [a for a in info.addrs if is_relayed_addr(a)]
+        if (
+            nat is not None
+            and nat.config.use_relays
+            and (circuits or nat.status == "private")
+            and await nat.dial_relayed(info.peer_id, circuits)
+        ):
+            return
         self.forget_dial_failure(info.peer_id)
         try:
             with trio.fail_after(self.config.dial_timeout_s):
