@@ -194,6 +194,10 @@ def check_tcp_ports_free(listen_addrs: list[multiaddr.Multiaddr]) -> None:
         else:
             continue
         with socket.socket(family, socket.SOCK_STREAM) as probe:
+            # SO_REUSEADDR: connections of a previous process on this port linger in TIME_WAIT after it
+            # exits (or is killed); they must not keep a restarted daemon from listening. Only a live
+            # listener still conflicts.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 probe.bind((host, port))
             except OSError as exc:
