@@ -1,9 +1,15 @@
 """The control API: JSON over HTTP on a Unix socket in the node's home dir.
 
 A Unix socket with mode 0600 means only the node's own user can drive it: the file system is the access
-control, and there is no TCP listener to protect. The CLI is just a client of this API
-(``daemon.client``); scripts may use it directly (``curl --unix-socket``). The routes are described in
-``daemon/openapi.yaml``.
+control. The CLI is just a client of this API (``daemon.client``); scripts may use it directly
+(``curl --unix-socket``). The routes are described in ``daemon/openapi.yaml``.
+
+Optionally (``[api] tcp_listen``, off by default, loopback only unless ``tcp_allow_remote``) the same
+routes are also served on TCP, for tools that cannot speak to a Unix socket. There the file system is no
+longer the access control, so every request must carry ``Authorization: Bearer <token>`` (the token file,
+0600, see ``daemon.security.load_or_create_token``), compared in constant time; anything else is a 401
+before any handler runs. Rejected: TLS and per-user tokens in the daemon (a reverse proxy or SSH port
+forwarding does that better), and a token on the Unix socket (it would add nothing to mode 0600).
 
 Errors are JSON ``{"error": "..."}`` with a 4xx status for a bad request and 503 while the node is
 still loading its state.
@@ -12,6 +18,7 @@ still loading its state.
 from __future__ import annotations
 
 import dataclasses
+import hmac
 import os
 from pathlib import Path
 from typing import Any
@@ -22,7 +29,7 @@ import p2p
 from daemon.logs import RingBufferHandler
 from daemon.node import Node, NodeError
 
-__all__ = ["create_app", "full_status", "open_control_site"]
+__all__ = ["create_app", "full_status", "open_control_site", "open_tcp_control_site"]
 
 NODE = web.AppKey("node", Node)
 LOGS = web.AppKey("logs", RingBufferHandler)
@@ -161,8 +168,32 @@ async def _json_body(request: web.Request) -> dict:
     return body
 
 
-def create_app(node: Node, *, logs: RingBufferHandler | None = None) -> web.Application:
-    app = web.Application()
+def bearer_auth(token: str) -> Any:
+    """Middleware: refuse (401) any request without ``Authorization: Bearer <token>``.
+
+    ``hmac.compare_digest`` on bytes takes the same time wherever the first difference is, so the
+    response time does not leak the token byte by byte."""
+    expected = f"Bearer {token}".encode()
+
+    @web.middleware
+    async def check(request: web.Request, handler: Any) -> web.StreamResponse:
+        got = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
+        if not hmac.compare_digest(got, expected):
+            return web.json_response(
+                {"error": "missing or wrong bearer token (see [api] token_file)"},
+                status=401,
+                headers={"WWW-Authenticate": 'Bearer realm="meshtrain"'},
+            )
+        return await handler(request)
+
+    return check
+
+
+def create_app(
+    node: Node, *, logs: RingBufferHandler | None = None, token: str | None = None
+) -> web.Application:
+    """The control app; with ``token``, every request must carry it as a bearer token."""
+    app = web.Application(middlewares=[bearer_auth(token)] if token is not None else [])
     app[NODE] = node
     if logs is not None:
         app[LOGS] = logs
@@ -183,4 +214,18 @@ async def open_control_site(
     finally:
         os.umask(old_umask)
     os.chmod(socket_path, 0o600)
+    return runner
+
+
+async def open_tcp_control_site(
+    node: Node, listen: str, token: str, *, logs: RingBufferHandler | None = None
+) -> web.AppRunner:
+    """Serve the API on TCP ``listen`` ("host:port", already validated by the config), every request
+    authenticated by ``token``; the caller owns the runner and cleans it up."""
+    if len(token) < 16:
+        raise ValueError("the API token must be at least 16 characters")
+    host, _, port = listen.rpartition(":")
+    runner = web.AppRunner(create_app(node, logs=logs, token=token), access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, host.strip("[]"), int(port)).start()
     return runner

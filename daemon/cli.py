@@ -93,8 +93,9 @@ def init(
     force: bool,
     as_json: bool,
 ) -> None:
-    """Create the home dir, a commented config file and the node identity."""
+    """Create the home dir, a commented config file, the node identity and the API token file."""
     import p2p
+    from daemon.security import load_or_create_token
 
     node_home = _home(home)
     node_home.create()
@@ -105,6 +106,8 @@ def init(
         options["listen"] = listen
     node_home.config_file.write_text(render_config(**options))
     identity = p2p.load_or_create_identity(node_home.identity_file)
+    # The TCP control listener's token (used only if [api] tcp_listen is set; 0600, see SECURITY.md).
+    load_or_create_token(node_home.path / node_home.load_config().api.token_file)
     result = {"home": str(node_home.path), "config": str(node_home.config_file), "peer_id": identity.peer_id}
     if as_json:
         _echo_json(result)

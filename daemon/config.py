@@ -66,6 +66,11 @@ class NodeConfig:
     """Unless publicly reachable: reserve a slot on a relay peer and advertise a /p2p-circuit address."""
     hole_punch: bool = True
     """Upgrade relayed connections to direct ones by hole punching (DCUtR)."""
+    clip_norm: float = 0.0
+    """Robust aggregation for a run this node founds: every contribution's weighted L2 norm is clipped to
+    this (deterministically, on every replica; see crdt ``Limits.clip_norm``). Written into the genesis,
+    so it is fixed for the run's lifetime and a joiner's own value is ignored. 0: off. Pick a few times
+    the honest update norm (``/v1/history`` ``update_norm``); digits tests use 0.3."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -87,6 +92,14 @@ class TrainingConfig:
     slowdown: float = 1.0
     """Run this many times slower than the hardware allows (idles after each round): to share a machine,
     or to test that a slow peer does not stall the others."""
+    byzantine: str = ""
+    """TEST ONLY: make this node a Byzantine attacker. "flip10" negates its updates and scales them by 10
+    before signing them (validly, with its own key). Used by tests/integration/test_byzantine.py to show
+    that clipping and suspect detection work; never set it on a real node. Empty: honest."""
+
+    def __post_init__(self) -> None:
+        if self.byzantine not in BYZANTINE_MODES:
+            raise ConfigError(f"training.byzantine must be one of {BYZANTINE_MODES}, got {self.byzantine!r}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -105,8 +118,27 @@ class SyncConfig:
 class ApiConfig:
     socket: str = "control.sock"
     """Control socket path, relative to the home dir. Mode 0600."""
+    tcp_listen: str = ""
+    """host:port of an optional TCP control listener (same API; every request must carry
+    ``Authorization: Bearer <token>``). Empty: none. Loopback only unless ``tcp_allow_remote``."""
+    tcp_allow_remote: bool = False
+    """Allow a non-loopback ``tcp_listen`` host. The token is sent in clear text over plain HTTP: only
+    behind a TLS-terminating proxy or on a trusted network."""
+    token_file: str = "api.token"
+    """File (relative to the home dir) holding the TCP listener's bearer token; created 0600 with a random
+    token by ``meshtrain init`` or at first start, refused if group/others can read it."""
+
+    def __post_init__(self) -> None:
+        if self.tcp_listen:
+            host, _ = parse_listen("api.tcp_listen", self.tcp_listen)
+            if host not in LOOPBACK_HOSTS and not self.tcp_allow_remote:
+                raise ConfigError(
+                    f"api.tcp_listen must be a loopback address (127.0.0.1, ::1), got {host!r}; "
+                    "set api.tcp_allow_remote = true to expose the control API"
+                )
 
 
+BYZANTINE_MODES = ("", "flip10")  # training.byzantine (test-only attacker; see daemon/security.py)
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
 
@@ -238,11 +270,11 @@ def _coerce(name: str, default: Any, value: Any) -> Any:
     if isinstance(default, float):
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{name} must be a number, got {value!r}")
-        if value <= 0:
+        if value < 0 or (value == 0 and default != 0):  # a 0.0 default means "off": 0 is allowed
             raise ConfigError(f"{name} must be positive, got {value}")
         return float(value)
     if isinstance(default, str):
-        if not isinstance(value, str) or not value:
+        if not isinstance(value, str) or (not value and default):  # an empty default means "off"
             raise ConfigError(f"{name} must be a non-empty string, got {value!r}")
         return value
     if isinstance(default, tuple):
@@ -303,6 +335,9 @@ relay_service = false
 # Behind NAT: reserve a slot on a relay and advertise the relayed address; hole punch to direct.
 use_relays = true
 hole_punch = true
+# Robust aggregation, fixed in the genesis when this node founds the run: clip every contribution's
+# weighted L2 norm to this (a few times the honest update norm; see SECURITY.md). 0: off.
+clip_norm = 0.0
 
 [training]
 # Train locally (a node with training off still merges and serves the model).
@@ -332,6 +367,10 @@ snapshot_every = 256
 [api]
 # Control socket (mode 0600), relative to the home dir.
 socket = "control.sock"
+# Optional TCP control listener, e.g. "127.0.0.1:8466" (loopback only unless tcp_allow_remote = true).
+# Every request must send "Authorization: Bearer <the token in token_file>" (made 0600 by `meshtrain init`).
+tcp_listen = ""
+token_file = "api.token"
 
 [log]
 # DEBUG, INFO, WARNING or ERROR. `systemctl reload meshtrain` (SIGHUP) applies a change.

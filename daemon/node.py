@@ -226,9 +226,13 @@ class Node:
             genesis = crdt.Genesis(
                 params=params,
                 fragments=tuple(fragments),
-                meta={"run": run, "task": self.config.training.task},
+                meta={"run": run, "task": self.config.training.task}
+                | ({"clip_norm": repr(self.config.node.clip_norm)} if self.config.node.clip_norm else {}),
             )
-            log.info("founded run=%s genesis=%s params=%d", run, genesis.id[:16], params.size)
+            log.info(
+                "founded run=%s genesis=%s params=%d clip_norm=%s",
+                run, genesis.id[:16], params.size, genesis.meta.get("clip_norm", "off"),
+            )
             return genesis
         self.training_state = "fetching-genesis"
         request = wire.GenesisRequest(run=run).encode()
@@ -495,6 +499,9 @@ class Node:
             base_version = self.state.version_vector.digest()
             started = time.monotonic()
             result = await self.trainer.run_round(self.state.materialize(), (seq - 1) % fragments)
+            if training.byzantine:  # TEST ONLY attacker (config.TrainingConfig.byzantine)
+                length = self.state.genesis.fragment_length(result.fragment)
+                result = security.byzantine_round(training.byzantine, result, length)
             self.on_timing("round", time.monotonic() - started)
             contribution = crdt.make_contribution(
                 self.signer,
@@ -629,6 +636,7 @@ class Node:
             "connections": self.host.peer_connections(),
             "nat": self.host.nat_status(),
             "suspects": self.suspects.suspects() if self.suspects else [],
+            "clip_norm": state.limits.clip_norm if state else None,  # fixed by the genesis (SECURITY.md)
             "uptime_s": round(time.time() - self.started_at, 3),
         }
 

@@ -8,11 +8,17 @@
   mean update) and names outliers in status (``"suspects"``). It only *reports*: excluding an author
   would have to be a deterministic function of the record set (as crdt's norm clipping is) or replicas
   would diverge.
+* :func:`byzantine_round` is the TEST-ONLY attacker of ``[training] byzantine`` (see
+  tests/integration/test_byzantine.py): it rewrites this node's own update before it is signed.
+* :func:`load_or_create_token` is the bearer token of the optional TCP control listener (daemon/api.py).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import os
+import secrets
 from collections import deque
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -23,7 +29,14 @@ import numpy as np
 import p2p
 from daemon import wire
 
-__all__ = ["SuspectTracker", "counting", "host_config"]
+__all__ = [
+    "SuspectTracker",
+    "TokenFileError",
+    "byzantine_round",
+    "counting",
+    "host_config",
+    "load_or_create_token",
+]
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +47,8 @@ SUSPECT_COSINE = -0.2
 #: Updates an author must have sent before it can be named (one odd round is not a pattern).
 SUSPECT_MIN_UPDATES = 2
 _EMA = 0.2  # weight of a new update in the per-fragment running mean update
+BYZANTINE_FLIP10_SCALE = -10.0  # "flip10": against the honest direction, ten times as loud
+TOKEN_BYTES = 32  # 256 bits of randomness, URL-safe base64 in the file
 
 
 def host_config(home: Path, node: Any) -> p2p.HostConfig:
@@ -142,3 +157,54 @@ def observe(tracker: SuspectTracker | None, genesis: Any, contribution: Any) -> 
     author = p2p.peer_id_from_public_key(contribution.author)
     tracker.observe(author, contribution.fragment, indices, values, contribution.weight)
     return tracker
+
+
+def byzantine_round(mode: str, result: Any, fragment_length: int) -> Any:
+    """TEST ONLY: the Byzantine attacker of ``[training] byzantine`` ("" returns ``result`` unchanged).
+
+    "flip10" decodes the honest round's payload, multiplies the values by -10 and re-encodes them with
+    the same codec. The node then signs the result with its own key, exactly what a real malicious member
+    can do; every check a receiver makes (signature, format, ``max_norm``) still passes.
+    """
+    if not mode:
+        return result
+    import crdt
+
+    if mode != "flip10":
+        raise ValueError(f"unknown byzantine mode {mode!r}")
+    indices, values = crdt.decode_payload(result.codec, fragment_length, result.payload)
+    dense = result.codec == "dense-f32"
+    payload = crdt.encode_payload(
+        result.codec,
+        fragment_length,
+        None if dense else indices,
+        (values * np.float32(BYZANTINE_FLIP10_SCALE)).astype(np.float32),
+    )
+    return dataclasses.replace(result, payload=payload, payload_bytes=len(payload))
+
+
+class TokenFileError(RuntimeError):
+    """The API token file is unusable (readable by group/others, empty, or not a regular file)."""
+
+
+def load_or_create_token(path: Path) -> str:
+    """The TCP control listener's bearer token: read from ``path``, or created there (mode 0600, with no
+    window where it is wider) when missing. A file that group or others may read is refused, as ssh
+    refuses a private key: whoever reads the token drives the node."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        pass
+    else:
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_urlsafe(TOKEN_BYTES) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        log.info("created API token file=%s", path)
+    mode = path.stat().st_mode
+    if mode & 0o077:
+        raise TokenFileError(f"{path}: mode {mode & 0o777:o}; the API token file must be 0600 (chmod 600)")
+    token = path.read_text(encoding="utf-8").strip()
+    if len(token) < 16:
+        raise TokenFileError(f"{path}: the API token must be at least 16 characters")
+    return token

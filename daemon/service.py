@@ -32,13 +32,14 @@ from collections.abc import Callable
 
 from aiohttp import web
 
-from daemon.api import full_status, open_control_site
+from daemon.api import full_status, open_control_site, open_tcp_control_site
 from daemon.config import Config
 from daemon.home import Home
 from daemon.logs import RingBufferHandler, configure_logging
 from daemon.metrics import NodeMetrics
 from daemon.node import Node
 from daemon.reload import apply_reload
+from daemon.security import load_or_create_token
 from daemon.web import open_http_sites
 
 __all__ = ["configure_logging", "run_daemon", "sd_notify"]
@@ -101,6 +102,10 @@ async def _run(
 
     async def on_ready() -> None:
         runners.append(await open_control_site(node, home.socket_path(config), logs=ring))
+        if config.api.tcp_listen:  # opt-in, bearer token required (daemon/api.py, SECURITY.md)
+            token = load_or_create_token(home.path / config.api.token_file)
+            runners.append(await open_tcp_control_site(node, config.api.tcp_listen, token, logs=ring))
+            log.info("control API on tcp listen=%s (bearer token required)", config.api.tcp_listen)
         runners.extend(
             await open_http_sites(
                 config,
