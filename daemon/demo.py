@@ -70,7 +70,7 @@ def _summary(statuses: list[dict[str, Any]], histories: list[list[dict]], *, wal
         "first_val_loss": initial_val,
         "final_val_loss": evaluation.get("val_loss"),
         "final_val_accuracy": evaluation.get("val_accuracy"),
-        "final_bits_per_byte": evaluation.get("bits_per_byte"),
+        "final_bits_per_byte": evaluation.get("val_bpb"),
         "bytes_sent_total": sum(s["bytes_sent"] for s in statuses),
         "payload_bytes_total": sum(r["payload_bytes"] for h in histories for r in h),
         "wall_s": round(wall_s, 1),

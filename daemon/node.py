@@ -69,8 +69,16 @@ class RoundRecord:
     contributions: int
     bytes_sent: int
     bytes_received: int
+    staleness: int
+    """Contributions of others merged while this round trained (against an older base)."""
+    weight: float
+    """Weight signed into the contribution (staleness down-weighting)."""
+    residual_norm: float
+    """L2 norm of the error-feedback residual carried to the next round."""
+    round_s: float
     val_loss: float | None = None
     val_accuracy: float | None = None
+    val_bpb: float | None = None
 
 
 @dataclass
@@ -82,6 +90,7 @@ class Counters:
     pulls: int = 0
     pull_failures: int = 0
     snapshots_written: int = 0
+    stale_rounds_skipped: int = 0
     snapshots_installed: int = 0
     snapshots_served: int = 0
 
@@ -231,7 +240,10 @@ class Node:
             )
             log.info(
                 "founded run=%s genesis=%s params=%d clip_norm=%s",
-                run, genesis.id[:16], params.size, genesis.meta.get("clip_norm", "off"),
+                run,
+                genesis.id[:16],
+                params.size,
+                genesis.meta.get("clip_norm", "off"),
             )
             return genesis
         self.training_state = "fetching-genesis"
@@ -496,9 +508,18 @@ class Node:
                 await self._resume.wait()
                 self.training_state = "running"
             seq = self.rounds_done + 1
-            base_version = self.state.version_vector.digest()
+            base_vv = self.state.version_vector
+            base_version = base_vv.digest()
             started = time.monotonic()
             result = await self.trainer.run_round(self.state.materialize(), (seq - 1) % fragments)
+            # Staleness: contributions of others merged while this round trained against the older base.
+            staleness = self.state.version_vector.total - base_vv.total
+            weight = result.weight * result.staleness_policy.weight(staleness)
+            if weight == 0.0:
+                self.counters.stale_rounds_skipped += 1
+                log.warning("round too stale, not contributed seq=%d staleness=%d", seq, staleness)
+                await self.trainer.commit()
+                continue
             if training.byzantine:  # TEST ONLY attacker (config.TrainingConfig.byzantine)
                 length = self.state.genesis.fragment_length(result.fragment)
                 result = security.byzantine_round(training.byzantine, result, length)
@@ -509,7 +530,7 @@ class Node:
                 fragment=result.fragment,
                 codec=result.codec,
                 payload=result.payload,
-                weight=result.weight,
+                weight=weight,
                 base_version=base_version,
             )
             self._accept(contribution)
@@ -522,7 +543,9 @@ class Node:
                 id=contribution.id,
             )
             await self.host.publish(topic, announcement.encode())
-            self._record_round(seq, result)
+            self._record_round(
+                seq, result, staleness=staleness, weight=weight, round_s=time.monotonic() - started
+            )
             if seq % training.eval_every == 0:
                 await self._evaluate()
             if training.slowdown > 1.0:
@@ -535,7 +558,7 @@ class Node:
             await self._state_changed.wait()
             await asyncio.sleep(0.5)  # debounce: a pull usually brings a batch
 
-    def _record_round(self, seq: int, result: Any) -> None:
+    def _record_round(self, seq: int, result: Any, *, staleness: int, weight: float, round_s: float) -> None:
         assert self.state is not None
         stats = self.host.stats()
         self.history.append(
@@ -549,6 +572,10 @@ class Node:
                 contributions=self.state.contribution_count,
                 bytes_sent=int(stats["bytes_sent"]),
                 bytes_received=int(stats["bytes_received"]),
+                staleness=staleness,
+                weight=weight,
+                residual_norm=float(result.residual_norm),
+                round_s=round(round_s, 4),
             )
         )
         del self.history[:-HISTORY_LIMIT]
@@ -572,6 +599,7 @@ class Node:
         if self.history and self.history[-1].val_loss is None:
             self.history[-1].val_loss = metrics.get("val_loss")
             self.history[-1].val_accuracy = metrics.get("val_accuracy")
+            self.history[-1].val_bpb = metrics.get("val_bpb")
 
     # -- control --------------------------------------------------------------------------------------
 
@@ -626,6 +654,7 @@ class Node:
                 "pulls": self.counters.pulls,
                 "pull_failures": self.counters.pull_failures,
                 "snapshots_written": self.counters.snapshots_written,
+                "stale_rounds_skipped": self.counters.stale_rounds_skipped,
                 "snapshots_installed": self.counters.snapshots_installed,
                 "snapshots_served": self.counters.snapshots_served,
             },

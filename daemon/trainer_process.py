@@ -152,7 +152,7 @@ def _child_main(conn: Connection, spec: TrainerSpec) -> None:
     torch.set_num_threads(spec.threads)
     try:
         task = training.load_task(spec.task)
-        config = training.DilocoConfig.from_dict(spec.diloco)
+        config = training.DilocoConfig.for_task(task, spec.diloco)
         trainer = training.PeerTrainer(task, config, shard=spec.shard, num_shards=spec.num_shards)
         if spec.state_file.exists():
             trainer.load_state_dict(torch.load(spec.state_file, weights_only=False))
