@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -423,22 +424,24 @@ def _print_cluster(group: Cluster, as_json: bool) -> None:
 
 
 def cluster_table(statuses: list[dict[str, Any]]) -> Table:
+    # Narrow enough for an 80-column terminal: one line per node.
     table = Table(
-        "node", "peer", "peers", "training", "round", "contribs", "state", "train loss", "val loss", "sent"
+        "#", "peer", "peers", "state", "round", "contribs", "hash", "train", "val", "sent",
+        box=box.SIMPLE_HEAD, collapse_padding=True, pad_edge=False,
     )
     for s in statuses:
         if "error" in s:
-            table.add_row(str(s["index"]), s["peer_id"][-8:], "-", "[red]down[/]", *["-"] * 6)
+            table.add_row(str(s["index"]), s["peer_id"][-6:], "-", "[red]down[/]", *["-"] * 6)
             continue
         evaluation = s.get("eval") or {}
         table.add_row(
             str(s["index"]),
-            s["peer_id"][-8:],
+            s["peer_id"][-6:],
             str(len(s["peers"])),
             s["training"],
             str(s["round"]),
             str(s["contributions"]),
-            (s["state_hash"] or "-")[:10],
+            (s["state_hash"] or "-")[:6],
             _fmt(s.get("train_loss")),
             _fmt(evaluation.get("val_loss")),
             _bytes(s["bytes_sent"]),

@@ -48,7 +48,8 @@ def run_demo(group: Cluster, *, nodes: int, task: str, rounds: int, console: Con
                 time.sleep(0.5)
         histories = [group.client(s["index"]).get("/v1/history")["rounds"] for s in statuses]
         summary = _summary(statuses, histories, wall_s=time.monotonic() - started)
-        plot = _plot(histories, group.dir / "loss.png")
+        initial = [(s.get("initial_eval") or {}).get("val_loss") for s in statuses]
+        plot = _plot(histories, initial, group.dir / "loss.png")
         (group.dir / "summary.json").write_text(json.dumps(summary, indent=2))
     finally:
         group.down()
@@ -77,7 +78,7 @@ def _summary(statuses: list[dict[str, Any]], histories: list[list[dict]], *, wal
     }
 
 
-def _plot(histories: list[list[dict]], path: Path) -> Path:
+def _plot(histories: list[list[dict]], initial: list[float | None], path: Path) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -87,7 +88,8 @@ def _plot(histories: list[list[dict]], path: Path) -> Path:
     for index, history in enumerate(histories):
         rounds = [r["round"] for r in history]
         ax.plot(rounds, [r["train_loss"] for r in history], alpha=0.6, label=f"node {index} train")
-        evals = [(r["round"], r["val_loss"]) for r in history if r.get("val_loss") is not None]
+        evals = [(0, initial[index])] if initial[index] is not None else []
+        evals += [(r["round"], r["val_loss"]) for r in history if r.get("val_loss") is not None]
         if evals:
             ax.plot(*zip(*evals, strict=True), "o--", label=f"node {index} val (merged model)")
     ax.set_xlabel("local round")
