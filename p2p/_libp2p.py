@@ -148,7 +148,9 @@ def build_host(
             connection_limits=ConnectionLimits(
                 max_established_inbound=max_inbound_connections,
                 max_established_total=max_connections,
-                max_established_per_peer=2,  # one each way while a simultaneous dial resolves
+                # one each way while a simultaneous dial resolves, plus a relayed one that DCUtR is upgrading
+                # (at 2 the hole-punched connection was refused: "Established per peer limit exceeded")
+                max_established_per_peer=3,
             )
         ),
         psk=swarm_key.hex() if swarm_key is not None else None,
