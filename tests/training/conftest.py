@@ -6,11 +6,6 @@ import torch
 import training
 
 
-def pytest_configure(config: pytest.Config) -> None:
-    # `gpu` isn't registered in pyproject (owned by the lead); register it here so --strict-markers passes.
-    config.addinivalue_line("markers", "gpu: needs a CUDA device; skipped otherwise")
-
-
 @pytest.fixture(autouse=True)
 def _seeded() -> None:
     torch.manual_seed(0)
