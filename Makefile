@@ -9,8 +9,11 @@ TORCH_SPEC ?= torch==2.13.0
 
 setup: $(VENV)/.installed
 
+# A torch the system already has (a CUDA build, say) is reused through --system-site-packages, never
+# replaced; only where none imports is $(TORCH_SPEC) installed.
 $(VENV)/.installed: pyproject.toml
-	@test -x $(PY) || python3 -m venv $(VENV)
+	@test -x $(PY) || { python3 -c "import torch" 2>/dev/null && python3 -m venv --system-site-packages $(VENV) \
+		|| python3 -m venv $(VENV); }
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e '.[test]'
 	@touch $@
@@ -33,8 +36,13 @@ test-all: setup lint
 demo: setup
 	$(VENV)/bin/meshtrain cluster demo --nodes 4 --dir .demo
 
+# Each benchmark prints a table and writes bench/results/<name>.json (about 40 minutes in all on 2 cores).
 bench: setup
-	$(PY) -m bench
+	$(PY) bench/bench_crdt.py
+	$(PY) bench/bench_p2p.py
+	$(PY) bench/bench_gossip.py
+	$(PY) bench/bench_scale.py
+	$(PY) -m bench.convergence
 
 clean:
 	rm -rf $(VENV) .demo .pytest_cache
