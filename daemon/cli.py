@@ -15,9 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import click
-from rich import box
 from rich.console import Console
-from rich.table import Table
 
 from daemon import render
 from daemon.client import ControlClient, DaemonNotRunning, RequestFailed
@@ -400,6 +398,34 @@ def cluster_down(directory: Path, as_json: bool) -> None:
     _done(as_json, {"down": True})
 
 
+@cluster.command("partition")
+@dir_option
+@click.argument("groups", nargs=-1, required=True)
+@json_option
+def cluster_partition(directory: Path, groups: tuple[str, ...], as_json: bool) -> None:
+    """Split the mesh for a drill: GROUPS like `0,1 2,3` exchange no model data across groups."""
+    try:
+        parsed = [[int(i) for i in group.split(",")] for group in groups]
+        Cluster(directory).partition(parsed)
+    except ValueError:
+        _fail("groups are comma-separated node indices, e.g. `0,1 2,3`", as_json=as_json)
+    except (ClusterError, DaemonNotRunning, RequestFailed) as exc:
+        _fail(str(exc), as_json=as_json)
+    _done(as_json, {"partitioned": [list(map(int, g.split(","))) for g in groups]})
+
+
+@cluster.command("heal")
+@dir_option
+@json_option
+def cluster_heal(directory: Path, as_json: bool) -> None:
+    """Undo `cluster partition`."""
+    try:
+        Cluster(directory).heal()
+    except (ClusterError, DaemonNotRunning, RequestFailed) as exc:
+        _fail(str(exc), as_json=as_json)
+    _done(as_json, {"healed": True})
+
+
 @cluster.command("demo")
 @dir_option
 @click.option("--nodes", type=click.IntRange(1, 16), default=4, show_default=True)
@@ -420,33 +446,7 @@ def _print_cluster(group: Cluster, as_json: bool) -> None:
     if as_json:
         _echo_json(statuses)
         return
-    console.print(cluster_table(statuses))
-
-
-def cluster_table(statuses: list[dict[str, Any]]) -> Table:
-    # Narrow enough for an 80-column terminal: one line per node.
-    table = Table(
-        "#", "peer", "peers", "state", "round", "contribs", "hash", "train", "val", "sent",
-        box=box.SIMPLE_HEAD, collapse_padding=True, pad_edge=False,
-    )
-    for s in statuses:
-        if "error" in s:
-            table.add_row(str(s["index"]), s["peer_id"][-6:], "-", "[red]down[/]", *["-"] * 6)
-            continue
-        evaluation = s.get("eval") or {}
-        table.add_row(
-            str(s["index"]),
-            s["peer_id"][-6:],
-            str(len(s["peers"])),
-            s["training"],
-            str(s["round"]),
-            str(s["contributions"]),
-            (s["state_hash"] or "-")[:6],
-            _fmt(s.get("train_loss")),
-            _fmt(evaluation.get("val_loss")),
-            _bytes(s["bytes_sent"]),
-        )
-    return table
+    console.print(render.cluster_table(statuses))
 
 
 def _done(as_json: bool, result: dict[str, Any]) -> None:
@@ -475,18 +475,6 @@ def swarm_key_generate(path: Path) -> None:
     except OSError as exc:
         _fail(f"cannot write {path}: {exc.strerror or exc}")
     click.echo(f"wrote swarm key {path}")
-
-
-def _fmt(value: float | None) -> str:
-    return "-" if value is None else f"{value:.4f}"
-
-
-def _bytes(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"  # pragma: no cover
 
 
 if __name__ == "__main__":

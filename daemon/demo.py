@@ -15,6 +15,7 @@ from typing import Any
 from rich.console import Console
 from rich.live import Live
 
+from daemon import render
 from daemon.cluster import Cluster, ClusterError, converged
 
 __all__ = ["run_demo"]
@@ -23,8 +24,6 @@ TRAIN_TIMEOUT_S = 1800.0
 
 
 def run_demo(group: Cluster, *, nodes: int, task: str, rounds: int, console: Console) -> dict[str, Any]:
-    from daemon.cli import cluster_table
-
     if group.manifest_path.exists():
         group.down()
         _remove_cluster(group.dir)
@@ -38,7 +37,7 @@ def run_demo(group: Cluster, *, nodes: int, task: str, rounds: int, console: Con
             deadline = time.monotonic() + TRAIN_TIMEOUT_S
             while True:
                 statuses = group.status()
-                live.update(cluster_table(statuses))
+                live.update(render.cluster_table(statuses))
                 if converged(statuses, contributions=target) and all(
                     s["eval"].get("contributions") == target for s in statuses
                 ):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from rich import box
 from rich.console import Group
 from rich.panel import Panel
 from rich.table import Table
@@ -117,3 +118,40 @@ def limits_table(limits: dict[str, Any]) -> Table:
 def log_line(line: str) -> Text:
     match = _LEVEL.search(line)
     return Text(line, style=LEVEL_STYLE.get(match.group(1).lower(), "") if match else "")
+
+
+def cluster_table(statuses: list[dict[str, Any]]) -> Table:
+    # Narrow enough for an 80-column terminal: one line per node.
+    table = Table(
+        "#",
+        "peer",
+        "peers",
+        "state",
+        "round",
+        "contribs",
+        "hash",
+        "train",
+        "val",
+        "sent",
+        box=box.SIMPLE_HEAD,
+        collapse_padding=True,
+        pad_edge=False,
+    )
+    for s in statuses:
+        if "error" in s:
+            table.add_row(str(s["index"]), s["peer_id"][-6:], "-", "[red]down[/]", *["-"] * 6)
+            continue
+        evaluation = s.get("eval") or {}
+        table.add_row(
+            str(s["index"]),
+            s["peer_id"][-6:],
+            str(len(s["peers"])),
+            s["training"],
+            str(s["round"]),
+            str(s["contributions"]),
+            (s["state_hash"] or "-")[:6],
+            _fmt(s.get("train_loss")),
+            _fmt(evaluation.get("val_loss")),
+            format_bytes(s["bytes_sent"]),
+        )
+    return table

@@ -35,3 +35,10 @@ def test_bad_config_is_reported_by_daemon(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["daemon", "--home", str(tmp_path)])
     assert result.exit_code == 1
     assert "training.threads must be an integer" in result.output
+
+
+def test_cluster_commands_explain_bad_input(tmp_path: Path) -> None:
+    missing = CliRunner().invoke(main, ["cluster", "status", "--dir", str(tmp_path), "--json"])
+    assert missing.exit_code == 1 and "no cluster" in json.loads(missing.output)["error"]
+    bad = CliRunner().invoke(main, ["cluster", "partition", "--dir", str(tmp_path), "0,a", "1", "--json"])
+    assert bad.exit_code == 1 and "comma-separated" in json.loads(bad.output)["error"]
