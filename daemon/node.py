@@ -318,7 +318,7 @@ class Node:
     async def _serve_genesis(self, peer: str, data: bytes) -> bytes:
         request = wire.GenesisRequest.decode(data)
         if request.run != self.config.node.run:
-            raise wire.WireError(f"this node serves run {self.config.node.run!r}, not {request.run!r}")
+            raise wire.ForeignRun(f"this node serves run {self.config.node.run!r}, not {request.run!r}")
         await self._genesis_ready.wait()
         assert self.state is not None
         return self.state.genesis.encode()
@@ -360,7 +360,7 @@ class Node:
 
     def _check_not_blocked(self, peer: str) -> None:
         if peer in self.blocked_peers:
-            raise wire.WireError("partitioned away (fault injection)")
+            raise wire.Partitioned("partitioned away (fault injection)")
 
     def _digest(self) -> crdt.Digest:
         assert self.state is not None

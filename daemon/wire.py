@@ -37,6 +37,8 @@ __all__ = [
     "Announcement",
     "ForeignRun",
     "GenesisRequest",
+    "Partitioned",
+    "Refusal",
     "SyncRequest",
     "SyncResponse",
     "WireError",
@@ -60,8 +62,16 @@ class WireError(ValueError):
     """A peer sent a message that does not decode or validate."""
 
 
-class ForeignRun(WireError):
+class Refusal(Exception):
+    """A well-formed request this node declines to serve: not hostile, so not counted or penalized."""
+
+
+class ForeignRun(Refusal):
     """The peer belongs to another run (another genesis): it is connected, but shares no model."""
+
+
+class Partitioned(Refusal):
+    """This node exchanges no model data with the peer (fault injection: a partition drill)."""
 
 
 def _unpack(data: bytes, *, max_bytes: int | None = None) -> dict[str, Any]:
