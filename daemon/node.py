@@ -114,6 +114,7 @@ class Node:
                 relay_service=config.node.relay_service,
                 use_relays=config.node.use_relays,
                 hole_punch=config.node.hole_punch,
+                mdns=config.node.mdns,
             ),
         )
         self.state: crdt.ModelState | None = None

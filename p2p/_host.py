@@ -74,6 +74,8 @@ class HostConfig:
     """Unless public: reserve a slot on connected relays, advertise /p2p-circuit addrs, dial relayed addrs."""
     hole_punch: bool = False
     """Upgrade relayed connections to direct ones with DCUtR (TCP simultaneous open)."""
+    mdns: bool = False
+    """Announce this node by multicast DNS and dial the peers it hears (LAN only; every interface)."""
     max_relays: int = 2
     """Relays to hold a reservation on at once."""
     swarm_key: bytes | None = field(default=None, repr=False)
@@ -152,6 +154,7 @@ class Host:
             swarm_key=self.config.swarm_key,
             allow_peers=self.config.allow_peers,
             peer_limits=self.config.peer_limits,
+            mdns=self.config.mdns,
         )
         self._node = TrioNode(
             identity, node_config, handlers=self._handlers, gossip_sink=self._deliver_gossip

@@ -116,6 +116,7 @@ def build_host(
     swarm_key: bytes | None = None,
     max_connections: int = 256,
     max_inbound_connections: int = 128,
+    mdns: bool = False,
 ) -> IHost:
     """A libp2p host with Noise-only security, Yamux, TCP, one connection per peer.
 
@@ -132,7 +133,7 @@ def build_host(
         listen_addrs=listen_addrs,
         enable_quic=False,
         enable_tcp=True,
-        enable_mDNS=False,
+        enable_mDNS=mdns,  # LAN discovery; p2p/_mdns.py dials what it finds
         enable_upnp=False,
         connection_config=ConnectionConfig(
             max_connections_per_peer=1,

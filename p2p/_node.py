@@ -52,6 +52,7 @@ from p2p._framing import (
 from p2p._gossip import GossipValidators
 from p2p._identity import Identity
 from p2p._libp2p import GOSSIP_ENVELOPE_HEADROOM_BYTES, build_gossipsub, build_host, check_tcp_ports_free
+from p2p._mdns import run_mdns_dialer
 from p2p._nat import NatConfig, NatService, is_relayed_addr
 from p2p._security import GateNotifee, PeerGate, PeerLimits
 
@@ -85,6 +86,7 @@ class NodeConfig:
     swarm_key: bytes | None = field(default=None, repr=False)
     allow_peers: frozenset[str] | None = None
     peer_limits: PeerLimits = field(default_factory=PeerLimits)
+    mdns: bool = False
 
 
 class NodeStats:
@@ -163,6 +165,7 @@ class TrioNode:
             swarm_key=self.config.swarm_key,
             max_connections=limits.max_connections,
             max_inbound_connections=limits.max_inbound_connections,
+            mdns=self.config.mdns,
         )
         pubsub, router = build_gossipsub(host)
         try:
@@ -184,6 +187,8 @@ class TrioNode:
                     await nursery.start(self.nat.run)
                 if self.config.bootstrap or self.config.run_id is not None:
                     nursery.start_soon(self._supervise_discovery)
+                if self.config.mdns:
+                    nursery.start_soon(run_mdns_dialer, host, self.dial_peer_info)
                 try:
                     yield self
                 finally:
