@@ -51,6 +51,7 @@ __all__ = ["Node", "NodeError"]
 log = logging.getLogger(__name__)
 
 GENESIS_RETRY_S = 1.0
+HEARTBEAT_S = 5  # period of the per-run heartbeat gossip
 HISTORY_LIMIT = 10_000  # per-round telemetry records kept in memory for status and plots
 
 
@@ -141,6 +142,7 @@ class Node:
         self._peer_vectors: dict[str, crdt.VersionVector] = {}  # last known per peer, for retention
         self._since_snapshot = 0
         self._foreign_peers: set[str] = set()  # connected peers that serve another genesis
+        self.peer_heartbeats: dict[str, tuple[float, wire.Heartbeat]] = {}  # latest per peer, with arrival
         self.blocked_peers: set[str] = set()
         """Fault injection: peers this node exchanges no model data with (a network partition)."""
 
@@ -154,7 +156,14 @@ class Node:
             sync_handler = security.counting(self._serve_sync, self._reject)
             self.host.set_request_handler(wire.SYNC_PROTOCOL, sync_handler)
             self.host.set_request_handler(wire.SNAPSHOT_PROTOCOL, self._serve_snapshot)
-            announcements = self.host.subscribe(wire.announce_topic(self.config.node.run))
+            run = self.config.node.run
+            # Validated before delivery and before forwarding: junk is dropped and its sender scored down.
+            self.host.set_topic_validator(
+                wire.announce_topic(run), wire.valid_gossip(wire.Announcement.decode)
+            )
+            self.host.set_topic_validator(wire.heartbeat_topic(run), wire.valid_gossip(wire.Heartbeat.decode))
+            announcements = self.host.subscribe(wire.announce_topic(run))
+            heartbeats = self.host.subscribe(wire.heartbeat_topic(run))
             self._start_trainer_spec()
             async with asyncio.TaskGroup() as tasks:
                 await self._load_state()
@@ -163,6 +172,8 @@ class Node:
                 tasks.create_task(self._announcement_loop(announcements), name="announcements")
                 tasks.create_task(self._pull_loop(), name="pull")
                 tasks.create_task(self._anti_entropy_loop(), name="anti-entropy")
+                tasks.create_task(self._heartbeat_loop(), name="heartbeat")
+                tasks.create_task(self._heartbeat_listener(heartbeats), name="heartbeats")
                 if self.trainer is not None:
                     tasks.create_task(self._training_loop(), name="training")
                     tasks.create_task(self.limits.run(self.trainer), name="limits")
@@ -469,6 +480,38 @@ class Node:
                 if peer not in self.blocked_peers and peer not in self._foreign_peers:
                     self._want_pull(peer)
 
+    async def _heartbeat_loop(self) -> None:
+        """Tell the run, every few seconds, how this node is doing (shown per peer in status)."""
+        topic = wire.heartbeat_topic(self.config.node.run)
+        moved = 0
+        while True:
+            stats = self.host.stats()
+            total = int(stats["bytes_sent"]) + int(stats["bytes_received"])
+            assert self.state is not None and self.trainer is not None
+            heartbeat = wire.Heartbeat(
+                round=self.rounds_done,
+                contributions=self.state.contribution_count,
+                training=self.training_state,
+                reachability=self.host.reachability(),
+                task=self.config.training.task,
+                device=str(self.trainer.info.get("device", "cpu")),
+                throughput_bps=max(0, total - moved) // HEARTBEAT_S,
+            )
+            moved = total
+            with contextlib.suppress(p2p.P2PError):  # no mesh peers yet: nothing to tell
+                await self.host.publish(topic, heartbeat.encode())
+            await asyncio.sleep(HEARTBEAT_S)
+
+    async def _heartbeat_listener(self, queue: asyncio.Queue[p2p.GossipMessage]) -> None:
+        while True:
+            message = await queue.get()
+            try:
+                heartbeat = wire.Heartbeat.decode(message.data)
+            except wire.WireError as exc:  # the validator let it through: count it like any junk
+                self._reject(message.from_peer, exc)
+                continue
+            self.peer_heartbeats[message.from_peer] = (time.monotonic(), heartbeat)
+
     async def _announcement_loop(self, queue: asyncio.Queue[p2p.GossipMessage]) -> None:
         while True:
             message = await queue.get()
@@ -662,6 +705,10 @@ class Node:
             "retained_contributions": state.retained_count if state else 0,
             "blocked_peers": sorted(self.blocked_peers),
             "p2p": stats,
+            "peer_info": {
+                peer: {**dataclasses.asdict(beat), "age_s": round(time.monotonic() - seen, 1)}
+                for peer, (seen, beat) in self.peer_heartbeats.items()
+            },
             "reachability": self.host.reachability(),
             "connections": self.host.peer_connections(),
             "nat": self.host.nat_status(),

@@ -172,7 +172,12 @@ def _child_main(conn: Connection, spec: TrainerSpec) -> None:
         os.replace(tmp, spec.state_file)
 
     handlers = {
-        "info": lambda: {"task": task.name, "pid": os.getpid(), "threads": torch.get_num_threads()},
+        "info": lambda: {
+            "task": task.name,
+            "pid": os.getpid(),
+            "threads": torch.get_num_threads(),
+            "device": training.resolve_device(config.device).type,
+        },
         "init_params": lambda: _fresh_params(task, config),
         "fragments": lambda: training.fragment_ranges(task.build_model(), config.num_fragments),
         "round": lambda params, fragment: trainer.run_round(params, fragment=fragment),

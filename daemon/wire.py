@@ -15,6 +15,9 @@ Three protocols carry the model between nodes of one run:
 ``/meshtrain/snapshot/1``
     request ``SyncRequest`` (the digest is ignored); response: the responder's encoded
     :class:`crdt.Snapshot` (accumulator + version vector + hash), checked against the genesis on receipt.
+gossip topic ``meshtrain/<run>/heartbeat``
+    ``Heartbeat`` every few seconds: the sender's round, training state, reachability, capabilities
+    (task, device kind) and measured throughput, shown per peer in status.
 gossip topic ``meshtrain/<run>/announce``
     ``Announcement``: a small header per new contribution (author, seq, fragment, size, id). Receivers that
     lack it pull from the announcer. Gossip may drop; the periodic anti-entropy pull repairs what it misses.
@@ -25,6 +28,7 @@ the peer.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,12 +41,15 @@ __all__ = [
     "Announcement",
     "ForeignRun",
     "GenesisRequest",
+    "Heartbeat",
     "Partitioned",
     "Refusal",
     "SyncRequest",
     "SyncResponse",
     "WireError",
     "announce_topic",
+    "heartbeat_topic",
+    "valid_gossip",
 ]
 
 GENESIS_PROTOCOL = "/meshtrain/genesis/1"
@@ -56,6 +63,10 @@ MAX_SYNC_REQUEST_BYTES = 4 << 20  # a version vector of ~100k authors
 
 def announce_topic(run: str) -> str:
     return f"meshtrain/{run}/announce"
+
+
+def heartbeat_topic(run: str) -> str:
+    return f"meshtrain/{run}/heartbeat"
 
 
 class WireError(ValueError):
@@ -187,3 +198,58 @@ class Announcement:
         if ints["seq"] < 1 or ints["fragment"] < 0 or ints["size"] < 0:
             raise WireError("seq, fragment and size out of range")
         return cls(author=author, id=_field(obj, "id", str), **ints)
+
+
+MAX_HEARTBEAT_BYTES = 1024
+_REACHABILITY = ("public", "private", "unknown")
+
+
+@dataclass(frozen=True, slots=True)
+class Heartbeat:
+    round: int
+    contributions: int
+    training: str
+    reachability: str
+    task: str
+    device: str
+    """"cpu" or "cuda": what the peer trains on (its capability)."""
+    throughput_bps: int
+    """Bytes per second this peer moved (sent + received) over its last heartbeat interval."""
+
+    def encode(self) -> bytes:
+        return msgpack.packb(
+            {
+                "v": WIRE_VERSION,
+                "round": self.round,
+                "contributions": self.contributions,
+                "training": self.training,
+                "reachability": self.reachability,
+                "task": self.task,
+                "device": self.device,
+                "throughput_bps": self.throughput_bps,
+            }
+        )
+
+    @classmethod
+    def decode(cls, data: bytes) -> Heartbeat:
+        obj = _unpack(data, max_bytes=MAX_HEARTBEAT_BYTES)
+        ints = {name: _field(obj, name, int) for name in ("round", "contributions", "throughput_bps")}
+        if min(ints.values()) < 0:
+            raise WireError("round, contributions and throughput must not be negative")
+        strings = {name: _field(obj, name, str) for name in ("training", "reachability", "task", "device")}
+        if strings["reachability"] not in _REACHABILITY:
+            raise WireError(f"reachability must be one of {_REACHABILITY}")
+        return cls(**ints, **strings)
+
+
+def valid_gossip(decode: Callable[[bytes], object]) -> Callable[[str, bytes], bool]:
+    """A gossip topic validator: forward and deliver only messages that decode (schema and size)."""
+
+    def validate(from_peer: str, data: bytes) -> bool:
+        try:
+            decode(data)
+        except WireError:
+            return False
+        return True
+
+    return validate

@@ -7,7 +7,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from daemon.wire import Announcement, GenesisRequest, SyncRequest, SyncResponse, WireError
+from daemon.wire import (
+    Announcement,
+    GenesisRequest,
+    Heartbeat,
+    SyncRequest,
+    SyncResponse,
+    WireError,
+    valid_gossip,
+)
 
 
 def test_round_trips() -> None:
@@ -17,6 +25,16 @@ def test_round_trips() -> None:
     assert SyncResponse.decode(r.encode()) == r
     q = SyncRequest(genesis="ab" * 32, digest=b"d")
     assert SyncRequest.decode(q.encode()) == q
+    h = Heartbeat(
+        round=3,
+        contributions=9,
+        training="running",
+        reachability="private",
+        task="digits",
+        device="cpu",
+        throughput_bps=1200,
+    )
+    assert Heartbeat.decode(h.encode()) == h
     g = GenesisRequest(run="r")
     assert GenesisRequest.decode(g.encode()) == g
 
@@ -56,6 +74,31 @@ def test_sync_response_rejects_non_bytes() -> None:
 @settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=300))
 def test_garbage_never_escapes_as_another_error(data: bytes) -> None:
-    for decoder in (Announcement.decode, SyncRequest.decode, SyncResponse.decode, GenesisRequest.decode):
+    decoders = (
+        Announcement.decode,
+        Heartbeat.decode,
+        SyncRequest.decode,
+        SyncResponse.decode,
+        GenesisRequest.decode,
+    )
+    for decoder in decoders:
         with contextlib.suppress(WireError):
             decoder(data)
+
+
+def test_gossip_validator_accepts_only_what_decodes() -> None:
+    validate = valid_gossip(Heartbeat.decode)
+    beat = {
+        "v": 1,
+        "round": 1,
+        "contributions": 1,
+        "training": "running",
+        "reachability": "public",
+        "task": "digits",
+        "device": "cpu",
+        "throughput_bps": 0,
+    }
+    assert validate("peer", msgpack.packb(beat))
+    assert not validate("peer", msgpack.packb({**beat, "reachability": "sideways"}))
+    assert not validate("peer", msgpack.packb({**beat, "round": -1}))
+    assert not validate("peer", b"\xc1garbage")

@@ -21,7 +21,8 @@ def test_two_daemons_train_and_converge(cluster_dir: Path) -> None:
 
     statuses = group.wait_until(
         lambda s: converged(s, contributions=2 * ROUNDS)
-        and all(x["eval"].get("contributions") == 2 * ROUNDS for x in s),
+        and all(x["eval"].get("contributions") == 2 * ROUNDS for x in s)
+        and all(x["peer_info"] for x in s),
         timeout_s=DEADLINE_S,
         what="both nodes to hold all contributions and evaluate the merged model",
     )
@@ -32,6 +33,9 @@ def test_two_daemons_train_and_converge(cluster_dir: Path) -> None:
     assert first["round"] == second["round"] == ROUNDS
     assert first["state_hash"] == second["state_hash"]
     assert first["bytes_sent"] > 0 and second["bytes_received"] > 0
+    # Each hears the other's heartbeat: its round, task and capabilities.
+    assert first["peer_info"][second["peer_id"]]["task"] == "digits"
+    assert second["peer_info"][first["peer_id"]]["device"] == "cpu"
     for status in statuses:
         assert set(status["version_vector"]) == {first["peer_id"], second["peer_id"]}
         assert status["eval"]["state_hash"] == status["state_hash"]
