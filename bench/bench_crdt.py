@@ -127,6 +127,29 @@ def bench_size(d: int) -> dict[str, float]:
     }
 
 
+def bench_peers(authors: int) -> dict[str, float]:
+    """Cost of one anti-entropy exchange as the mesh grows: every author has contributed; the remote
+    lacks the last contribution of every author (the worst case a round of gossip loss leaves)."""
+    g = _genesis(10_000, 1)
+    state = crdt.ModelState(g)
+    payload = crdt.encode_payload("sparse-f32", 10_000, np.arange(8, dtype=np.uint32), np.ones(8, np.float32))
+    for i in range(authors):
+        signer = crdt.Signer.from_seed(hashlib.sha256(b"peer-%d" % i).digest())
+        for seq in (1, 2):
+            state.apply(crdt.make_contribution(signer, seq=seq, fragment=0, codec="sparse-f32",
+                                               payload=payload, weight=1e-3, base_version=b"\0" * 32))
+    remote_vv = crdt.VersionVector.from_dict({a: 1 for a in state.version_vector})
+    remote = crdt.Digest(remote_vv, "00" * 32, remote_vv.total)
+    wire = remote.encode()
+    return {
+        "authors": authors,
+        "digest_bytes": len(wire),
+        "digest_encode_ms": _best(remote.encode) * 1e3,
+        "digest_decode_ms": _best(lambda: crdt.Digest.decode(wire)) * 1e3,
+        "plan_sync_ms": _best(lambda: crdt.plan_sync(state, remote, max_count=authors)) * 1e3,
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true", help="small sizes (smoke test)")
@@ -138,6 +161,7 @@ def main() -> None:
     apply_rows.append(bench_apply(d // 16, 16, 1.0, "dense-f32", n))
     sizes = [10**5, 10**6] + ([] if args.quick else [10**7, 3 * 10**7])
     size_rows = [bench_size(s) for s in sizes]
+    peer_rows = [bench_peers(a) for a in (4, 16, 64, 256) + (() if args.quick else (1024,))]
 
     print(f"{'codec':<11}{'frag':>10}{'dens':>6}{'contrib/s':>11}{'Mentries/s':>11}{'apply ms':>9}"
           f"{'verify':>8}{'decode':>8}{'dense add':>10}{'scatter':>9}")
@@ -154,11 +178,16 @@ def main() -> None:
               f"{r['snapshot_ms']:>8.2f}{r['snapshot_encode_ms']:>8.2f}{r['snapshot_decode_ms']:>8.2f}"
               f"{r['from_snapshot_ms']:>9.2f}{r['materialize_ms']:>9.2f}{r['dense_f32_add_ms']:>10.2f}"
               f"{r['snapshot_bytes'] / 2**20:>9.1f}")
+    print()
+    print(f"{'authors':>8}{'digest B':>10}{'enc ms':>8}{'dec ms':>8}{'plan_sync ms':>13}")
+    for r in peer_rows:
+        print(f"{r['authors']:>8}{r['digest_bytes']:>10}{r['digest_encode_ms']:>8.3f}"
+              f"{r['digest_decode_ms']:>8.3f}{r['plan_sync_ms']:>13.3f}")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps({
         "machine": {"python": platform.python_version(), "numpy": np.__version__,
                     "processor": platform.processor() or platform.machine()},
-        "apply": apply_rows, "sizes": size_rows,
+        "apply": apply_rows, "sizes": size_rows, "peers": peer_rows,
     }, indent=2) + "\n")
     print(f"\nwrote {RESULTS}")
 

@@ -108,6 +108,8 @@ class SyncConfig:
     """Anti-entropy period: how often this node asks a peer for what it is missing."""
     max_batch: int = 64
     """Most contributions shipped in one anti-entropy response."""
+    fanout: int = 3
+    """Peers (chosen at random) pulled from per anti-entropy period."""
     request_timeout_s: float = 30.0
     """Deadline of one request to a peer."""
     snapshot_every: int = 256
@@ -360,6 +362,8 @@ slowdown = 1.0
 # Anti-entropy period in seconds, and the most contributions shipped per response.
 interval_s = 2.0
 max_batch = 64
+# Random peers pulled from per period: keeps each node's control traffic flat as the mesh grows.
+fanout = 3
 request_timeout_s = 30.0
 # Snapshot (and compact history every known peer already has) after this many new contributions.
 snapshot_every = 256

@@ -474,11 +474,18 @@ class Node:
         while True:
             # Jitter so that a cluster started together does not pull in lockstep. Re-read: SIGHUP.
             await asyncio.sleep(self.config.sync.interval_s * random.uniform(0.5, 1.5))
-            # Every connected peer of our run: the DHT's run membership (host.run_peers) can lag behind
-            # connections, and a peer of another run answers ForeignRun once and is not asked again.
-            for peer in self.host.connected_peers():
-                if peer not in self.blocked_peers and peer not in self._foreign_peers:
-                    self._want_pull(peer)
+            # A few random connected peers of our run per period (epidemic anti-entropy): each node's
+            # control traffic stays constant as the mesh grows, and every pair still meets within a few
+            # periods. Gossip announcements trigger immediate pulls on top. Candidates are connected
+            # peers, not host.run_peers (DHT membership can lag behind connections); a peer of another
+            # run answers ForeignRun once and is not asked again.
+            candidates = [
+                peer
+                for peer in self.host.connected_peers()
+                if peer not in self.blocked_peers and peer not in self._foreign_peers
+            ]
+            for peer in random.sample(candidates, min(self.config.sync.fanout, len(candidates))):
+                self._want_pull(peer)
 
     async def _heartbeat_loop(self) -> None:
         """Tell the run, every few seconds, how this node is doing (shown per peer in status)."""

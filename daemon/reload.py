@@ -34,6 +34,7 @@ RELOADABLE: frozenset[tuple[str, str]] = frozenset(
         ("limits", "bandwidth_bytes_per_s"),
         ("sync", "interval_s"),
         ("sync", "max_batch"),
+        ("sync", "fanout"),
         ("sync", "request_timeout_s"),
     }
 )
