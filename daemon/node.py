@@ -51,7 +51,8 @@ __all__ = ["Node", "NodeError"]
 log = logging.getLogger(__name__)
 
 GENESIS_RETRY_S = 1.0
-HEARTBEAT_S = 5  # period of the per-run heartbeat gossip
+HEARTBEAT_S = 5  # period of the per-run heartbeat gossip with up to HEARTBEAT_PEERS peers
+HEARTBEAT_PEERS = 5  # beyond, the period grows with the peer count (see _heartbeat_loop)
 HISTORY_LIMIT = 10_000  # per-round telemetry records kept in memory for status and plots
 
 
@@ -490,7 +491,7 @@ class Node:
     async def _heartbeat_loop(self) -> None:
         """Tell the run, every few seconds, how this node is doing (shown per peer in status)."""
         topic = wire.heartbeat_topic(self.config.node.run)
-        moved = 0
+        moved, last = 0, time.monotonic()
         while True:
             stats = self.host.stats()
             total = int(stats["bytes_sent"]) + int(stats["bytes_received"])
@@ -502,12 +503,15 @@ class Node:
                 reachability=self.host.reachability(),
                 task=self.config.training.task,
                 device=str(self.trainer.info.get("device", "cpu")),
-                throughput_bps=max(0, total - moved) // HEARTBEAT_S,
+                throughput_bps=int(max(0, total - moved) / max(time.monotonic() - last, 1e-3)),
             )
-            moved = total
+            moved, last = total, time.monotonic()
             with contextlib.suppress(p2p.P2PError):  # no mesh peers yet: nothing to tell
                 await self.host.publish(topic, heartbeat.encode())
-            await asyncio.sleep(HEARTBEAT_S)
+            # gossipsub costs CPU per message at every node: stretch the period with the mesh so the
+            # whole run carries about one heartbeat a second however many nodes it has.
+            period = HEARTBEAT_S * max(1.0, len(self.host.connected_peers()) / HEARTBEAT_PEERS)
+            await asyncio.sleep(period * random.uniform(0.8, 1.2))
 
     async def _heartbeat_listener(self, queue: asyncio.Queue[p2p.GossipMessage]) -> None:
         while True:
