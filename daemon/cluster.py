@@ -166,9 +166,13 @@ class Cluster:
 
     def up(self, nodes: int, *, timeout_s: float = START_TIMEOUT_S, **create_options: Any) -> list[NodeInfo]:
         infos = self.create(nodes, **create_options)
-        for info in infos:
-            self.start(info.index)
-        self.wait_connected(timeout_s=timeout_s)
+        try:
+            for info in infos:
+                self.start(info.index)
+            self.wait_connected(timeout_s=timeout_s)
+        except BaseException:
+            self.down()  # a half-started cluster is not left running behind the error
+            raise
         return infos
 
     def down(self, *, grace_s: float = 30.0) -> None:

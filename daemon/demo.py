@@ -31,7 +31,7 @@ def run_demo(group: Cluster, *, nodes: int, task: str, rounds: int, console: Con
     console.print(f"starting the cluster in {group.dir} (logs: node*/daemon.log) ...")
     started = time.monotonic()
     group.up(nodes, task=task, run="demo", training={"max_rounds": rounds, "eval_every": 2})
-    try:
+    try:  # from here on the cluster runs: stop it whatever happens (up() cleans up after itself)
         target = nodes * rounds
         with Live(console=console, refresh_per_second=2) as live:
             deadline = time.monotonic() + TRAIN_TIMEOUT_S

@@ -140,7 +140,8 @@ class Node:
         self._genesis_ready = asyncio.Event()
         self._pull_wanted: dict[str, None] = {}  # peers to pull from soon, insertion-ordered set
         self._pull_wakeup = asyncio.Event()
-        self._peer_vectors: dict[str, crdt.VersionVector] = {}  # last known per peer, for retention
+        self._peer_vectors: dict[str, crdt.VersionVector] = {}  # last known per member, for retention
+        self._pulled_back: dict[str, float] = {}  # when a peer's sync request last triggered a pull back
         self._since_snapshot = 0
         self._foreign_peers: set[str] = set()  # connected peers that serve another genesis
         self.peer_heartbeats: dict[str, tuple[float, wire.Heartbeat]] = {}  # latest per peer, with arrival
@@ -230,6 +231,7 @@ class Node:
             with contextlib.suppress(crdt.CrdtError):
                 state.apply(contribution)
         self.state = state
+        self._peer_vectors.update(self.store.load_peer_vectors())
         self._genesis_ready.set()
         log.info(
             "model state loaded genesis=%s contributions=%d state_hash=%s",
@@ -307,6 +309,7 @@ class Node:
         assert self.state is not None
         snapshot = self.state.snapshot()
         self.store.write_snapshot(snapshot)
+        self.store.write_peer_vectors(self._peer_vectors)  # before compacting by them: see the store
         floor = crdt.retention_floor(snapshot.version_vector, self._peer_vectors.values())
         dropped = self.state.compact(floor)
         self._since_snapshot = 0
@@ -348,8 +351,14 @@ class Node:
         self._check_not_blocked(peer)
         self._peer_vectors[peer] = remote.version_vector
         plan = crdt.plan_sync(self.state, remote, max_count=self.config.sync.max_batch)
-        if plan.remote_has_more:
+        if (
+            plan.remote_has_more
+            and time.monotonic() - self._pulled_back.get(peer, 0.0) > self.config.sync.interval_s
+        ):
             # The requester has something we lack: pull it back soon (push-pull without a push protocol).
+            # At most once a period per peer: two nodes that cannot serve each other (see
+            # _install_snapshot_from) must not ping-pong pulls.
+            self._pulled_back[peer] = time.monotonic()
             self._want_pull(peer)
         response = wire.SyncResponse(
             digest=self._digest().encode(),

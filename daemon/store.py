@@ -37,6 +37,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
+import msgpack
+
 import crdt
 
 __all__ = ["RecoveryReport", "Store", "StoreError"]
@@ -51,6 +53,8 @@ _LOCK_FILE = "LOCK"
 #: Blob kinds (7 bytes each, see crdt.log.seal_blob).
 _GENESIS_KIND = b"GENESIS"
 _SNAPSHOT_KIND = b"SNAPSHT"
+_PEERS_FILE = "peers.bin"
+_PEERS_KIND = b"PEERVVS"
 
 
 class StoreError(Exception):
@@ -143,8 +147,13 @@ class Store:
                 f.flush()
                 os.fsync(f.fileno())
         if truncated:
-            log.warning("store recovered path=%s kept_records=%d truncated_bytes=%d reason=%s",
-                        wal, len(scan.records), truncated, scan.error)
+            log.warning(
+                "store recovered path=%s kept_records=%d truncated_bytes=%d reason=%s",
+                wal,
+                len(scan.records),
+                truncated,
+                scan.error,
+            )
         return scan.records, RecoveryReport(len(scan.records), truncated, scan.error)
 
     # -- reading ----------------------------------------------------------------------------------------
@@ -183,6 +192,10 @@ class Store:
         except crdt.ValidationError as exc:
             raise StoreError(f"{path}: {exc}") from exc
 
+    def load_peer_vectors(self) -> dict[str, crdt.VersionVector]:
+        """The last version vector known of every run member (see :meth:`write_peer_vectors`)."""
+        return self._read_blob(_PEERS_FILE, _PEERS_KIND, _decode_peer_vectors) or {}
+
     # -- writing ----------------------------------------------------------------------------------------
     def append(self, contribution: crdt.Contribution) -> None:
         """Append one contribution and fsync (durable when this returns)."""
@@ -191,6 +204,14 @@ class Store:
         self._wal.flush()
         os.fsync(self._wal.fileno())
         self._records.append(raw)
+
+    def write_peer_vectors(self, vectors: dict[str, crdt.VersionVector]) -> None:
+        """Persist what each member is known to hold, atomically. Compaction must never forget a member
+        across a restart: a node that compacted by the vectors of only the peers it had heard from since
+        starting could drop history a silent member still lacks, and two such nodes can then no longer
+        serve each other (neither snapshot covers what the other compacted)."""
+        payload = msgpack.packb({peer: vv.encode() for peer, vv in sorted(vectors.items())})
+        _atomic_write(self.path / _PEERS_FILE, crdt.seal_blob(_PEERS_KIND, payload))
 
     def write_genesis(self, genesis: crdt.Genesis) -> None:
         """Persist the genesis atomically. Writing the same genesis again is a no-op.
@@ -238,3 +259,15 @@ class Store:
         with contextlib.suppress(OSError):
             return (self.path / _WAL_FILE).stat().st_size
         return 0
+
+
+def _decode_peer_vectors(data: bytes) -> dict[str, crdt.VersionVector]:
+    try:
+        obj = msgpack.unpackb(data, raw=False)
+    except Exception as exc:  # msgpack raises several unrelated types
+        raise crdt.ValidationError(f"peer vectors: not msgpack ({exc.__class__.__name__})") from exc
+    if not isinstance(obj, dict) or not all(
+        isinstance(k, str) and isinstance(v, bytes) for k, v in obj.items()
+    ):
+        raise crdt.ValidationError("peer vectors: expected a map of peer id to version vector")
+    return {peer: crdt.VersionVector.decode(raw) for peer, raw in obj.items()}

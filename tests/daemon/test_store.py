@@ -30,8 +30,17 @@ def history(g: crdt.Genesis, n_authors: int, per_author: int) -> list[crdt.Contr
             n = g.fragment_length(frag)
             idx = np.sort(rng.choice(n, size=n // 4, replace=False)).astype(np.uint32)
             payload = crdt.encode_payload("sparse-q8", n, idx, rng.standard_normal(idx.size) * 0.01)
-            out.append(crdt.make_contribution(signer, seq=seq, fragment=frag, codec="sparse-q8",
-                                              payload=payload, weight=1.0, base_version=b"\0" * 32))
+            out.append(
+                crdt.make_contribution(
+                    signer,
+                    seq=seq,
+                    fragment=frag,
+                    codec="sparse-q8",
+                    payload=payload,
+                    weight=1.0,
+                    base_version=b"\0" * 32,
+                )
+            )
     return out
 
 
@@ -118,8 +127,9 @@ def test_torn_tail_every_offset(tmp_path: Path) -> None:
             kept = max(e for e in ends | {0} if e <= cut)
             assert st.recovery.truncated_bytes == (cut - kept if cut >= len(crdt.LOG_HEADER) else cut)
             _, _, logged = st.load()
-            assert [c.id for c in logged] == [c.id for c in sorted(HIST[: st.recovery.records],
-                                                                   key=lambda c: (c.seq, c.author))]
+            assert [c.id for c in logged] == [
+                c.id for c in sorted(HIST[: st.recovery.records], key=lambda c: (c.seq, c.author))
+            ]
             st.append(HIST[5])  # appending after recovery works
         with Store(d) as st:
             assert st.recovery.truncated_bytes == 0
@@ -140,3 +150,19 @@ def test_garbage_tail_and_foreign(tmp_path: Path) -> None:
     (tmp_path / "snapshot.bin").write_bytes(b"junk")
     with Store(tmp_path) as st, pytest.raises(StoreError):
         st.load()
+
+
+def test_peer_vectors_survive_a_restart_and_corruption_is_reported(tmp_path: Path) -> None:
+    vectors = {
+        "peerA": crdt.VersionVector.from_dict({b"a" * 32: 3}),
+        "peerB": crdt.VersionVector.from_dict({}),
+    }
+    with Store(tmp_path) as st:
+        assert st.load_peer_vectors() == {}
+        st.write_peer_vectors(vectors)
+    with Store(tmp_path) as st:
+        assert st.load_peer_vectors() == vectors
+    path = tmp_path / "peers.bin"
+    path.write_bytes(path.read_bytes()[:-1] + b"\0")
+    with Store(tmp_path) as st, pytest.raises(StoreError):
+        st.load_peer_vectors()
