@@ -310,8 +310,10 @@ class Node:
         snapshot = self.state.snapshot()
         self.store.write_snapshot(snapshot)
         self.store.write_peer_vectors(self._peer_vectors)  # before compacting by them: see the store
+        # With no member heard from, nobody else holds anything: keep the history (this node's own
+        # contributions above all), or members that come back could neither get it nor adopt our snapshot.
         floor = crdt.retention_floor(snapshot.version_vector, self._peer_vectors.values())
-        dropped = self.state.compact(floor)
+        dropped = self.state.compact(floor) if self._peer_vectors else 0
         self._since_snapshot = 0
         self.counters.snapshots_written += 1
         log.info(

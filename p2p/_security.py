@@ -228,8 +228,10 @@ class PeerGate:
         if self.is_banned(author) or not self._take(
             self._gossip, author, self.limits.gossip_rate_per_s, self.limits.gossip_burst
         ):
+            # Dropped, not penalized: gossip is best effort (anti-entropy repairs what it misses), and a
+            # fast-training honest peer can outrun the budget in a burst. Banning it for that partitioned
+            # a soak cluster; a real flooder is held to the budget all the same.
             self.counters["dropped_gossip_rate"] += 1
-            self.penalize(author)
             return False
         return True
 
