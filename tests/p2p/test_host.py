@@ -12,7 +12,6 @@ import time
 from collections.abc import AsyncIterator
 
 import pytest
-import trio
 
 import p2p
 from p2p import GossipMessage, Host, Identity
@@ -160,54 +159,6 @@ async def test_gossip_three_hosts_in_a_line() -> None:
         assert [m for m in received if m.startswith(b"m")] == [f"m{i}".encode() for i in range(50)]
         assert queues[a.peer_id].empty()  # our own publishes are not delivered back to us
         assert c.stats()["gossip_received"] >= 51 and a.stats()["gossip_published"] >= 51
-
-
-def _dial_with_libp2p(maddr: str, *, plaintext: bool) -> str:
-    """Dial ``maddr`` from a bare py-libp2p host offering ONLY plaintext (or only Noise, as control)."""
-    from libp2p import new_host
-    from libp2p.crypto.ed25519 import create_new_key_pair
-    from libp2p.crypto.x25519 import create_new_key_pair as x25519_pair
-    from libp2p.network.config import ConnectionConfig
-    from libp2p.peer.peerinfo import info_from_p2p_addr
-    from libp2p.security.insecure.transport import PLAINTEXT_PROTOCOL_ID, InsecureTransport
-    from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_ID
-    from libp2p.security.noise.transport import Transport as NoiseTransport
-    from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_ID
-    from libp2p.stream_muxer.yamux.yamux import Yamux
-    from multiaddr import Multiaddr
-
-    async def main() -> str:
-        kp = create_new_key_pair()
-        sec = (
-            {PLAINTEXT_PROTOCOL_ID: InsecureTransport(kp)}
-            if plaintext
-            else {NOISE_ID: NoiseTransport(kp, noise_privkey=x25519_pair().private_key)}
-        )
-        host = new_host(
-            key_pair=kp,
-            sec_opt=sec,
-            muxer_opt={YAMUX_ID: Yamux},
-            connection_config=ConnectionConfig(max_connections_per_peer=1, dial_timeout=5.0),
-        )
-        async with host.run([Multiaddr("/ip4/127.0.0.1/tcp/0")]):
-            try:
-                with trio.fail_after(8):
-                    await host.connect(info_from_p2p_addr(Multiaddr(maddr)))
-            except Exception as exc:
-                return f"refused: {exc!r}"
-            return "connected"
-
-    return trio.run(main)
-
-
-async def test_plaintext_dialer_is_refused() -> None:
-    async with Host(Identity.generate()) as victim:
-        addr = victim.listen_addrs()[0]
-        assert (await asyncio.to_thread(_dial_with_libp2p, addr, plaintext=False)) == "connected"  # control
-        result = await asyncio.to_thread(_dial_with_libp2p, addr, plaintext=True)
-        assert result.startswith("refused"), result
-        await asyncio.sleep(0.1)
-        assert victim.stats()["connected_peers"] <= 1  # only the Noise control dialer ever got in
 
 
 async def test_lifecycle_threads_and_closed_errors() -> None:

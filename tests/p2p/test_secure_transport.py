@@ -3,7 +3,7 @@
 Each dialer is a bare py-libp2p host (its own trio loop in a worker thread) whose ``sec_opt`` holds one
 security transport. Controls prove the refusal comes from our Noise-only configuration, not from a broken
 dialer: the same secio dialer connects to a bare libp2p listener that accepts secio, and a Noise dialer
-connects to our Host. (tests/p2p/test_host.py has the original plaintext test; this file adds secio.)
+connects to our Host.
 """
 
 from __future__ import annotations
