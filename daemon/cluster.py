@@ -160,9 +160,8 @@ class Cluster:
             if time.monotonic() > deadline:
                 raise ClusterError(f"node {index} (pid {pid}) did not exit within {timeout_s:.0f} s")
             time.sleep(0.05)
-        if sig == signal.SIGKILL:  # it left its pid file and socket behind
-            home.pid_file.unlink(missing_ok=True)
-            home.socket_path().unlink(missing_ok=True)
+        if sig == signal.SIGKILL:
+            _clear_leftovers(home)
 
     def up(self, nodes: int, *, timeout_s: float = START_TIMEOUT_S, **create_options: Any) -> list[NodeInfo]:
         infos = self.create(nodes, **create_options)
@@ -190,8 +189,7 @@ class Cluster:
             os.kill(pid, signal.SIGKILL)
             while _alive(pid):
                 time.sleep(0.05)
-            running[pid].pid_file.unlink(missing_ok=True)
-            running[pid].socket_path().unlink(missing_ok=True)
+            _clear_leftovers(running[pid])
 
     def partition(self, groups: list[list[int]]) -> None:
         """Split the mesh: nodes exchange model data only within their group (fault injection)."""
@@ -267,6 +265,12 @@ def converged(statuses: list[dict[str, Any]], *, contributions: int | None = Non
     if contributions is not None and any(s["contributions"] != contributions for s in statuses):
         return False
     return len({s["state_hash"] for s in statuses}) == 1
+
+
+def _clear_leftovers(home: Home) -> None:
+    """Remove the pid file and control socket a SIGKILLed daemon could not clean up itself."""
+    home.pid_file.unlink(missing_ok=True)
+    home.socket_path().unlink(missing_ok=True)
 
 
 def _free_port() -> int:

@@ -344,13 +344,8 @@ class Node:
     async def _serve_sync(self, peer: str, data: bytes) -> bytes:
         request = wire.SyncRequest.decode(data)
         remote = crdt.Digest.decode(request.digest)
-        await self._genesis_ready.wait()
+        await self._admit(peer, request)
         assert self.state is not None
-        if request.genesis != self.state.genesis.id:
-            raise wire.ForeignRun(
-                f"this node serves genesis {self.state.genesis.id[:16]}, not {request.genesis[:16]}"
-            )
-        self._check_not_blocked(peer)
         self._peer_vectors[peer] = remote.version_vector
         plan = crdt.plan_sync(self.state, remote, max_count=self.config.sync.max_batch)
         if (
@@ -371,18 +366,21 @@ class Node:
         return response
 
     async def _serve_snapshot(self, peer: str, data: bytes) -> bytes:
-        request = wire.SyncRequest.decode(data)
-        await self._genesis_ready.wait()
+        await self._admit(peer, wire.SyncRequest.decode(data))
         assert self.state is not None
-        self._check_not_blocked(peer)
-        if request.genesis != self.state.genesis.id:
-            raise wire.ForeignRun(f"this node serves genesis {self.state.genesis.id[:16]}")
         self.counters.snapshots_served += 1
         response = self.state.snapshot().encode()
         await self.limits.bucket.acquire(len(response))
         return response
 
-    def _check_not_blocked(self, peer: str) -> None:
+    async def _admit(self, peer: str, request: wire.SyncRequest) -> None:
+        """Serve model data only to peers of this run (same genesis) that no partition drill blocks."""
+        await self._genesis_ready.wait()
+        assert self.state is not None
+        if request.genesis != self.state.genesis.id:
+            raise wire.ForeignRun(
+                f"this node serves genesis {self.state.genesis.id[:16]}, not {request.genesis[:16]}"
+            )
         if peer in self.blocked_peers:
             raise wire.Partitioned("partitioned away (fault injection)")
 
