@@ -51,7 +51,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from crdt import _wire
-from crdt.errors import ConflictError, GapTooLargeError, GenesisMismatchError, HistoryPrunedError
+from crdt.errors import ConflictError, CrdtError, GapTooLargeError, GenesisMismatchError, HistoryPrunedError
 from crdt.records import DEFAULT_LIMITS, FORMAT_VERSION, HASH_BYTES, Contribution, Genesis, Limits
 from crdt.vv import MAX_VV_BYTES, Digest, VersionVector
 
@@ -350,24 +350,62 @@ class ModelState:
                         self.state_hash)
 
     @classmethod
-    def from_snapshot(cls, genesis: Genesis, snapshot: Snapshot, *, limits: Limits = DEFAULT_LIMITS
-                      ) -> ModelState:
-        """Rebuild a state; its history below the snapshot's vector counts as compacted.
+    def from_snapshot(
+        cls,
+        genesis: Genesis,
+        snapshot: Snapshot | None,
+        *,
+        log: Iterable[Contribution] = (),
+        limits: Limits = DEFAULT_LIMITS,
+    ) -> ModelState:
+        """Rebuild a replica from a snapshot (None: the genesis state) and the contributions logged beside it.
+
+        Logged contributions the snapshot covers stay servable history as far as they run unbroken down
+        from their author's seq in the snapshot; below that, history counts as compacted. Keeping them is
+        what lets a restarted node, or one that adopted a peer's snapshot, go on serving what it retained:
+        otherwise its retention floor would jump to the snapshot's vector, and two such nodes could each
+        lack what the other compacted. They are not re-verified (they come from this replica's own log
+        or state; receivers verify whatever is served). The others are applied on top, lowest seqs first;
+        one that fails validation is skipped, as it would be on receipt.
 
         Raises:
             GenesisMismatchError: snapshot of another genesis or of another model size.
             ValidationError: the snapshot's state hash does not match its content.
         """
-        if snapshot.genesis_id != genesis.id:
-            raise GenesisMismatchError("snapshot: belongs to a different genesis")
-        if len(snapshot.accumulator) != 8 * genesis.length:
-            raise GenesisMismatchError("snapshot: accumulator size does not match the genesis model")
         state = cls(genesis, limits=limits)
-        state._acc = np.frombuffer(snapshot.accumulator, dtype="<i8").astype(np.int64)
-        state._vv = dict(snapshot.version_vector.items())
-        state._floor = dict(state._vv)
-        _wire.expect(state.state_hash == snapshot.state_hash, "snapshot", "state hash does not match content")
+        if snapshot is not None:
+            if snapshot.genesis_id != genesis.id:
+                raise GenesisMismatchError("snapshot: belongs to a different genesis")
+            if len(snapshot.accumulator) != 8 * genesis.length:
+                raise GenesisMismatchError("snapshot: accumulator size does not match the genesis model")
+            state._acc = np.frombuffer(snapshot.accumulator, dtype="<i8").astype(np.int64)
+            state._vv = dict(snapshot.version_vector.items())
+            state._floor = dict(state._vv)
+            _wire.expect(
+                state.state_hash == snapshot.state_hash, "snapshot", "state hash does not match content"
+            )
+        covered: dict[bytes, dict[int, Contribution]] = {}
+        later: list[Contribution] = []
+        for c in log:
+            if c.seq <= state._vv.get(c.author, 0):
+                covered.setdefault(c.author, {})[c.seq] = c
+            else:
+                later.append(c)
+        for author, by_seq in covered.items():
+            seq = state._vv[author]
+            while seq in by_seq:
+                state._log.setdefault(author, {})[seq] = by_seq[seq]
+                seq -= 1
+            state._floor[author] = seq
+        for c in sorted(later, key=lambda c: (c.seq, c.author)):
+            with contextlib.suppress(CrdtError):
+                state.apply(c)
         return state
+
+    def records(self) -> list[Contribution]:
+        """Every contribution held as a record: the retained applied ones and the buffered ones."""
+        held = [c for log in self._log.values() for c in log.values()]
+        return held + [c for waiting in self._pending.values() for c in waiting.values()]
 
     def apply_all(self, contributions: Iterable[Contribution]) -> list[ApplyOutcome]:
         """Convenience: apply in order, stopping at the first exception."""

@@ -226,10 +226,7 @@ class Node:
                 f"the run's genesis splits the model into {len(genesis.fragments)} fragments, this node's "
                 "[diloco] num_fragments (or its task's model) differs"
             )
-        state = crdt.ModelState.from_snapshot(genesis, snapshot) if snapshot else crdt.ModelState(genesis)
-        for contribution in logged:
-            with contextlib.suppress(crdt.CrdtError):
-                state.apply(contribution)
+        state = crdt.ModelState.from_snapshot(genesis, snapshot, log=logged)
         self.state = state
         self._peer_vectors.update(self.store.load_peer_vectors())
         self._genesis_ready.set()
@@ -308,12 +305,12 @@ class Node:
         the forgotten part gets the snapshot instead (``snapshot_required``)."""
         assert self.state is not None
         snapshot = self.state.snapshot()
-        self.store.write_snapshot(snapshot)
         self.store.write_peer_vectors(self._peer_vectors)  # before compacting by them: see the store
         # With no member heard from, nobody else holds anything: keep the history (this node's own
         # contributions above all), or members that come back could neither get it nor adopt our snapshot.
         floor = crdt.retention_floor(snapshot.version_vector, self._peer_vectors.values())
         dropped = self.state.compact(floor) if self._peer_vectors else 0
+        self.store.write_snapshot(snapshot, floor=self.state.retention_floor)
         self._since_snapshot = 0
         self.counters.snapshots_written += 1
         log.info(
@@ -455,20 +452,19 @@ class Node:
                 peer, wire.SNAPSHOT_PROTOCOL, request.encode(), timeout_s=self.config.sync.request_timeout_s
             )
             snapshot = crdt.Snapshot.decode(data)
-            fresh = crdt.ModelState.from_snapshot(self.state.genesis, snapshot)
         except (p2p.P2PError, wire.WireError, crdt.CrdtError) as exc:
             self.counters.pull_failures += 1
             log.info("snapshot fetch failed peer=%s error=%s", peer, exc)
             return
-        current = self.state
-        if not current.can_serve(snapshot.version_vector):
+        if not self.state.can_serve(snapshot.version_vector):
             log.warning("not adopting snapshot from peer=%s: it would drop history we compacted", peer)
             return
-        for contribution in current.contributions_missing_for(
-            snapshot.version_vector, max_count=current.contribution_count
-        ):
-            fresh.apply(contribution)
-        self.store.write_snapshot(fresh.snapshot())
+        try:  # what we hold beyond the snapshot goes on top; what it covers stays servable history
+            fresh = crdt.ModelState.from_snapshot(self.state.genesis, snapshot, log=self.state.records())
+        except crdt.CrdtError as exc:
+            self._reject(peer, exc)
+            return
+        self.store.write_snapshot(fresh.snapshot(), floor=fresh.retention_floor)
         self.state = fresh
         self._since_snapshot = 0
         self.counters.snapshots_installed += 1

@@ -18,9 +18,11 @@ Recovery on open: the WAL is scanned with :func:`crdt.scan_log`; a torn or corru
 append, or garbage) is truncated to the valid prefix and reported in :attr:`Store.recovery` and the log.
 A WAL that is not ours (bad magic, other format version) raises StoreError instead of being truncated.
 
-Compaction: :meth:`write_snapshot` atomically replaces the snapshot, then rewrites the WAL keeping only
-contributions the snapshot does not cover. A crash between the two steps leaves covered contributions in
-the WAL; :meth:`load` filters them, so that window is harmless.
+Compaction: :meth:`write_snapshot` atomically replaces the snapshot, then rewrites the WAL keeping the
+contributions above the replica's retention floor: those the snapshot does not cover, and the covered ones
+the node still serves to peers that lack them (``crdt.ModelState.from_snapshot`` turns them back into
+servable history, so a restart does not compact anything). A crash between the two steps leaves extra
+records in the WAL, which only means more history is kept.
 
 Rejected alternatives: SQLite (another format to carry, and we only ever append and replay); one file
 per contribution (millions of inodes, slow fsync of directories); mmap (no durability ordering).
@@ -158,10 +160,9 @@ class Store:
 
     # -- reading ----------------------------------------------------------------------------------------
     def load(self) -> tuple[crdt.Genesis | None, crdt.Snapshot | None, list[crdt.Contribution]]:
-        """Read everything back: genesis, latest snapshot, and the WAL contributions it does not cover.
+        """Read everything back: genesis, latest snapshot, and every WAL contribution by (seq, author).
 
-        Contributions come sorted by (seq, author), so replaying them into
-        ``ModelState.from_snapshot(genesis, snapshot)`` applies each without buffering.
+        ``crdt.ModelState.from_snapshot(genesis, snapshot, log=contributions)`` rebuilds the replica.
 
         Raises:
             StoreError: a file fails its checksum or does not decode (not a torn write: whole files are
@@ -171,15 +172,12 @@ class Store:
         snapshot = self._read_blob(_SNAPSHOT_FILE, _SNAPSHOT_KIND, crdt.Snapshot.decode)
         if snapshot is not None and genesis is not None and snapshot.genesis_id != genesis.id:
             raise StoreError(f"{self.path}: snapshot belongs to another genesis")
-        covered = snapshot.version_vector if snapshot is not None else crdt.VersionVector()
         out: list[crdt.Contribution] = []
         for i, raw in enumerate(self._records):
             try:
-                c = crdt.Contribution.decode(raw, limits=self._limits)
+                out.append(crdt.Contribution.decode(raw, limits=self._limits))
             except crdt.ValidationError as exc:
                 raise StoreError(f"{self.path / _WAL_FILE}: record {i} does not decode: {exc}") from exc
-            if c.seq > covered.get(c.author):
-                out.append(c)
         out.sort(key=lambda c: (c.seq, c.author))
         return genesis, snapshot, out
 
@@ -226,19 +224,20 @@ class Store:
             return
         _atomic_write(self.path / _GENESIS_FILE, crdt.seal_blob(_GENESIS_KIND, genesis.encode()))
 
-    def write_snapshot(self, snapshot: crdt.Snapshot) -> int:
-        """Atomically replace the snapshot, then compact the WAL. Returns WAL records dropped."""
+    def write_snapshot(self, snapshot: crdt.Snapshot, *, floor: crdt.VersionVector) -> int:
+        """Atomically replace the snapshot, then drop the WAL records at or below the retention ``floor``
+        (``ModelState.retention_floor``). Returns WAL records dropped."""
         genesis = self._read_blob(_GENESIS_FILE, _GENESIS_KIND, crdt.Genesis.decode)
         if genesis is not None and genesis.id != snapshot.genesis_id:
             raise StoreError("snapshot belongs to another genesis than the stored one")
         _atomic_write(self.path / _SNAPSHOT_FILE, crdt.seal_blob(_SNAPSHOT_KIND, snapshot.encode()))
-        return self._compact(snapshot.version_vector)
+        return self._compact(floor)
 
-    def _compact(self, covered: crdt.VersionVector) -> int:
+    def _compact(self, floor: crdt.VersionVector) -> int:
         keep: list[bytes] = []
         for raw in self._records:
             c = crdt.Contribution.decode(raw, limits=self._limits)
-            if c.seq > covered.get(c.author):
+            if c.seq > floor.get(c.author):
                 keep.append(raw)
         dropped = len(self._records) - len(keep)
         if dropped == 0:

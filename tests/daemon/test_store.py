@@ -58,10 +58,7 @@ def _state(cs) -> crdt.ModelState:
 def _restore(store: Store) -> crdt.ModelState:
     g, snap, logged = store.load()
     assert g is not None
-    s = crdt.ModelState.from_snapshot(g, snap) if snap else crdt.ModelState(g)
-    for c in logged:
-        assert s.apply(c) is crdt.ApplyOutcome.APPLIED  # sorted by (seq, author): never buffered
-    return s
+    return crdt.ModelState.from_snapshot(g, snap, log=logged)
 
 
 def test_empty_store(tmp_path: Path) -> None:
@@ -96,11 +93,37 @@ def test_snapshot_compacts_wal(tmp_path: Path) -> None:
         for c in HIST:
             st.append(c)
         first = _state(HIST[:6])
-        dropped = st.write_snapshot(first.snapshot())
+        dropped = st.write_snapshot(first.snapshot(), floor=first.version_vector)
         assert dropped == sum(1 for c in HIST if c.seq <= first.version_vector.get(c.author))
         assert st.wal_records == len(HIST) - dropped
     with Store(tmp_path) as st:
         assert _restore(st).state_hash == _state(HIST).state_hash
+
+
+def test_restart_keeps_what_the_node_still_serves(tmp_path: Path) -> None:
+    """A restart must not compact: history retained above the floor stays servable after reopening.
+
+    Regression: the WAL used to keep only what the snapshot did not cover, so every restart raised the
+    retention floor to the snapshot's vector; two restarted nodes could then each lack what the other had
+    compacted, and neither could serve or adopt the other's snapshot (the soak's final agreement hung).
+    """
+    authors = sorted({c.author for c in HIST})
+    behind = crdt.VersionVector.from_dict({a: 1 for a in authors})  # a peer that has seq 1 of everyone
+    with Store(tmp_path) as st:
+        st.write_genesis(G)
+        for c in HIST:
+            st.append(c)
+        live = _state(HIST)
+        live.compact(behind)
+        st.write_snapshot(live.snapshot(), floor=live.retention_floor)
+        assert st.wal_records == len(HIST) - len(authors)
+    with Store(tmp_path) as st:
+        restored = _restore(st)
+    assert restored.state_hash == live.state_hash
+    assert restored.retention_floor == live.retention_floor == behind
+    assert restored.can_serve(behind)
+    sent = restored.contributions_missing_for(behind, max_count=100)
+    assert sorted(c.id for c in sent) == sorted(c.id for c in HIST if c.seq > 1)
 
 
 def test_torn_tail_every_offset(tmp_path: Path) -> None:
