@@ -48,7 +48,7 @@ __all__ = [
 ]
 
 #: Version of every record layout in crdt; bump on any incompatible change (decoders refuse others).
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 #: Hash size for content ids and version digests: blake2b-256 (fast in hashlib, 128-bit collision margin).
 HASH_BYTES = 32
 #: Generous framing allowance on top of the payload for the other contribution fields (~150 bytes used).

@@ -50,7 +50,10 @@ def test_sizes_shrink_with_bits() -> None:
     idx, vals = _sparse(rng, 100_000, 6400)
     sizes = {c: len(encode_payload(c, 100_000, idx, vals)) for c in SPARSE}
     assert sizes["sparse-f32"] > sizes["sparse-q8"] > sizes["sparse-q4"] > sizes["sparse-q2"]
-    assert sizes["sparse-q2"] == 4 + 4 * 6400 + 4 * 100 + 1600
+    gaps = np.diff(idx.astype(np.int64), prepend=-1) - 1
+    varint_bytes = sum(max(1, -(-int(g).bit_length() // 7)) for g in gaps)
+    assert sizes["sparse-q2"] == 8 + varint_bytes + 4 * 100 + 1600
+    assert varint_bytes < 1.1 * 6400  # ~1 byte per index at 6.4 % density (u32 indices took 4)
 
 
 def test_dense_none_indices_and_empty() -> None:
@@ -112,17 +115,21 @@ def _u32(*xs: int) -> bytes:
     [
         ("dense-f32", 2, b"\x00" * 7, "expected 8"),
         ("dense-f32", 1, np.array([np.nan], "<f4").tobytes(), "NaN"),
-        ("sparse-f32", 4, b"\x01\x00", "count header"),
-        ("sparse-f32", 4, _u32(5), "claims 5"),
-        ("sparse-f32", 4, _u32(1, 0), "must be 12 bytes"),
-        ("sparse-f32", 4, _u32(2, 1, 1) + b"\x00" * 8, "strictly increasing"),
-        ("sparse-f32", 4, _u32(1, 9) + b"\x00" * 4, "out of range"),
-        ("sparse-q8", 4, _u32(1, 0) + np.array([-1.0], "<f4").tobytes() + b"\x01", "scales"),
-        ("sparse-q8", 4, _u32(1, 0) + np.array([1.0], "<f4").tobytes() + b"\x80", "reserved"),
-        ("sparse-q8", 4, _u32(1, 0) + np.array([3e38], "<f4").tobytes() + b"\x7f", "decoded values"),
-        ("sparse-q4", 4, _u32(1, 0) + np.array([1.0], "<f4").tobytes() + b"\x00", "reserved"),
-        ("sparse-q4", 4, _u32(1, 0) + np.array([1.0], "<f4").tobytes() + b"\x18", "padding"),
-        ("sparse-q2", 4, _u32(1, 0) + np.array([1.0], "<f4").tobytes() + b"\x04", "padding"),
+        ("sparse-f32", 4, b"\x01\x00", "8-byte header"),
+        ("sparse-f32", 4, _u32(5, 0), "claims 5"),
+        ("sparse-f32", 4, _u32(1, 1) + b"\x00", "must be 13 bytes"),
+        ("sparse-f32", 4, _u32(2, 2) + b"\x80\x00" + b"\x00" * 8, "exactly 2 varints"),
+        ("sparse-f32", 4, _u32(1, 2) + b"\x01\x80" + b"\x00" * 4, "exactly 1 varints"),
+        ("sparse-f32", 4, _u32(1, 2) + b"\x80\x00" + b"\x00" * 4, "overlong"),
+        ("sparse-f32", 4, _u32(1, 6) + b"\x80" * 5 + b"\x01" + b"\x00" * 4, "longer than 5"),
+        ("sparse-f32", 4, _u32(1, 1) + b"\x09" + b"\x00" * 4, "gap is out of range"),
+        ("sparse-f32", 4, _u32(2, 2) + b"\x01\x02" + b"\x00" * 8, "index 4 out of range"),
+        ("sparse-q8", 4, _u32(1, 1) + b"\x00" + np.array([-1.0], "<f4").tobytes() + b"\x01", "scales"),
+        ("sparse-q8", 4, _u32(1, 1) + b"\x00" + np.array([1.0], "<f4").tobytes() + b"\x80", "reserved"),
+        ("sparse-q8", 4, _u32(1, 1) + b"\x00" + np.array([3e38], "<f4").tobytes() + b"\x7f", "decoded"),
+        ("sparse-q4", 4, _u32(1, 1) + b"\x00" + np.array([1.0], "<f4").tobytes() + b"\x00", "reserved"),
+        ("sparse-q4", 4, _u32(1, 1) + b"\x00" + np.array([1.0], "<f4").tobytes() + b"\x18", "padding"),
+        ("sparse-q2", 4, _u32(1, 1) + b"\x00" + np.array([1.0], "<f4").tobytes() + b"\x04", "padding"),
     ],
 )
 def test_decode_rejects(codec, length, data, reason) -> None:
