@@ -160,6 +160,9 @@ def meshtrain_cluster(
         "val_loss": round(final, 5),
         "bytes_sent": total_bytes,
         "payload_bytes": sum(r["payload_bytes"] for h in histories for r in h) * (peers - 1),
+        # How far from lockstep the free-running daemons were: lockstep is staleness N - 1, weight 1.
+        "mean_staleness": round(float(np.mean([r["staleness"] for h in histories for r in h])), 2),
+        "mean_weight": round(float(np.mean([r["weight"] for h in histories for r in h])), 4),
         "wall_s": round(wall, 1),
         "curve": curve,
     }
