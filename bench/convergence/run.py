@@ -42,9 +42,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     "full": {
         "task_options": {"n_layer": 2, "n_embd": 96, "n_head": 4, "block_size": 64},
         "peers": 4,
-        "rounds": 48,
-        "eval_every": 4,
-        "diloco": {"inner_steps": 25, "batch_size": 32, "topk_density": 0.05},
+        "rounds": 120,
+        "eval_every": 10,
+        "diloco": {"inner_steps": 10, "batch_size": 32, "topk_density": 0.05},
     },
     "small": {
         "task_options": {"n_layer": 2, "n_embd": 64, "n_head": 4, "block_size": 64},
