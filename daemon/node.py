@@ -11,8 +11,9 @@ The model is ``genesis + sum of contributions`` (see ``crdt``). A node grows it 
   announcer; a periodic anti-entropy pull from each connected peer repairs anything gossip dropped. Pulls
   send this node's digest (version vector) and receive exactly the missing contributions.
 
-Every accepted contribution, local or remote, goes through one path (:meth:`Node._accept`): validate,
-apply to the state, append to the log. Order does not matter: the state is an exact integer sum.
+Every accepted contribution, local or remote, goes through one path (:meth:`Node._accept`, then
+:meth:`daemon.replica.Replica.accept`): validate, apply to the state, append to the log. Order does not
+matter: the state is an exact integer sum.
 
 Founding and joining: a node without bootstrap peers and without a stored genesis founds the run with its
 task's freshly initialized parameters. A node with bootstrap peers fetches the genesis from them by
@@ -43,6 +44,7 @@ from daemon import security, wire
 from daemon.config import Config
 from daemon.home import Home
 from daemon.ratelimit import Limits
+from daemon.replica import Replica
 from daemon.store import Store
 from daemon.trainer_process import TrainerProcess, TrainerSpec
 
@@ -91,9 +93,7 @@ class Counters:
     rejected_reasons: dict[str, int] = field(default_factory=dict)
     pulls: int = 0
     pull_failures: int = 0
-    snapshots_written: int = 0
     stale_rounds_skipped: int = 0
-    snapshots_installed: int = 0
     snapshots_served: int = 0
 
 
@@ -119,7 +119,7 @@ class Node:
                 mdns=config.node.mdns,
             ),
         )
-        self.state: crdt.ModelState | None = None
+        self.replica: Replica | None = None
         self.trainer: TrainerProcess | None = None
         self.training_state = "starting"
         self.started_at = time.time()
@@ -140,13 +140,16 @@ class Node:
         self._genesis_ready = asyncio.Event()
         self._pull_wanted: dict[str, None] = {}  # peers to pull from soon, insertion-ordered set
         self._pull_wakeup = asyncio.Event()
-        self._peer_vectors: dict[str, crdt.VersionVector] = {}  # last known per member, for retention
         self._pulled_back: dict[str, float] = {}  # when a peer's sync request last triggered a pull back
-        self._since_snapshot = 0
         self._foreign_peers: set[str] = set()  # connected peers that serve another genesis
         self.peer_heartbeats: dict[str, tuple[float, wire.Heartbeat]] = {}  # latest per peer, with arrival
         self.blocked_peers: set[str] = set()
         """Fault injection: peers this node exchanges no model data with (a network partition)."""
+
+    @property
+    def state(self) -> crdt.ModelState | None:
+        """The model state (None until loaded); the replica may replace it when adopting a snapshot."""
+        return self.replica.state if self.replica is not None else None
 
     # -- lifecycle ------------------------------------------------------------------------------------
 
@@ -227,8 +230,7 @@ class Node:
                 "[diloco] num_fragments (or its task's model) differs"
             )
         state = crdt.ModelState.from_snapshot(genesis, snapshot, log=logged)
-        self.state = state
-        self._peer_vectors.update(self.store.load_peer_vectors())
+        self.replica = Replica(self.store, state, snapshot_every=self.config.sync.snapshot_every)
         self._genesis_ready.set()
         log.info(
             "model state loaded genesis=%s contributions=%d state_hash=%s",
@@ -282,43 +284,18 @@ class Node:
     # -- accepting contributions ----------------------------------------------------------------------
 
     def _accept(self, contribution: crdt.Contribution) -> crdt.ApplyOutcome:
-        """The one path by which a contribution enters this node: apply, then log."""
-        assert self.state is not None
+        """The one path by which a contribution enters this node (see daemon/replica.py)."""
+        assert self.replica is not None
         started = time.perf_counter()
-        outcome = self.state.apply(contribution)
+        outcome = self.replica.accept(contribution)
         self.on_timing("merge", time.perf_counter() - started)
         if outcome is crdt.ApplyOutcome.DUPLICATE:
             self.counters.duplicates += 1
             return outcome
-        self.store.append(contribution)
         self.counters.accepted += 1
-        self.suspects = security.observe(self.suspects, self.state.genesis, contribution)
-        self._since_snapshot += 1
-        if self._since_snapshot >= self.config.sync.snapshot_every:
-            self._snapshot_and_compact()
+        self.suspects = security.observe(self.suspects, self.replica.state.genesis, contribution)
         self._state_changed.set()
         return outcome
-
-    def _snapshot_and_compact(self) -> None:
-        """Persist a snapshot (the WAL shrinks to what it does not cover), then forget the history that
-        every known peer already has: memory and disk stay bounded in a long run. A peer that later needs
-        the forgotten part gets the snapshot instead (``snapshot_required``)."""
-        assert self.state is not None
-        snapshot = self.state.snapshot()
-        self.store.write_peer_vectors(self._peer_vectors)  # before compacting by them: see the store
-        # With no member heard from, nobody else holds anything: keep the history (this node's own
-        # contributions above all), or members that come back could neither get it nor adopt our snapshot.
-        floor = crdt.retention_floor(snapshot.version_vector, self._peer_vectors.values())
-        dropped = self.state.compact(floor) if self._peer_vectors else 0
-        self.store.write_snapshot(snapshot, floor=self.state.retention_floor)
-        self._since_snapshot = 0
-        self.counters.snapshots_written += 1
-        log.info(
-            "snapshot written contributions=%d compacted=%d retained=%d",
-            snapshot.version_vector.total,
-            dropped,
-            self.state.retained_count,
-        )
 
     def _reject(self, peer: str, reason: Exception) -> None:
         """Count (by exception type, shown in status), log, and score the sending peer down."""
@@ -342,8 +319,8 @@ class Node:
         request = wire.SyncRequest.decode(data)
         remote = crdt.Digest.decode(request.digest)
         await self._admit(peer, request)
-        assert self.state is not None
-        self._peer_vectors[peer] = remote.version_vector
+        assert self.replica is not None and self.state is not None
+        self.replica.note_vector(peer, remote.version_vector)
         plan = crdt.plan_sync(self.state, remote, max_count=self.config.sync.max_batch)
         if (
             plan.remote_has_more
@@ -402,7 +379,7 @@ class Node:
 
     async def _pull_from(self, peer: str) -> None:
         """Pull what ``peer`` has and we lack, batch by batch, until we have caught up with it."""
-        assert self.state is not None
+        assert self.replica is not None and self.state is not None
         while peer not in self.blocked_peers:
             self.counters.pulls += 1
             try:
@@ -422,7 +399,7 @@ class Node:
                 elif not isinstance(exc, p2p.P2PError):  # the peer answered garbage, not just failed
                     self._reject(peer, exc)
                 return
-            self._peer_vectors[peer] = remote.version_vector
+            self.replica.note_vector(peer, remote.version_vector)
             if response.snapshot_required and not response.contributions:
                 await self._install_snapshot_from(peer)
                 return
@@ -440,12 +417,8 @@ class Node:
                 return
 
     async def _install_snapshot_from(self, peer: str) -> None:
-        """Catch up through ``peer``'s snapshot, then re-apply what we hold beyond it.
-
-        Adopted only if nothing is lost: every contribution we applied that the snapshot lacks must still
-        be retained here, so that it can be applied on top.
-        """
-        assert self.state is not None
+        """Catch up through ``peer``'s snapshot (adopted only if nothing is lost: see daemon/replica.py)."""
+        assert self.replica is not None and self.state is not None
         request = wire.SyncRequest(genesis=self.state.genesis.id, digest=b"")
         try:
             data = await self.host.request(
@@ -456,24 +429,20 @@ class Node:
             self.counters.pull_failures += 1
             log.info("snapshot fetch failed peer=%s error=%s", peer, exc)
             return
-        if not self.state.can_serve(snapshot.version_vector):
-            log.warning("not adopting snapshot from peer=%s: it would drop history we compacted", peer)
-            return
-        try:  # what we hold beyond the snapshot goes on top; what it covers stays servable history
-            fresh = crdt.ModelState.from_snapshot(self.state.genesis, snapshot, log=self.state.records())
+        try:
+            adopted = self.replica.adopt(snapshot)
         except crdt.CrdtError as exc:
             self._reject(peer, exc)
             return
-        self.store.write_snapshot(fresh.snapshot(), floor=fresh.retention_floor)
-        self.state = fresh
-        self._since_snapshot = 0
-        self.counters.snapshots_installed += 1
+        if not adopted:
+            log.warning("not adopting snapshot from peer=%s: it would drop history we compacted", peer)
+            return
         self._state_changed.set()
         log.info(
             "installed snapshot from peer=%s contributions=%d state_hash=%s",
             peer,
-            fresh.contribution_count,
-            fresh.state_hash[:16],
+            self.state.contribution_count,
+            self.state.state_hash[:16],
         )
 
     async def _anti_entropy_loop(self) -> None:
@@ -713,9 +682,9 @@ class Node:
                 "rejected_reasons": dict(self.counters.rejected_reasons),
                 "pulls": self.counters.pulls,
                 "pull_failures": self.counters.pull_failures,
-                "snapshots_written": self.counters.snapshots_written,
+                "snapshots_written": self.replica.snapshots_written if self.replica else 0,
                 "stale_rounds_skipped": self.counters.stale_rounds_skipped,
-                "snapshots_installed": self.counters.snapshots_installed,
+                "snapshots_installed": self.replica.snapshots_installed if self.replica else 0,
                 "snapshots_served": self.counters.snapshots_served,
             },
             "retained_contributions": state.retained_count if state else 0,
