@@ -1,0 +1,157 @@
+"""Coverage-guided fuzzing (atheris / libFuzzer) of every decoder that reads bytes from a peer or a disk.
+
+    python tests/fuzz/atheris_targets.py TARGET [CORPUS_DIR] -runs=20000 [more libFuzzer flags]
+    python tests/fuzz/atheris_targets.py --list
+
+Each target feeds the fuzzer's bytes to one decoder; the decoder may only answer with its documented
+error type (the tuple next to it). Any other exception, or a crash, makes libFuzzer stop with a non-zero
+exit code and the offending input written to ``crash-*``. A CORPUS_DIR that does not exist yet is created
+and filled with the target's valid encodings (:func:`seeds`), so the mutations start from inputs that get
+past msgpack and the outer checks into the field rules. ``tests/fuzz/test_atheris.py`` runs every target
+for a bounded number of inputs; run one longer by hand when a decoder changes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import atheris
+
+with atheris.instrument_imports(include=["crdt", "daemon", "p2p"]):  # coverage feedback: our code only
+    import numpy as np
+
+    import crdt
+    from daemon import wire
+    from p2p import _framing, _transfer
+    from p2p._errors import ProtocolViolation
+    from p2p._security import SwarmKeyError, parse_swarm_key
+
+_LENGTHS = (0, 1, 7, 64, 300)  # fragment lengths the payload target picks from
+
+
+def _payload(data: bytes) -> None:
+    """Byte 0 picks the codec, byte 1 the fragment length, the rest is the payload."""
+    if len(data) < 2:
+        return
+    codec, length = crdt.CODECS[data[0] % len(crdt.CODECS)], _LENGTHS[data[1] % len(_LENGTHS)]
+    indices, values = crdt.decode_payload(codec, length, data[2:])
+    assert indices.size == values.size and (indices.size == 0 or int(indices.max()) < length)
+
+
+def _frames(data: bytes) -> None:
+    decoder = _framing.FrameDecoder(max_message_bytes=1 << 16, expected=frozenset(_framing.FrameKind))
+    decoder.feed(data)
+    while decoder.next_frame() is not None:
+        pass
+
+
+TARGETS: dict[str, tuple[Callable[[bytes], object], tuple[type[Exception], ...]]] = {
+    "contribution": (crdt.Contribution.decode, (crdt.ValidationError,)),
+    "genesis": (crdt.Genesis.decode, (crdt.ValidationError,)),
+    "snapshot": (crdt.Snapshot.decode, (crdt.ValidationError,)),
+    "digest": (crdt.Digest.decode, (crdt.ValidationError,)),
+    "payload": (_payload, (crdt.ValidationError,)),
+    "wal": (crdt.scan_log, (crdt.ValidationError,)),
+    "sealed-blob": (lambda data: crdt.unseal_blob(b"SNAPSHT", data), (crdt.ValidationError,)),
+    "sync-request": (wire.SyncRequest.decode, (wire.WireError,)),
+    "sync-response": (wire.SyncResponse.decode, (wire.WireError,)),
+    "announcement": (wire.Announcement.decode, (wire.WireError,)),
+    "heartbeat": (wire.Heartbeat.decode, (wire.WireError,)),
+    "genesis-request": (wire.GenesisRequest.decode, (wire.WireError,)),
+    "frames": (_frames, (ProtocolViolation,)),
+    "blob-manifest": (_transfer.Manifest.decode, (ProtocolViolation,)),
+    "blob-request": (_transfer.BlobRequest.decode, (ProtocolViolation,)),
+    "swarm-key": (lambda data: parse_swarm_key(data.decode("utf-8", "replace")), (SwarmKeyError,)),
+}
+
+
+def seeds(target: str) -> list[bytes]:
+    """Valid encodings for ``target``: where the mutations start."""
+    signer = crdt.Signer.from_seed(hashlib.sha256(b"fuzz").digest())
+    genesis = crdt.Genesis(np.linspace(-1, 1, 64, dtype=np.float32), ((0, 32), (32, 64)), {"run": "fuzz"})
+    payload = crdt.encode_payload("sparse-q8", 32, np.array([1, 5, 30]), np.array([0.5, -1.0, 2.0]))
+    contribution = crdt.make_contribution(
+        signer, seq=1, fragment=0, codec="sparse-q8", payload=payload, weight=1.0, base_version=b"\0" * 32
+    )
+    state = crdt.ModelState(genesis)
+    state.apply(contribution)
+    snapshot = state.snapshot().encode()
+    digest = state.digest().encode()
+    blob = _transfer.BlobSource.from_bytes(
+        bytes(2 * _transfer.MIN_CHUNK_BYTES + 10), chunk_size=_transfer.MIN_CHUNK_BYTES
+    )
+    return {
+        "contribution": [contribution.encode()],
+        "genesis": [genesis.encode()],
+        "snapshot": [snapshot],
+        "digest": [digest],
+        "payload": [
+            bytes([i, 3]) + crdt.encode_payload(codec, 64, np.array([0, 9, 63]), np.array([1.0, -2.0, 3.0]))
+            for i, codec in enumerate(crdt.CODECS)
+        ],
+        "wal": [crdt.LOG_HEADER + crdt.frame_record(contribution.encode()) * 2],
+        "sealed-blob": [crdt.seal_blob(b"SNAPSHT", snapshot)],
+        "sync-request": [wire.SyncRequest(genesis=genesis.id, digest=digest).encode()],
+        "sync-response": [
+            wire.SyncResponse(
+                digest=digest, contributions=(contribution.encode(),), snapshot_required=True
+            ).encode()
+        ],
+        "announcement": [
+            wire.Announcement(
+                author=signer.public_key, seq=1, fragment=0, size=len(payload), id=contribution.id
+            ).encode()
+        ],
+        "heartbeat": [
+            wire.Heartbeat(
+                round=3,
+                contributions=9,
+                training="running",
+                reachability="public",
+                task="digits",
+                device="cpu",
+                throughput_bps=1000,
+            ).encode()
+        ],
+        "genesis-request": [wire.GenesisRequest(run="fuzz").encode()],
+        "frames": [
+            _framing.encode_frame(_framing.FrameKind.REQUEST, b"hello")
+            + _framing.encode_frame(_framing.FrameKind.ERROR, _framing.encode_error_payload("Oops", "why"))
+        ],
+        "blob-manifest": [blob.manifest.encode()],
+        "blob-request": [
+            _transfer.BlobRequest(op=_transfer.Op.READ, blob_id=b"snapshot", offset=100, length=100).encode()
+        ],
+        "swarm-key": [f"/key/swarm/psk/1.0.0/\n/base16/\n{'ab' * 32}\n".encode()],
+    }[target]
+
+
+def main(argv: list[str]) -> None:
+    if argv[1:] == ["--list"]:
+        print("\n".join(TARGETS))
+        return
+    if len(argv) < 2 or argv[1] not in TARGETS:
+        sys.exit(f"usage: {argv[0]} TARGET [CORPUS_DIR] [libFuzzer flags]; targets: {', '.join(TARGETS)}")
+    decode, allowed = TARGETS[argv[1]]
+    flags = argv[2:]
+    if flags and not flags[0].startswith("-") and not Path(flags[0]).exists():
+        corpus = Path(flags[0])
+        corpus.mkdir(parents=True)
+        for i, seed in enumerate(seeds(argv[1])):
+            decode(seed)  # a seed that does not decode would be a bug in seeds() or in the decoder
+            (corpus / f"seed-{i}").write_bytes(seed)
+
+    def one_input(data: bytes) -> None:
+        with contextlib.suppress(allowed):
+            decode(data)
+
+    atheris.Setup([argv[0], *flags], one_input)
+    atheris.Fuzz()
+
+
+if __name__ == "__main__":
+    main(sys.argv)
