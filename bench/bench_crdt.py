@@ -61,8 +61,8 @@ def _contributions(g: crdt.Genesis, n: int, density: float, codec: str) -> list[
         idx = np.sort(rng.choice(length, size=nnz, replace=False)).astype(np.uint32)
         vals = (rng.standard_normal(nnz) * 1e-3).astype(np.float32)
         payload = crdt.encode_payload(codec, length, idx, vals)
-        out.append(crdt.make_contribution(signers[k % 8], seq=k // 8 + 1, fragment=frag, codec=codec,
-                                          payload=payload, weight=1.0, base_version=b"\0" * 32))
+        out.append(crdt.make_contribution(signers[k % 8], genesis_id=g.id, seq=k // 8 + 1, fragment=frag,
+                                          codec=codec, payload=payload, weight=1.0, base_version=b"\0" * 32))
     return out
 
 
@@ -136,8 +136,9 @@ def bench_peers(authors: int) -> dict[str, float]:
     for i in range(authors):
         signer = crdt.Signer.from_seed(hashlib.sha256(b"peer-%d" % i).digest())
         for seq in (1, 2):
-            state.apply(crdt.make_contribution(signer, seq=seq, fragment=0, codec="sparse-f32",
-                                               payload=payload, weight=1e-3, base_version=b"\0" * 32))
+            state.apply(crdt.make_contribution(signer, genesis_id=g.id, seq=seq, fragment=0,
+                                               codec="sparse-f32", payload=payload, weight=1e-3,
+                                               base_version=b"\0" * 32))
     remote_vv = crdt.VersionVector.from_dict({a: 1 for a in state.version_vector})
     remote = crdt.Digest(remote_vv, "00" * 32, remote_vv.total)
     wire = remote.encode()

@@ -12,10 +12,15 @@ it names the content independently of the signature bytes.
 
 Wire layout (msgpack arrays, canonical: decoders re-encode and require identical bytes)::
 
-    Contribution = [FORMAT_VERSION, "contribution", author(bin32), seq(uint), fragment(uint), codec(str),
-                    payload(bin), weight(float64), base_version(bin32), signature(bin64)]
-    signed body  = [FORMAT_VERSION, "contribution-body", author, seq, fragment, codec, payload, weight,
-                    base_version]
+    Contribution = [FORMAT_VERSION, "contribution", author(bin32), genesis_id(bin32), seq(uint),
+                    fragment(uint), codec(str), payload(bin), weight(float64), base_version(bin32),
+                    signature(bin64)]
+    signed body  = [FORMAT_VERSION, "contribution-body", author, genesis_id, seq, fragment, codec, payload,
+                    weight, base_version]
+
+The genesis id is signed so that a contribution belongs to one run: replayed into another run (where its
+author may also train, with the same key) it is refused as a genesis mismatch instead of filling, or
+conflicting with, the author's slot there.
     Genesis      = [FORMAT_VERSION, "genesis", params(bin, <f4), [[start, stop], ...], [[key, value], ...]]
 
 Validation is split in two: ``decode`` checks what needs no context (shape, sizes, signature);
@@ -197,6 +202,8 @@ class Contribution:
     verify the signature (``ModelState.apply`` does)."""
 
     author: bytes
+    genesis_id: str
+    """Hex id of the run's genesis this update belongs to (signed; 32 bytes on the wire)."""
     seq: int
     fragment: int
     codec: str
@@ -206,8 +213,8 @@ class Contribution:
     signature: bytes
 
     def _body(self) -> bytes:
-        return _wire.pack([FORMAT_VERSION, "contribution-body", self.author, self.seq, self.fragment,
-                           self.codec, self.payload, self.weight, self.base_version])
+        return _wire.pack([FORMAT_VERSION, "contribution-body", self.author, bytes.fromhex(self.genesis_id),
+                           self.seq, self.fragment, self.codec, self.payload, self.weight, self.base_version])
 
     @property
     def id(self) -> str:
@@ -219,13 +226,15 @@ class Contribution:
         return (self.author, self.seq)
 
     def encode(self) -> bytes:
-        return _wire.pack([FORMAT_VERSION, "contribution", self.author, self.seq, self.fragment, self.codec,
-                           self.payload, self.weight, self.base_version, self.signature])
+        return _wire.pack([FORMAT_VERSION, "contribution", self.author, bytes.fromhex(self.genesis_id),
+                           self.seq, self.fragment, self.codec, self.payload, self.weight, self.base_version,
+                           self.signature])
 
     def check_fields(self, limits: Limits = DEFAULT_LIMITS) -> None:
         """Context-free field checks (types, sizes, ranges). Raises ValidationError."""
         tag = "contribution"
         _wire.expect(_wire.is_bytes(self.author, PUBLIC_KEY_BYTES), tag, "author must be 32 bytes")
+        _wire.expect(_is_hex_id(self.genesis_id), tag, "genesis_id must be 64 lowercase hex digits")
         _wire.expect(_wire.is_int(self.seq) and 1 <= self.seq < 2**63, tag, "seq must be an int >= 1")
         _wire.expect(_wire.is_int(self.fragment) and 0 <= self.fragment < 2**32, tag,
                      "fragment must be a non-negative int")
@@ -267,19 +276,26 @@ class Contribution:
     @classmethod
     def decode(cls, data: bytes, *, limits: Limits = DEFAULT_LIMITS) -> Contribution:
         """Parse, check fields, check canonical form and verify the signature. Raises ValidationError."""
-        obj = _wire.unpack_array(data, tag="contribution", version=FORMAT_VERSION, length=10,
+        obj = _wire.unpack_array(data, tag="contribution", version=FORMAT_VERSION, length=11,
                                  max_bytes=limits.max_payload_bytes + _CONTRIBUTION_OVERHEAD_BYTES)
-        c = cls(*obj[2:])
+        _wire.expect(_wire.is_bytes(obj[3], HASH_BYTES), "contribution", "genesis id must be 32 bytes")
+        c = cls(obj[2], obj[3].hex(), *obj[4:])
         c.verify(limits)
         _wire.expect(c.encode() == bytes(data), "contribution", "non-canonical encoding")
         return c
 
 
-def make_contribution(signer: Signer, *, seq: int, fragment: int, codec: str, payload: bytes,
-                      weight: float, base_version: bytes) -> Contribution:
-    """Build and sign a contribution (fields are checked; raises ValidationError on bad input)."""
-    unsigned = Contribution(signer.public_key, seq, fragment, codec, bytes(payload), float(weight),
-                            bytes(base_version), b"\x00" * SIGNATURE_BYTES)
+def make_contribution(signer: Signer, *, genesis_id: str, seq: int, fragment: int, codec: str,
+                      payload: bytes, weight: float, base_version: bytes) -> Contribution:
+    """Build and sign a contribution to the run of ``genesis_id`` (fields are checked; raises
+    ValidationError on bad input)."""
+    unsigned = Contribution(signer.public_key, genesis_id, seq, fragment, codec, bytes(payload),
+                            float(weight), bytes(base_version), b"\x00" * SIGNATURE_BYTES)
     unsigned.check_fields(Limits(max_payload_bytes=2**62, max_weight=math.inf))
-    return Contribution(signer.public_key, seq, fragment, codec, bytes(payload), float(weight),
+    return Contribution(signer.public_key, genesis_id, seq, fragment, codec, bytes(payload), float(weight),
                         bytes(base_version), signer.sign(unsigned._body()))
+
+
+def _is_hex_id(value: object) -> bool:
+    return (type(value) is str and len(value) == 2 * HASH_BYTES
+            and all(ch in "0123456789abcdef" for ch in value))

@@ -240,11 +240,14 @@ class ModelState:
         Raises:
             ValidationError: bad fields or payload, norm too large (see Limits).
             SignatureError: the signature does not verify.
-            GenesisMismatchError: fragment not in this genesis.
+            GenesisMismatchError: signed for another run's genesis, or fragment not in this genesis.
             ConflictError: a different contribution already holds this slot (equivocation).
             GapTooLargeError: too far ahead to buffer; fetch the gap first.
         """
         c.check_fields(self._limits)
+        if c.genesis_id != self._genesis.id:  # first: a replay from another run is neither a duplicate
+            raise GenesisMismatchError(  # nor an equivocation of its author here
+                f"contribution: signed for genesis {c.genesis_id[:16]}, not {self._genesis.id[:16]}")
         author, seq = c.author, c.seq
         have = self._vv.get(author, 0)
         known = self.get(author, seq) if seq <= have else self._pending.get(author, {}).get(seq)

@@ -555,6 +555,7 @@ class Node:
             self.on_timing("round", time.monotonic() - started)
             contribution = crdt.make_contribution(
                 self.signer,
+                genesis_id=self.state.genesis.id,
                 seq=seq,
                 fragment=result.fragment,
                 codec=result.codec,

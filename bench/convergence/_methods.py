@@ -78,6 +78,7 @@ def meshtrain_sim(
             contributions.append(
                 crdt.make_contribution(
                     signer,
+                    genesis_id=genesis.id,
                     seq=r + 1,
                     fragment=res.fragment,
                     codec=res.codec,

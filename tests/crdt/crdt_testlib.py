@@ -37,8 +37,8 @@ def contribution(g: Genesis, s: Signer, seq: int, *, seed: int = 0, codec: str =
     vals = (rng.standard_normal(k) * 0.01).astype(np.float32)
     payload = encode_payload(codec, n, idx,
                              vals)
-    return make_contribution(s, seq=seq, fragment=fragment, codec=codec, payload=payload, weight=weight,
-                             base_version=BASE)
+    return make_contribution(s, genesis_id=g.id, seq=seq, fragment=fragment, codec=codec, payload=payload,
+                             weight=weight, base_version=BASE)
 
 
 def history(g: Genesis, n_authors: int, per_author: int, *, seed: int = 0) -> list[Contribution]:

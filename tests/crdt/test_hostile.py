@@ -22,6 +22,7 @@ def _signed(
 ) -> Contribution:
     return make_contribution(
         signer,
+        genesis_id=G.id,
         seq=seq,
         fragment=fragment,
         codec=codec,

@@ -108,16 +108,16 @@ def test_validate_against() -> None:
     g = genesis(length=96, n_fragments=3)
     s = SIGNERS[0]
     big = encode_payload("sparse-f32", 32, np.array([0], np.uint32), np.array([1e5], np.float32))
-    c = make_contribution(s, seq=1, fragment=0, codec="sparse-f32", payload=big, weight=1.0,
+    c = make_contribution(s, genesis_id=g.id, seq=1, fragment=0, codec="sparse-f32", payload=big, weight=1.0,
                           base_version=BASE)
     with pytest.raises(ValidationError, match="norm"):
         c.validate_against(g)
-    c = make_contribution(s, seq=1, fragment=7, codec="sparse-f32", payload=big, weight=1.0,
+    c = make_contribution(s, genesis_id=g.id, seq=1, fragment=7, codec="sparse-f32", payload=big, weight=1.0,
                           base_version=BASE)
     with pytest.raises(GenesisMismatchError):
         c.validate_against(g)
     wide = encode_payload("sparse-f32", 64, np.array([40], np.uint32), np.array([1.0], np.float32))
-    c = make_contribution(s, seq=1, fragment=0, codec="sparse-f32", payload=wide, weight=1.0,
+    c = make_contribution(s, genesis_id=g.id, seq=1, fragment=0, codec="sparse-f32", payload=wide, weight=1.0,
                           base_version=BASE)
     with pytest.raises(ValidationError, match="out of range"):
         c.validate_against(g)

@@ -20,8 +20,8 @@ def _big(g: Genesis, seq: int, scale: float) -> object:
     n = g.fragment_length(0)
     values = np.full(n, scale, np.float32)
     payload = encode_payload("dense-f32", n, None, values)
-    return make_contribution(SIGNERS[5], seq=seq, fragment=0, codec="dense-f32", payload=payload, weight=1.0,
-                             base_version=b"\x00" * 32)
+    return make_contribution(SIGNERS[5], genesis_id=g.id, seq=seq, fragment=0, codec="dense-f32",
+                             payload=payload, weight=1.0, base_version=b"\x00" * 32)
 
 
 def test_clipping_bounds_one_contribution() -> None:

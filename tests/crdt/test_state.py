@@ -190,3 +190,17 @@ def test_rebuilding_from_snapshot_and_records_keeps_what_was_servable(perm, cut,
     assert rebuilt.state_hash == live.state_hash
     assert rebuilt.retention_floor == live.retention_floor
     assert sorted(c.id for c in rebuilt.records()) == sorted(c.id for c in live.records())
+
+
+def test_a_contribution_belongs_to_one_run() -> None:
+    """Replayed into another run (same author key there too), it is refused before it can fill or
+    conflict with the author's slot; rewriting its genesis id breaks the signature."""
+    other = genesis(length=96, n_fragments=3, seed=7)
+    theirs = ModelState(other)
+    mine = contribution(G, SIGNERS[0], 1)
+    with pytest.raises(GenesisMismatchError, match="signed for genesis"):
+        theirs.apply(mine)
+    assert theirs.contribution_count == 0 and theirs.pending_count == 0
+    assert theirs.apply(contribution(other, SIGNERS[0], 1)) is ApplyOutcome.APPLIED  # the slot is intact
+    with pytest.raises(SignatureError):
+        ModelState(other).apply(dataclasses.replace(mine, genesis_id=other.id))

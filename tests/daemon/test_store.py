@@ -35,6 +35,7 @@ def history(g: crdt.Genesis, n_authors: int, per_author: int) -> list[crdt.Contr
             out.append(
                 crdt.make_contribution(
                     signer,
+                    genesis_id=g.id,
                     seq=seq,
                     fragment=frag,
                     codec="sparse-q8",

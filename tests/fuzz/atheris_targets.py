@@ -75,7 +75,8 @@ def seeds(target: str) -> list[bytes]:
     genesis = crdt.Genesis(np.linspace(-1, 1, 64, dtype=np.float32), ((0, 32), (32, 64)), {"run": "fuzz"})
     payload = crdt.encode_payload("sparse-q8", 32, np.array([1, 5, 30]), np.array([0.5, -1.0, 2.0]))
     contribution = crdt.make_contribution(
-        signer, seq=1, fragment=0, codec="sparse-q8", payload=payload, weight=1.0, base_version=b"\0" * 32
+        signer, genesis_id=genesis.id, seq=1, fragment=0, codec="sparse-q8", payload=payload, weight=1.0,
+        base_version=b"\0" * 32,
     )
     state = crdt.ModelState(genesis)
     state.apply(contribution)

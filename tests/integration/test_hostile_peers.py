@@ -105,6 +105,7 @@ async def _attack(addr: str, genesis_run: str, statuses: callable) -> dict:  # t
         ) -> bytes:
             return crdt.make_contribution(
                 attacker,
+                genesis_id=genesis.id,
                 seq=seq,
                 fragment=fragment,
                 codec="dense-f32",
