@@ -209,6 +209,7 @@ class _Fetch:
         self.manifest_errors: dict[str, str] = {}
         self.changed = asyncio.Condition()
         self.ready = asyncio.Event()  # set once the plan exists and the part file is scanned
+        self.storing = 0  # accepted chunks whose write to the sink is still in flight
 
     async def run(self, peers: Sequence[str]) -> bytes | Path:
         unique = list(dict.fromkeys(peers))
@@ -227,7 +228,9 @@ class _Fetch:
     async def _supervise(self, n_peers: int) -> None:
         def settled() -> bool:
             if self.plan is not None and self.plan.complete:
-                return True
+                # Complete means every chunk accepted; wait until the last writes have landed too, or the
+                # cancellation that ends the fetch would race them and finish() would hash a gap.
+                return self.storing == 0
             answered = len(self.manifest_errors) + (len(self.plan.peers) if self.plan else 0)
             return answered == n_peers and (self.plan is None or not self.plan.active_peers())
 
@@ -322,7 +325,11 @@ class _Fetch:
                 digest = await asyncio.to_thread(chunk_digest, data)
                 verdict = plan.on_data(peer, index, data, digest=digest)
                 if verdict is Verdict.ACCEPTED:
-                    await self.sink.store(index, data)
+                    self.storing += 1
+                    try:
+                        await self.sink.store(index, data)
+                    finally:
+                        self.storing -= 1
                     self.stats.blob_chunks_fetched += 1
                     self.stats.blob_bytes_fetched += length
                 elif verdict is Verdict.CORRUPT:

@@ -70,6 +70,31 @@ async def test_fetch_to_file_resumes_from_a_partial_copy(mesh: list[Host], tmp_p
     assert server.stats()["blob_chunks_served"] == 25 - 9  # 9 good chunks were kept, not re-fetched
 
 
+async def test_fetch_to_file_waits_for_the_last_writes(
+    mesh: list[Host], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression: the fetch ended as soon as every chunk was *accepted*, cancelling writes still in
+    flight, so the final hash sometimes read a gap (IntegrityError). Slow, shuffled writes expose it."""
+    from p2p import _blobs
+
+    store = _blobs._Sink.store
+    rng = random.Random(3)
+
+    async def slow_store(self: _blobs._Sink, index: int, data: bytes) -> None:
+        await asyncio.sleep(rng.uniform(0.0, 0.05))
+        await store(self, index, data)
+
+    monkeypatch.setattr(_blobs._Sink, "store", slow_store)
+    fetcher, *servers = mesh
+    for s in servers:
+        serve(s)
+    for attempt in range(3):
+        dest = tmp_path / f"snap-{attempt}.bin"
+        peers = [s.peer_id for s in servers]
+        assert await fetcher.fetch_blob(BLOB_ID, peers=peers, dest=dest, timeout_s=30) == dest
+        assert dest.read_bytes() == BLOB
+
+
 async def test_peer_vanishing_mid_transfer_is_dropped_and_others_finish(mesh: list[Host]) -> None:
     fetcher, doomed, steady, _ = mesh
     serve(doomed, delay_s=0.05)
