@@ -619,11 +619,12 @@ class Node:
 
     async def _evaluate(self) -> None:
         assert self.trainer is not None and self.state is not None
-        state_hash = self.state.state_hash
+        # Both read before the await: contributions merged while it runs belong to the next evaluation.
+        state_hash, contributions = self.state.state_hash, self.state.contribution_count
         metrics = await self.trainer.evaluate(self.state.materialize())
         self.last_eval = {
             "state_hash": state_hash,
-            "contributions": self.state.contribution_count,
+            "contributions": contributions,
             **{k: float(v) for k, v in metrics.items()},
         }
         if self.history and self.history[-1].val_loss is None:

@@ -206,7 +206,10 @@ async def test_penalize_from_application_bans() -> None:
         Host(Identity.generate()) as b,
     ):
         await b.connect(a.listen_addrs()[0])
+        # a registers the connection a moment after b's connect returns: wait for it, or the check
+        # below could pass before the (asynchronous) penalties are even processed
+        assert await poll(lambda: b.peer_id in a.connected_peers())
         for _ in range(3):
             a.penalize(b.peer_id)
+        assert await poll(lambda: b.peer_id in a.banned_peers())
         assert await poll(lambda: b.peer_id not in a.connected_peers())
-        assert b.peer_id in a.banned_peers()
