@@ -581,10 +581,11 @@ class Node:
             if training.slowdown > 1.0:
                 await asyncio.sleep((training.slowdown - 1.0) * (time.monotonic() - started))
         self.training_state = "done" if training.enabled else "disabled"
-        # Keep the reported quality current as peers' contributions keep arriving.
+        # Keep the reported quality current as peers' contributions keep arriving. Cleared before the
+        # evaluation, so what lands while it runs triggers the next one instead of being missed.
         while True:
-            await self._evaluate()
             self._state_changed.clear()
+            await self._evaluate()
             await self._state_changed.wait()
             await asyncio.sleep(0.5)  # debounce: a pull usually brings a batch
 
