@@ -23,7 +23,15 @@ from crdt.errors import (
     ValidationError,
 )
 from crdt.log import LOG_HEADER, MAX_RECORD_BYTES, LogScan, frame_record, scan_log, seal_blob, unseal_blob
-from crdt.payload import CHUNK_SIZE, CODECS, MAX_LENGTH, decode_payload, encode_payload, payload_error_bound
+from crdt.payload import (
+    CHUNK_SIZE,
+    CODECS,
+    DENSE_CODECS,
+    MAX_LENGTH,
+    decode_payload,
+    encode_payload,
+    payload_error_bound,
+)
 from crdt.records import DEFAULT_LIMITS, FORMAT_VERSION, Contribution, Genesis, Limits, make_contribution
 from crdt.signing import Signer, verify_signature
 from crdt.state import QUANTUM, SCALE_BITS, ApplyOutcome, ModelState, Snapshot
@@ -33,6 +41,7 @@ __all__ = [
     "CHUNK_SIZE",
     "CODECS",
     "DEFAULT_LIMITS",
+    "DENSE_CODECS",
     "FORMAT_VERSION",
     "LOG_HEADER",
     "MAX_LENGTH",

@@ -173,7 +173,7 @@ def byzantine_round(mode: str, result: Any, fragment_length: int) -> Any:
     if mode != "flip10":
         raise ValueError(f"unknown byzantine mode {mode!r}")
     indices, values = crdt.decode_payload(result.codec, fragment_length, result.payload)
-    dense = result.codec == "dense-f32"
+    dense = result.codec in crdt.DENSE_CODECS
     payload = crdt.encode_payload(
         result.codec,
         fragment_length,

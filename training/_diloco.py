@@ -78,7 +78,8 @@ class DilocoConfig:
     outer_momentum: float = 0.9
     """μ of the outer Nesterov momentum (DiLoCo paper: 0.9); 0 gives plain outer SGD."""
     codec: str = "sparse-q8"
-    """crdt payload codec; "dense-f32" turns compression off (no top-k, topk_density ignored)."""
+    """crdt payload codec; "dense-f32" turns compression off and "dense-bf16" keeps only the rounding
+    (no top-k for either: topk_density is ignored)."""
     topk_density: float = 0.02
     """Fraction of the fragment's entries sent per round by sparse codecs (error feedback keeps the rest)."""
     num_fragments: int = 1
@@ -176,7 +177,7 @@ class RoundResult:
     residual_norm: float
     """L2 norm of the fragment's error-feedback residual after this round."""
     density: float
-    """Fraction of the fragment's entries present in the payload (1.0 for dense-f32)."""
+    """Fraction of the fragment's entries present in the payload (1.0 for the dense codecs)."""
     payload_bytes: int
     staleness_policy: StalenessPolicy
     """The author's staleness rule: the daemon sets the contribution's weight to
@@ -234,12 +235,12 @@ class Compressed(NamedTuple):
 
 
 def compress(u: np.ndarray, *, codec: str, density: float) -> Compressed:
-    """Encode top-k(u) (or all of u for dense-f32) and decode it back.
+    """Encode top-k(u) (or all of u for the dense codecs) and decode it back.
 
     `u - sent` is the exact error-feedback residual (top-k drop plus quantization error).
     """
     n = u.shape[0]
-    if codec == "dense-f32":
+    if codec in crdt.DENSE_CODECS:
         payload = crdt.encode_payload(codec, n, None, u.astype(np.float32))
     else:
         k = min(n, max(1, math.ceil(density * n)))

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import crdt
-from crdt import CODECS, ValidationError, decode_payload, encode_payload, payload_error_bound
+from crdt import CODECS, DENSE_CODECS, ValidationError, decode_payload, encode_payload, payload_error_bound
 
 QUANT = ("sparse-q8", "sparse-q4", "sparse-q2")
 SPARSE = ("sparse-f32", *QUANT)
@@ -25,18 +25,14 @@ def test_round_trip_within_bound(codec: str) -> None:
     rng = np.random.default_rng(1)
     length = 1000
     idx, vals = _sparse(rng, length, 300, scale=0.01)
-    if codec == "dense-f32":
-        data = encode_payload(codec, length, idx, vals)
-        assert len(data) == 4 * length
-        d_idx, d_vals = decode_payload(codec, length, data)
-        expect = np.zeros(length, np.float32)
-        expect[idx] = vals
-        np.testing.assert_array_equal(d_idx, np.arange(length))
-        np.testing.assert_array_equal(d_vals, expect)
-        return
     data = encode_payload(codec, length, idx, vals)
     d_idx, d_vals = decode_payload(codec, length, data)
     assert d_idx.dtype == np.uint32 and d_vals.dtype == np.float32
+    if codec in DENSE_CODECS:  # the given entries scattered into zeros
+        assert len(data) == {"dense-f32": 4, "dense-bf16": 2}[codec] * length
+        dense = np.zeros(length, np.float32)
+        dense[idx] = vals
+        idx, vals = np.arange(length, dtype=np.uint32), dense
     np.testing.assert_array_equal(d_idx, idx)
     err = np.abs(d_vals.astype(np.float64) - vals.astype(np.float64))
     assert np.all(err <= payload_error_bound(codec, vals))
@@ -63,7 +59,7 @@ def test_dense_none_indices_and_empty() -> None:
         np.testing.assert_array_equal(i, np.arange(5))
         assert np.all(np.abs(v - vals) <= payload_error_bound(codec, vals))
         i, v = decode_payload(codec, 7, encode_payload(codec, 7, np.array([], np.uint32), np.array([])))
-        assert v.size == (7 if codec == "dense-f32" else 0)
+        assert v.size == (7 if codec in DENSE_CODECS else 0)
 
 
 def test_zero_chunk_and_q2_levels() -> None:
@@ -99,6 +95,7 @@ def test_decoding_is_deterministic_bytes() -> None:
         ("sparse-q8", 4, np.array([1]), np.array([np.nan]), "NaN"),
         ("dense-f32", 4, None, np.array([np.inf, 0, 0, 0]), "NaN or infinity"),
         ("dense-f32", 4, None, np.zeros(3), "dense update"),
+        ("dense-bf16", 1, None, np.array([3.4e38]), "bf16-rounded values"),  # rounds up to infinity
     ],
 )
 def test_encode_rejects(codec, length, indices, values, reason) -> None:
@@ -115,6 +112,9 @@ def _u32(*xs: int) -> bytes:
     [
         ("dense-f32", 2, b"\x00" * 7, "expected 8"),
         ("dense-f32", 1, np.array([np.nan], "<f4").tobytes(), "NaN"),
+        ("dense-bf16", 2, b"\x00" * 3, "expected 4"),
+        ("dense-bf16", 1, b"\x80\x7f", "NaN or infinity"),  # 0x7F80: +inf
+        ("dense-bf16", 1, b"\xc1\xff", "NaN or infinity"),  # 0xFFC1: a NaN
         ("sparse-f32", 4, b"\x01\x00", "8-byte header"),
         ("sparse-f32", 4, _u32(5, 0), "claims 5"),
         ("sparse-f32", 4, _u32(1, 1) + b"\x00", "must be 13 bytes"),
@@ -157,13 +157,12 @@ def test_property_round_trip(codec: str, data: st.DataObject, length: int) -> No
     indices = np.array(idx, np.uint32)
     enc = encode_payload(codec, length, indices, vals)
     d_idx, d_vals = decode_payload(codec, length, enc)
-    if codec == "dense-f32":
+    if codec in DENSE_CODECS:
         expect = np.zeros(length, np.float32)
         expect[indices] = vals
-        np.testing.assert_array_equal(d_vals, expect)
-    else:
-        np.testing.assert_array_equal(d_idx, indices)
-        assert np.all(np.abs(d_vals.astype(np.float64) - vals) <= payload_error_bound(codec, vals))
+        indices, vals = np.arange(length, dtype=np.uint32), expect
+    np.testing.assert_array_equal(d_idx, indices)
+    assert np.all(np.abs(d_vals.astype(np.float64) - vals) <= payload_error_bound(codec, vals))
 
 
 @settings(max_examples=150, deadline=None)

@@ -2,7 +2,9 @@
 
 import numpy as np
 import pytest
+import torch
 
+import crdt
 from training.codec_report import codec_table, format_table, one_update
 
 
@@ -13,10 +15,11 @@ def rows() -> dict[str, dict[str, float | str]]:
 
 
 def test_bytes_decrease_with_bits(rows: dict[str, dict[str, float | str]]) -> None:
-    order = ["dense-f32", "sparse-f32", "sparse-q8", "sparse-q4", "sparse-q2"]
+    order = ["dense-f32", "dense-bf16", "sparse-f32", "sparse-q8", "sparse-q4", "sparse-q2"]
     sizes = [rows[c]["bytes"] for c in order]
     assert sizes == sorted(sizes, reverse=True) and len(set(sizes)) == len(sizes)
     assert rows["dense-f32"]["total err"] == 0 and rows["sparse-f32"]["quant err"] == 0
+    assert 0 < float(rows["dense-bf16"]["total err"]) < 2**-8  # bf16 rounding alone, relative
 
 
 def test_quantization_error_grows_as_bits_shrink(rows: dict[str, dict[str, float | str]]) -> None:
@@ -34,4 +37,17 @@ def test_error_feedback_is_codec_agnostic(rows: dict[str, dict[str, float | str]
 
 def test_format_table(rows: dict[str, dict[str, float | str]]) -> None:
     text = format_table(list(rows.values()))
-    assert text.count("\n") == 6 and "| sparse-q2 |" in text
+    assert text.count("\n") == 7 and "| sparse-q2 |" in text
+
+
+def test_bf16_payload_rounds_like_torch() -> None:
+    """The crdt encoder's round-to-nearest-even is torch's float32 -> bfloat16 cast, ties included."""
+    rng = np.random.default_rng(0)
+    bits = rng.integers(0, 2**32, size=100_000, dtype=np.uint64).astype(np.uint32)
+    bits[:4] = [0x3F808000, 0x3F818000, 0x00008000, 0x80018000]  # exact ties, even and odd, subnormal
+    values = bits.view(np.float32)
+    values = values[np.isfinite(values) & (np.abs(values) < 3e38)]
+    payload = crdt.encode_payload("dense-bf16", values.size, None, values)
+    _, decoded = crdt.decode_payload("dense-bf16", values.size, payload)
+    expect = torch.from_numpy(values).to(torch.bfloat16).to(torch.float32).numpy()
+    np.testing.assert_array_equal(decoded.view(np.uint32), expect.view(np.uint32))
