@@ -117,8 +117,14 @@ async def train(request: web.Request) -> web.Response:
         node.pause_training()
     elif action == "resume":
         node.resume_training()
+    elif action == "start":
+        body = await _json_body(request) if request.can_read_body else {}
+        rounds = body.get("rounds", 0)
+        if set(body) - {"rounds"} or isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 0:
+            return _error(400, 'body must be {"rounds": n} with n >= 0 (0 or absent: until stopped)')
+        return web.json_response({"training": action, "until_round": node.start_training(rounds)})
     else:
-        return _error(404, f"unknown training action {action!r} (pause, resume)")
+        return _error(404, f"unknown training action {action!r} (start, pause, resume)")
     return web.json_response({"training": action})
 
 

@@ -291,14 +291,27 @@ def connect(addr: str, home: Path | None, as_json: bool) -> None:
 
 
 @main.command()
-@click.argument("action", type=click.Choice(["pause", "resume"]))
+@click.argument("action", type=click.Choice(["start", "pause", "resume"]))
+@click.option(
+    "--rounds", type=click.IntRange(min=0), default=0, show_default=True,
+    help="start: train this many more local rounds (0: until stopped).",
+)
 @home_option
 @json_option
-def train(action: str, home: Path | None, as_json: bool) -> None:
-    """Pause or resume local training (the node keeps serving its peers)."""
-    data = _call(_home(home), "POST", f"/v1/train/{action}", as_json=as_json)
+def train(action: str, rounds: int, home: Path | None, as_json: bool) -> None:
+    """Start, pause or resume local training (the node keeps serving its peers).
+
+    `start` trains even where [training] enabled is false or max_rounds was reached, until the daemon
+    restarts; it also resumes a paused node."""
+    if rounds and action != "start":
+        raise click.UsageError("--rounds applies to `train start` only")
+    body = {"rounds": rounds} if action == "start" else None
+    data = _call(_home(home), "POST", f"/v1/train/{action}", body, as_json=as_json)
     if as_json:
         _echo_json(data)
+    elif action == "start":
+        until = data["until_round"]
+        console.print(f"training: started, {f'until local round {until}' if until else 'until stopped'}")
     else:
         console.print(f"training: {action}")
 

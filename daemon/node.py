@@ -136,7 +136,8 @@ class Node:
         """Hook for metrics: called with ("merge" | "pull" | "round", seconds)."""
         self._resume = asyncio.Event()
         self._resume.set()
-        self._state_changed = asyncio.Event()
+        self._round_limit_override: int | None = None  # set by `train start`: rounds to stop at, 0 = never
+        self._state_changed = asyncio.Event()  # model changed or training started: wakes the idle loop
         self._genesis_ready = asyncio.Event()
         self._pull_wanted: dict[str, None] = {}  # peers to pull from soon, insertion-ordered set
         self._pull_wakeup = asyncio.Event()
@@ -521,17 +522,43 @@ class Node:
         assert self.state is not None
         return self.state.next_seq(self.signer.public_key) - 1
 
-    async def _training_loop(self) -> None:
-        assert self.trainer is not None and self.state is not None
+    def _round_limit(self) -> int | None:
+        """The local round at which training stops (0: never), or None when training is off.
+
+        `train start` overrides the config; otherwise it is re-read every round, since SIGHUP may change
+        max_rounds."""
+        if self._round_limit_override is not None:
+            return self._round_limit_override
         training = self.config.training
+        return training.max_rounds if training.enabled else None
+
+    def _wants_training(self) -> bool:
+        limit = self._round_limit()
+        return limit is not None and (limit == 0 or self.rounds_done < limit)
+
+    async def _training_loop(self) -> None:
+        """Train while there are rounds to do; in between, keep the reported quality current."""
+        while True:
+            if self._wants_training():
+                await self._train()
+            self.training_state = "disabled" if self._round_limit() is None else "done"
+            # Peers' contributions keep arriving. The event is cleared before the evaluation, so what lands
+            # while it runs triggers the next one instead of being missed; `train start` sets it too.
+            self._state_changed.clear()
+            await self._evaluate()
+            await self._state_changed.wait()
+            await asyncio.sleep(0.5)  # debounce: a pull usually brings a batch
+
+    async def _train(self) -> None:
+        assert self.trainer is not None and self.state is not None
         topic = wire.announce_topic(self.config.node.run)
         fragments = len(self.state.genesis.fragments)
-        if training.enabled and self.rounds_done == 0:
+        self.training_state = "running"
+        if self.rounds_done == 0:
             await self._evaluate()  # the starting point, for loss curves
             self.initial_eval = dict(self.last_eval)
-        while (training := self.config.training).enabled and not (
-            training.max_rounds and self.rounds_done >= training.max_rounds
-        ):  # re-read every round: SIGHUP may change max_rounds and eval_every
+        while self._wants_training():
+            training = self.config.training  # re-read every round: SIGHUP may change eval_every
             if not self._resume.is_set():
                 self.training_state = "paused"
                 await self._resume.wait()
@@ -580,14 +607,6 @@ class Node:
                 await self._evaluate()
             if training.slowdown > 1.0:
                 await asyncio.sleep((training.slowdown - 1.0) * (time.monotonic() - started))
-        self.training_state = "done" if training.enabled else "disabled"
-        # Keep the reported quality current as peers' contributions keep arriving. Cleared before the
-        # evaluation, so what lands while it runs triggers the next one instead of being missed.
-        while True:
-            self._state_changed.clear()
-            await self._evaluate()
-            await self._state_changed.wait()
-            await asyncio.sleep(0.5)  # debounce: a pull usually brings a batch
 
     def _record_round(self, seq: int, result: Any, *, staleness: int, weight: float, round_s: float) -> None:
         assert self.state is not None
@@ -645,6 +664,21 @@ class Node:
 
     def resume_training(self) -> None:
         self._resume.set()
+
+    def start_training(self, rounds: int = 0) -> int:
+        """Train ``rounds`` more local rounds (0: until stopped), whatever ``[training] enabled`` and
+        ``max_rounds`` say, until the daemon restarts; also resumes a paused node. Returns the round at
+        which training will stop (0: never)."""
+        if rounds < 0:
+            raise ValueError(f"rounds must be >= 0, got {rounds}")
+        self._round_limit_override = self.rounds_done + rounds if rounds else 0
+        self._resume.set()
+        self._state_changed.set()  # wakes the idle loop
+        return self._round_limit_override
+
+    def on_config_reloaded(self) -> None:
+        """After SIGHUP: a raised max_rounds (or training turned back on) restarts a finished node."""
+        self._state_changed.set()
 
     async def export_checkpoint(self, path: Path) -> dict[str, Any]:
         if self.state is None or self.trainer is None:

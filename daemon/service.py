@@ -92,6 +92,7 @@ async def _run(
         # MONOTONIC_USEC lets Type=notify-reload units tell this reload from an older one (sd_notify(3)).
         sd_notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
         report = apply_reload(node, reload_config)
+        node.on_config_reloaded()
         summary = (
             "reload failed: " + report.error if report.error else f"reloaded {len(report.reloaded)} keys"
         )

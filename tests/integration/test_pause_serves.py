@@ -3,7 +3,8 @@
 Two real daemons. Both are paused right after start (each finishes a round in flight), then node 0
 alone resumes and trains to max_rounds. Node 1 must receive every one of node 0's new rounds while
 paused (its sync keeps running), node 0 must hold node 1's rounds, both must agree on the state hash,
-and node 1's own round count must not move until it is resumed.
+and node 1's own round count must not move until it is resumed. Once both are done, `train start` makes
+node 0 train exactly the rounds asked for.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 from daemon.cluster import Cluster, converged
 
 ROUNDS = 6
+MORE = 2  # rounds of `train start` once both are done
 DEADLINE_S = 180.0
 
 
@@ -40,5 +42,18 @@ def test_paused_node_keeps_serving_peers(cluster_dir: Path) -> None:
 
     group.client(1).post("/v1/train/resume")
     group.wait_until(
-        lambda s: converged(s, contributions=2 * ROUNDS), timeout_s=DEADLINE_S, what="node 1 to resume"
+        lambda s: converged(s, contributions=2 * ROUNDS) and all(x["training"] == "done" for x in s),
+        timeout_s=DEADLINE_S,
+        what="node 1 to resume and both to finish",
     )
+
+    # A finished node trains again on request, exactly the rounds asked for.
+    reply = group.client(0).post("/v1/train/start", {"rounds": MORE})
+    assert reply == {"training": "start", "until_round": ROUNDS + MORE}
+    first, second = group.wait_until(
+        lambda s: s[0]["round"] == ROUNDS + MORE and s[0]["training"] == "done"
+        and converged(s, contributions=2 * ROUNDS + MORE),
+        timeout_s=DEADLINE_S,
+        what="node 0 to train the started rounds",
+    )
+    assert second["round"] == ROUNDS and second["training"] == "done"

@@ -8,8 +8,9 @@ one loopback port.
 What is proven: READY=1 arrives once the control socket answers; ``POST /v1/limits`` reaches the
 training child; ``/v1/logs`` returns the daemon's own lines; ``/metrics`` scrapes with rounds, merge and
 round timings; the dashboard draws a loss chart with data in headless Chromium; SIGHUP applies reloadable
-keys (status shows them, max_rounds stops training) and reports the rest as needing a restart; SIGTERM
-drains to exit code 0 within the bound, sends STOPPING=1, and leaves no socket or pid file behind.
+keys (status shows them, max_rounds stops training and, raised, restarts it) and reports the rest as
+needing a restart; SIGTERM drains to exit code 0 within the bound, sends STOPPING=1, and leaves no socket
+or pid file behind.
 """
 
 from __future__ import annotations
@@ -222,7 +223,14 @@ def test_sighup_reloads_live_keys_and_reports_the_rest(node: Daemon) -> None:
     assert "training.max_rounds=" in reload_line and "needs_restart=api.socket" in reload_line
     assert any("RELOADING=1" in m for m in node.notifications())
     assert node.home.socket_path().name == "other.sock"  # the file says so; the running socket stays
+    # Raising max_rounds on a finished node restarts its training, up to the new limit.
+    done = status["round"]
+    config["training"]["max_rounds"] = done + 1
     node.home.config_file.write_text(tomli_w.dumps({**config, "api": {"socket": "control.sock"}}))
+    node.proc.send_signal(signal.SIGHUP)
+    node.wait_status(
+        lambda s: s["round"] == done + 1 and s["training"] == "done", "a raised max_rounds to train again"
+    )
 
 
 def test_sigterm_drains_exits_zero_and_cleans_up(node: Daemon) -> None:
