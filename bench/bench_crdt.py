@@ -159,6 +159,7 @@ def main() -> None:
     n = 64 if args.quick else 256
     apply_rows = [bench_apply(d, 16, dens, codec, n)
                   for codec in ("sparse-q8", "sparse-q2", "sparse-f32") for dens in (0.01, 0.1)]
+    apply_rows.append(bench_apply(d, 16, 0.01, "dct-q8", n))  # decodes every entry: inverse DCT
     apply_rows.append(bench_apply(d // 16, 16, 1.0, "dense-f32", n))
     sizes = [10**5, 10**6] + ([] if args.quick else [10**7, 3 * 10**7])
     size_rows = [bench_size(s) for s in sizes]

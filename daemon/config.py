@@ -397,7 +397,7 @@ listen = "127.0.0.1:8465"
 [diloco]
 # Passed to training.DilocoConfig, e.g.:
 # inner_steps = 20
-# codec = "sparse-q8"
+# codec = "sparse-q8"    # or dense-f32, dense-bf16, sparse-f32, sparse-q4, sparse-q2, dct-q8
 # topk_density = 0.02
 """
 

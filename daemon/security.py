@@ -173,14 +173,15 @@ def byzantine_round(mode: str, result: Any, fragment_length: int) -> Any:
     if mode != "flip10":
         raise ValueError(f"unknown byzantine mode {mode!r}")
     indices, values = crdt.decode_payload(result.codec, fragment_length, result.payload)
-    dense = result.codec in crdt.DENSE_CODECS
+    # A transform codec decodes to entries, not coefficients: the attacker sends those dense instead.
+    codec = "dense-f32" if result.codec in crdt.TRANSFORM_CODECS else result.codec
     payload = crdt.encode_payload(
-        result.codec,
+        codec,
         fragment_length,
-        None if dense else indices,
+        None if codec in crdt.DENSE_CODECS else indices,
         (values * np.float32(BYZANTINE_FLIP10_SCALE)).astype(np.float32),
     )
-    return dataclasses.replace(result, payload=payload, payload_bytes=len(payload))
+    return dataclasses.replace(result, codec=codec, payload=payload, payload_bytes=len(payload))
 
 
 class TokenFileError(RuntimeError):

@@ -231,25 +231,30 @@ class Compressed(NamedTuple):
     sent: np.ndarray
     """(n,) float32: the decoded update, dense; exactly what every receiver adds."""
     indices: np.ndarray
-    """(k,) uint32: the entries present in the payload (a quantized value may still be 0)."""
+    """(k,) uint32: the slots present in the payload: entries, or DCT coefficients for dct-q8 (a quantized
+    value may still be 0)."""
 
 
 def compress(u: np.ndarray, *, codec: str, density: float) -> Compressed:
-    """Encode top-k(u) (or all of u for the dense codecs) and decode it back.
+    """Encode top-k(u) (all of u for the dense codecs, top-k of its DCT coefficients for dct-q8) and
+    decode it back.
 
     `u - sent` is the exact error-feedback residual (top-k drop plus quantization error).
     """
     n = u.shape[0]
     if codec in crdt.DENSE_CODECS:
         payload = crdt.encode_payload(codec, n, None, u.astype(np.float32))
+        kept = np.arange(n, dtype=np.uint32)
     else:
-        k = min(n, max(1, math.ceil(density * n)))
-        idx = np.sort(np.argpartition(np.abs(u), n - k)[n - k :]).astype(np.uint32)  # (k,) increasing
-        payload = crdt.encode_payload(codec, n, idx, u[idx].astype(np.float32))
+        # top-k of the entries, or of the DCT coefficients (DeMo): same k, so the same payload size
+        x = crdt.dct_coefficients(u) if codec in crdt.TRANSFORM_CODECS else u
+        k = min(x.shape[0], max(1, math.ceil(density * n)))
+        kept = np.sort(np.argpartition(np.abs(x), x.shape[0] - k)[x.shape[0] - k :]).astype(np.uint32)
+        payload = crdt.encode_payload(codec, n, kept, x[kept].astype(np.float32))
     dec_idx, dec_vals = crdt.decode_payload(codec, n, payload)
     sent = np.zeros(n, dtype=np.float32)
     sent[dec_idx.astype(np.int64)] = dec_vals
-    return Compressed(payload, sent, dec_idx)
+    return Compressed(payload, sent, kept)
 
 
 def build_inner_optimizer(model: torch.nn.Module, config: DilocoConfig) -> torch.optim.AdamW:

@@ -8,10 +8,21 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import crdt
-from crdt import CODECS, DENSE_CODECS, ValidationError, decode_payload, encode_payload, payload_error_bound
+from crdt import (
+    CODECS,
+    DCT_BLOCK,
+    DENSE_CODECS,
+    TRANSFORM_CODECS,
+    ValidationError,
+    dct_coefficients,
+    decode_payload,
+    encode_payload,
+    payload_error_bound,
+)
 
 QUANT = ("sparse-q8", "sparse-q4", "sparse-q2")
 SPARSE = ("sparse-f32", *QUANT)
+ENTRY_CODECS = tuple(c for c in CODECS if c not in TRANSFORM_CODECS)  # indices and values are entries
 
 
 def _sparse(rng: np.random.Generator, length: int, k: int, scale: float = 1.0):
@@ -20,7 +31,7 @@ def _sparse(rng: np.random.Generator, length: int, k: int, scale: float = 1.0):
     return idx, vals
 
 
-@pytest.mark.parametrize("codec", CODECS)
+@pytest.mark.parametrize("codec", ENTRY_CODECS)
 def test_round_trip_within_bound(codec: str) -> None:
     rng = np.random.default_rng(1)
     length = 1000
@@ -54,7 +65,7 @@ def test_sizes_shrink_with_bits() -> None:
 
 def test_dense_none_indices_and_empty() -> None:
     vals = np.arange(5, dtype=np.float32)
-    for codec in CODECS:
+    for codec in ENTRY_CODECS:
         i, v = decode_payload(codec, 5, encode_payload(codec, 5, None, vals))
         np.testing.assert_array_equal(i, np.arange(5))
         assert np.all(np.abs(v - vals) <= payload_error_bound(codec, vals))
@@ -130,6 +141,9 @@ def _u32(*xs: int) -> bytes:
         ("sparse-q4", 4, _u32(1, 1) + b"\x00" + np.array([1.0], "<f4").tobytes() + b"\x00", "reserved"),
         ("sparse-q4", 4, _u32(1, 1) + b"\x00" + np.array([1.0], "<f4").tobytes() + b"\x18", "padding"),
         ("sparse-q2", 4, _u32(1, 1) + b"\x00" + np.array([1.0], "<f4").tobytes() + b"\x04", "padding"),
+        ("dct-q8", 4, _u32(65, 0), "claims 65 entries for 64 slots"),  # 4 entries: one block of 64
+        ("dct-q8", 4, _u32(1, 1) + b"\x40" + np.array([1.0], "<f4").tobytes() + b"\x01", "out of range"),
+        ("dct-q8", 4, _u32(1, 1) + b"\x00" + np.array([3e38], "<f4").tobytes() + b"\x7f", "synthesized"),
     ],
 )
 def test_decode_rejects(codec, length, data, reason) -> None:
@@ -147,7 +161,7 @@ _finite = st.floats(-(2.0**100), 2.0**100, allow_nan=False, allow_infinity=False
 
 @settings(max_examples=60, deadline=None)
 @given(
-    codec=st.sampled_from(CODECS),
+    codec=st.sampled_from(ENTRY_CODECS),
     data=st.data(),
     length=st.integers(1, 300),
 )
@@ -179,3 +193,66 @@ def test_fuzz_decode_only_validation_error(codec: str, length: int, blob: bytes)
 def test_exports() -> None:
     for name in crdt.__all__:
         assert hasattr(crdt, name)
+
+
+# -- dct-q8 ----------------------------------------------------------------------------------------------
+
+
+def _reference_synthesis(length: int, indices: np.ndarray, coefficients: np.ndarray) -> np.ndarray:
+    """Float64 inverse of the orthonormal DCT-II, straight from its definition (no integer table)."""
+    f = np.arange(DCT_BLOCK)[:, None]
+    j = np.arange(DCT_BLOCK)[None, :]
+    basis = np.cos(np.pi * (2 * j + 1) * f / (2 * DCT_BLOCK)) * np.sqrt(2 / DCT_BLOCK)
+    basis[0] /= np.sqrt(2)
+    coef = np.zeros(-(-length // DCT_BLOCK) * DCT_BLOCK)
+    coef[indices] = coefficients
+    return (coef.reshape(-1, DCT_BLOCK) @ basis).reshape(-1)[:length]
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data(), length=st.integers(1, 300))
+def test_dct_decodes_to_the_inverse_dct_of_its_coefficients(data: st.DataObject, length: int) -> None:
+    """Whatever coefficients are kept, the decoded entries are their inverse DCT (to the integer table's
+    precision) and the coefficients' own error stays within the q8 bound."""
+    slots = -(-length // DCT_BLOCK) * DCT_BLOCK
+    idx = np.array(sorted(data.draw(st.sets(st.integers(0, slots - 1), max_size=slots))), np.uint32)
+    coef = np.array(data.draw(st.lists(_finite, min_size=idx.size, max_size=idx.size)), np.float32)
+    d_idx, d_vals = decode_payload("dct-q8", length, encode_payload("dct-q8", length, idx, coef))
+    np.testing.assert_array_equal(d_idx, np.arange(length))
+    wide = coef.astype(np.float64)
+    err = np.linalg.norm(d_vals.astype(np.float64) - _reference_synthesis(length, idx, wide))
+    coef_err = np.linalg.norm(payload_error_bound("dct-q8", coef))
+    assert err <= 1.001 * coef_err + 2e-4 * np.linalg.norm(wide) + 1e-30
+
+
+def test_dct_round_trip_of_a_whole_fragment() -> None:
+    rng = np.random.default_rng(4)
+    x = np.cumsum(rng.standard_normal(1000)).astype(np.float32)  # smooth: energy in low frequencies
+    coef = dct_coefficients(x)
+    assert coef.size == 1024
+    _, y = decode_payload("dct-q8", 1000, encode_payload("dct-q8", 1000, None, coef))
+    # q8 steps are set per chunk of 64 coefficients by its largest one (here each block's DC term)
+    assert np.linalg.norm(y - x) / np.linalg.norm(x) < 0.03
+    top = np.sort(np.argsort(np.abs(coef))[-100:]).astype(np.uint32)  # 10 % of the coefficients ...
+    _, z = decode_payload("dct-q8", 1000, encode_payload("dct-q8", 1000, top, coef[top]))
+    raw_top = np.argsort(np.abs(x))[-100:]  # ... keep more of the signal than 10 % of the entries
+    raw_err = np.linalg.norm(np.delete(x, raw_top)) / np.linalg.norm(x)
+    assert np.linalg.norm(z - x) / np.linalg.norm(x) < raw_err / 3
+
+
+def test_dct_decoding_is_pinned_bit_for_bit() -> None:
+    """The decoder is integer arithmetic plus single IEEE-754 operations in a fixed order, so these bytes
+    are the same on every platform and numpy version; a change here would split replicas."""
+    import hashlib
+
+    n, length = 150, 500  # indices 0, 3, 6, ...: 3 chunks of scales over 8 blocks
+    codes = ((np.arange(n) * 37) % 255 - 127).astype(np.int8)
+    codes[codes == -128] = 0
+    scales = np.array([1e-3, 2.5e-2, 7.0], "<f4")
+    payload = _u32(n, n) + b"\x00" + b"\x02" * (n - 1) + scales.tobytes() + codes.tobytes()
+    _, values = decode_payload("dct-q8", length, payload)
+    digest = hashlib.blake2b(values.astype("<f4").tobytes(), digest_size=16).hexdigest()
+    assert digest == DCT_GOLDEN, digest
+
+
+DCT_GOLDEN = "d659af2266c88ae5ec04f834d825ed29"

@@ -35,9 +35,17 @@ def test_error_feedback_is_codec_agnostic(rows: dict[str, dict[str, float | str]
     assert np.ptp(ef) < 0.1 and ef.max() < 1.0
 
 
+def test_dct_keeps_more_of_the_update_at_equal_bytes(rows: dict[str, dict[str, float | str]]) -> None:
+    """DeMo's premise on a real pseudo-gradient: k DCT coefficients carry more of it than k entries."""
+    dct, q8 = rows["dct-q8"], rows["sparse-q8"]
+    assert abs(int(dct["bytes"]) - int(q8["bytes"])) < 0.05 * int(q8["bytes"])
+    assert float(dct["total err"]) < float(q8["total err"]) - 0.02
+    assert float(dct["EF err"]) < 1.0
+
+
 def test_format_table(rows: dict[str, dict[str, float | str]]) -> None:
     text = format_table(list(rows.values()))
-    assert text.count("\n") == 7 and "| sparse-q2 |" in text
+    assert text.count("\n") == 8 and "| sparse-q2 |" in text
 
 
 def test_bf16_payload_rounds_like_torch() -> None:

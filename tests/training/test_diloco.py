@@ -109,7 +109,7 @@ def test_matches_centralized_diloco(digits: training.Task) -> None:
     assert np.abs(theta - theta0).max() > 1e-2  # the test moved something
 
 
-@pytest.mark.parametrize("codec", ["dense-bf16", "sparse-f32", "sparse-q8", "sparse-q4", "sparse-q2"])
+@pytest.mark.parametrize("codec", [c for c in training.CODECS if c != "dense-f32"])  # dense-f32 is exact
 def test_error_feedback_tracks_true_sum(codec: str) -> None:
     """Σ sent + residual == Σ true updates exactly, and Σ sent converges to Σ true (relative error)."""
     rng = np.random.default_rng(0)
