@@ -95,6 +95,7 @@ class Counters:
     pull_failures: int = 0
     stale_rounds_skipped: int = 0
     snapshots_served: int = 0
+    equivocations: int = 0
 
 
 class Node:
@@ -129,6 +130,10 @@ class Node:
         self.counters = Counters()
         self.suspects: security.SuspectTracker | None = None
         """Per-author update statistics; status names outliers (report only, see daemon/security.py)."""
+        self.equivocators: dict[str, set[int]] = {}
+        """Authors caught signing two records for one seq, with those seqs (proofs in the store)."""
+        self.diverged_from: set[str] = set()
+        """Peers last seen holding our version vector but another state hash (see _compare_state)."""
         self.limits = Limits(
             threads=config.training.threads, bandwidth_bytes_per_s=config.limits.bandwidth_bytes_per_s
         )
@@ -232,6 +237,8 @@ class Node:
             )
         state = crdt.ModelState.from_snapshot(genesis, snapshot, log=logged)
         self.replica = Replica(self.store, state, snapshot_every=self.config.sync.snapshot_every)
+        for first, _ in self.store.load_equivocations():
+            self.equivocators.setdefault(p2p.peer_id_from_public_key(first.author), set()).add(first.seq)
         self._genesis_ready.set()
         log.info(
             "model state loaded genesis=%s contributions=%d state_hash=%s",
@@ -298,6 +305,34 @@ class Node:
         self._state_changed.set()
         return outcome
 
+    def _note_equivocation(self, conflict: crdt.ConflictError) -> None:
+        """Two validly signed records for one (author, seq): the author's fault, not the fault of the peer
+        that relayed the second one. Keep both as a proof and name the author; the first one stays."""
+        first, second = conflict.evidence
+        assert isinstance(first, crdt.Contribution) and isinstance(second, crdt.Contribution)
+        author = p2p.peer_id_from_public_key(first.author)
+        seqs = self.equivocators.setdefault(author, set())
+        if first.seq in seqs:
+            return
+        seqs.add(first.seq)
+        self.counters.equivocations += 1
+        proof = self.store.write_equivocation(first, second)
+        log.error("author equivocated author=%s seq=%d proof=%s", author, first.seq, proof)
+
+    def _compare_state(self, peer: str, remote: crdt.Digest) -> None:
+        """Same version vector but another state hash: the two replicas hold different records for some
+        slot (an author equivocated and each of us kept a different version) or one store is corrupt.
+        Anti-entropy cannot repair that (it ships only what a vector lacks), so it is reported."""
+        assert self.state is not None
+        if remote.version_vector != self.state.version_vector:
+            return
+        if remote.state_hash == self.state.state_hash:
+            self.diverged_from.discard(peer)
+        elif peer not in self.diverged_from:
+            self.diverged_from.add(peer)
+            log.error("state diverged peer=%s state_hash=%s theirs=%s", peer, self.state.state_hash[:16],
+                      remote.state_hash[:16])
+
     def _reject(self, peer: str, reason: Exception) -> None:
         """Count (by exception type, shown in status), log, and score the sending peer down."""
         key = type(reason).__name__
@@ -322,6 +357,7 @@ class Node:
         await self._admit(peer, request)
         assert self.replica is not None and self.state is not None
         self.replica.note_vector(peer, remote.version_vector)
+        self._compare_state(peer, remote)
         plan = crdt.plan_sync(self.state, remote, max_count=self.config.sync.max_batch)
         if (
             plan.remote_has_more
@@ -401,6 +437,7 @@ class Node:
                     self._reject(peer, exc)
                 return
             self.replica.note_vector(peer, remote.version_vector)
+            self._compare_state(peer, remote)
             if response.snapshot_required and not response.contributions:
                 await self._install_snapshot_from(peer)
                 return
@@ -409,6 +446,9 @@ class Node:
                 try:
                     contribution = crdt.Contribution.decode(encoded)
                     outcome = self._accept(contribution)
+                except crdt.ConflictError as exc:
+                    self._note_equivocation(exc)
+                    continue
                 except crdt.CrdtError as exc:
                     self._reject(peer, exc)
                     return
@@ -723,6 +763,7 @@ class Node:
                 "stale_rounds_skipped": self.counters.stale_rounds_skipped,
                 "snapshots_installed": self.replica.snapshots_installed if self.replica else 0,
                 "snapshots_served": self.counters.snapshots_served,
+                "equivocations": self.counters.equivocations,
             },
             "retained_contributions": state.retained_count if state else 0,
             "blocked_peers": sorted(self.blocked_peers),
@@ -734,7 +775,9 @@ class Node:
             "reachability": self.host.reachability(),
             "connections": self.host.peer_connections(),
             "nat": self.host.nat_status(),
-            "suspects": self.suspects.suspects() if self.suspects else [],
+            "suspects": sorted({*(self.suspects.suspects() if self.suspects else ()), *self.equivocators}),
+            "equivocators": {author: sorted(seqs) for author, seqs in sorted(self.equivocators.items())},
+            "diverged_from": sorted(self.diverged_from),
             "clip_norm": state.limits.clip_norm if state else None,  # fixed by the genesis (SECURITY.md)
             "uptime_s": round(time.time() - self.started_at, 3),
         }

@@ -7,6 +7,8 @@ Directory layout (``path`` is created if missing)::
     genesis.bin    sealed blob (crdt.seal_blob) of Genesis.encode(); written once
     snapshot.bin   sealed blob of Snapshot.encode(); replaced atomically
     wal.log        crdt WAL: header + framed Contribution.encode() records, appended + fsynced
+    peers.bin      sealed blob of the members' last known version vectors (retention must remember them)
+    evidence/      one sealed proof per equivocation: the author's two signed records for one slot
     LOCK           flock()ed while a Store is open, so two daemons cannot share a directory
 
 Durability: :meth:`append` writes one record and fsyncs before returning, so an accepted contribution
@@ -57,6 +59,8 @@ _GENESIS_KIND = b"GENESIS"
 _SNAPSHOT_KIND = b"SNAPSHT"
 _PEERS_FILE = "peers.bin"
 _PEERS_KIND = b"PEERVVS"
+_EVIDENCE_DIR = "evidence"
+_EVIDENCE_KIND = b"EQUIVOC"
 
 
 class StoreError(Exception):
@@ -194,7 +198,28 @@ class Store:
         """The last version vector known of every run member (see :meth:`write_peer_vectors`)."""
         return self._read_blob(_PEERS_FILE, _PEERS_KIND, _decode_peer_vectors) or {}
 
+    def load_equivocations(self) -> list[tuple[crdt.Contribution, crdt.Contribution]]:
+        """Every kept equivocation proof that still checks out (see :meth:`write_equivocation`). Evidence
+        is advisory, so a file that does not is logged and skipped rather than stopping the node."""
+        proofs = []
+        for path in sorted((self.path / _EVIDENCE_DIR).glob("*.bin")):
+            try:
+                proofs.append(_decode_equivocation(crdt.unseal_blob(_EVIDENCE_KIND, path.read_bytes())))
+            except (OSError, crdt.CrdtError) as exc:
+                log.warning("ignoring unreadable equivocation proof path=%s error=%s", path, exc)
+        return proofs
+
     # -- writing ----------------------------------------------------------------------------------------
+    def write_equivocation(self, first: crdt.Contribution, second: crdt.Contribution) -> Path:
+        """Keep two validly signed records of one (author, seq) slot: proof, checkable by anyone with the
+        author's public key, that the author equivocated. Returns the file written."""
+        directory = self.path / _EVIDENCE_DIR
+        directory.mkdir(exist_ok=True)
+        path = directory / f"{first.author.hex()}-{first.seq}.bin"
+        proof = msgpack.packb([first.encode(), second.encode()])
+        _atomic_write(path, crdt.seal_blob(_EVIDENCE_KIND, proof))
+        return path
+
     def append(self, contribution: crdt.Contribution) -> None:
         """Append one contribution and fsync (durable when this returns)."""
         raw = contribution.encode()
@@ -270,3 +295,18 @@ def _decode_peer_vectors(data: bytes) -> dict[str, crdt.VersionVector]:
     ):
         raise crdt.ValidationError("peer vectors: expected a map of peer id to version vector")
     return {peer: crdt.VersionVector.decode(raw) for peer, raw in obj.items()}
+
+
+def _decode_equivocation(data: bytes) -> tuple[crdt.Contribution, crdt.Contribution]:
+    try:
+        pair = msgpack.unpackb(data, raw=False)
+    except Exception as exc:  # msgpack raises several unrelated types
+        raise crdt.ValidationError(f"equivocation proof: not msgpack ({exc.__class__.__name__})") from exc
+    if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(x, bytes) for x in pair)):
+        raise crdt.ValidationError("equivocation proof: expected two encoded contributions")
+    first, second = (crdt.Contribution.decode(x) for x in pair)
+    if (first.author, first.seq) != (second.author, second.seq) or first.id == second.id:
+        raise crdt.ValidationError("equivocation proof: not two different records of one slot")
+    first.verify()
+    second.verify()
+    return first, second

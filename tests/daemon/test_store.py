@@ -194,6 +194,27 @@ def test_peer_vectors_survive_a_restart_and_corruption_is_reported(tmp_path: Pat
         st.load_peer_vectors()
 
 
+def test_equivocation_proofs_survive_a_restart_and_bad_ones_are_skipped(tmp_path: Path) -> None:
+    first = HIST[0]
+    signer = crdt.Signer.from_seed(hashlib.sha256(b"store-0").digest())  # HIST[0]'s author
+    second = crdt.make_contribution(
+        signer, genesis_id=G.id, seq=first.seq, fragment=first.fragment, codec=first.codec,
+        payload=first.payload, weight=0.5, base_version=first.base_version,
+    )
+    with pytest.raises(crdt.ConflictError) as conflict:
+        _state([first, second])
+    with Store(tmp_path) as st:
+        assert st.load_equivocations() == []
+        proof = st.write_equivocation(*conflict.value.evidence)
+        not_a_proof = st.write_equivocation(HIST[1], HIST[1])  # one record twice proves nothing
+        not_a_proof = not_a_proof.rename(not_a_proof.with_name("z-1.bin"))
+    torn = proof.with_name("y-1.bin")
+    torn.write_bytes(proof.read_bytes()[:-3])
+    with Store(tmp_path) as st:
+        ((a, b),) = st.load_equivocations()  # the torn copy and the non-proof are logged and skipped
+    assert (a.id, b.id) == (first.id, second.id)
+
+
 def _open_replica(path: Path, *, snapshot_every: int = 1000) -> Replica:
     store = Store(path)
     store.write_genesis(G)

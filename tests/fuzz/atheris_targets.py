@@ -22,10 +22,12 @@ from pathlib import Path
 import atheris
 
 with atheris.instrument_imports(include=["crdt", "daemon", "p2p"]):  # coverage feedback: our code only
+    import msgpack
     import numpy as np
 
     import crdt
     from daemon import wire
+    from daemon.store import _decode_equivocation
     from p2p import _framing, _transfer
     from p2p._errors import ProtocolViolation
     from p2p._security import SwarmKeyError, parse_swarm_key
@@ -66,6 +68,7 @@ TARGETS: dict[str, tuple[Callable[[bytes], object], tuple[type[Exception], ...]]
     "blob-manifest": (_transfer.Manifest.decode, (ProtocolViolation,)),
     "blob-request": (_transfer.BlobRequest.decode, (ProtocolViolation,)),
     "swarm-key": (lambda data: parse_swarm_key(data.decode("utf-8", "replace")), (SwarmKeyError,)),
+    "equivocation-proof": (_decode_equivocation, (crdt.CrdtError,)),  # a sealed file's body
 }
 
 
@@ -76,6 +79,10 @@ def seeds(target: str) -> list[bytes]:
     payload = crdt.encode_payload("sparse-q8", 32, np.array([1, 5, 30]), np.array([0.5, -1.0, 2.0]))
     contribution = crdt.make_contribution(
         signer, genesis_id=genesis.id, seq=1, fragment=0, codec="sparse-q8", payload=payload, weight=1.0,
+        base_version=b"\0" * 32,
+    )
+    other = crdt.make_contribution(  # the same slot, signed again: an equivocation
+        signer, genesis_id=genesis.id, seq=1, fragment=0, codec="sparse-q8", payload=payload, weight=0.5,
         base_version=b"\0" * 32,
     )
     state = crdt.ModelState(genesis)
@@ -128,6 +135,7 @@ def seeds(target: str) -> list[bytes]:
             _transfer.BlobRequest(op=_transfer.Op.READ, blob_id=b"snapshot", offset=100, length=100).encode()
         ],
         "swarm-key": [f"/key/swarm/psk/1.0.0/\n/base16/\n{'ab' * 32}\n".encode()],
+        "equivocation-proof": [msgpack.packb([contribution.encode(), other.encode()])],
     }[target]
 
 

@@ -5,6 +5,8 @@
 * A hostile peer (a p2p.Host in this process, no swarm key on an open run) feeds a real daemon garbage
   sync requests, garbage gossip, and garbage or forged sync responses; the daemon stays up, its state hash
   does not move, and status counts each rejection by reason.
+* An equivocating author (two signed records for one seq, one given to each of two daemons) is named,
+  its proof kept, nobody else blamed, and the resulting divergence reported by both daemons.
 """
 
 from __future__ import annotations
@@ -169,3 +171,97 @@ def test_hostile_peer_cannot_corrupt_a_daemon(cluster_dir: Path) -> None:
     for reason in ("SignatureError", "GapTooLargeError", "GenesisMismatchError"):
         assert reasons.get(reason, 0) >= 1, reasons
     assert reasons.get("ValidationError", 0) >= 3, reasons  # not msgpack contribution, NaN, norm
+
+
+class Equivocator:
+    """Serves /meshtrain/sync/1 from a scripted list of responses per requesting peer, then empty ones."""
+
+    def __init__(self, scripts: dict[str, list[bytes]]) -> None:
+        self.scripts = {peer: list(responses) for peer, responses in scripts.items()}
+
+    async def serve(self, peer: str, data: bytes) -> bytes:
+        script = self.scripts.get(peer)
+        return script.pop(0) if script else _response()
+
+
+def test_an_equivocating_author_is_named_and_its_proof_kept(cluster_dir: Path) -> None:
+    """The attacker signs two different records for its seq 1 and gives one to each of two partitioned
+    daemons. Healed, they hold equal vectors but different states: both report it (anti-entropy cannot
+    repair it). When node 0 is then offered the other version, it keeps a proof, names the author (not
+    the peer that relayed it) and goes on with the rest of the batch; the name survives a restart."""
+    group = Cluster(cluster_dir)
+    infos = group.up(2, task="digits", training={"enabled": False})
+    group.partition([[0], [1]])
+    attacker = crdt.Signer.from_seed(os.urandom(32))
+    author = p2p.peer_id_from_public_key(attacker.public_key)
+
+    def holding(count: int) -> list[dict]:
+        return group.wait_until(
+            lambda s: all(x["contributions"] == count for x in s), timeout_s=60, what=f"{count} each"
+        )
+
+    async def attack() -> None:
+        async with p2p.Host(p2p.Identity.generate()) as host:
+            for info in infos:
+                await host.connect(info.addr)
+            request = wire.GenesisRequest("cluster").encode()
+            genesis = crdt.Genesis.decode(
+                await host.request(infos[0].peer_id, wire.GENESIS_PROTOCOL, request, timeout_s=30)
+            )
+            length = genesis.fragment_length(0)
+
+            def record(seq: int, value: float) -> bytes:
+                payload = crdt.encode_payload("dense-f32", length, None, np.full(length, value, np.float32))
+                return crdt.make_contribution(
+                    attacker, genesis_id=genesis.id, seq=seq, fragment=0, codec="dense-f32",
+                    payload=payload, weight=1.0, base_version=b"\x00" * 32,
+                ).encode()
+
+            one, other, two = record(1, 1e-3), record(1, -1e-3), record(2, 1e-3)
+            server = Equivocator({
+                infos[0].peer_id: [_response(one), _response(other, two)],
+                infos[1].peer_id: [_response(other)],
+            })
+            host.set_request_handler(wire.SYNC_PROTOCOL, server.serve)
+            topic = wire.announce_topic("cluster")
+            host.subscribe(topic)
+            deadline = time.monotonic() + 30
+            ids = [i.peer_id for i in infos]
+            while not set(ids) <= set(host.gossip_peers(topic)) and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+
+            async def announce(seq: int) -> None:  # a daemon that lacks (author, seq) pulls from us
+                message = wire.Announcement(author=attacker.public_key, seq=seq, fragment=0, size=1, id="x")
+                await host.publish(topic, message.encode())
+
+            await announce(1)
+            await asyncio.to_thread(holding, 1)  # each its own version, while partitioned
+            await asyncio.to_thread(group.heal)
+            await announce(2)
+            await asyncio.to_thread(
+                group.wait_until,
+                lambda s: s[0]["counters"]["equivocations"] == 1 and all(x["contributions"] == 2 for x in s),
+                timeout_s=60,
+                what="node 0 to see both versions and both nodes to hold seq 2",
+            )
+
+    asyncio.run(attack())
+    # (The attacker's own answers carry a made-up digest, so it may be listed as diverged too.)
+    first, second = group.wait_until(
+        lambda s: infos[1].peer_id in s[0]["diverged_from"] and infos[0].peer_id in s[1]["diverged_from"],
+        timeout_s=60,
+        what="both nodes to report the divergence",
+    )
+    assert first["state_hash"] != second["state_hash"]
+    assert first["version_vector"] == second["version_vector"] == {author: 2}
+    assert first["equivocators"] == {author: [1]} and author in first["suspects"]
+    assert "ConflictError" not in first["counters"]["rejected_reasons"]
+    assert infos[1].peer_id in first["peers"]  # nobody was penalized for relaying
+    proofs = list((Path(infos[0].home) / "store" / "evidence").glob("*.bin"))
+    assert [p.name for p in proofs] == [f"{attacker.public_key.hex()}-1.bin"]
+    group.stop(0)
+    group.start(0)
+    restarted = group.wait_until(
+        lambda s: "error" not in s[0] and s[0].get("state_hash") is not None, timeout_s=120, what="restart"
+    )[0]
+    assert restarted["equivocators"] == {author: [1]} and restarted["state_hash"] == first["state_hash"]
