@@ -79,6 +79,11 @@ def status_panel(data: dict[str, Any]) -> Panel:
         )
     if data.get("reachability"):
         rows.append(("reachability", data["reachability"]))
+    # Problems a person should see without asking for JSON (SECURITY.md says what each means).
+    if data.get("suspects"):
+        rows.append(("suspects", Text("\n".join(data["suspects"]), style="yellow")))
+    if data.get("diverged_from"):
+        rows.append(("diverged from", Text("\n".join(data["diverged_from"]), style="red")))
     rows.append(("listening", "\n".join(data["listen_addrs"]) or "-"))
     for key, value in rows:
         table.add_row(key, value)

@@ -123,6 +123,8 @@ def test_status_panel_and_peers_table_render() -> None:
         "limits": {"threads": 2, "threads_applied": 2, "bandwidth_bytes_per_s": 1000},
         "reachability": "public",
         "connections": {"12D3KooWpeer": "direct"},
+        "suspects": ["12D3KooWbad"],
+        "diverged_from": ["12D3KooWother"],
     }
     console = Console(record=True, width=120, color_system=None)
     console.print(render.status_panel(status))
@@ -135,5 +137,7 @@ def test_status_panel_and_peers_table_render() -> None:
         "1000 B/s sync cap",
         "12D3KooWpeer",
         "direct",
+        "suspects         12D3KooWbad",
+        "diverged from    12D3KooWother",
     ):
         assert fragment in text
