@@ -174,14 +174,17 @@ def test_hostile_peer_cannot_corrupt_a_daemon(cluster_dir: Path) -> None:
 
 
 class Equivocator:
-    """Serves /meshtrain/sync/1 from a scripted list of responses per requesting peer, then empty ones."""
+    """Serves /meshtrain/sync/1 with the current phase's response for the requesting peer (empty if none).
 
-    def __init__(self, scripts: dict[str, list[bytes]]) -> None:
-        self.scripts = {peer: list(responses) for peer, responses in scripts.items()}
+    The same answer every time within a phase, so the daemons' periodic pulls cannot run the script
+    ahead of the test (a repeated record is a duplicate, a repeated conflict is noted once)."""
+
+    def __init__(self, responses: dict[tuple[int, str], bytes]) -> None:
+        self.responses = responses
+        self.phase = 1
 
     async def serve(self, peer: str, data: bytes) -> bytes:
-        script = self.scripts.get(peer)
-        return script.pop(0) if script else _response()
+        return self.responses.get((self.phase, peer), _response())
 
 
 def test_an_equivocating_author_is_named_and_its_proof_kept(cluster_dir: Path) -> None:
@@ -219,8 +222,9 @@ def test_an_equivocating_author_is_named_and_its_proof_kept(cluster_dir: Path) -
 
             one, other, two = record(1, 1e-3), record(1, -1e-3), record(2, 1e-3)
             server = Equivocator({
-                infos[0].peer_id: [_response(one), _response(other, two)],
-                infos[1].peer_id: [_response(other)],
+                (1, infos[0].peer_id): _response(one),
+                (1, infos[1].peer_id): _response(other),
+                (2, infos[0].peer_id): _response(other, two),
             })
             host.set_request_handler(wire.SYNC_PROTOCOL, server.serve)
             topic = wire.announce_topic("cluster")
@@ -237,6 +241,7 @@ def test_an_equivocating_author_is_named_and_its_proof_kept(cluster_dir: Path) -
             await announce(1)
             await asyncio.to_thread(holding, 1)  # each its own version, while partitioned
             await asyncio.to_thread(group.heal)
+            server.phase = 2
             await announce(2)
             await asyncio.to_thread(
                 group.wait_until,
