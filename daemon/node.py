@@ -55,6 +55,7 @@ log = logging.getLogger(__name__)
 GENESIS_RETRY_S = 1.0
 HEARTBEAT_S = 5  # period of the per-run heartbeat gossip with up to HEARTBEAT_PEERS peers
 HEARTBEAT_PEERS = 5  # beyond, the period grows with the peer count (see _heartbeat_loop)
+GOODBYE_TIMEOUT_S = 1.0  # bound on the last heartbeat during shutdown (the drain has its own bound)
 HISTORY_LIMIT = 10_000  # per-round telemetry records kept in memory for status and plots
 
 
@@ -192,10 +193,11 @@ class Node:
             await self._shutdown()
 
     async def _shutdown(self) -> None:
-        # Fixed order: stop compute, make the log durable, then leave the mesh.
+        # Fixed order: stop compute, make the log durable, then say goodbye and leave the mesh.
         if self.trainer is not None:
             await self.trainer.aclose()
         self.store.close()
+        await self._say_goodbye()
         await self.host.aclose()
 
     def _start_trainer_spec(self) -> None:
@@ -510,23 +512,36 @@ class Node:
         while True:
             stats = self.host.stats()
             total = int(stats["bytes_sent"]) + int(stats["bytes_received"])
-            assert self.state is not None and self.trainer is not None
-            heartbeat = wire.Heartbeat(
-                round=self.rounds_done,
-                contributions=self.state.contribution_count,
-                training=self.training_state,
-                reachability=self.host.reachability(),
-                task=self.config.training.task,
-                device=str(self.trainer.info.get("device", "cpu")),
-                throughput_bps=int(max(0, total - moved) / max(time.monotonic() - last, 1e-3)),
-            )
+            throughput = int(max(0, total - moved) / max(time.monotonic() - last, 1e-3))
             moved, last = total, time.monotonic()
             with contextlib.suppress(p2p.P2PError):  # no mesh peers yet: nothing to tell
-                await self.host.publish(topic, heartbeat.encode())
+                await self.host.publish(topic, self._heartbeat(throughput).encode())
             # gossipsub costs CPU per message at every node: stretch the period with the mesh so the
             # whole run carries about one heartbeat a second however many nodes it has.
             period = HEARTBEAT_S * max(1.0, len(self.host.connected_peers()) / HEARTBEAT_PEERS)
             await asyncio.sleep(period * random.uniform(0.8, 1.2))
+
+    def _heartbeat(self, throughput_bps: int) -> wire.Heartbeat:
+        assert self.state is not None and self.trainer is not None
+        return wire.Heartbeat(
+            round=self.rounds_done,
+            contributions=self.state.contribution_count,
+            training=self.training_state,
+            reachability=self.host.reachability(),
+            task=self.config.training.task,
+            device=str(self.trainer.info.get("device", "cpu")),
+            throughput_bps=throughput_bps,
+        )
+
+    async def _say_goodbye(self) -> None:
+        """A last heartbeat saying "leaving", so peers' status shows a clean exit, not a silent one."""
+        if self.state is None:
+            return  # never joined: nobody to tell
+        self.training_state = "leaving"
+        topic = wire.heartbeat_topic(self.config.node.run)
+        with contextlib.suppress(p2p.P2PError, TimeoutError):
+            async with asyncio.timeout(GOODBYE_TIMEOUT_S):
+                await self.host.publish(topic, self._heartbeat(0).encode())
 
     async def _heartbeat_listener(self, queue: asyncio.Queue[p2p.GossipMessage]) -> None:
         while True:

@@ -10,8 +10,9 @@ needing a restart), bracketed by ``RELOADING=1`` / ``READY=1`` so ``systemctl re
 
 SIGTERM (or SIGINT) drains within ``SHUTDOWN_TIMEOUT_S``: ``STOPPING=1``, close the control socket and
 the HTTP sites, stop the training loop (a round in flight is abandoned: its contribution was never
-signed, so nothing half-made escapes), stop the training child, fsync and close the log, then close the
-libp2p host, which closes every connection so peers drop this node at once instead of timing out. If
+signed, so nothing half-made escapes), stop the training child, fsync and close the log, publish a last
+heartbeat saying "leaving", then close the libp2p host, which closes every connection so peers drop this
+node at once instead of timing out. If
 the drain overruns its bound (a wedged child or thread), the daemon says so and exits 1 without waiting
 for more; systemd's ``TimeoutStopSec`` is a second, longer bound behind this one.
 

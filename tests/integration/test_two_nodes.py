@@ -2,7 +2,8 @@
 
 The second node bootstraps from the first, fetches the run's genesis by content, and both train a few
 DiLoCo rounds on the digits task. They must end with the same state hash over the same contributions,
-and the merged model must classify digits well above chance (10 %).
+and the merged model must classify digits well above chance (10 %). A node stopped with SIGTERM tells
+its peer it is leaving.
 """
 
 from __future__ import annotations
@@ -40,3 +41,11 @@ def test_two_daemons_train_and_converge(cluster_dir: Path) -> None:
         assert set(status["version_vector"]) == {first["peer_id"], second["peer_id"]}
         assert status["eval"]["state_hash"] == status["state_hash"]
         assert status["eval"]["val_accuracy"] > 0.6, status["eval"]
+
+    # SIGTERM: the leaving node says so in a last heartbeat before it closes its connections.
+    group.stop(1)
+    group.wait_until(
+        lambda s: s[0]["peer_info"][second["peer_id"]]["training"] == "leaving" and not s[0]["peers"],
+        timeout_s=30,
+        what="node 0 to hear node 1 leave",
+    )
