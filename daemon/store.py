@@ -285,11 +285,16 @@ class Store:
         return 0
 
 
-def _decode_peer_vectors(data: bytes) -> dict[str, crdt.VersionVector]:
+def _unpack(data: bytes, what: str) -> object:
+    """msgpack -> object, any msgpack failure as a ValidationError naming ``what``."""
     try:
-        obj = msgpack.unpackb(data, raw=False)
+        return msgpack.unpackb(data, raw=False)
     except Exception as exc:  # msgpack raises several unrelated types
-        raise crdt.ValidationError(f"peer vectors: not msgpack ({exc.__class__.__name__})") from exc
+        raise crdt.ValidationError(f"{what}: not msgpack ({exc.__class__.__name__})") from exc
+
+
+def _decode_peer_vectors(data: bytes) -> dict[str, crdt.VersionVector]:
+    obj = _unpack(data, "peer vectors")
     if not isinstance(obj, dict) or not all(
         isinstance(k, str) and isinstance(v, bytes) for k, v in obj.items()
     ):
@@ -298,10 +303,7 @@ def _decode_peer_vectors(data: bytes) -> dict[str, crdt.VersionVector]:
 
 
 def _decode_equivocation(data: bytes) -> tuple[crdt.Contribution, crdt.Contribution]:
-    try:
-        pair = msgpack.unpackb(data, raw=False)
-    except Exception as exc:  # msgpack raises several unrelated types
-        raise crdt.ValidationError(f"equivocation proof: not msgpack ({exc.__class__.__name__})") from exc
+    pair = _unpack(data, "equivocation proof")
     if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(x, bytes) for x in pair)):
         raise crdt.ValidationError("equivocation proof: expected two encoded contributions")
     first, second = (crdt.Contribution.decode(x) for x in pair)
