@@ -168,6 +168,9 @@ class Node:
             sync_handler = security.counting(self._serve_sync, self._reject)
             self.host.set_request_handler(wire.SYNC_PROTOCOL, sync_handler)
             self.host.set_request_handler(wire.SNAPSHOT_PROTOCOL, self._serve_snapshot)
+            self.host.set_request_handler(
+                wire.GOODBYE_PROTOCOL, security.counting(self._serve_goodbye, self._reject)
+            )
             run = self.config.node.run
             # Validated before delivery and before forwarding: junk is dropped and its sender scored down.
             self.host.set_topic_validator(
@@ -534,14 +537,35 @@ class Node:
         )
 
     async def _say_goodbye(self) -> None:
-        """A last heartbeat saying "leaving", so peers' status shows a clean exit, not a silent one."""
+        """A last heartbeat saying "leaving", so peers' status shows a clean exit, not a silent one.
+
+        Gossiped for peers we reach only through the mesh, and sent directly to each connected peer, which
+        does not depend on gossip having a mesh path right now (see wire.GOODBYE_PROTOCOL).
+        """
         if self.state is None:
             return  # never joined: nobody to tell
         self.training_state = "leaving"
-        topic = wire.heartbeat_topic(self.config.node.run)
-        with contextlib.suppress(p2p.P2PError, TimeoutError):
-            async with asyncio.timeout(GOODBYE_TIMEOUT_S):
-                await self.host.publish(topic, self._heartbeat(0).encode())
+        beat = self._heartbeat(0).encode()
+
+        async def tell(peer: str) -> None:
+            with contextlib.suppress(p2p.P2PError):
+                await self.host.request(peer, wire.GOODBYE_PROTOCOL, beat, timeout_s=GOODBYE_TIMEOUT_S)
+
+        async def gossip() -> None:
+            with contextlib.suppress(p2p.P2PError):
+                await self.host.publish(wire.heartbeat_topic(self.config.node.run), beat)
+
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(GOODBYE_TIMEOUT_S), asyncio.TaskGroup() as tasks:
+                tasks.create_task(gossip())
+                for peer in self.host.connected_peers():
+                    tasks.create_task(tell(peer))
+
+    async def _serve_goodbye(self, peer: str, data: bytes) -> bytes:
+        heartbeat = wire.Heartbeat.decode(data)
+        if peer in self.peer_heartbeats:  # a member of this run heard before; a stranger changes nothing
+            self.peer_heartbeats[peer] = (time.monotonic(), heartbeat)
+        return b""
 
     async def _heartbeat_listener(self, queue: asyncio.Queue[p2p.GossipMessage]) -> None:
         while True:

@@ -1,6 +1,6 @@
 """Messages of the daemon's own protocols, and their strict msgpack codecs.
 
-Three protocols carry the model between nodes of one run:
+Three protocols carry the model between nodes of one run, and a fourth says goodbye:
 
 ``/meshtrain/genesis/1``
     request ``GenesisRequest(run)``; response: the run's encoded :class:`crdt.Genesis`. A joiner fetches
@@ -15,6 +15,10 @@ Three protocols carry the model between nodes of one run:
 ``/meshtrain/snapshot/1``
     request ``SyncRequest`` (the digest is ignored); response: the responder's encoded
     :class:`crdt.Snapshot` (accumulator + version vector + hash), checked against the genesis on receipt.
+``/meshtrain/goodbye/1``
+    request: the sender's last ``Heartbeat`` (training "leaving"); response: empty. Sent at shutdown
+    straight to every connected peer, on top of the gossip heartbeat: gossip needs a mesh path at that
+    moment, and a CI run showed two connected nodes whose gossip had stopped flowing one way.
 gossip topic ``meshtrain/<run>/heartbeat``
     ``Heartbeat`` every few seconds: the sender's round, training state, reachability, capabilities
     (task, device kind) and measured throughput, shown per peer in status.
@@ -36,6 +40,7 @@ import msgpack
 
 __all__ = [
     "GENESIS_PROTOCOL",
+    "GOODBYE_PROTOCOL",
     "SNAPSHOT_PROTOCOL",
     "SYNC_PROTOCOL",
     "Announcement",
@@ -55,6 +60,7 @@ __all__ = [
 GENESIS_PROTOCOL = "/meshtrain/genesis/1"
 SYNC_PROTOCOL = "/meshtrain/sync/1"
 SNAPSHOT_PROTOCOL = "/meshtrain/snapshot/1"
+GOODBYE_PROTOCOL = "/meshtrain/goodbye/1"
 WIRE_VERSION = 1
 MAX_ANNOUNCEMENT_BYTES = 1024  # a header, never a payload: gossip caps messages at 1 MiB and is CPU-bound
 MAX_SYNC_CONTRIBUTIONS = 4096

@@ -142,6 +142,14 @@ async def _attack(addr: str, genesis_run: str, statuses: callable) -> dict:  # t
             with pytest.raises(p2p.RemoteError):
                 await host.request(victim, wire.SYNC_PROTOCOL, junk, timeout_s=10)
         await host.publish(topic, b"not an announcement")
+        # A goodbye from a peer that never sent a heartbeat changes nothing; a malformed one is refused.
+        leaving = wire.Heartbeat(
+            round=0, contributions=0, training="leaving", reachability="unknown", task="digits", device="cpu",
+            throughput_bps=0,
+        )
+        assert await host.request(victim, wire.GOODBYE_PROTOCOL, leaving.encode(), timeout_s=10) == b""
+        with pytest.raises(p2p.RemoteError):
+            await host.request(victim, wire.GOODBYE_PROTOCOL, b"\xc1", timeout_s=10)
         # Each announcement of an unknown (author, seq) makes the daemon pull from us: one script entry each.
         for seq in range(1, len(script) + 1):
             announcement = wire.Announcement(author=attacker.public_key, seq=seq, fragment=0, size=1, id="x")
@@ -150,7 +158,7 @@ async def _attack(addr: str, genesis_run: str, statuses: callable) -> dict:  # t
             while hostile.served < seq and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
         await asyncio.sleep(0.5)  # let the last pull's rejection be counted (checked by polling below)
-        return {"served": hostile.served, "script": len(script)}
+        return {"served": hostile.served, "script": len(script), "peer_id": host.peer_id}
 
 
 def test_hostile_peer_cannot_corrupt_a_daemon(cluster_dir: Path) -> None:
@@ -167,7 +175,8 @@ def test_hostile_peer_cannot_corrupt_a_daemon(cluster_dir: Path) -> None:
     reasons = after["counters"]["rejected_reasons"]
     assert after["state_hash"] == before["state_hash"] and after["contributions"] == 0
     assert after["pid"] == before["pid"]  # still the same, running daemon
-    assert reasons.get("WireError", 0) >= 5, reasons  # 4 junk requests + junk gossip (+ junk responses)
+    assert result["peer_id"] not in after["peer_info"]  # its goodbye was not taken for a member's
+    assert reasons.get("WireError", 0) >= 6, reasons  # 5 junk requests + junk gossip (+ junk responses)
     for reason in ("SignatureError", "GapTooLargeError", "GenesisMismatchError"):
         assert reasons.get(reason, 0) >= 1, reasons
     assert reasons.get("ValidationError", 0) >= 3, reasons  # not msgpack contribution, NaN, norm
