@@ -437,16 +437,15 @@ def decode_payload(codec: str, length: int, data: bytes) -> tuple[np.ndarray, np
     if not isinstance(data, bytes | bytearray | memoryview):
         raise ValidationError(f"payload must be bytes, got {type(data).__name__}")
     buf = bytes(data)
-    if codec == "dense-f32":
-        if len(buf) != 4 * length:
-            raise ValidationError(f"dense-f32 payload has {len(buf)} bytes, expected {4 * length}")
-        values = np.frombuffer(buf, dtype=_F32).astype(np.float32)
-        _check_finite(values, "values")
-        return np.arange(length, dtype=np.uint32), values
-    if codec == "dense-bf16":
-        if len(buf) != 2 * length:
-            raise ValidationError(f"dense-bf16 payload has {len(buf)} bytes, expected {2 * length}")
-        values = _from_bf16_bits(np.frombuffer(buf, dtype=_U16))
+    if codec in DENSE_CODECS:
+        f32 = codec == "dense-f32"
+        width = 4 if f32 else 2
+        if len(buf) != width * length:
+            raise ValidationError(f"{codec} payload has {len(buf)} bytes, expected {width * length}")
+        if f32:
+            values = np.frombuffer(buf, dtype=_F32).astype(np.float32)
+        else:
+            values = _from_bf16_bits(np.frombuffer(buf, dtype=_U16))
         _check_finite(values, "values")
         return np.arange(length, dtype=np.uint32), values
     slots = _slots(codec, length)
