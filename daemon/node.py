@@ -510,19 +510,21 @@ class Node:
 
     async def _heartbeat_loop(self) -> None:
         """Tell the run, every few seconds, how this node is doing (shown per peer in status)."""
-        topic = wire.heartbeat_topic(self.config.node.run)
         moved, last = 0, time.monotonic()
         while True:
             stats = self.host.stats()
             total = int(stats["bytes_sent"]) + int(stats["bytes_received"])
             throughput = int(max(0, total - moved) / max(time.monotonic() - last, 1e-3))
             moved, last = total, time.monotonic()
-            with contextlib.suppress(p2p.P2PError):  # no mesh peers yet: nothing to tell
-                await self.host.publish(topic, self._heartbeat(throughput).encode())
+            await self._gossip_heartbeat(self._heartbeat(throughput).encode())
             # gossipsub costs CPU per message at every node: stretch the period with the mesh so the
             # whole run carries about one heartbeat a second however many nodes it has.
             period = HEARTBEAT_S * max(1.0, len(self.host.connected_peers()) / HEARTBEAT_PEERS)
             await asyncio.sleep(period * random.uniform(0.8, 1.2))
+
+    async def _gossip_heartbeat(self, beat: bytes) -> None:
+        with contextlib.suppress(p2p.P2PError):  # no mesh peers yet: nobody to tell
+            await self.host.publish(wire.heartbeat_topic(self.config.node.run), beat)
 
     def _heartbeat(self, throughput_bps: int) -> wire.Heartbeat:
         assert self.state is not None and self.trainer is not None
@@ -551,13 +553,9 @@ class Node:
             with contextlib.suppress(p2p.P2PError):
                 await self.host.request(peer, wire.GOODBYE_PROTOCOL, beat, timeout_s=GOODBYE_TIMEOUT_S)
 
-        async def gossip() -> None:
-            with contextlib.suppress(p2p.P2PError):
-                await self.host.publish(wire.heartbeat_topic(self.config.node.run), beat)
-
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(GOODBYE_TIMEOUT_S), asyncio.TaskGroup() as tasks:
-                tasks.create_task(gossip())
+                tasks.create_task(self._gossip_heartbeat(beat))
                 for peer in self.host.connected_peers():
                     tasks.create_task(tell(peer))
 
