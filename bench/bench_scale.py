@@ -30,7 +30,7 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from daemon.cluster import Cluster, converged
+from daemon.cli.cluster import Cluster, converged
 
 RESULTS = Path(__file__).resolve().parent / "results"
 IDLE_WINDOW_S = 20.0

@@ -45,7 +45,7 @@ import dataclasses
 import enum
 import hashlib
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -62,6 +62,8 @@ SCALE_BITS = 32
 #: Value of one accumulator unit in model units.
 QUANTUM = 2.0**-SCALE_BITS
 _SCALE = float(2**SCALE_BITS)
+#: Called with each applied contribution and its decoded (fragment-relative indices, float32 values).
+Observer = Callable[[Contribution, np.ndarray, np.ndarray], None]
 #: Domain separation for the state hash.
 _STATE_HASH_TAG = b"meshtrain-state-v1"
 
@@ -234,8 +236,12 @@ class ModelState:
         return [self._log[a][s] for s, a in picks[:max(max_count, 0)]]
 
     # -- write side ------------------------------------------------------------------------------------
-    def apply(self, c: Contribution) -> ApplyOutcome:
+    def apply(self, c: Contribution, *, observe: Observer | None = None) -> ApplyOutcome:
         """Verify and apply (or buffer) one contribution.
+
+        ``observe`` is called with every contribution this call applies (``c``, and buffered successors
+        it unblocks) and its decoded ``(indices, values)``, so a caller that inspects updates (the
+        daemon's suspect tracker) does not decode the payload a second time.
 
         Raises:
             ValidationError: bad fields or payload, norm too large (see Limits).
@@ -258,8 +264,8 @@ class ModelState:
             raise ConflictError(f"contribution: author equivocated at seq {seq}", (known, c))
         c.verify(self._limits)
         if seq == have + 1:
-            self._add(c)
-            self._drain(author)
+            self._add(c, observe)
+            self._drain(author, observe)
             return ApplyOutcome.APPLIED
         c.validate_against(self._genesis, self._limits)  # buffer only contributions that will apply
         if seq - have > self._limits.max_buffered_gap:
@@ -272,8 +278,10 @@ class ModelState:
         self._pending_count += 1
         return ApplyOutcome.BUFFERED
 
-    def _add(self, c: Contribution) -> None:
+    def _add(self, c: Contribution, observe: Observer | None = None) -> None:
         indices, values = c.validate_against(self._genesis, self._limits)
+        if observe is not None:
+            observe(c, indices, values)
         start = self._genesis.fragments[c.fragment][0]
         v64 = values.astype(np.float64)
         factor = clip_factor(v64, c.weight, self._limits.clip_norm)
@@ -289,10 +297,10 @@ class ModelState:
         self._cache_hash = None
         self._frag_hash[c.fragment] = None
 
-    def _drain(self, author: bytes) -> None:
+    def _drain(self, author: bytes, observe: Observer | None = None) -> None:
         waiting = self._pending.get(author)
         while waiting and (self._vv[author] + 1) in waiting:
-            self._add(waiting.pop(self._vv[author] + 1))
+            self._add(waiting.pop(self._vv[author] + 1), observe)
             self._pending_count -= 1
         if waiting is not None and not waiting:
             del self._pending[author]

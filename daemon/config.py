@@ -140,7 +140,7 @@ class ApiConfig:
                 )
 
 
-BYZANTINE_MODES = ("", "flip10")  # training.byzantine (test-only attacker; see daemon/security.py)
+BYZANTINE_MODES = ("", "flip10")  # training.byzantine (test-only attacker; see daemon/node/byzantine.py)
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
 

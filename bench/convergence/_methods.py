@@ -116,7 +116,7 @@ def meshtrain_cluster(
     workdir: Path,
 ) -> dict[str, Any]:
     """Real daemons. `task_spec` must be importable by the daemons (we put the repo on PYTHONPATH)."""
-    from daemon.cluster import Cluster, converged
+    from daemon.cli.cluster import Cluster, converged
 
     repo = str(Path(__file__).resolve().parents[2])
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))

@@ -3,6 +3,8 @@ changes nothing, and the gap buffer stays bounded however far ahead an attacker 
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from crdt_testlib import SIGNERS, contribution, genesis
@@ -57,7 +59,7 @@ def _build(spec: dict) -> Contribution | None:
     except ValidationError:
         return None  # make_contribution refused it (e.g. weight range): nothing to send
     if spec["forge"]:  # someone else's slot, our bytes: the signature no longer matches
-        c = Contribution(SIGNERS[0].public_key, *[getattr(c, f) for f in Contribution.__slots__][1:])
+        c = dataclasses.replace(c, author=SIGNERS[0].public_key)
     return c
 
 

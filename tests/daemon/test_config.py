@@ -53,3 +53,16 @@ def test_overrides_replace_only_given_keys() -> None:
     assert config.with_overrides("diloco", inner_steps=3).diloco == {"inner_steps": 3}
     with pytest.raises(ConfigError, match="max_rounds must be an integer"):
         config.with_overrides("training", max_rounds="x")
+
+
+@pytest.mark.parametrize(
+    ("section", "body", "fragment"),
+    [
+        ("dashboard", {"listen": "0.0.0.0:8465"}, "loopback"),
+        ("metrics", {"listen": "9464"}, "host:port"),
+        ("log", {"level": "LOUD"}, "log.level"),
+    ],
+)
+def test_new_sections_validate(section: str, body: dict, fragment: str) -> None:
+    with pytest.raises(ConfigError, match=fragment):
+        Config.from_dict({section: body})

@@ -17,8 +17,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from daemon.config import Config, ConfigError, load_config
-from daemon.security import SuspectTracker
-from daemon.wire import Announcement, GenesisRequest, SyncRequest, SyncResponse, WireError
+from daemon.node.suspects import SuspectTracker
+from daemon.node.wire import Announcement, GenesisRequest, SyncRequest, SyncResponse, WireError
 
 DECODERS = (Announcement.decode, SyncRequest.decode, SyncResponse.decode, GenesisRequest.decode)
 KEYS = [

@@ -26,8 +26,8 @@ with atheris.instrument_imports(include=["crdt", "daemon", "p2p"]):  # coverage 
     import numpy as np
 
     import crdt
-    from daemon import wire
-    from daemon.store import _decode_equivocation
+    from daemon.node import wire
+    from daemon.node.store import _decode_equivocation
     from p2p import _framing, _transfer
     from p2p._errors import ProtocolViolation
     from p2p._security import SwarmKeyError, parse_swarm_key

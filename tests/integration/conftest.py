@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.cluster import Cluster
+from daemon.cli.cluster import Cluster
 
 
 @pytest.fixture

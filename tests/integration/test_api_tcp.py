@@ -11,7 +11,7 @@ from pathlib import Path
 import aiohttp
 import tomli_w
 
-from daemon.cluster import Cluster, _free_port
+from daemon.cli.cluster import Cluster, _free_port
 from daemon.home import Home
 
 

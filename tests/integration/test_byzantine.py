@@ -26,9 +26,9 @@ import pytest
 
 import crdt
 import training
-from daemon import security
-from daemon.cluster import Cluster, converged
+from daemon.cli.cluster import Cluster, converged
 from daemon.home import Home
+from daemon.node.byzantine import byzantine_round
 
 pytestmark = pytest.mark.timeout(400)
 
@@ -53,7 +53,7 @@ def _lockstep_accuracy(clip_norm: float | None, rounds: int) -> float:
         for i, (signer, trainer) in enumerate(zip(signers, trainers, strict=True)):
             result = trainer.run_round(theta, fragment=0)
             if i == ATTACKER:
-                result = security.byzantine_round("flip10", result, genesis.fragment_length(0))
+                result = byzantine_round("flip10", result, genesis.fragment_length(0))
             state.apply(
                 crdt.make_contribution(
                     signer,

@@ -11,7 +11,7 @@ import signal
 from pathlib import Path
 from typing import Any
 
-from daemon.cluster import Cluster, converged
+from daemon.cli.cluster import Cluster, converged
 
 DEADLINE_S = 240.0
 FAST = {"inner_steps": 10}  # digits rounds of ~0.1 s: the tests exercise faults, not learning

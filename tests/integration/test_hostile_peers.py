@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import time
 import tomllib
@@ -24,9 +25,9 @@ import tomli_w
 
 import crdt
 import p2p
-from daemon import wire
-from daemon.cluster import Cluster, converged
+from daemon.cli.cluster import Cluster, converged
 from daemon.home import Home
+from daemon.node import wire
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -117,7 +118,7 @@ async def _attack(addr: str, genesis_run: str, statuses: callable) -> dict:  # t
             ).encode()
 
         forged = crdt.Contribution.decode(signed(1))
-        bad_signature = crdt.Contribution(*[getattr(forged, f) for f in forged.__slots__][:-1], b"\x01" * 64)
+        bad_signature = dataclasses.replace(forged, signature=b"\x01" * 64)
         one, nan = np.float32(1e-3).tobytes(), np.float32(np.nan).tobytes()
         nan_payload = good_payload.replace(one, nan)  # the encoder refuses NaN; a hostile peer does not
         script = [

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from daemon.cluster import Cluster, converged
+from daemon.cli.cluster import Cluster, converged
 
 ROUNDS = 6
 MORE = 2  # rounds of `train start` once both are done

@@ -34,10 +34,10 @@ import pytest
 import tomli_w
 from prometheus_client.parser import text_string_to_metric_families
 
-from daemon.client import ControlClient, DaemonNotRunning
-from daemon.cluster import Cluster, _free_port
+from daemon.cli.client import ControlClient, DaemonNotRunning
+from daemon.cli.cluster import Cluster, _free_port
 from daemon.home import Home
-from daemon.service import SHUTDOWN_TIMEOUT_S
+from daemon.service.service import SHUTDOWN_TIMEOUT_S
 
 START_TIMEOUT_S = 120.0
 CHROMIUM_FLAGS = [

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.cluster import Cluster, converged
+from daemon.cli.cluster import Cluster, converged
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from daemon.cluster import Cluster, converged
+from daemon.cli.cluster import Cluster, converged
 
 ROUNDS = 4
 DEADLINE_S = 240.0

@@ -158,7 +158,7 @@ def _write_home(root: Path, name: str, node: dict[str, Any], shard: int) -> tupl
 
 
 def _status(home: Path) -> dict[str, Any] | None:
-    from daemon.client import ControlClient
+    from daemon.cli.client import ControlClient
     from daemon.home import Home
 
     try:
@@ -169,7 +169,7 @@ def _status(home: Path) -> dict[str, Any] | None:
 
 def _block(home: Path, peers: list[str]) -> bool:
     """The daemon's fault hook: no model data (sync, snapshots, pulls) with ``peers`` from now on."""
-    from daemon.client import ControlClient
+    from daemon.cli.client import ControlClient
     from daemon.home import Home
 
     try:

@@ -1,0 +1,134 @@
+"""`meshtrain doctor`: read a running node's status and explain its connectivity in plain words.
+
+Pure: `diagnose(status) -> Report` takes the node's status (`daemon.status.Status`) and says
+what a user behind NAT should do (reachability, relays, port forwarding, which addresses to hand to peers).
+The CLI prints `Report.lines` or, with --json, `Report.as_dict()`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from typing import Any
+
+from daemon.status import Status
+
+__all__ = ["Report", "diagnose"]
+
+
+@dataclass(frozen=True, slots=True)
+class Report:
+    """Verdict (``ok`` / ``warn`` / ``problem``), findings and advice, and the addresses to share."""
+
+    verdict: str
+    findings: list[str] = field(default_factory=list)
+    advice: list[str] = field(default_factory=list)
+    share_addrs: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "verdict": self.verdict,
+            "findings": self.findings,
+            "advice": self.advice,
+            "share_addrs": self.share_addrs,
+        }
+
+    @property
+    def lines(self) -> list[str]:
+        out = [f"verdict: {self.verdict}", ""]
+        out += [f"- {f}" for f in self.findings]
+        if self.advice:
+            out += ["", "what to do:"] + [f"- {a}" for a in self.advice]
+        if self.share_addrs:
+            out += ["", "give peers one of these addresses (as their bootstrap):"] + [
+                f"  {a}" for a in self.share_addrs
+            ]
+        return out
+
+
+def _is_public(addr: str) -> bool:
+    parts = addr.split("/")
+    if len(parts) > 2 and parts[1] in ("ip4", "ip6"):
+        try:
+            ip = ipaddress.ip_address(parts[2])
+        except ValueError:
+            return False
+        return ip.is_global
+    return parts[1:2] in (["dns"], ["dns4"], ["dns6"])
+
+
+def diagnose(status: Status) -> Report:
+    """Explain a node's connectivity."""
+    nat = status.nat
+    reach = status.reachability
+    conns = status.connections
+    listen = list(status.listen_addrs)
+    relay_addrs = list(nat.relay_addrs)
+    findings: list[str] = []
+    advice: list[str] = []
+    direct = sorted(p for p, k in conns.items() if k == "direct")
+    relayed = sorted(p for p, k in conns.items() if k == "relayed")
+    findings.append(f"connected peers: {len(conns)} ({len(direct)} direct, {len(relayed)} relayed)")
+    public_listen = [a for a in listen if _is_public(a)]
+
+    if reach == "public":
+        findings.append("reachability: public - other peers can dial this node directly (AutoNAT confirmed).")
+        share = public_listen or listen
+        if not nat.relay_service:
+            advice.append(
+                "This node is publicly reachable: consider `relay_service = true` in [node] so peers behind "
+                "NAT can reach the run through it."
+            )
+    elif reach == "private":
+        findings.append(
+            "reachability: private - this node is behind a NAT or firewall; peers cannot dial it."
+        )
+        share = relay_addrs
+        if relay_addrs:
+            findings.append(
+                f"relayed through {len(nat.relays)} relay(s); peers reach it via /p2p-circuit."
+            )
+        elif nat.use_relays:
+            findings.append("no relay reservation yet: no connected peer offers a relay slot.")
+            advice.append("Bootstrap from a public node that runs with `relay_service = true` in [node].")
+        else:
+            advice.append(
+                "Set `use_relays = true` in [node]: without a relay, peers can only be dialled by this node."
+            )
+        advice.append(
+            "For direct connections, forward the listen TCP port on your router to this machine "
+            "(or enable UPnP on the router), or run the node on a host with a public IP."
+        )
+        if relayed and nat.hole_punch:
+            advice.append(
+                f"{len(relayed)} peer(s) are still relayed: hole punching did not succeed (symmetric NAT on "
+                "one side?). Relayed links are slower (relay limits apply); port forwarding fixes it."
+            )
+        elif relayed:
+            advice.append("Set `hole_punch = true` in [node] to upgrade relayed connections to direct ones.")
+    else:
+        findings.append("reachability: unknown - no peer has answered an AutoNAT dial-back yet.")
+        share = public_listen or relay_addrs or listen
+        if not nat.autonat:
+            advice.append("Set `autonat = true` in [node] so the node can learn whether it is reachable.")
+        elif not conns:
+            advice.append("Not connected to anyone: check `bootstrap` in [node] and your network.")
+        else:
+            advice.append("Wait a few seconds; reachability needs a directly connected peer with AutoNAT.")
+
+    if any(a.split("/")[2:3] == ["0.0.0.0"] for a in listen):
+        findings.append("listening on all interfaces (0.0.0.0).")
+    if listen and not public_listen and reach == "public":
+        findings.append(
+            "listen addresses are private, but AutoNAT reached us: a port forward or 1:1 NAT is in place."
+        )
+    if not listen:
+        advice.append("The node reports no listen address: is it running?")
+
+    if reach == "private" and not relay_addrs:
+        verdict = "problem"
+    elif reach == "public" or (reach == "private" and not relayed):
+        verdict = "ok"
+    else:
+        verdict = "warn"
+    return Report(verdict=verdict, findings=findings, advice=advice, share_addrs=list(share))

@@ -1,0 +1,352 @@
+"""One meshtrain node: the libp2p host, the replica of the model, the training process, composed.
+
+Theory of operation
+-------------------
+The model is ``genesis + sum of contributions`` (see ``crdt``). The node wires the parts that grow it:
+
+* :class:`~daemon.node.replica.Replica`: the one door every contribution enters by (validate, apply,
+  log), with its counters, suspects and equivocation proofs;
+* :class:`~daemon.node.sync.Sync`: serving peers' pulls and pulling from them (anti-entropy, gossip
+  announcements, snapshots), driving the sans-IO :mod:`~daemon.node.replication` machine;
+* :class:`~daemon.node.rounds.Rounds`: the local training loop in the child process;
+* :class:`~daemon.node.membership.Membership`: heartbeats, goodbyes, peer info.
+
+Founding and joining: a node without bootstrap peers and without a stored genesis founds the run with its
+task's freshly initialized parameters. A node with bootstrap peers fetches the genesis from them by
+request and trusts it by content (every later contribution is checked against it).
+
+Concurrency: everything here runs on the asyncio loop. The p2p host runs its trio thread behind its
+facade; the trainer is a child process. Background tasks live in one ``asyncio.TaskGroup``; one of them
+failing stops the node (no task without an owner, no log-and-continue).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import msgspec
+
+import crdt
+import p2p
+from daemon.config import Config, NodeConfig
+from daemon.home import Home
+from daemon.node import wire
+from daemon.node.limits import Limits
+from daemon.node.membership import Membership
+from daemon.node.replica import Replica
+from daemon.node.rounds import Rounds
+from daemon.node.store import Store
+from daemon.node.sync import Sync
+from daemon.node.trainer_process import TrainerProcess, TrainerSpec
+from daemon.status import ConfigStatus, LimitsStatus, NatStatus, Status, TrainingState
+
+__all__ = ["Node", "NodeError", "Parts", "host_config"]
+
+log = logging.getLogger(__name__)
+
+GENESIS_RETRY_S = 1.0
+
+
+class NodeError(RuntimeError):
+    """The node cannot start or continue (bad genesis, wrong run, store failure)."""
+
+
+class Node:
+    """One node. ``host`` and ``trainer`` default to the real ones; tests pass in-memory stand-ins."""
+
+    def __init__(
+        self,
+        home: Home,
+        config: Config,
+        *,
+        host: p2p.Host | None = None,
+        trainer: TrainerProcess | None = None,
+    ) -> None:
+        self.home = home
+        self.config = config
+        self.identity = p2p.load_or_create_identity(home.identity_file)
+        self.signer = crdt.Signer.from_seed(self.identity.seed)
+        self.store = Store(home.store_dir)
+        self.host = host or p2p.Host(
+            self.identity,
+            listen_addrs=list(config.node.listen),
+            bootstrap=config.node.bootstrap,
+            run_id=config.node.run,
+            config=host_config(home.path, config.node),
+        )
+        self.limits = Limits(
+            threads=config.training.threads, bandwidth_bytes_per_s=config.limits.bandwidth_bytes_per_s
+        )
+        self.on_timing: Callable[[str, float], None] = lambda name, seconds: None
+        """Hook for metrics: called with ("merge" | "pull" | "round", seconds)."""
+        self.started_at = time.time()
+        self.shard = self._shard()
+        self.trainer = trainer or TrainerProcess(
+            TrainerSpec(
+                task=config.training.task,
+                diloco=dict(config.diloco),
+                shard=self.shard,
+                num_shards=config.training.num_shards,
+                threads=config.training.threads,
+                state_file=home.trainer_state_file,
+            )
+        )
+        self._phase = TrainingState.STARTING  # until the rounds loop exists
+        self._parts: Parts | None = None
+
+    def _shard(self) -> int:
+        training = self.config.training
+        if training.shard >= 0:
+            return training.shard
+        return int.from_bytes(self.signer.public_key[:4], "big") % training.num_shards
+
+    def _timing(self, name: str, seconds: float) -> None:
+        self.on_timing(name, seconds)  # looked up per call: metrics hook in after construction
+
+    @property
+    def parts(self) -> Parts:
+        """The replica, sync, training loop and membership, which exist once the model state is loaded.
+
+        Raises:
+            NodeError: not loaded yet.
+        """
+        if self._parts is None:
+            raise NodeError("the model state is not loaded yet")
+        return self._parts
+
+    @property
+    def training_state(self) -> TrainingState:
+        return self._parts.rounds.state if self._parts is not None else self._phase
+
+    @property
+    def rounds_done(self) -> int:
+        return self._parts.rounds.rounds_done if self._parts is not None else 0
+
+    # -- lifecycle ------------------------------------------------------------------------------------
+
+    async def run(self, *, on_ready: Callable[[], Awaitable[None]] | None = None) -> None:
+        """Run until cancelled. ``on_ready`` is awaited once the node serves its model."""
+        await self.host.start()
+        try:
+            self._phase = TrainingState.LOADING
+            await self.trainer.start()
+            genesis = await self._genesis()
+            replica = Replica.open(self.store, genesis, snapshot_every=self.config.sync.snapshot_every)
+            log.info("model state loaded genesis=%s contributions=%d state_hash=%s",
+                     replica.state.genesis.id[:16], replica.state.contribution_count,
+                     replica.state.state_hash[:16])
+            run = self.config.node.run
+            sync = Sync(self.host, replica, run=run, settings=lambda: self.config.sync,
+                                    limits=self.limits, timing=self._timing)
+            membership = Membership(self.host, run=run, beat=self._heartbeat,
+                                                      reject=sync.reject)
+            rounds = Rounds(self.trainer, replica, signer=self.signer, host=self.host,
+                                          settings=lambda: self.config.training, announce=sync.announce,
+                                          timing=self._timing)
+            self._parts = Parts(replica, sync, rounds, membership)
+            self.host.set_request_handler(wire.GENESIS_PROTOCOL, self._serve_genesis)
+            announcements = sync.install()
+            heartbeats = membership.install(sync.counting)
+            if on_ready is not None:
+                await on_ready()
+            async with asyncio.TaskGroup() as tasks:
+                tasks.create_task(sync.run(announcements), name="sync")
+                tasks.create_task(membership.run(heartbeats), name="membership")
+                tasks.create_task(rounds.run(), name="training")
+                tasks.create_task(self.limits.run(self.trainer), name="limits")
+        finally:
+            await self._shutdown()
+
+    async def _shutdown(self) -> None:
+        # Fixed order: stop compute, make the log durable, then say goodbye and leave the mesh.
+        await self.trainer.aclose()
+        self.store.close()
+        if self._parts is not None:
+            self._parts.rounds.state = TrainingState.LEAVING
+            await self._parts.membership.say_goodbye()
+        await self.host.aclose()
+
+    # -- genesis --------------------------------------------------------------------------------------
+
+    async def _genesis(self) -> crdt.Genesis:
+        """The run's genesis: stored, founded here, or fetched from a bootstrap peer; checked."""
+        genesis = self.store.load_genesis() or await self._found_or_fetch_genesis()
+        if genesis.meta.get("run") != self.config.node.run:
+            raise NodeError(
+                f"stored genesis belongs to run {genesis.meta.get('run')!r}, config says "
+                f"{self.config.node.run!r}; use another --home"
+            )
+        if _ranges(genesis.fragments) != _ranges(await self.trainer.fragment_ranges()):
+            raise NodeError(
+                f"the run's genesis splits the model into {len(genesis.fragments)} fragments, this node's "
+                "[diloco] num_fragments (or its task's model) differs"
+            )
+        return genesis
+
+    async def _found_or_fetch_genesis(self) -> crdt.Genesis:
+        run = self.config.node.run
+        if not self.config.node.bootstrap:
+            params = await self.trainer.initial_params()
+            fragments = await self.trainer.fragment_ranges()
+            clip_norm = self.config.node.clip_norm
+            genesis = crdt.Genesis(
+                params=params,
+                fragments=tuple(fragments),
+                meta={"run": run, "task": self.config.training.task}
+                | ({"clip_norm": repr(clip_norm)} if clip_norm else {}),
+            )
+            log.info("founded run=%s genesis=%s params=%d clip_norm=%s", run, genesis.id[:16], params.size,
+                     genesis.meta.get("clip_norm", "off"))
+            return genesis
+        self._phase = TrainingState.FETCHING_GENESIS
+        request = wire.GenesisRequest(run=run).encode()
+        while True:
+            for peer in self.host.connected_peers():
+                try:
+                    data = await self.host.request(
+                        peer, wire.GENESIS_PROTOCOL, request, timeout_s=self.config.sync.request_timeout_s
+                    )
+                    genesis = crdt.Genesis.decode(data)
+                except (p2p.P2PError, crdt.CrdtError) as exc:
+                    log.warning("genesis fetch failed peer=%s error=%s", peer, exc)
+                    continue
+                if genesis.meta.get("task") != self.config.training.task:
+                    raise NodeError(
+                        f"run {run!r} trains task {genesis.meta.get('task')!r}, this node is configured "
+                        f"for {self.config.training.task!r}"
+                    )
+                log.info("fetched genesis=%s from peer=%s", genesis.id[:16], peer)
+                return genesis
+            await asyncio.sleep(GENESIS_RETRY_S)
+
+    async def _serve_genesis(self, peer: str, data: bytes) -> bytes:
+        request = wire.GenesisRequest.decode(data)
+        if request.run != self.config.node.run:
+            raise wire.ForeignRun(f"this node serves run {self.config.node.run!r}, not {request.run!r}")
+        return self.parts.replica.state.genesis.encode()
+
+    # -- control --------------------------------------------------------------------------------------
+
+    def set_blocked_peers(self, peers: set[str]) -> None:
+        """Fault injection: stop exchanging model data with ``peers`` (empty set: heal)."""
+        self.parts.sync.set_blocked(peers)
+
+    def config_reloaded(self) -> None:
+        """After SIGHUP: a raised max_rounds (or training turned back on) restarts a finished node; a node
+        still loading reads the new config when its loops start."""
+        if self._parts is not None:
+            self._parts.rounds.config_reloaded()
+
+    async def export_checkpoint(self, path: Path) -> dict[str, Any]:
+        state = self.parts.replica.state
+        state_hash, contributions = state.state_hash, state.contribution_count
+        await self.trainer.export(state.materialize(), path)
+        return {"path": str(path), "state_hash": state_hash, "contributions": contributions}
+
+    # -- reporting ------------------------------------------------------------------------------------
+
+    def _heartbeat(self, throughput_bps: int) -> wire.Heartbeat:
+        return wire.Heartbeat(
+            round=self.rounds_done,
+            contributions=self.parts.replica.state.contribution_count,
+            training=self.training_state.value,
+            reachability=self.host.reachability(),
+            task=self.config.training.task,
+            device=str(self.trainer.info.get("device", "cpu")),
+            throughput_bps=throughput_bps,
+        )
+
+    def status(self) -> Status:
+        """Everything ``GET /v1/status`` reports (the model state must be loaded)."""
+        replica, sync, rounds, membership = self.parts
+        state = replica.state
+        stats = self.host.stats()
+        config = self.config
+        return Status(
+            peer_id=self.host.peer_id,
+            pid=os.getpid(),
+            home=str(self.home.path),
+            run=config.node.run,
+            task=config.training.task,
+            listen_addrs=self.host.listen_addrs(),
+            peers=self.host.connected_peers(),
+            round=rounds.rounds_done,
+            training=rounds.state,
+            shard=self.shard,
+            contributions=state.contribution_count,
+            state_hash=state.state_hash,
+            genesis=state.genesis.id,
+            version_vector={p2p.peer_id_from_public_key(a): s for a, s in state.version_vector.items()},
+            bytes_sent=int(stats["bytes_sent"]),
+            bytes_received=int(stats["bytes_received"]),
+            train_loss=rounds.history[-1].train_loss if rounds.history else None,
+            eval=rounds.last_eval,
+            initial_eval=rounds.initial_eval,
+            counters=replica.counters,
+            retained_contributions=state.retained_count,
+            blocked_peers=sorted(sync.machine.blocked),
+            p2p=stats,
+            peer_info=membership.peer_info(),
+            reachability=self.host.reachability(),
+            connections=self.host.peer_connections(),
+            nat=msgspec.convert(self.host.nat_status(), NatStatus),
+            suspects=replica.suspect_authors(),
+            equivocators={a: sorted(s) for a, s in sorted(replica.equivocators.items())},
+            diverged_from=sorted(sync.machine.diverged),
+            clip_norm=state.limits.clip_norm,  # fixed by the genesis (SECURITY.md)
+            uptime_s=round(time.time() - self.started_at, 3),
+            limits=LimitsStatus(**self.limits.as_dict(), waited_s=round(self.limits.bucket.waited_s, 3)),
+            config=ConfigStatus(
+                log_level=config.log.level,
+                max_rounds=config.training.max_rounds,
+                eval_every=config.training.eval_every,
+                sync_interval_s=config.sync.interval_s,
+            ),
+        )
+
+
+class Parts(NamedTuple):
+    """What a node runs once its model state is loaded."""
+
+    replica: Replica
+    sync: Sync
+    rounds: Rounds
+    membership: Membership
+
+
+def host_config(home: Path, node: NodeConfig) -> p2p.HostConfig:
+    """The host's configuration from ``[node]``: the run's swarm key and allowlist, NAT traversal.
+
+    Raises:
+        p2p.SwarmKeyError: the swarm key file is unusable (read once, here; it must be mode 0600).
+    """
+    swarm_key = None
+    if node.swarm_key:
+        path = Path(node.swarm_key).expanduser()
+        swarm_key = p2p.load_swarm_key(path if path.is_absolute() else home / path)
+    allow = frozenset(node.allow_peers) if node.allow_peers else None
+    if swarm_key is not None or allow is not None:
+        log.info("private run: swarm_key=%s allow_peers=%s", swarm_key is not None,
+                 len(allow) if allow else "any")
+    return p2p.HostConfig(
+        swarm_key=swarm_key,
+        allow_peers=allow,
+        autonat=node.autonat,
+        autonat_confirmations=node.autonat_confirmations,
+        relay_service=node.relay_service,
+        use_relays=node.use_relays,
+        hole_punch=node.hole_punch,
+        mdns=node.mdns,
+    )
+
+
+def _ranges(ranges: Any) -> tuple[tuple[int, int], ...]:
+    return tuple((int(start), int(stop)) for start, stop in ranges)
+
+

@@ -1,0 +1,175 @@
+"""This node's replica of the model: the CRDT state, its durable form, and the accounting of what entered.
+
+Theory of operation
+-------------------
+:meth:`Replica.accept` is the one door through which a contribution, local or remote, enters the node:
+``crdt.ModelState.apply`` verifies and applies it (decoding the payload once and handing the decoded
+update to the suspect tracker), then the store appends it to the WAL with fsync. A crash in between loses
+a contribution that anti-entropy fetches again, never one the node already told anybody about. The
+replica counts what it accepted, what was a duplicate and what it refused (:meth:`reject`, also used
+for junk requests and gossip), and keeps the proof when an author equivocates.
+
+Every ``snapshot_every`` new contributions the replica writes a snapshot and forgets the history that
+every known member already holds: the meet of its own vector and the last vector heard from each member
+(:meth:`note_vector`), persisted before compacting by it so that a restart forgets no member. The WAL keeps
+every record above that floor, so a restart compacts nothing. With no member heard from, nothing is
+compacted: nobody else holds anything, and members that come back could neither get the history nor
+adopt our snapshot.
+
+A replica too far behind a peer (the peer compacted what it lacks) adopts the peer's snapshot with
+:meth:`adopt`, only if that loses nothing: every contribution it holds that the snapshot lacks must still
+be retained here, to be applied on top. What it retained below the snapshot stays servable history.
+
+No networking and no clock: ``daemon/node/sync.py`` and ``daemon/node/rounds.py`` drive it. The only
+I/O is the store's.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import numpy as np
+
+import crdt
+import p2p
+from daemon.node.store import Store
+from daemon.node.suspects import SuspectTracker
+from daemon.status import Counters
+
+__all__ = ["Replica"]
+
+log = logging.getLogger(__name__)
+
+
+class Replica:
+    """The model state of one node, its store, and its counters. Not thread-safe (one event loop)."""
+
+    def __init__(self, store: Store, state: crdt.ModelState, *, snapshot_every: int) -> None:
+        self.store = store
+        self.state = state
+        self.snapshot_every = snapshot_every
+        self.counters = Counters()
+        self.peer_vectors: dict[str, crdt.VersionVector] = store.load_peer_vectors()
+        """The last version vector heard from each run member: what compaction may forget."""
+        self.suspects = SuspectTracker([stop - start for start, stop in state.genesis.fragments])
+        self.equivocators: dict[str, set[int]] = {}
+        """Authors caught signing two records for one seq, with those seqs (proofs in the store)."""
+        for first, _ in store.load_equivocations():
+            self.equivocators.setdefault(_peer(first.author), set()).add(first.seq)
+        self.on_change: Callable[[], None] = lambda: None
+        """Called after the model changed (a contribution applied, a snapshot adopted)."""
+        self._since_snapshot = 0
+
+    @classmethod
+    def open(cls, store: Store, genesis: crdt.Genesis, *, snapshot_every: int) -> Replica:
+        """The replica of ``genesis`` in ``store``: the genesis is written if new, then the stored snapshot
+        and log are replayed.
+
+        Raises:
+            StoreError: the store holds another genesis, or files it cannot read.
+        """
+        store.write_genesis(genesis)
+        snapshot, logged = store.load_state(genesis)
+        return cls(store, crdt.ModelState.from_snapshot(genesis, snapshot, log=logged),
+                   snapshot_every=snapshot_every)
+
+    def close(self) -> None:
+        self.store.close()
+
+    # -- the door ---------------------------------------------------------------------------------------
+
+    def accept(self, contribution: crdt.Contribution) -> crdt.ApplyOutcome:
+        """Apply, then log durably; snapshot and compact every ``snapshot_every`` new contributions.
+
+        Raises:
+            crdt.ConflictError: the author equivocated; the proof is kept and the author named (the peer
+                that relayed the record is not to blame, so callers go on).
+            crdt.CrdtError: the contribution is invalid here (nothing was logged).
+        """
+        try:
+            outcome = self.state.apply(contribution, observe=self._observe)
+        except crdt.ConflictError as exc:
+            self._note_equivocation(exc)
+            raise
+        if outcome is crdt.ApplyOutcome.DUPLICATE:
+            self.counters.duplicates += 1
+            return outcome
+        self.counters.accepted += 1
+        self.store.append(contribution)
+        self._since_snapshot += 1
+        if self._since_snapshot >= self.snapshot_every:
+            self.snapshot_and_compact()
+        self.on_change()
+        return outcome
+
+    def reject(self, reason: Exception) -> None:
+        """Count refused input from a peer, by exception type (``status.counters.rejected_reasons``)."""
+        key = type(reason).__name__
+        self.counters.rejected += 1
+        self.counters.rejected_reasons[key] = self.counters.rejected_reasons.get(key, 0) + 1
+
+    def _observe(self, contribution: crdt.Contribution, indices: np.ndarray, values: np.ndarray) -> None:
+        self.suspects.observe(_peer(contribution.author), contribution.fragment, indices, values,
+                              contribution.weight)
+
+    def _note_equivocation(self, conflict: crdt.ConflictError) -> None:
+        """Two validly signed records for one (author, seq): keep both as a proof and name the author; the
+        first one stays."""
+        first, second = conflict.evidence
+        assert isinstance(first, crdt.Contribution) and isinstance(second, crdt.Contribution)
+        author = _peer(first.author)
+        seqs = self.equivocators.setdefault(author, set())
+        if first.seq in seqs:
+            return
+        seqs.add(first.seq)
+        self.counters.equivocations += 1
+        proof = self.store.write_equivocation(first, second)
+        log.error("author equivocated author=%s seq=%d proof=%s", author, first.seq, proof)
+
+    def suspect_authors(self) -> list[str]:
+        """Authors whose updates look Byzantine, and equivocators."""
+        return sorted({*self.suspects.suspects(), *self.equivocators})
+
+    # -- compaction and snapshots -----------------------------------------------------------------------
+
+    def note_vector(self, peer: str, vector: crdt.VersionVector) -> None:
+        """Record what ``peer`` holds (from its digest); the next compaction keeps what it lacks."""
+        self.peer_vectors[peer] = vector
+
+    def snapshot_and_compact(self) -> int:
+        """Persist a snapshot and forget the history every known member holds. Returns records dropped."""
+        snapshot = self.state.snapshot()
+        self.store.write_peer_vectors(self.peer_vectors)  # before compacting by them: see the store
+        floor = crdt.retention_floor(snapshot.version_vector, self.peer_vectors.values())
+        dropped = self.state.compact(floor) if self.peer_vectors else 0
+        self.store.write_snapshot(snapshot, floor=self.state.retention_floor)
+        self._since_snapshot = 0
+        self.counters.snapshots_written += 1
+        log.info(
+            "snapshot written contributions=%d compacted=%d retained=%d",
+            snapshot.version_vector.total,
+            dropped,
+            self.state.retained_count,
+        )
+        return dropped
+
+    def adopt(self, snapshot: crdt.Snapshot) -> bool:
+        """Catch up through a peer's snapshot; False (nothing changes) if it would drop held history.
+
+        Raises:
+            crdt.CrdtError: the snapshot is not of this genesis or does not match its own hash.
+        """
+        if not self.state.can_serve(snapshot.version_vector):
+            return False
+        fresh = crdt.ModelState.from_snapshot(self.state.genesis, snapshot, log=self.state.records())
+        self.store.write_snapshot(fresh.snapshot(), floor=fresh.retention_floor)
+        self.state = fresh
+        self._since_snapshot = 0
+        self.counters.snapshots_installed += 1
+        self.on_change()
+        return True
+
+
+def _peer(author: bytes) -> str:
+    return p2p.peer_id_from_public_key(author)

@@ -1,0 +1,217 @@
+"""The local training loop: rounds, staleness, evaluation, pause and resume.
+
+Theory of operation
+-------------------
+A round takes the merged parameters, runs one DiLoCo round in the training process (H inner steps on
+this node's data, the outer update of one fragment, compression with error feedback), and turns the
+encoded update into a signed contribution with the next sequence number of this node's slot. The
+contribution enters through the replica's one door (applied, then logged with fsync) before it is
+announced, so nothing acknowledged is lost; the training process saves its own state (momentum,
+residuals) only after that (``commit``), so a crash replays a little error feedback at worst.
+
+Staleness: other peers' contributions keep landing while a round trains against the state it started
+from. Their count decides the weight signed into the contribution (``training.StalenessPolicy``), and a
+round that is too stale is dropped, never signed. The author decides once, so every replica merges the
+same numbers.
+
+Between rounds (paused, done, or training off) the loop keeps the reported quality current: whenever the
+model changes it evaluates the merged model again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import crdt
+import p2p
+from daemon.config import TrainingConfig
+from daemon.node.byzantine import byzantine_round
+from daemon.node.replica import Replica
+from daemon.node.trainer_process import TrainerProcess
+from daemon.status import Evaluation, RoundRecord, TrainingState
+
+__all__ = ["Rounds"]
+
+log = logging.getLogger(__name__)
+
+HISTORY_LIMIT = 10_000  # per-round telemetry records kept in memory for status and plots
+EVAL_DEBOUNCE_S = 0.5  # after the model changes, wait a little: a pull usually brings a batch
+
+
+class Rounds:
+    """This node's training loop and what it reports (history, evaluations, state)."""
+
+    def __init__(
+        self,
+        trainer: TrainerProcess,
+        replica: Replica,
+        *,
+        signer: crdt.Signer,
+        host: p2p.Host,
+        settings: Callable[[], TrainingConfig],
+        announce: Callable[[crdt.Contribution], Awaitable[None]],
+        timing: Callable[[str, float], None],
+    ) -> None:
+        self.trainer = trainer
+        self.replica = replica
+        self.signer = signer
+        self.host = host
+        self.settings = settings
+        """The ``[training]`` section, re-read every round (SIGHUP may change it)."""
+        self.announce = announce
+        self.timing = timing
+        self.state = TrainingState.RUNNING if settings().enabled else TrainingState.DISABLED
+        self.history: list[RoundRecord] = []
+        self.last_eval = Evaluation()
+        self.initial_eval = Evaluation()
+        self.started_at = time.time()
+        self._resume = asyncio.Event()
+        self._resume.set()
+        self._limit_override: int | None = None  # set by `train start`: round to stop at, 0 = never
+        self._model_changed = asyncio.Event()  # the model changed, or training was started: wake up
+        replica.on_change = self._model_changed.set
+
+    @property
+    def rounds_done(self) -> int:
+        return self.replica.state.next_seq(self.signer.public_key) - 1
+
+    # -- control ---------------------------------------------------------------------------------------
+
+    def pause(self) -> None:
+        self._resume.clear()
+
+    def resume(self) -> None:
+        self._resume.set()
+
+    def start(self, rounds: int = 0) -> int:
+        """Train ``rounds`` more local rounds (0: until stopped), whatever ``[training] enabled`` and
+        ``max_rounds`` say, until the daemon restarts; also resumes a paused node. Returns the round at
+        which training will stop (0: never)."""
+        if rounds < 0:
+            raise ValueError(f"rounds must be >= 0, got {rounds}")
+        self._limit_override = self.rounds_done + rounds if rounds else 0
+        self._resume.set()
+        self._model_changed.set()  # wakes the idle loop
+        return self._limit_override
+
+    def config_reloaded(self) -> None:
+        """After SIGHUP: a raised max_rounds (or training turned back on) restarts a finished node."""
+        self._model_changed.set()
+
+    def _round_limit(self) -> int | None:
+        """The local round at which training stops (0: never), or None when training is off."""
+        if self._limit_override is not None:
+            return self._limit_override
+        training = self.settings()
+        return training.max_rounds if training.enabled else None
+
+    def _wants_training(self) -> bool:
+        limit = self._round_limit()
+        return limit is not None and (limit == 0 or self.rounds_done < limit)
+
+    # -- the loop --------------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Train while there are rounds to do; in between, keep the reported quality current."""
+        while True:
+            if self._wants_training():
+                await self._train()
+            self.state = TrainingState.DISABLED if self._round_limit() is None else TrainingState.DONE
+            # The event is cleared before the evaluation, so what lands while it runs triggers the next
+            # one instead of being missed; `train start` sets it too.
+            self._model_changed.clear()
+            await self.evaluate()
+            await self._model_changed.wait()
+            await asyncio.sleep(EVAL_DEBOUNCE_S)
+
+    async def _train(self) -> None:
+        self.state = TrainingState.RUNNING
+        if self.rounds_done == 0:
+            await self.evaluate()  # the starting point, for loss curves
+            self.initial_eval = self.last_eval
+        while self._wants_training():
+            if not self._resume.is_set():
+                self.state = TrainingState.PAUSED
+                await self._resume.wait()
+                self.state = TrainingState.RUNNING
+            await self._one_round()
+
+    async def _one_round(self) -> None:
+        training = self.settings()  # re-read every round: SIGHUP may change eval_every
+        state = self.replica.state
+        seq = self.rounds_done + 1
+        base_vv = state.version_vector
+        started = time.monotonic()
+        result = await self.trainer.run_round(state.materialize(), (seq - 1) % len(state.genesis.fragments))
+        state = self.replica.state  # a snapshot adopted meanwhile replaces the state object
+        staleness = state.version_vector.total - base_vv.total
+        weight = result.weight * result.staleness_policy.weight(staleness)
+        if weight == 0.0:
+            self.replica.counters.stale_rounds_skipped += 1
+            log.warning("round too stale, not contributed seq=%d staleness=%d", seq, staleness)
+            await self.trainer.commit()
+            return
+        if training.byzantine:  # TEST ONLY attacker (config.TrainingConfig.byzantine)
+            length = state.genesis.fragment_length(result.fragment)
+            result = byzantine_round(training.byzantine, result, length)
+        self.timing("round", time.monotonic() - started)
+        contribution = crdt.make_contribution(
+            self.signer,
+            genesis_id=state.genesis.id,
+            seq=seq,
+            fragment=result.fragment,
+            codec=result.codec,
+            payload=result.payload,
+            weight=weight,
+            base_version=base_vv.digest(),
+        )
+        merge_started = time.perf_counter()
+        self.replica.accept(contribution)
+        self.timing("merge", time.perf_counter() - merge_started)
+        await self.trainer.commit()
+        await self.announce(contribution)
+        self._record(seq, result, staleness=staleness, weight=weight, round_s=time.monotonic() - started)
+        if seq % training.eval_every == 0:
+            await self.evaluate()
+        if training.slowdown > 1.0:
+            await asyncio.sleep((training.slowdown - 1.0) * (time.monotonic() - started))
+
+    def _record(self, seq: int, result: Any, *, staleness: int, weight: float, round_s: float) -> None:
+        stats = self.host.stats()
+        contributions = self.replica.state.contribution_count
+        self.history.append(
+            RoundRecord(
+                round=seq,
+                time_s=round(time.time() - self.started_at, 3),
+                train_loss=float(result.train_loss),
+                update_norm=float(result.update_norm),
+                density=float(result.density),
+                payload_bytes=int(result.payload_bytes),
+                contributions=contributions,
+                bytes_sent=int(stats["bytes_sent"]),
+                bytes_received=int(stats["bytes_received"]),
+                staleness=staleness,
+                weight=weight,
+                residual_norm=float(result.residual_norm),
+                round_s=round(round_s, 4),
+            )
+        )
+        del self.history[:-HISTORY_LIMIT]
+        log.info("round=%d train_loss=%.4f payload_bytes=%d contributions=%d", seq, result.train_loss,
+                 result.payload_bytes, contributions)
+
+    async def evaluate(self) -> None:
+        """Evaluate the merged model now (``status.eval``; the last round's record gets the metrics)."""
+        state = self.replica.state
+        # Read before the await: contributions merged while it runs belong to the next evaluation.
+        state_hash, contributions = state.state_hash, state.contribution_count
+        metrics = await self.trainer.evaluate(state.materialize())
+        self.last_eval = Evaluation.of(metrics, state_hash=state_hash, contributions=contributions)
+        if self.history and self.history[-1].val_loss is None:
+            self.history[-1].val_loss = self.last_eval.val_loss
+            self.history[-1].val_accuracy = self.last_eval.val_accuracy
+            self.history[-1].val_bpb = self.last_eval.val_bpb

@@ -1,0 +1,323 @@
+"""Store: the node's durable copy of the model state (genesis, latest snapshot, WAL of contributions).
+
+Theory of operation
+-------------------
+Directory layout (``path`` is created if missing)::
+
+    genesis.bin    sealed blob (crdt.seal_blob) of Genesis.encode(); written once
+    snapshot.bin   sealed blob of Snapshot.encode(); replaced atomically
+    wal.log        crdt WAL: header + framed Contribution.encode() records, appended + fsynced
+    peers.bin      sealed blob of the members' last known version vectors (retention must remember them)
+    evidence/      one sealed proof per equivocation: the author's two signed records for one slot
+    LOCK           flock()ed while a Store is open, so two daemons cannot share a directory
+
+Durability: :meth:`append` writes one record and fsyncs before returning, so an accepted contribution
+survives a crash (the node applies first, then appends: a crash in between loses a contribution that
+anti-entropy fetches again, never the other way round). Whole files are written with the classic
+tmp-file + fsync + rename + fsync(dir) sequence, so a reader sees the old or the new file, never a mix.
+
+Recovery on open: the WAL is scanned with :func:`crdt.scan_log`; a torn or corrupt tail (a crash during
+append, or garbage) is truncated to the valid prefix and reported in :attr:`Store.recovery` and the log.
+A WAL that is not ours (bad magic, other format version) raises StoreError instead of being truncated.
+
+Compaction: :meth:`write_snapshot` atomically replaces the snapshot, then rewrites the WAL keeping the
+contributions above the replica's retention floor: those the snapshot does not cover, and the covered ones
+the node still serves to peers that lack them (``crdt.ModelState.from_snapshot`` turns them back into
+servable history, so a restart does not compact anything). A crash between the two steps leaves extra
+records in the WAL, which only means more history is kept.
+
+Rejected alternatives: SQLite (another format to carry, and we only ever append and replay); one file
+per contribution (millions of inodes, slow fsync of directories); mmap (no durability ordering).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import msgpack
+
+import crdt
+
+__all__ = ["RecoveryReport", "Store", "StoreError"]
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+_GENESIS_FILE = "genesis.bin"
+_SNAPSHOT_FILE = "snapshot.bin"
+_WAL_FILE = "wal.log"
+_LOCK_FILE = "LOCK"
+#: Blob kinds (7 bytes each, see crdt.log.seal_blob).
+_GENESIS_KIND = b"GENESIS"
+_SNAPSHOT_KIND = b"SNAPSHT"
+_PEERS_FILE = "peers.bin"
+_PEERS_KIND = b"PEERVVS"
+_EVIDENCE_DIR = "evidence"
+_EVIDENCE_KIND = b"EQUIVOC"
+
+
+class StoreError(Exception):
+    """The store cannot be opened or used (locked by another process, unreadable or foreign files)."""
+
+
+@dataclass(frozen=True, slots=True)
+class RecoveryReport:
+    """What opening the store found in the WAL."""
+
+    records: int
+    """Valid records kept."""
+    truncated_bytes: int
+    """Bytes cut from the tail (0: the log was clean)."""
+    error: str | None
+    """Why the tail was cut (scan_log's reason), or None."""
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+class Store:
+    """Durable genesis + snapshot + WAL in one directory. Not thread-safe; one instance per directory.
+
+    Raises:
+        StoreError: the directory is locked by another Store, or holds files this build cannot read.
+    """
+
+    def __init__(self, path: Path, *, limits: crdt.Limits = crdt.DEFAULT_LIMITS) -> None:
+        self.path = Path(path)
+        self._limits = limits
+        self.path.mkdir(parents=True, exist_ok=True)
+        self._lock_fd = os.open(self.path / _LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            os.close(self._lock_fd)
+            raise StoreError(f"store {self.path} is in use by another process") from exc
+        try:
+            self._records, self.recovery = self._recover()
+            self._wal = open(self.path / _WAL_FILE, "ab")  # noqa: SIM115 - owned until close()
+        except BaseException:
+            os.close(self._lock_fd)
+            raise
+
+    # -- lifecycle --------------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Flush and release the directory. Idempotent."""
+        if self._lock_fd < 0:
+            return
+        self._wal.close()
+        os.close(self._lock_fd)
+        self._lock_fd = -1
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- recovery ---------------------------------------------------------------------------------------
+    def _recover(self) -> tuple[list[bytes], RecoveryReport]:
+        wal = self.path / _WAL_FILE
+        data = wal.read_bytes() if wal.exists() else b""
+        try:
+            scan = crdt.scan_log(data)
+        except crdt.ValidationError as exc:
+            raise StoreError(f"{wal}: {exc}") from exc
+        truncated = len(data) - scan.good_length
+        if scan.good_length == 0:
+            _atomic_write(wal, crdt.LOG_HEADER)
+        elif truncated:
+            with open(wal, "r+b") as f:
+                f.truncate(scan.good_length)
+                f.flush()
+                os.fsync(f.fileno())
+        if truncated:
+            log.warning(
+                "store recovered path=%s kept_records=%d truncated_bytes=%d reason=%s",
+                wal,
+                len(scan.records),
+                truncated,
+                scan.error,
+            )
+        return scan.records, RecoveryReport(len(scan.records), truncated, scan.error)
+
+    # -- reading ----------------------------------------------------------------------------------------
+    def load_genesis(self) -> crdt.Genesis | None:
+        """The stored genesis, or None for a new store.
+
+        Raises:
+            StoreError: the file fails its checksum or does not decode (whole files are written
+                atomically, so this is disk corruption or a foreign file).
+        """
+        return self._read_blob(_GENESIS_FILE, _GENESIS_KIND, crdt.Genesis.decode)
+
+    def load_state(
+        self, genesis: crdt.Genesis | None
+    ) -> tuple[crdt.Snapshot | None, list[crdt.Contribution]]:
+        """The latest snapshot and every WAL contribution by (seq, author), to rebuild the replica of
+        ``genesis`` with ``crdt.ModelState.from_snapshot(genesis, snapshot, log=contributions)``.
+
+        Raises:
+            StoreError: a file fails its checksum or does not decode, or the snapshot belongs to another
+                genesis.
+        """
+        snapshot = self._read_blob(_SNAPSHOT_FILE, _SNAPSHOT_KIND, crdt.Snapshot.decode)
+        if snapshot is not None and genesis is not None and snapshot.genesis_id != genesis.id:
+            raise StoreError(f"{self.path}: snapshot belongs to another genesis")
+        out: list[crdt.Contribution] = []
+        for i, raw in enumerate(self._records):
+            try:
+                out.append(crdt.Contribution.decode(raw, limits=self._limits))
+            except crdt.ValidationError as exc:
+                raise StoreError(f"{self.path / _WAL_FILE}: record {i} does not decode: {exc}") from exc
+        out.sort(key=lambda c: (c.seq, c.author))
+        return snapshot, out
+
+    def _read_blob(self, name: str, kind: bytes, decode: Callable[[bytes], T]) -> T | None:
+        path = self.path / name
+        if not path.exists():
+            return None
+        try:
+            return decode(crdt.unseal_blob(kind, path.read_bytes()))
+        except crdt.ValidationError as exc:
+            raise StoreError(f"{path}: {exc}") from exc
+
+    def load_peer_vectors(self) -> dict[str, crdt.VersionVector]:
+        """The last version vector known of every run member (see :meth:`write_peer_vectors`)."""
+        return self._read_blob(_PEERS_FILE, _PEERS_KIND, _decode_peer_vectors) or {}
+
+    def load_equivocations(self) -> list[tuple[crdt.Contribution, crdt.Contribution]]:
+        """Every kept equivocation proof that still checks out (see :meth:`write_equivocation`). Evidence
+        is advisory, so a file that does not is logged and skipped rather than stopping the node."""
+        proofs = []
+        for path in sorted((self.path / _EVIDENCE_DIR).glob("*.bin")):
+            try:
+                proofs.append(_decode_equivocation(crdt.unseal_blob(_EVIDENCE_KIND, path.read_bytes())))
+            except (OSError, crdt.CrdtError) as exc:
+                log.warning("ignoring unreadable equivocation proof path=%s error=%s", path, exc)
+        return proofs
+
+    # -- writing ----------------------------------------------------------------------------------------
+    def write_equivocation(self, first: crdt.Contribution, second: crdt.Contribution) -> Path:
+        """Keep two validly signed records of one (author, seq) slot: proof, checkable by anyone with the
+        author's public key, that the author equivocated. Returns the file written."""
+        directory = self.path / _EVIDENCE_DIR
+        directory.mkdir(exist_ok=True)
+        path = directory / f"{first.author.hex()}-{first.seq}.bin"
+        proof = msgpack.packb([first.encode(), second.encode()])
+        _atomic_write(path, crdt.seal_blob(_EVIDENCE_KIND, proof))
+        return path
+
+    def append(self, contribution: crdt.Contribution) -> None:
+        """Append one contribution and fsync (durable when this returns)."""
+        raw = contribution.encode()
+        self._wal.write(crdt.frame_record(raw))
+        self._wal.flush()
+        os.fsync(self._wal.fileno())
+        self._records.append(raw)
+
+    def write_peer_vectors(self, vectors: dict[str, crdt.VersionVector]) -> None:
+        """Persist what each member is known to hold, atomically. Compaction must never forget a member
+        across a restart: a node that compacted by the vectors of only the peers it had heard from since
+        starting could drop history a silent member still lacks, and two such nodes can then no longer
+        serve each other (neither snapshot covers what the other compacted)."""
+        payload = msgpack.packb({peer: vv.encode() for peer, vv in sorted(vectors.items())})
+        _atomic_write(self.path / _PEERS_FILE, crdt.seal_blob(_PEERS_KIND, payload))
+
+    def write_genesis(self, genesis: crdt.Genesis) -> None:
+        """Persist the genesis atomically. Writing the same genesis again is a no-op.
+
+        Raises:
+            StoreError: a *different* genesis is already stored (one directory = one run).
+        """
+        existing = self._read_blob(_GENESIS_FILE, _GENESIS_KIND, crdt.Genesis.decode)
+        if existing is not None:
+            if existing.id != genesis.id:
+                raise StoreError(f"{self.path} already holds genesis {existing.id[:16]}")
+            return
+        _atomic_write(self.path / _GENESIS_FILE, crdt.seal_blob(_GENESIS_KIND, genesis.encode()))
+
+    def write_snapshot(self, snapshot: crdt.Snapshot, *, floor: crdt.VersionVector) -> int:
+        """Atomically replace the snapshot, then drop the WAL records at or below the retention ``floor``
+        (``ModelState.retention_floor``). Returns WAL records dropped."""
+        genesis = self._read_blob(_GENESIS_FILE, _GENESIS_KIND, crdt.Genesis.decode)
+        if genesis is not None and genesis.id != snapshot.genesis_id:
+            raise StoreError("snapshot belongs to another genesis than the stored one")
+        _atomic_write(self.path / _SNAPSHOT_FILE, crdt.seal_blob(_SNAPSHOT_KIND, snapshot.encode()))
+        return self._compact(floor)
+
+    def _compact(self, floor: crdt.VersionVector) -> int:
+        keep: list[bytes] = []
+        for raw in self._records:
+            c = crdt.Contribution.decode(raw, limits=self._limits)
+            if c.seq > floor.get(c.author):
+                keep.append(raw)
+        dropped = len(self._records) - len(keep)
+        if dropped == 0:
+            return 0
+        wal = self.path / _WAL_FILE
+        self._wal.close()
+        _atomic_write(wal, crdt.LOG_HEADER + b"".join(crdt.frame_record(r) for r in keep))
+        self._wal = open(wal, "ab")  # noqa: SIM115 - owned until close()
+        self._records = keep
+        return dropped
+
+    @property
+    def wal_records(self) -> int:
+        return len(self._records)
+
+    @property
+    def wal_bytes(self) -> int:
+        with contextlib.suppress(OSError):
+            return (self.path / _WAL_FILE).stat().st_size
+        return 0
+
+
+def _unpack(data: bytes, what: str) -> object:
+    """msgpack -> object, any msgpack failure as a ValidationError naming ``what``."""
+    try:
+        return msgpack.unpackb(data, raw=False)
+    except Exception as exc:  # msgpack raises several unrelated types
+        raise crdt.ValidationError(f"{what}: not msgpack ({exc.__class__.__name__})") from exc
+
+
+def _decode_peer_vectors(data: bytes) -> dict[str, crdt.VersionVector]:
+    obj = _unpack(data, "peer vectors")
+    if not isinstance(obj, dict) or not all(
+        isinstance(k, str) and isinstance(v, bytes) for k, v in obj.items()
+    ):
+        raise crdt.ValidationError("peer vectors: expected a map of peer id to version vector")
+    return {peer: crdt.VersionVector.decode(raw) for peer, raw in obj.items()}
+
+
+def _decode_equivocation(data: bytes) -> tuple[crdt.Contribution, crdt.Contribution]:
+    pair = _unpack(data, "equivocation proof")
+    if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(x, bytes) for x in pair)):
+        raise crdt.ValidationError("equivocation proof: expected two encoded contributions")
+    first, second = (crdt.Contribution.decode(x) for x in pair)
+    if (first.author, first.seq) != (second.author, second.seq) or first.id == second.id:
+        raise crdt.ValidationError("equivocation proof: not two different records of one slot")
+    first.verify()
+    second.verify()
+    return first, second

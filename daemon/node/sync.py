@@ -1,0 +1,291 @@
+"""Serving and pulling contributions: the async driver of :mod:`daemon.node.replication`.
+
+Theory of operation
+-------------------
+Serving (``/meshtrain/sync/1``, ``/meshtrain/snapshot/1``, see ``daemon/node/wire.py``): a peer of this
+run (same genesis, not blocked by a partition drill) sends its digest; the answer is what it lacks, at
+most ``[sync] max_batch`` records, lowest seqs first, or ``snapshot_required`` when part of it was
+compacted here. The bandwidth cap (``daemon/node/limits.py``) paces answers. A request that does not
+decode is counted by reason and its sender penalized (:meth:`Sync.reject`).
+
+Pulling: gossip announcements, the anti-entropy period and pull-backs tell the replication machine whom to
+pull from; :meth:`Sync.run` starts the actions it hands out (several peers at once, each in its own task)
+and reports every answer back to it. Each answer's records go through the replica's one door
+(``Replica.accept``); an equivocation is the author's fault, not the relayer's, so the pull goes on; any
+other invalid record ends the pull and counts against the peer that sent it.
+
+All of it runs on the node's event loop; the machine is only touched between awaits, so it needs no lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable
+
+import crdt
+import p2p
+from daemon.config import SyncConfig
+from daemon.node import wire
+from daemon.node.limits import Limits
+from daemon.node.replica import Replica
+from daemon.node.replication import Action, ActionKind, Replication, ReplicationPolicy
+
+__all__ = ["Sync"]
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[str, bytes], Awaitable[bytes]]
+
+
+class Sync:
+    """One node's anti-entropy: answers peers' pulls and pulls from them."""
+
+    def __init__(
+        self,
+        host: p2p.Host,
+        replica: Replica,
+        *,
+        run: str,
+        settings: Callable[[], SyncConfig],
+        limits: Limits,
+        timing: Callable[[str, float], None],
+        rng: random.Random | None = None,
+    ) -> None:
+        self.host = host
+        self.replica = replica
+        self.run_name = run
+        self.settings = settings
+        """The ``[sync]`` section, re-read at every use (SIGHUP may change it)."""
+        self.limits = limits
+        self.timing = timing
+        self.machine = Replication(self._policy())
+        self._rng = rng or random.Random()
+        self._wakeup = asyncio.Event()
+
+    def _policy(self) -> ReplicationPolicy:
+        sync = self.settings()
+        return ReplicationPolicy(fanout=sync.fanout, pullback_interval_s=sync.interval_s)
+
+    def install(self) -> asyncio.Queue[p2p.GossipMessage]:
+        """Register the request handlers and the announcement topic; returns the announcement queue."""
+        self.host.set_request_handler(wire.SYNC_PROTOCOL, self.counting(self._serve_sync))
+        self.host.set_request_handler(wire.SNAPSHOT_PROTOCOL, self.counting(self._serve_snapshot))
+        topic = wire.announce_topic(self.run_name)
+        # Validated before delivery and before forwarding: junk is dropped and its sender scored down.
+        self.host.set_topic_validator(topic, wire.valid_gossip(wire.Announcement.decode))
+        return self.host.subscribe(topic)
+
+    # -- refusing input --------------------------------------------------------------------------------
+
+    def reject(self, peer: str, reason: Exception) -> None:
+        """Count (by exception type, shown in status), log, and score the sending peer down."""
+        self.replica.reject(reason)
+        log.warning("rejected input peer=%s reason=%s: %s", peer, type(reason).__name__, reason)
+        self.host.penalize(peer)
+
+    def counting(self, handler: Handler) -> Handler:
+        """Wrap a request handler: malformed requests are counted and penalized, then re-raised (the
+        peer gets a RemoteError naming the reason)."""
+
+        async def guarded(peer: str, data: bytes) -> bytes:
+            try:
+                return await handler(peer, data)
+            except (wire.WireError, crdt.ValidationError) as exc:
+                self.reject(peer, exc)
+                raise
+
+        return guarded
+
+    # -- serving ---------------------------------------------------------------------------------------
+
+    async def _serve_sync(self, peer: str, data: bytes) -> bytes:
+        request = wire.SyncRequest.decode(data)
+        remote = crdt.Digest.decode(request.digest)
+        self._admit(peer, request)
+        state = self.replica.state
+        self.replica.note_vector(peer, remote.version_vector)
+        self._compare(peer, remote)
+        plan = crdt.plan_sync(state, remote, max_count=self.settings().max_batch)
+        self.machine.served(peer, peer_has_more=plan.remote_has_more, now=time.monotonic())
+        self._wakeup.set()
+        response = wire.SyncResponse(
+            digest=state.digest().encode(),
+            contributions=tuple(c.encode() for c in plan.send),
+            snapshot_required=plan.remote_needs_snapshot,
+        ).encode()
+        await self.limits.bucket.acquire(len(response))  # the bandwidth cap (no-op when 0)
+        return response
+
+    async def _serve_snapshot(self, peer: str, data: bytes) -> bytes:
+        self._admit(peer, wire.SyncRequest.decode(data))
+        self.replica.counters.snapshots_served += 1
+        response = self.replica.state.snapshot().encode()
+        await self.limits.bucket.acquire(len(response))
+        return response
+
+    def _admit(self, peer: str, request: wire.SyncRequest) -> None:
+        """Serve model data only to peers of this run (same genesis) that no partition drill blocks."""
+        genesis = self.replica.state.genesis.id
+        if request.genesis != genesis:
+            raise wire.ForeignRun(f"this node serves genesis {genesis[:16]}, not {request.genesis[:16]}")
+        if peer in self.machine.blocked:
+            raise wire.Partitioned("partitioned away (fault injection)")
+
+    def _compare(self, peer: str, remote: crdt.Digest) -> None:
+        state = self.replica.state
+        if self.machine.compared(
+            peer,
+            same_vector=remote.version_vector == state.version_vector,
+            same_hash=remote.state_hash == state.state_hash,
+        ):
+            log.error("state diverged peer=%s state_hash=%s theirs=%s", peer, state.state_hash[:16],
+                      remote.state_hash[:16])
+
+    # -- announcing ------------------------------------------------------------------------------------
+
+    async def announce(self, contribution: crdt.Contribution) -> None:
+        """Tell the run about a new contribution of ours (a header; peers pull the record)."""
+        announcement = wire.Announcement(
+            author=contribution.author,
+            seq=contribution.seq,
+            fragment=contribution.fragment,
+            size=len(contribution.payload),
+            id=contribution.id,
+        )
+        await self.host.publish(wire.announce_topic(self.run_name), announcement.encode())
+
+    # -- pulling ---------------------------------------------------------------------------------------
+
+    def set_blocked(self, peers: set[str]) -> None:
+        """Fault injection: stop exchanging model data with ``peers`` (empty set: heal)."""
+        self.machine.set_blocked(peers)
+        log.warning("fault injection: blocked peers=%s", ",".join(sorted(peers)) or "none")
+
+    async def run(self, announcements: asyncio.Queue[p2p.GossipMessage]) -> None:
+        """Pull until cancelled: announcements, the anti-entropy period and the pull scheduler."""
+        async with asyncio.TaskGroup() as tasks:
+            tasks.create_task(self._announcement_loop(announcements), name="announcements")
+            tasks.create_task(self._anti_entropy_loop(), name="anti-entropy")
+            while True:
+                await self._wakeup.wait()
+                self._wakeup.clear()
+                self.machine.set_connected(self.host.connected_peers())
+                for action in self.machine.next_actions():
+                    tasks.create_task(self._perform(action), name=f"pull-{action.peer[-6:]}")
+
+    async def _announcement_loop(self, queue: asyncio.Queue[p2p.GossipMessage]) -> None:
+        while True:
+            message = await queue.get()
+            if message.from_peer == self.host.peer_id:
+                continue
+            try:
+                announcement = wire.Announcement.decode(message.data)
+            except wire.WireError as exc:
+                self.reject(message.from_peer, exc)
+                continue
+            if self.replica.state.version_vector.get(announcement.author) < announcement.seq:
+                self.machine.set_connected(self.host.connected_peers())
+                author = p2p.peer_id_from_public_key(announcement.author)
+                self.machine.announced(author=author, via=message.from_peer)
+                self._wakeup.set()
+
+    async def _anti_entropy_loop(self) -> None:
+        while True:
+            # Jitter so that a cluster started together does not pull in lockstep. Re-read: SIGHUP.
+            await asyncio.sleep(self.settings().interval_s * self._rng.uniform(0.5, 1.5))
+            # Candidates are connected peers, not host.run_peers (DHT membership can lag behind
+            # connections); a peer of another run answers ForeignRun once and is not asked again.
+            self.machine.policy = self._policy()
+            self.machine.set_connected(self.host.connected_peers())
+            self.machine.tick(self._rng)
+            self._wakeup.set()
+
+    async def _perform(self, action: Action | None) -> None:
+        """Carry out one peer's pull (answer after answer, as the machine says), then wake the scheduler."""
+        try:
+            while action is not None:
+                if action.kind is ActionKind.PULL:
+                    action = await self._pull_once(action.peer)
+                else:
+                    await self._install_snapshot_from(action.peer)
+                    action = None
+        finally:
+            self._wakeup.set()
+
+    async def _pull_once(self, peer: str) -> Action | None:
+        state = self.replica.state
+        self.replica.counters.pulls += 1
+        try:
+            request = wire.SyncRequest(genesis=state.genesis.id, digest=state.digest().encode())
+            started = time.perf_counter()
+            data = await self.host.request(
+                peer, wire.SYNC_PROTOCOL, request.encode(), timeout_s=self.settings().request_timeout_s
+            )
+            self.timing("pull", time.perf_counter() - started)
+            response = wire.SyncResponse.decode(data)
+            remote = crdt.Digest.decode(response.digest)
+        except (p2p.P2PError, wire.WireError, crdt.CrdtError) as exc:
+            self.replica.counters.pull_failures += 1
+            log.info("pull failed peer=%s error=%s", peer, exc)
+            foreign = isinstance(exc, p2p.RemoteError) and exc.error_type == wire.ForeignRun.__name__
+            if not isinstance(exc, p2p.P2PError):  # the peer answered garbage, not just failed
+                self.reject(peer, exc)
+            self.machine.failed(peer, foreign=foreign)
+            return None
+        self.replica.note_vector(peer, remote.version_vector)
+        self._compare(peer, remote)
+        progressed = False
+        for encoded in response.contributions:
+            try:
+                progressed |= self._accept(encoded) is not crdt.ApplyOutcome.DUPLICATE
+            except crdt.ConflictError:
+                continue  # the author equivocated (proof kept by the replica); the relayer is not to blame
+            except crdt.CrdtError as exc:
+                self.reject(peer, exc)
+                self.machine.failed(peer)
+                return None
+        return self.machine.answered(
+            peer,
+            progressed=progressed,
+            behind=not self.replica.state.version_vector.dominates(remote.version_vector),
+            snapshot_required=response.snapshot_required,
+            records=len(response.contributions),
+        )
+
+    def _accept(self, encoded: bytes) -> crdt.ApplyOutcome:
+        contribution = crdt.Contribution.decode(encoded)
+        started = time.perf_counter()
+        try:
+            return self.replica.accept(contribution)
+        finally:
+            self.timing("merge", time.perf_counter() - started)
+
+    async def _install_snapshot_from(self, peer: str) -> None:
+        """Catch up through ``peer``'s snapshot (adopted only if nothing is lost: see the replica)."""
+        request = wire.SyncRequest(genesis=self.replica.state.genesis.id, digest=b"")
+        try:
+            data = await self.host.request(
+                peer, wire.SNAPSHOT_PROTOCOL, request.encode(), timeout_s=self.settings().request_timeout_s
+            )
+            snapshot = crdt.Snapshot.decode(data)
+        except (p2p.P2PError, wire.WireError, crdt.CrdtError) as exc:
+            self.replica.counters.pull_failures += 1
+            log.info("snapshot fetch failed peer=%s error=%s", peer, exc)
+            self.machine.failed(peer)
+            return
+        try:
+            adopted = self.replica.adopt(snapshot)
+        except crdt.CrdtError as exc:
+            self.reject(peer, exc)
+            return
+        finally:
+            self.machine.snapshot_done(peer)
+        if not adopted:
+            log.warning("not adopting snapshot from peer=%s: it would drop history we compacted", peer)
+            return
+        state = self.replica.state
+        log.info("installed snapshot from peer=%s contributions=%d state_hash=%s", peer,
+                 state.contribution_count, state.state_hash[:16])

@@ -1,0 +1,291 @@
+"""The status of one node: the typed contract between the node and everything that reports on it.
+
+The node builds one :class:`Status` (``daemon/node/node.py``); the control API serves it as JSON
+(``GET /v1/status``, documented in ``daemon/service/openapi.yaml``); the CLI's panel, ``doctor``, the
+Prometheus collector, the cluster harness and the demo read it back with :func:`parse_status`. Every one
+of them reads attributes of these classes, never string keys of a dict, so renaming a field breaks them
+at once (``tests/daemon/test_status.py`` runs each consumer on a real node's status and checks the OpenAPI
+schema lists exactly these fields).
+
+msgspec does the JSON work: ``to_json`` for the API, ``convert`` (with type checks) for clients. Fields
+that are absent until something happens (an evaluation, a limit) are left out of the JSON when they hold
+their default (``omit_defaults``), so an evaluation not yet run reads as ``{}``.
+
+This module is imported by the CLI: it must stay cheap (no torch, no libp2p).
+
+Rejected: a TypedDict (no runtime check when a client reads a status from another version) and pydantic
+(0.25 s to import against msgspec's 0.04 s, on every CLI command).
+"""
+
+from __future__ import annotations
+
+import ast
+import enum
+import inspect
+import itertools
+import sys
+from typing import Any
+
+import msgspec
+
+__all__ = [
+    "ConfigStatus",
+    "Counters",
+    "Evaluation",
+    "LimitsStatus",
+    "NatStatus",
+    "PeerInfo",
+    "RoundRecord",
+    "Status",
+    "TrainingState",
+    "openapi_schemas",
+    "parse_status",
+    "to_json",
+]
+
+
+class TrainingState(enum.StrEnum):
+    """What the node's local training is doing (``status.training``, heartbeats, a metrics label)."""
+
+    STARTING = "starting"
+    """The process is up; the model state is not loaded yet."""
+    LOADING = "loading"
+    """Starting the training process and reading the store."""
+    FETCHING_GENESIS = "fetching-genesis"
+    """A joiner waiting for the run's genesis from its peers."""
+    RUNNING = "running"
+    PAUSED = "paused"
+    """``meshtrain train pause``: no local compute; merging and serving go on."""
+    DONE = "done"
+    """``max_rounds`` reached; merging and serving go on."""
+    DISABLED = "disabled"
+    """``[training] enabled = false``: the node only stores, merges and serves."""
+    LEAVING = "leaving"
+    """Shutting down (the last heartbeat a node sends says so)."""
+
+
+class _Record(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """Base of every status record: keyword-only, defaults omitted from JSON."""
+
+
+class Counters(_Record):
+    """Contribution and sync accounting since start."""
+
+    accepted: int = 0
+    """Contributions applied (local and remote)."""
+    duplicates: int = 0
+    """Contributions received that were already held."""
+    rejected: int = 0
+    """Invalid input from peers (bad records, junk requests or gossip), by reason below."""
+    rejected_reasons: dict[str, int] = msgspec.field(default_factory=dict)
+    pulls: int = 0
+    """Anti-entropy pull requests sent."""
+    pull_failures: int = 0
+    stale_rounds_skipped: int = 0
+    """Local rounds not contributed: too many others landed while they trained."""
+    snapshots_written: int = 0
+    snapshots_installed: int = 0
+    snapshots_served: int = 0
+    equivocations: int = 0
+    """Authors caught signing two records for one seq (proofs kept in the store)."""
+
+
+class Evaluation(_Record):
+    """Validation metrics of the merged model, and which state they were computed on."""
+
+    state_hash: str | None = None
+    contributions: int | None = None
+    val_loss: float | None = None
+    val_accuracy: float | None = None
+    val_bpb: float | None = None
+    """Bits per byte (byte-level language models)."""
+    metrics: dict[str, float] = msgspec.field(default_factory=dict)
+    """Every metric the task's ``evaluate`` returned, the three above included."""
+
+    @classmethod
+    def of(cls, metrics: dict[str, float], *, state_hash: str, contributions: int) -> Evaluation:
+        values = {k: float(v) for k, v in metrics.items()}
+        return cls(
+            state_hash=state_hash,
+            contributions=contributions,
+            val_loss=values.get("val_loss"),
+            val_accuracy=values.get("val_accuracy"),
+            val_bpb=values.get("val_bpb"),
+            metrics=values,
+        )
+
+
+class PeerInfo(_Record):
+    """The last heartbeat heard from a peer of the run (``daemon/node/wire.py`` ``Heartbeat``)."""
+
+    round: int
+    contributions: int
+    training: str
+    """The peer's TrainingState value (a newer peer may send a state this build does not know)."""
+    reachability: str
+    task: str
+    device: str
+    throughput_bps: int
+    age_s: float
+    """Seconds since the heartbeat arrived."""
+
+
+class NatStatus(_Record):
+    """NAT traversal as the host sees it (``p2p.Host.nat_status``)."""
+
+    reachability: str = "unknown"
+    connections: dict[str, str] = msgspec.field(default_factory=dict)
+    relay_addrs: list[str] = msgspec.field(default_factory=list)
+    relays: list[str] = msgspec.field(default_factory=list)
+    autonat_verdicts: dict[str, str] = msgspec.field(default_factory=dict)
+    relay_service: bool = False
+    use_relays: bool = False
+    hole_punch: bool = False
+    autonat: bool = False
+    counters: dict[str, int] = msgspec.field(default_factory=dict)
+
+
+class LimitsStatus(_Record):
+    """Runtime limits (``meshtrain limits``): training threads and the sync bandwidth cap."""
+
+    threads: int
+    """Threads wanted for the training process."""
+    threads_applied: int
+    """Threads it runs with (a change applies after the round in flight)."""
+    bandwidth_bytes_per_s: int
+    """Cap on sync bytes sent per second; 0: none."""
+    waited_s: float = 0.0
+    """Time sync responses waited on the cap."""
+
+
+class ConfigStatus(_Record):
+    """The reloadable settings in effect (SIGHUP changes them)."""
+
+    log_level: str
+    max_rounds: int
+    eval_every: int
+    sync_interval_s: float
+
+
+class Status(_Record, omit_defaults=False):
+    """``GET /v1/status``: one node, now. Every field is always present in the JSON."""
+
+    peer_id: str
+    pid: int
+    home: str
+    run: str
+    task: str
+    listen_addrs: list[str]
+    peers: list[str]
+    """Connected peers."""
+    round: int
+    """Local rounds contributed."""
+    training: TrainingState
+    shard: int
+    contributions: int
+    """Contributions in the model (all authors)."""
+    state_hash: str | None
+    """Equal on two nodes exactly when they hold the same contributions (None: not loaded yet)."""
+    genesis: str | None
+    version_vector: dict[str, int]
+    """Peer id -> highest contiguous seq applied."""
+    bytes_sent: int
+    bytes_received: int
+    train_loss: float | None
+    eval: Evaluation
+    initial_eval: Evaluation
+    """The evaluation before this node's first round (the start of its loss curve)."""
+    counters: Counters
+    retained_contributions: int
+    """Records still held to serve peers (the rest were compacted into a snapshot)."""
+    blocked_peers: list[str]
+    """Fault injection: peers this node exchanges no model data with."""
+    p2p: dict[str, Any]
+    """The host's transfer, gossip and discovery counters (``p2p.Host.stats``)."""
+    peer_info: dict[str, PeerInfo]
+    reachability: str
+    connections: dict[str, str]
+    """Peer id -> "direct" or "relayed"."""
+    nat: NatStatus
+    suspects: list[str]
+    """Authors whose updates look Byzantine, and equivocators (SECURITY.md)."""
+    equivocators: dict[str, list[int]]
+    diverged_from: list[str]
+    """Peers holding our version vector with another state hash."""
+    clip_norm: float | None
+    """The run's norm clip, fixed by its genesis (None: off or not loaded)."""
+    uptime_s: float
+    limits: LimitsStatus
+    config: ConfigStatus
+
+
+class RoundRecord(msgspec.Struct, kw_only=True):
+    """One local round, for ``GET /v1/history`` (the demo's and the dashboard's loss curves)."""
+
+    round: int
+    time_s: float
+    """Seconds since the daemon started."""
+    train_loss: float
+    update_norm: float
+    density: float
+    payload_bytes: int
+    contributions: int
+    """Contributions in the model after this round."""
+    bytes_sent: int
+    bytes_received: int
+    staleness: int
+    """Contributions of others merged while this round trained (against an older base)."""
+    weight: float
+    """Weight signed into the contribution (staleness down-weighting)."""
+    residual_norm: float
+    """L2 norm of the error-feedback residual carried to the next round."""
+    round_s: float
+    val_loss: float | None = None
+    val_accuracy: float | None = None
+    val_bpb: float | None = None
+
+
+def to_json(status: Status | RoundRecord) -> Any:
+    """The JSON-ready form (dicts, lists, str, numbers) that the control API serves."""
+    return msgspec.to_builtins(status)
+
+
+def parse_status(data: Any) -> Status:
+    """A status read back from JSON, type-checked.
+
+    Raises:
+        msgspec.ValidationError: ``data`` is not a status of this build's shape (the message names the
+            field, e.g. ``Expected `int`, got `str` - at `$.round```).
+    """
+    return msgspec.convert(data, Status)
+
+
+def openapi_schemas() -> dict[str, Any]:
+    """The OpenAPI 3.1 (JSON Schema) components of the records above, each field's docstring as its
+    description. ``daemon/service/openapi.yaml`` holds exactly these (``tests/daemon/test_status.py``)."""
+    _, components = msgspec.json.schema_components(
+        [Status, RoundRecord, LimitsStatus], ref_template="#/components/schemas/{name}"
+    )
+    docs = _field_docs()
+    for name, schema in components.items():
+        for key, prop in schema.get("properties", {}).items():
+            if (name, key) in docs:
+                prop["description"] = docs[name, key]
+    return components
+
+
+def _field_docs() -> dict[tuple[str, str], str]:
+    """(class, field) -> the docstring under the field in this module's source."""
+    tree = ast.parse(inspect.getsource(sys.modules[__name__]))
+    docs = {}
+    for cls in (node for node in tree.body if isinstance(node, ast.ClassDef)):
+        for field, doc in itertools.pairwise(cls.body):
+            if (
+                isinstance(field, ast.AnnAssign)
+                and isinstance(field.target, ast.Name)
+                and isinstance(doc, ast.Expr)
+                and isinstance(doc.value, ast.Constant)
+                and isinstance(doc.value.value, str)
+            ):
+                docs[cls.name, field.target.id] = " ".join(doc.value.value.split())
+    return docs

@@ -1,0 +1,288 @@
+"""Shared fixtures of the daemon tests: a small genesis and signed histories, and in-memory stand-ins for
+the libp2p host and the training process, so that whole nodes run in one event loop without sockets.
+
+``FakeNet`` links ``FakeHost``s: a request calls the target's handler directly (its exceptions come back
+as ``p2p.RemoteError`` with the type name, as over libp2p), gossip is delivered to every linked host's
+subscription after its topic validator. ``FakeTrainer`` stands for the training child: a fixed model of
+``PARAMS`` entries, and rounds whose updates are small, deterministic sparse-q8 payloads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import itertools
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import crdt
+import p2p
+from daemon.config import Config
+from daemon.home import Home
+from daemon.node.node import Node
+from training import RoundResult, StalenessPolicy
+
+# -- records ------------------------------------------------------------------------------------------
+
+
+def genesis(length: int = 96, n_fragments: int = 3, seed: int = 0) -> crdt.Genesis:
+    params = np.random.default_rng(seed).standard_normal(length).astype(np.float32)
+    step = length // n_fragments
+    bounds = [*[*range(0, length - step + 1, step)][:n_fragments], length]
+    return crdt.Genesis(params, tuple(itertools.pairwise(bounds)), {"run": "t"})
+
+
+def signer(index: int) -> crdt.Signer:
+    return crdt.Signer.from_seed(hashlib.sha256(b"store-%d" % index).digest())
+
+
+def history(g: crdt.Genesis, n_authors: int, per_author: int, *, first: int = 0) -> list[crdt.Contribution]:
+    """``per_author`` signed sparse-q8 records of each of ``n_authors`` authors (signers first, ...)."""
+    out = []
+    for a in range(first, first + n_authors):
+        author = signer(a)
+        for seq in range(1, per_author + 1):
+            rng = np.random.default_rng([a, seq])
+            frag = int(rng.integers(len(g.fragments)))
+            n = g.fragment_length(frag)
+            idx = np.sort(rng.choice(n, size=n // 4, replace=False)).astype(np.uint32)
+            payload = crdt.encode_payload("sparse-q8", n, idx, rng.standard_normal(idx.size) * 0.01)
+            out.append(
+                crdt.make_contribution(
+                    author,
+                    genesis_id=g.id,
+                    seq=seq,
+                    fragment=frag,
+                    codec="sparse-q8",
+                    payload=payload,
+                    weight=1.0,
+                    base_version=b"\0" * 32,
+                )
+            )
+    return out
+
+
+G = genesis(length=96, n_fragments=3)
+HIST = history(G, n_authors=3, per_author=4)
+
+
+def state_of(cs: list[crdt.Contribution]) -> crdt.ModelState:
+    s = crdt.ModelState(G)
+    for c in cs:
+        s.apply(c)
+    return s
+
+
+# -- an in-memory network -----------------------------------------------------------------------------
+
+Handler = Callable[[str, bytes], Awaitable[bytes]]
+
+
+class FakeNet:
+    """Hosts by peer id and which pairs are connected."""
+
+    def __init__(self) -> None:
+        self.hosts: dict[str, FakeHost] = {}
+        self.links: set[frozenset[str]] = set()
+
+    def add(self, peer_id: str) -> FakeHost:
+        host = FakeHost(self, peer_id)
+        self.hosts[peer_id] = host
+        return host
+
+    def link(self, a: str, b: str) -> None:
+        self.links.add(frozenset((a, b)))
+
+    def unlink(self, a: str, b: str) -> None:
+        self.links.discard(frozenset((a, b)))
+
+    def linked(self, a: str, b: str) -> bool:
+        return frozenset((a, b)) in self.links
+
+
+class FakeHost:
+    """The part of ``p2p.Host`` a node uses, over a FakeNet."""
+
+    def __init__(self, net: FakeNet, peer_id: str) -> None:
+        self.net = net
+        self.peer_id = peer_id
+        self.handlers: dict[str, Handler] = {}
+        self.validators: dict[str, Callable[[str, bytes], bool]] = {}
+        self.topics: dict[str, asyncio.Queue[p2p.GossipMessage]] = {}
+        self.penalized: list[str] = []
+        self.requests: list[tuple[str, str]] = []
+        """(peer, protocol) of every request this host sent."""
+        self.bytes_sent = 0
+        self.bytes_received = 0
+
+    async def start(self) -> None:
+        pass
+
+    async def aclose(self) -> None:
+        self.handlers.clear()
+
+    def set_request_handler(self, protocol: str, handler: Handler) -> None:
+        self.handlers[protocol] = handler
+
+    def set_topic_validator(self, topic: str, validator: Callable[[str, bytes], bool]) -> None:
+        self.validators[topic] = validator
+
+    def subscribe(self, topic: str) -> asyncio.Queue[p2p.GossipMessage]:
+        return self.topics.setdefault(topic, asyncio.Queue())
+
+    async def publish(self, topic: str, data: bytes) -> None:
+        for peer in self.connected_peers():
+            other = self.net.hosts[peer]
+            valid = other.validators.get(topic, lambda _p, _d: True)(self.peer_id, data)
+            if topic in other.topics and valid:
+                other.topics[topic].put_nowait(p2p.GossipMessage(self.peer_id, data))
+
+    async def request(self, peer: str, protocol: str, data: bytes, *, timeout_s: float) -> bytes:
+        self.requests.append((peer, protocol))
+        if not self.net.linked(self.peer_id, peer):
+            raise p2p.PeerUnreachable(f"not connected to {peer}")
+        handler = self.net.hosts[peer].handlers.get(protocol)
+        if handler is None:
+            raise p2p.ProtocolNotSupported(protocol)
+        self.bytes_sent += len(data)
+        try:
+            async with asyncio.timeout(timeout_s):
+                answer = await handler(self.peer_id, data)
+        except TimeoutError as exc:
+            raise p2p.RequestTimeout(f"{protocol} to {peer}") from exc
+        except Exception as exc:  # what the real host sends back: the remote exception's name and text
+            raise p2p.RemoteError(type(exc).__name__, str(exc)) from exc
+        self.bytes_received += len(answer)
+        return answer
+
+    def connected_peers(self) -> list[str]:
+        return sorted(p for p in self.net.hosts if p != self.peer_id and self.net.linked(self.peer_id, p))
+
+    def listen_addrs(self) -> list[str]:
+        return [f"/memory/{self.peer_id}"]
+
+    def stats(self) -> dict[str, Any]:
+        return {"bytes_sent": self.bytes_sent, "bytes_received": self.bytes_received}
+
+    def reachability(self) -> str:
+        return "unknown"
+
+    def peer_connections(self) -> dict[str, str]:
+        return dict.fromkeys(self.connected_peers(), "direct")
+
+    def nat_status(self) -> dict[str, Any]:
+        return {"connections": self.peer_connections()}
+
+    def penalize(self, peer: str) -> None:
+        self.penalized.append(peer)
+
+
+# -- a stand-in for the training process --------------------------------------------------------------
+
+PARAMS = 64
+FRAGMENTS = ((0, 32), (32, 64))
+
+
+class FakeTrainer:
+    """Rounds of ``PARAMS`` parameters in two fragments; each update moves 4 entries by a small step."""
+
+    def __init__(self, *, seed: int = 0) -> None:
+        self.info: dict[str, Any] = {}
+        self.seed = seed
+        self.rounds = 0
+        self.commits = 0
+        self.threads = 1
+        self.round_gate: asyncio.Event | None = None
+        """When set by a test, each round waits for it (then clears it): rounds in lockstep with the test."""
+
+    async def start(self) -> None:
+        self.info = {"device": "cpu", "task": "fake"}
+
+    async def aclose(self) -> None:
+        pass
+
+    async def initial_params(self) -> np.ndarray:
+        return np.linspace(-1, 1, PARAMS, dtype=np.float32)
+
+    async def fragment_ranges(self) -> tuple[tuple[int, int], ...]:
+        return FRAGMENTS
+
+    async def run_round(self, params: np.ndarray, fragment: int) -> RoundResult:
+        if self.round_gate is not None:
+            await self.round_gate.wait()
+            self.round_gate.clear()
+        self.rounds += 1
+        start, stop = FRAGMENTS[fragment]
+        rng = np.random.default_rng([self.seed, self.rounds])
+        idx = np.sort(rng.choice(stop - start, size=4, replace=False)).astype(np.uint32)
+        values = (rng.standard_normal(4) * 0.01).astype(np.float32)
+        payload = crdt.encode_payload("sparse-q8", stop - start, idx, values)
+        await asyncio.sleep(0)
+        return RoundResult(
+            fragment=fragment,
+            codec="sparse-q8",
+            payload=payload,
+            weight=1.0,
+            train_loss=1.0 / self.rounds,
+            update_norm=float(np.linalg.norm(values)),
+            residual_norm=0.0,
+            density=4 / (stop - start),
+            payload_bytes=len(payload),
+            staleness_policy=StalenessPolicy(expected_peers=4, max_staleness=16),
+        )
+
+    async def evaluate(self, params: np.ndarray) -> dict[str, float]:
+        return {"val_loss": float(np.abs(params).mean()), "val_accuracy": 0.5}
+
+    async def commit(self) -> None:
+        self.commits += 1
+
+    async def set_threads(self, threads: int) -> None:
+        self.threads = threads
+
+    async def export(self, params: np.ndarray, path: Path) -> None:
+        path.write_bytes(params.tobytes())
+
+
+def host_for(home: Path, net: FakeNet) -> FakeHost:
+    """The host of the node whose home is ``home`` (its identity is created there if new)."""
+    home.mkdir(parents=True, exist_ok=True)
+    peer_id = p2p.load_or_create_identity(home / "identity.key").peer_id
+    return net.hosts.get(peer_id) or net.add(peer_id)
+
+
+@contextlib.asynccontextmanager
+async def running_node(
+    home: Path, net: FakeNet, config: Config | None = None, *, trainer: FakeTrainer | None = None
+) -> AsyncIterator[Node]:
+    """A node on ``net`` running in a task until the block ends; entered once its state is loaded."""
+    host = host_for(home, net)
+    node = Node(Home(home), config or Config(), host=host, trainer=trainer or FakeTrainer())  # type: ignore[arg-type]
+    ready = asyncio.Event()
+
+    async def on_ready() -> None:
+        ready.set()
+
+    task = asyncio.create_task(node.run(on_ready=on_ready))
+    waiting = asyncio.create_task(ready.wait())
+    await asyncio.wait({task, waiting}, return_when=asyncio.FIRST_COMPLETED)
+    if task.done():
+        waiting.cancel()
+        task.result()  # raises what stopped the node
+    try:
+        yield node
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def until(predicate: Callable[[], bool], *, timeout_s: float = 10.0) -> None:
+    """Yield to the event loop until ``predicate()`` holds (a deadline, not a sleep: fails on timeout)."""
+    async with asyncio.timeout(timeout_s):
+        while not predicate():
+            await asyncio.sleep(0.01)

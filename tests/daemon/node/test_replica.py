@@ -1,0 +1,68 @@
+"""daemon.node.replica: the one door (accept, log, count), retention by what members hold, snapshot
+adoption."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from node_testlib import HIST, G, state_of
+
+import crdt
+from daemon.node.replica import Replica
+from daemon.node.store import Store
+
+
+def _open_replica(path: Path, *, snapshot_every: int = 1000) -> Replica:
+    return Replica.open(Store(path), G, snapshot_every=snapshot_every)
+
+
+def test_replica_logs_what_it_accepts_and_compacts_only_what_every_member_holds(tmp_path: Path) -> None:
+    authors = sorted({c.author for c in HIST})
+    replica = _open_replica(tmp_path, snapshot_every=len(HIST) - 1)
+    assert replica.accept(HIST[0]) is crdt.ApplyOutcome.APPLIED
+    assert replica.accept(HIST[0]) is crdt.ApplyOutcome.DUPLICATE
+    for c in HIST[1:-1]:  # the (len - 1)-th new one writes a snapshot, compacting nothing:
+        replica.accept(c)  # no member heard from yet, so nobody else holds anything
+    assert replica.store.wal_records == len(HIST) - 1 and replica.counters.snapshots_written == 1
+    assert replica.state.retained_count == len(HIST) - 1
+    member = crdt.VersionVector.from_dict({a: 2 for a in authors})
+    replica.note_vector("peerA", member)
+    replica.accept(HIST[-1])
+    assert replica.snapshot_and_compact() == len(authors) * 2
+    assert replica.state.retention_floor == member
+    assert not replica.state.can_serve(crdt.VersionVector()) and replica.state.can_serve(member)
+    replica.store.close()
+    reopened = _open_replica(tmp_path)  # a restart: same state, same floor, the member remembered
+    assert reopened.state.state_hash == state_of(HIST).state_hash
+    assert reopened.state.retention_floor == member and reopened.peer_vectors == {"peerA": member}
+    reopened.store.close()
+
+
+def test_replica_adopts_a_snapshot_only_when_it_loses_nothing(tmp_path: Path) -> None:
+    authors = sorted({c.author for c in HIST})
+    ahead = state_of(HIST)
+    ahead.compact(crdt.VersionVector.from_dict({a: 3 for a in authors}))
+    mine = [c for c in HIST if c.seq <= 2 or c.author == authors[0]]  # behind, except on one author
+    replica = _open_replica(tmp_path / "behind")
+    for c in mine:
+        replica.accept(c)
+    assert not ahead.can_serve(replica.state.version_vector)  # so it must take a snapshot
+    older = state_of([c for c in HIST if c.seq <= 3]).snapshot()  # lacks authors[0]'s seq 4, held here
+    assert replica.adopt(older)
+    assert replica.state.version_vector == crdt.VersionVector.from_dict(
+        {a: (4 if a == authors[0] else 3) for a in authors}
+    )
+    # authors[0]'s records below the snapshot stay servable; the others' seq 3 was never held here
+    assert replica.state.retention_floor == crdt.VersionVector.from_dict({a: 3 for a in authors[1:]})
+    replica.store.close()
+    assert _open_replica(tmp_path / "behind").state.state_hash == replica.state.state_hash
+
+    lossy = _open_replica(tmp_path / "lossy")
+    for c in mine:
+        lossy.accept(c)
+    lossy.note_vector("peerA", lossy.state.version_vector)
+    lossy.snapshot_and_compact()  # forgets everything: now authors[0]'s seq 4 exists only in the state
+    before = lossy.state.state_hash
+    assert not lossy.adopt(older)  # adopting would drop authors[0]'s seq 4
+    assert lossy.state.state_hash == before and lossy.counters.snapshots_installed == 0
+    lossy.store.close()
