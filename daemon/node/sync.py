@@ -20,6 +20,7 @@ All of it runs on the node's event loop; the machine is only touched between awa
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import random
 import time
@@ -66,8 +67,12 @@ class Sync:
         self._wakeup = asyncio.Event()
 
     def _policy(self) -> ReplicationPolicy:
+        """The machine's policy with the ``[sync]`` values in effect (SIGHUP may change them)."""
         sync = self.settings()
-        return ReplicationPolicy(fanout=sync.fanout, pullback_interval_s=sync.interval_s)
+        current = getattr(self, "machine", None)
+        if current is None:
+            return ReplicationPolicy(fanout=sync.fanout, pullback_interval_s=sync.interval_s)
+        return dataclasses.replace(current.policy, fanout=sync.fanout, pullback_interval_s=sync.interval_s)
 
     def install(self) -> asyncio.Queue[p2p.GossipMessage]:
         """Register the request handlers and the announcement topic; returns the announcement queue."""

@@ -143,6 +143,7 @@ class FakeHost:
 
     async def request(self, peer: str, protocol: str, data: bytes, *, timeout_s: float) -> bytes:
         self.requests.append((peer, protocol))
+        await asyncio.sleep(0)  # a request always yields to the loop, as real I/O does
         if not self.net.linked(self.peer_id, peer):
             raise p2p.PeerUnreachable(f"not connected to {peer}")
         handler = self.net.hosts[peer].handlers.get(protocol)

@@ -1,0 +1,109 @@
+"""daemon.node.node: founding and joining, the training loop's states, goodbye, status. Whole nodes run
+over an in-memory host with a stand-in trainer (node_testlib), so no sockets and no torch process."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+from node_testlib import FakeNet, FakeTrainer, host_for, running_node, until
+
+from daemon.config import Config
+from daemon.home import Home
+from daemon.node.node import Node, NodeError
+from daemon.status import TrainingState
+
+
+def config(**sections: dict) -> Config:
+    base: dict = {"training": {"max_rounds": 3, "eval_every": 1}, "sync": {"interval_s": 0.05}}
+    for name, values in sections.items():
+        base.setdefault(name, {}).update(values)
+    return Config.from_dict(base)
+
+
+async def test_a_founder_trains_its_rounds_and_reports_them(tmp_path: Path) -> None:
+    net = FakeNet()
+    async with running_node(tmp_path, net, config(node={"run": "r1", "clip_norm": 0.5})) as node:
+        await until(lambda: node.training_state is TrainingState.DONE)
+        status = node.status()
+        genesis = node.parts.replica.state.genesis
+        assert dict(genesis.meta) == {"run": "r1", "task": "stdlib-lm", "clip_norm": "0.5"}
+        assert status.round == 3 and status.contributions == 3 and status.clip_norm == 0.5
+        assert [r.round for r in node.parts.rounds.history] == [1, 2, 3]
+        assert status.initial_eval.contributions == 0 and status.eval.contributions == 3
+        assert node.trainer.commits == 3  # the trainer saved its state after each durable contribution
+        result = await node.export_checkpoint(tmp_path / "model.safetensors")
+        assert result["state_hash"] == status.state_hash and (tmp_path / "model.safetensors").exists()
+
+
+async def test_status_before_the_state_is_loaded_is_an_error(tmp_path: Path) -> None:
+    host = host_for(tmp_path, FakeNet())
+    node = Node(Home(tmp_path), Config(), host=host, trainer=FakeTrainer())  # type: ignore[arg-type]
+    assert node.training_state is TrainingState.STARTING and node.rounds_done == 0
+    with pytest.raises(NodeError, match="not loaded"):
+        node.status()
+    node.store.close()
+
+
+async def test_a_joiner_fetches_the_genesis_and_a_restart_keeps_everything(tmp_path: Path) -> None:
+    net = FakeNet()
+    founder, joiner = tmp_path / "f", tmp_path / "j"
+    net.link(host_for(founder, net).peer_id, host_for(joiner, net).peer_id)
+    join = config(node={"bootstrap": ["/memory/f"]})
+    async with running_node(founder, net, config()) as f:
+        async with running_node(joiner, net, join) as j:
+            await until(lambda: f.status().contributions == 6 and j.status().contributions == 6)
+            assert j.status().genesis == f.status().genesis
+            state_hash = j.status().state_hash
+        async with running_node(joiner, net, join) as j:  # restarted: from its own store, nothing lost
+            assert j.status().state_hash == state_hash and j.status().round == 3
+
+
+async def test_a_genesis_of_another_task_or_run_is_refused(tmp_path: Path) -> None:
+    net = FakeNet()
+    founder, joiner = tmp_path / "f", tmp_path / "j"
+    net.link(host_for(founder, net).peer_id, host_for(joiner, net).peer_id)
+    async with running_node(founder, net, config()):
+        other_task = config(node={"bootstrap": ["/memory/f"]}, training={"task": "digits"})
+        with pytest.raises(NodeError, match="trains task 'stdlib-lm'"):
+            async with running_node(joiner, net, other_task):
+                pass
+    async with running_node(founder, net, config()):
+        pass
+    with pytest.raises(NodeError, match="belongs to run 'default'"):
+        async with running_node(founder, net, config(node={"run": "another"})):
+            pass
+
+
+async def test_pause_resume_and_start_more_rounds(tmp_path: Path) -> None:
+    trainer = FakeTrainer()
+    async with running_node(tmp_path, FakeNet(), config(training={"max_rounds": 1}), trainer=trainer) as node:
+        rounds = node.parts.rounds
+        await until(lambda: node.training_state is TrainingState.DONE)
+        rounds.pause()
+        assert rounds.start(2) == 3  # also resumes
+        await until(lambda: node.status().round == 3 and node.training_state is TrainingState.DONE)
+        rounds.pause()
+        rounds.start(0)
+        trainer.round_gate = gate = asyncio.Event()
+        rounds.pause()
+        gate.set()  # the round in flight finishes; the next one waits for resume
+        await until(lambda: node.training_state is TrainingState.PAUSED)
+        paused_at = node.status().round
+        rounds.resume()
+        gate.set()
+        await until(lambda: node.status().round > paused_at)
+
+
+async def test_a_leaving_node_says_goodbye(tmp_path: Path) -> None:
+    net = FakeNet()
+    a_home, b_home = tmp_path / "a", tmp_path / "b"
+    net.link(host_for(a_home, net).peer_id, host_for(b_home, net).peer_id)
+    join = config(node={"bootstrap": ["/memory/a"]}, training={"enabled": False})
+    async with running_node(a_home, net, config()) as a:
+        async with running_node(b_home, net, join) as b:
+            b_id = b.host.peer_id
+            await until(lambda: b_id in a.status().peer_info)  # a heartbeat made b a known member
+        info = a.status().peer_info[b_id]
+        assert info.training == "leaving"

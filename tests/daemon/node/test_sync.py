@@ -1,0 +1,177 @@
+"""daemon.node.sync: whole nodes over an in-memory network (no sockets): anti-entropy converges, and
+hostile or slow peers cannot hold back the others, get a relayer blamed, or make a node pull forever."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import Iterator
+from pathlib import Path
+
+from node_testlib import FakeNet, Handler, host_for, running_node, signer, until
+
+import crdt
+from daemon.config import Config
+from daemon.node import wire
+from daemon.node.node import Node
+
+
+def config(**training: object) -> Config:
+    return Config.from_dict(
+        {
+            "training": {"max_rounds": 0, "enabled": False, **training},
+            "sync": {"interval_s": 0.05, "request_timeout_s": 30.0},
+        }
+    )
+
+
+def records(node: Node, author: int, seqs: range) -> Iterator[crdt.Contribution]:
+    """Signed records of a stranger author for ``node``'s genesis (small sparse updates), made lazily."""
+    genesis = node.parts.replica.state.genesis
+    n = genesis.fragment_length(0)
+    return (
+        crdt.make_contribution(
+            signer(author),
+            genesis_id=genesis.id,
+            seq=seq,
+            fragment=0,
+            codec="sparse-q8",
+            payload=crdt.encode_payload("sparse-q8", n, [seq % n], [0.01]),
+            weight=1.0,
+            base_version=b"\0" * 32,
+        )
+        for seq in seqs
+    )
+
+
+async def test_three_nodes_converge_on_every_contribution(tmp_path: Path) -> None:
+    net = FakeNet()
+    homes = [tmp_path / name for name in "abc"]
+    peers = [host_for(home, net).peer_id for home in homes]
+    net.link(peers[0], peers[1])
+    net.link(peers[1], peers[2])  # a and c meet only through b
+    trains = config(enabled=True, max_rounds=3)
+    join = trains.with_overrides("node", bootstrap=("/memory/a",))
+    async with (
+        running_node(homes[0], net, trains) as a,
+        running_node(homes[1], net, join) as b,
+        running_node(homes[2], net, join.with_overrides("training", enabled=False)) as c,
+    ):
+        nodes = (a, b, c)
+        await until(lambda: all(n.status().contributions == 6 for n in nodes))
+        await until(lambda: len({n.status().state_hash for n in nodes}) == 1)
+    assert a.status().counters.rejected == 0
+
+
+async def test_a_stalling_peer_does_not_hold_back_an_honest_one(tmp_path: Path) -> None:
+    net = FakeNet()
+    victim_home, honest_home = tmp_path / "victim", tmp_path / "honest"
+    victim, honest = host_for(victim_home, net), host_for(honest_home, net)
+    staller = net.add("12D3KooWstaller")
+    stalled = asyncio.Event()
+
+    async def stall(peer: str, data: bytes) -> bytes:
+        stalled.set()
+        await asyncio.Event().wait()  # never answers (the request times out after 30 s)
+        raise AssertionError
+
+    staller.set_request_handler(wire.SYNC_PROTOCOL, stall)
+    net.link(victim.peer_id, staller.peer_id)
+    net.link(victim.peer_id, honest.peer_id)
+    async with running_node(honest_home, net, config(enabled=True, max_rounds=2)) as h:
+        await until(lambda: h.status().round == 2)
+        join = config().with_overrides("node", bootstrap=("/memory/honest",))
+        async with running_node(victim_home, net, join) as v:
+            await until(stalled.is_set)
+            await until(lambda: v.status().contributions == 2, timeout_s=5.0)  # far below the 30 s stall
+            assert v.status().state_hash == h.status().state_hash
+
+
+async def test_a_peer_that_always_claims_more_cannot_keep_the_others_out(tmp_path: Path) -> None:
+    """With one pull slot, a liar that answers every pull with one new record and "I have a million more"
+    would hold a node's sync forever; the round-trip budget hands the slot to the honest peer."""
+    net = FakeNet()
+    victim_home, honest_home = tmp_path / "victim", tmp_path / "honest"
+    victim, honest = host_for(victim_home, net), host_for(honest_home, net)
+    liar = net.add("12D3KooWliar")
+    net.link(victim.peer_id, honest.peer_id)
+    async with running_node(honest_home, net, config(enabled=True, max_rounds=1)) as h:
+        join = config().with_overrides("node", bootstrap=("/memory/honest",))
+        async with running_node(victim_home, net, join) as v:
+            machine = v.parts.sync.machine
+            machine.policy = dataclasses.replace(machine.policy, parallel=1)  # one slot: they must share it
+            await until(lambda: v.status().version_vector.get(h.host.peer_id) == 1)
+            flood = records(v, author=7, seqs=range(1, 100_000))
+
+            async def one_more_each_time(peer: str, data: bytes) -> bytes:
+                record = next(flood)
+                claim = crdt.VersionVector.from_dict({record.author: 10**6})  # "I have a million"
+                digest = crdt.Digest(claim, "00" * 32, 10**6).encode()
+                return wire.SyncResponse(digest=digest, contributions=(record.encode(),)).encode()
+
+            liar.set_request_handler(wire.SYNC_PROTOCOL, one_more_each_time)
+            net.link(victim.peer_id, liar.peer_id)
+            budget = machine.policy.max_round_trips
+            await until(lambda: sum(p == liar.peer_id for p, _ in victim.requests) > 2 * budget)
+            h.parts.rounds.start(1)  # the honest peer makes one more contribution while the liar floods
+            await until(lambda: v.status().version_vector.get(h.host.peer_id) == 2)
+
+
+async def test_garbage_answers_are_counted_and_penalized_and_foreign_peers_left_alone(tmp_path: Path) -> None:
+    net = FakeNet()
+    home = tmp_path / "victim"
+    victim = host_for(home, net)
+    junk, other_run = net.add("12D3KooWjunk"), net.add("12D3KooWother")
+
+    async def answer_junk(peer: str, data: bytes) -> bytes:
+        return b"\x93not a sync response"
+
+    async def foreign(peer: str, data: bytes) -> bytes:
+        raise wire.ForeignRun("this node serves genesis ffff")
+
+    junk.set_request_handler(wire.SYNC_PROTOCOL, answer_junk)
+    other_run.set_request_handler(wire.SYNC_PROTOCOL, foreign)
+    for host in (junk, other_run):
+        net.link(victim.peer_id, host.peer_id)
+    async with running_node(home, net, config()) as v:
+        machine = v.parts.sync.machine
+        await until(lambda: other_run.peer_id in machine.foreign and junk.peer_id in victim.penalized)
+        assert v.status().counters.rejected_reasons.get("WireError", 0) >= 1
+        asked = sum(1 for peer, _ in victim.requests if peer == other_run.peer_id)
+        await until(lambda: sum(1 for p, _ in victim.requests if p == junk.peer_id) >= 3)  # periods pass
+        assert sum(1 for peer, _ in victim.requests if peer == other_run.peer_id) == asked
+        assert other_run.peer_id not in victim.penalized  # another run is not hostile
+
+
+async def test_an_equivocation_relayed_by_an_honest_peer_is_the_authors_fault(tmp_path: Path) -> None:
+    net = FakeNet()
+    home = tmp_path / "victim"
+    victim = host_for(home, net)
+    relay_a, relay_b = net.add("12D3KooWrelayA"), net.add("12D3KooWrelayB")
+    async with running_node(home, net, config()) as v:
+        genesis = v.parts.replica.state.genesis
+        first = next(records(v, author=9, seqs=range(1, 2)))
+        second = crdt.make_contribution(
+            signer(9), genesis_id=genesis.id, seq=1, fragment=0, codec=first.codec,
+            payload=first.payload, weight=0.5, base_version=first.base_version,
+        )
+
+        def serving(record: crdt.Contribution) -> Handler:
+            async def handler(peer: str, data: bytes) -> bytes:
+                vv = crdt.VersionVector.from_dict({record.author: 1})
+                digest = crdt.Digest(vv, "00" * 32, 1)
+                return wire.SyncResponse(digest=digest.encode(), contributions=(record.encode(),)).encode()
+
+            return handler
+
+        relay_a.set_request_handler(wire.SYNC_PROTOCOL, serving(first))
+        relay_b.set_request_handler(wire.SYNC_PROTOCOL, serving(second))
+        net.link(victim.peer_id, relay_a.peer_id)
+        await until(lambda: v.status().contributions == 1)
+        net.link(victim.peer_id, relay_b.peer_id)
+        await until(lambda: v.status().counters.equivocations == 1)
+        status = v.status()
+        author = next(iter(status.equivocators))
+        assert status.equivocators[author] == [1] and author in status.suspects
+        assert victim.penalized == []  # neither relayer is blamed
+        assert "ConflictError" not in status.counters.rejected_reasons
