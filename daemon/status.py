@@ -137,7 +137,8 @@ class NatStatus(_Record):
     connections: dict[str, str] = msgspec.field(default_factory=dict)
     relay_addrs: list[str] = msgspec.field(default_factory=list)
     relays: list[str] = msgspec.field(default_factory=list)
-    autonat_verdicts: dict[str, str] = msgspec.field(default_factory=dict)
+    autonat_verdicts: dict[str, bool] = msgspec.field(default_factory=dict)
+    """AutoNAT server -> whether its dial-back reached us."""
     relay_service: bool = False
     use_relays: bool = False
     hole_punch: bool = False

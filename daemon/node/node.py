@@ -213,6 +213,9 @@ class Node:
                         peer, wire.GENESIS_PROTOCOL, request, timeout_s=self.config.sync.request_timeout_s
                     )
                     genesis = crdt.Genesis.decode(data)
+                except p2p.ProtocolNotSupported:
+                    log.info("peer has no genesis to serve yet peer=%s", peer)  # a joiner itself
+                    continue
                 except (p2p.P2PError, crdt.CrdtError) as exc:
                     log.warning("genesis fetch failed peer=%s error=%s", peer, exc)
                     continue
