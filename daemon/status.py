@@ -7,9 +7,9 @@ of them reads attributes of these classes, never string keys of a dict, so renam
 at once (``tests/daemon/test_status.py`` runs each consumer on a real node's status and checks the OpenAPI
 schema lists exactly these fields).
 
-msgspec does the JSON work: ``to_json`` for the API, ``convert`` (with type checks) for clients. Fields
-that are absent until something happens (an evaluation, a limit) are left out of the JSON when they hold
-their default (``omit_defaults``), so an evaluation not yet run reads as ``{}``.
+msgspec does the JSON work: ``to_json`` for the API, ``convert`` (with type checks) for clients. Every
+field is always present, except in an :class:`Evaluation`, whose unset metrics are left out (an
+evaluation not yet run reads as ``{}``).
 
 This module is imported by the CLI: it must stay cheap (no torch, no libp2p).
 
@@ -64,8 +64,8 @@ class TrainingState(enum.StrEnum):
     """Shutting down (the last heartbeat a node sends says so)."""
 
 
-class _Record(msgspec.Struct, kw_only=True, omit_defaults=True):
-    """Base of every status record: keyword-only, defaults omitted from JSON."""
+class _Record(msgspec.Struct, kw_only=True):
+    """Base of every status record: keyword-only fields."""
 
 
 class Counters(_Record):
@@ -90,8 +90,9 @@ class Counters(_Record):
     """Authors caught signing two records for one seq (proofs kept in the store)."""
 
 
-class Evaluation(_Record):
-    """Validation metrics of the merged model, and which state they were computed on."""
+class Evaluation(_Record, omit_defaults=True):
+    """Validation metrics of the merged model, and which state they were computed on (``{}`` before the
+    first evaluation: unset fields are left out)."""
 
     state_hash: str | None = None
     contributions: int | None = None
@@ -168,7 +169,7 @@ class ConfigStatus(_Record):
     sync_interval_s: float
 
 
-class Status(_Record, omit_defaults=False):
+class Status(_Record):
     """``GET /v1/status``: one node, now. Every field is always present in the JSON."""
 
     peer_id: str

@@ -31,6 +31,7 @@ def test_status_survives_json_both_ways(node_status: Status) -> None:
     data = _over_the_wire(node_status)
     assert parse_status(data) == node_status
     assert data["eval"]["contributions"] == 4 and data["training"] == "done"
+    assert data["counters"]["rejected"] == 0 and data["counters"]["equivocations"] == 0  # zeros are shown
     with pytest.raises(msgspec.ValidationError, match="round"):
         parse_status({**data, "round": "three"})
 
