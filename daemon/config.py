@@ -7,7 +7,8 @@ silently falls back to a default is the worst kind of configuration bug.
 The ``[diloco]`` table is handed to :class:`training.DilocoConfig` as keyword arguments, which validates
 it; this module only checks that it is a table, so training owns its own knobs.
 
-Command-line flags override the file (see ``daemon.cli``); ``Config.replace`` builds the merged value.
+Command-line flags override the file (see ``daemon.cli.local_commands``); ``Config.with_overrides`` builds
+the merged value.
 """
 
 from __future__ import annotations

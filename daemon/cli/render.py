@@ -1,6 +1,6 @@
 """Human output of the CLI (rich): status, peers, limits, log lines; and parsing of human byte rates.
 
-Kept apart from ``daemon.cli`` so the command definitions stay a thin layer over the control API, and
+Kept apart from the command modules so the command definitions stay a thin layer over the control API, and
 so the look of the output can change without touching the commands. ``--json`` output never comes
 through here.
 """
