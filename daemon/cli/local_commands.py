@@ -7,8 +7,9 @@ from typing import Any
 
 import click
 
-from daemon.cli.common import console, echo_json, fail, home_of, home_option, json_option
-from daemon.config import ConfigError, render_config
+from daemon.cli.common import EXIT_FAILED, console, echo_json, fail, home_of, home_option, json_option
+from daemon.config import EX_CONFIG, ConfigError
+from daemon.config_template import render_config
 
 __all__ = ["daemon", "init", "swarm_key_group"]
 
@@ -35,13 +36,17 @@ def init(
     from daemon.service.auth import load_or_create_token
 
     node_home = home_of(home)
-    node_home.create()
-    if node_home.config_file.exists() and not force:
-        fail(f"{node_home.config_file} exists (use --force to overwrite)", as_json=as_json)
     options: dict[str, Any] = {"run": run, "bootstrap": bootstrap, "task": task}
     if listen:
         options["listen"] = listen
-    node_home.config_file.write_text(render_config(**options))
+    try:
+        text = render_config(**options)
+    except ConfigError as exc:  # a bad --run, --listen, --bootstrap: nothing is written
+        raise click.BadParameter(str(exc)) from exc
+    node_home.create()
+    if node_home.config_file.exists() and not force:
+        fail(f"{node_home.config_file} exists (use --force to overwrite)", as_json=as_json)
+    node_home.config_file.write_text(text)
     identity = p2p.load_or_create_identity(node_home.identity_file)
     # The TCP control listener's token (used only if [api] tcp_listen is set; 0600, see SECURITY.md).
     load_or_create_token(node_home.path / node_home.load_config().api.token_file)
@@ -104,12 +109,21 @@ def daemon(
     try:
         config = load()
     except ConfigError as exc:
-        fail(str(exc))
+        fail(str(exc), EX_CONFIG)  # systemd does not restart on it (RestartPreventExitStatus)
     configure_logging(config.log.level)
     try:
         run_daemon(node_home, config, reload_config=load)
     except Exception as exc:
-        fail(f"daemon failed: {_describe(exc)}")
+        fail(f"daemon failed: {_describe(exc)}", EX_CONFIG if _is_config_error(exc) else EXIT_FAILED)
+
+
+def _is_config_error(exc: BaseException) -> bool:
+    """A failure the configuration caused (a restart would fail the same way)."""
+    import p2p
+
+    if isinstance(exc, BaseExceptionGroup):
+        return all(_is_config_error(e) for e in exc.exceptions)
+    return isinstance(exc, ConfigError | p2p.SwarmKeyError)
 
 
 def _describe(exc: BaseException) -> str:

@@ -12,7 +12,6 @@ for a log-level tweak; a real restart is one ``systemctl restart`` away when it 
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -51,14 +50,13 @@ class ReloadReport:
 
 
 def _flatten(config: Config) -> dict[str, Any]:
+    """``section.key`` -> value for every key of every table (``diloco`` and ``task`` as whole tables)."""
     flat: dict[str, Any] = {}
-    for f in dataclasses.fields(config):
-        value = getattr(config, f.name)
-        if dataclasses.is_dataclass(value):
-            for sub in dataclasses.fields(value):
-                flat[f"{f.name}.{sub.name}"] = getattr(value, sub.name)
+    for section, values in config.to_dict().items():
+        if section in ("diloco", "task"):
+            flat[section] = values
         else:
-            flat[f.name] = value
+            flat.update({f"{section}.{key}": value for key, value in values.items()})
     return flat
 
 

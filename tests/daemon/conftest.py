@@ -23,8 +23,9 @@ async def node_status(tmp_path: Path) -> AsyncIterator[Status]:
     trained 2 rounds too and merged everything."""
     net = FakeNet()
     config = Config.from_dict({"training": {"max_rounds": 2, "eval_every": 1}, "sync": {"interval_s": 0.05}})
-    joiner = config.with_overrides("node", bootstrap=("/memory/a",))
-    net.link(host_for(tmp_path / "a", net).peer_id, host_for(tmp_path / "b", net).peer_id)
+    founder = host_for(tmp_path / "a", net)
+    joiner = config.with_overrides("node", bootstrap=(founder.addr,))
+    net.link(founder.peer_id, host_for(tmp_path / "b", net).peer_id)
     async with running_node(tmp_path / "a", net, config) as a, running_node(tmp_path / "b", net, joiner) as b:
         await until(lambda: a.status().contributions == 4 and b.status().contributions == 4)
         await until(lambda: a.status().eval.contributions == 4)

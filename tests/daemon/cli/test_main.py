@@ -33,7 +33,7 @@ def test_status_without_daemon_says_so(tmp_path: Path) -> None:
 def test_bad_config_is_reported_by_daemon(tmp_path: Path) -> None:
     (tmp_path / "config.toml").write_text("[training]\nthreads = 'many'\n")
     result = CliRunner().invoke(main, ["daemon", "--home", str(tmp_path)])
-    assert result.exit_code == 1
+    assert result.exit_code == 78  # EX_CONFIG: the unit's RestartPreventExitStatus stops a restart loop
     assert "training.threads must be an integer" in result.output
 
 

@@ -164,7 +164,12 @@ class FakeHost:
         return sorted(p for p in self.net.hosts if p != self.peer_id and self.net.linked(self.peer_id, p))
 
     def listen_addrs(self) -> list[str]:
-        return [f"/memory/{self.peer_id}"]
+        return [self.addr]
+
+    @property
+    def addr(self) -> str:
+        """A multiaddr for this host, for other nodes' ``[node] bootstrap`` (only its peer id matters)."""
+        return f"/ip4/127.0.0.1/tcp/1/p2p/{self.peer_id}"
 
     def stats(self) -> dict[str, Any]:
         return {"bytes_sent": self.bytes_sent, "bytes_received": self.bytes_received}

@@ -50,7 +50,7 @@ async def test_a_joiner_fetches_the_genesis_and_a_restart_keeps_everything(tmp_p
     net = FakeNet()
     founder, joiner = tmp_path / "f", tmp_path / "j"
     net.link(host_for(founder, net).peer_id, host_for(joiner, net).peer_id)
-    join = config(node={"bootstrap": ["/memory/f"]})
+    join = config(node={"bootstrap": [host_for(founder, net).addr]})
     async with running_node(founder, net, config()) as f:
         async with running_node(joiner, net, join) as j:
             await until(lambda: f.status().contributions == 6 and j.status().contributions == 6)
@@ -65,7 +65,7 @@ async def test_a_genesis_of_another_task_or_run_is_refused(tmp_path: Path) -> No
     founder, joiner = tmp_path / "f", tmp_path / "j"
     net.link(host_for(founder, net).peer_id, host_for(joiner, net).peer_id)
     async with running_node(founder, net, config()):
-        other_task = config(node={"bootstrap": ["/memory/f"]}, training={"task": "digits"})
+        other_task = config(node={"bootstrap": [host_for(founder, net).addr]}, training={"task": "digits"})
         with pytest.raises(NodeError, match="trains task 'stdlib-lm'"):
             async with running_node(joiner, net, other_task):
                 pass
@@ -100,7 +100,7 @@ async def test_a_leaving_node_says_goodbye(tmp_path: Path) -> None:
     net = FakeNet()
     a_home, b_home = tmp_path / "a", tmp_path / "b"
     net.link(host_for(a_home, net).peer_id, host_for(b_home, net).peer_id)
-    join = config(node={"bootstrap": ["/memory/a"]}, training={"enabled": False})
+    join = config(node={"bootstrap": [host_for(a_home, net).addr]}, training={"enabled": False})
     async with running_node(a_home, net, config()) as a:
         async with running_node(b_home, net, join) as b:
             b_id = b.host.peer_id

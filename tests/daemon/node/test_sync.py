@@ -51,7 +51,7 @@ async def test_three_nodes_converge_on_every_contribution(tmp_path: Path) -> Non
     net.link(peers[0], peers[1])
     net.link(peers[1], peers[2])  # a and c meet only through b
     trains = config(enabled=True, max_rounds=3)
-    join = trains.with_overrides("node", bootstrap=("/memory/a",))
+    join = trains.with_overrides("node", bootstrap=(net.hosts[peers[0]].addr,))
     async with (
         running_node(homes[0], net, trains) as a,
         running_node(homes[1], net, join) as b,
@@ -80,7 +80,7 @@ async def test_a_stalling_peer_does_not_hold_back_an_honest_one(tmp_path: Path) 
     net.link(victim.peer_id, honest.peer_id)
     async with running_node(honest_home, net, config(enabled=True, max_rounds=2)) as h:
         await until(lambda: h.status().round == 2)
-        join = config().with_overrides("node", bootstrap=("/memory/honest",))
+        join = config().with_overrides("node", bootstrap=(honest.addr,))
         async with running_node(victim_home, net, join) as v:
             await until(stalled.is_set)
             await until(lambda: v.status().contributions == 2, timeout_s=5.0)  # far below the 30 s stall
@@ -96,7 +96,7 @@ async def test_a_peer_that_always_claims_more_cannot_keep_the_others_out(tmp_pat
     liar = net.add("12D3KooWliar")
     net.link(victim.peer_id, honest.peer_id)
     async with running_node(honest_home, net, config(enabled=True, max_rounds=1)) as h:
-        join = config().with_overrides("node", bootstrap=("/memory/honest",))
+        join = config().with_overrides("node", bootstrap=(honest.addr,))
         async with running_node(victim_home, net, join) as v:
             machine = v.parts.sync.machine
             machine.policy = dataclasses.replace(machine.policy, parallel=1)  # one slot: they must share it

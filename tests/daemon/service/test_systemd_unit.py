@@ -40,6 +40,9 @@ def test_unit_declares_the_service_contract() -> None:
     text = UNIT.read_text()
     for line in ("Type=notify", "ExecReload=/bin/kill -HUP $MAINPID", "KillSignal=SIGTERM", "WatchdogSec="):
         assert line in text
+    from daemon.config import EX_CONFIG
+
+    assert f"RestartPreventExitStatus={EX_CONFIG}" in text, "a config error must not restart-loop"
     stop = int(re.search(r"^TimeoutStopSec=(\d+)", text, re.M).group(1))
     from daemon.service.service import SHUTDOWN_TIMEOUT_S
 

@@ -1,0 +1,145 @@
+"""The commented ``config.toml`` that ``meshtrain init`` writes: every key with its default and a line on
+what it does (the keys themselves are defined and validated in ``daemon.config``)."""
+
+from __future__ import annotations
+
+import tomllib
+
+import tomli_w
+
+from daemon.config import Config, NodeConfig, TrainingConfig
+
+__all__ = ["render_config"]
+
+CONFIG_TEMPLATE = """\
+# meshtrain node configuration. Every key is optional; the values shown are the defaults.
+# Flags given to `meshtrain daemon` override this file.
+
+[node]
+# Name of the training run: peers of one run find each other and share one model.
+run = {run}
+# Multiaddrs to listen on (port 0: the OS chooses).
+listen = {listen}
+# Peers to join through, e.g. "/ip4/192.0.2.7/tcp/4001/p2p/12D3Koo...". Empty: this node founds the run.
+bootstrap = {bootstrap}
+# The run's genesis id (`meshtrain invite` carries it): a joiner accepts no other. Empty: take what the
+# bootstrap peers serve (or found the run).
+genesis = {genesis}
+# Find peers of the run on the local network by multicast DNS.
+mdns = false
+# Private run: path (relative to this dir) of a swarm key made by `meshtrain swarm-key generate FILE`.
+# swarm_key = "swarm.key"
+# Only these peer ids may connect (empty: anyone holding the swarm key, or anyone if there is none).
+# allow_peers = ["12D3Koo..."]
+# NAT traversal (`meshtrain doctor` explains what to do behind NAT). Learn our reachability (AutoNAT):
+autonat = true
+# Relay for peers behind NAT (public nodes): relay_service = true
+relay_service = false
+# Behind NAT: reserve a slot on a relay and advertise the relayed address; hole punch to direct.
+use_relays = true
+hole_punch = true
+# Robust aggregation, fixed in the genesis when this node founds the run: clip every contribution's
+# weighted L2 norm to this (a few times the honest update norm; see SECURITY.md). 0: off.
+clip_norm = 0.0
+
+[training]
+# Train locally (a node with training off still merges and serves the model).
+enabled = true
+# "stdlib-lm" (byte-level transformer on Python's own source), "digits" (tiny, fast), or "pkg.mod:factory".
+task = {task}
+# Stop local training after this many rounds (0: train until stopped).
+max_rounds = {max_rounds}
+# CPU threads for the training process.
+threads = 1
+# Evaluate the merged model every this many local rounds.
+eval_every = 5
+# Data shard of this node (-1: derived from the peer id) out of num_shards.
+shard = -1
+num_shards = 4
+# Train this many times slower than the hardware allows (idle between rounds), e.g. 2.0 on a shared desktop.
+slowdown = 1.0
+
+[sync]
+# Anti-entropy period in seconds, and the most contributions shipped per response.
+interval_s = 2.0
+max_batch = 64
+# Random peers pulled from per period: keeps each node's control traffic flat as the mesh grows.
+fanout = 3
+request_timeout_s = 30.0
+# Snapshot (and compact history every known peer already has) after this many new contributions.
+snapshot_every = 256
+
+[api]
+# Control socket (mode 0600), relative to the home dir.
+socket = "control.sock"
+# Optional TCP control listener, e.g. "127.0.0.1:8466" (loopback only unless tcp_allow_remote = true).
+# Every request must send "Authorization: Bearer <the token in token_file>" (made 0600 by `meshtrain init`).
+tcp_listen = ""
+token_file = "api.token"
+
+[log]
+# DEBUG, INFO, WARNING or ERROR. `systemctl reload meshtrain` (SIGHUP) applies a change.
+level = "INFO"
+
+[limits]
+# Cap on bytes/s sent to peers in sync traffic (0: no cap). Reloaded on SIGHUP; also `meshtrain limits`.
+bandwidth_bytes_per_s = 0
+
+[metrics]
+# Prometheus metrics at http://<listen>/metrics. Another host than loopback exposes them to the network.
+enabled = false
+listen = "127.0.0.1:9464"
+
+[dashboard]
+# Read-only web page (peers, loss curves, bytes) at http://<listen>/. Loopback only.
+enabled = false
+listen = "127.0.0.1:8465"
+
+[task]
+# Options of the task's model and data, e.g. for stdlib-lm (`meshtrain task options stdlib-lm` lists them):
+# n_layer = 4
+# n_embd = 128
+
+[diloco]
+# Passed to training.DilocoConfig, e.g.:
+# inner_steps = 20
+# codec = "sparse-q8"    # or dense-f32, dense-bf16, sparse-f32, sparse-q4, sparse-q2, dct-q8
+# topk_density = 0.02
+"""
+
+
+def render_config(
+    *,
+    run: str = "default",
+    listen: tuple[str, ...] = NodeConfig().listen,
+    bootstrap: tuple[str, ...] = (),
+    task: str = TrainingConfig().task,
+    max_rounds: int = 0,
+    genesis: str = "",
+) -> str:
+    """The commented config file that ``meshtrain init`` writes.
+
+    Raises:
+        ConfigError: an argument is not a valid value (say, a run name with a quote in it); checked
+            before rendering, so a value can never break the TOML.
+    """
+    node = {"run": run, "listen": list(listen), "bootstrap": list(bootstrap), "genesis": genesis}
+    Config.from_dict({"node": node, "training": {"task": task, "max_rounds": max_rounds}})
+    text = CONFIG_TEMPLATE.format(
+        run=_toml_string(run),
+        listen=_toml_list(listen),
+        bootstrap=_toml_list(bootstrap),
+        task=_toml_string(task),
+        genesis=_toml_string(genesis),
+        max_rounds=max_rounds,
+    )
+    Config.from_dict(tomllib.loads(text))  # what init writes must load
+    return text
+
+
+def _toml_list(items: tuple[str, ...]) -> str:
+    return "[" + ", ".join(_toml_string(item) for item in items) + "]"
+
+
+def _toml_string(value: str) -> str:
+    return tomli_w.dumps({"v": value}).partition("=")[2].strip()
