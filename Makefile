@@ -5,7 +5,7 @@ PYTEST := $(PY) -m pytest
 # CPU build from local disk where available; never pulled when torch already imports.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup demo test test-slow test-netns test-all lint bench clean
+.PHONY: setup demo test test-slow test-netns test-all lint bench clean openapi
 
 setup: $(VENV)/.installed
 
@@ -43,6 +43,11 @@ bench: setup
 	$(PY) bench/bench_gossip.py
 	$(PY) bench/bench_scale.py
 	$(PY) -m bench.convergence
+
+# After changing daemon/status.py: regenerate the status schemas at the end of the OpenAPI document.
+openapi: setup
+	$(PY) -c "from pathlib import Path; from daemon.status import openapi_yaml; \
+	p = Path('daemon/service/openapi.yaml'); p.write_text(openapi_yaml(p.read_text()))"
 
 clean:
 	rm -rf $(VENV) .demo .pytest_cache

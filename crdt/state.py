@@ -236,12 +236,22 @@ class ModelState:
         return [self._log[a][s] for s, a in picks[:max(max_count, 0)]]
 
     # -- write side ------------------------------------------------------------------------------------
-    def apply(self, c: Contribution, *, observe: Observer | None = None) -> ApplyOutcome:
+    def apply(
+        self,
+        c: Contribution,
+        *,
+        observe: Observer | None = None,
+        before_commit: Callable[[Contribution], None] | None = None,
+    ) -> ApplyOutcome:
         """Verify and apply (or buffer) one contribution.
 
         ``observe`` is called with every contribution this call applies (``c``, and buffered successors
         it unblocks) and its decoded ``(indices, values)``, so a caller that inspects updates (the
         daemon's suspect tracker) does not decode the payload a second time.
+
+        ``before_commit`` is called with ``c`` once every check has passed and before the state changes
+        (not for duplicates); if it raises, the state is unchanged. The daemon logs ``c`` durably there,
+        so a full disk refuses a contribution instead of leaving one in memory that its log lacks.
 
         Raises:
             ValidationError: bad fields or payload, norm too large (see Limits).
@@ -264,7 +274,7 @@ class ModelState:
             raise ConflictError(f"contribution: author equivocated at seq {seq}", (known, c))
         c.verify(self._limits)
         if seq == have + 1:
-            self._add(c, observe)
+            self._add(c, observe, before_commit)
             self._drain(author, observe)
             return ApplyOutcome.APPLIED
         c.validate_against(self._genesis, self._limits)  # buffer only contributions that will apply
@@ -274,12 +284,21 @@ class ModelState:
                 f"(limit {self._limits.max_buffered_gap})")
         if self._pending_count >= self._limits.max_buffered_total:
             raise GapTooLargeError(f"contribution: buffer full ({self._limits.max_buffered_total})")
+        if before_commit is not None:
+            before_commit(c)
         self._pending.setdefault(author, {})[seq] = c
         self._pending_count += 1
         return ApplyOutcome.BUFFERED
 
-    def _add(self, c: Contribution, observe: Observer | None = None) -> None:
+    def _add(
+        self,
+        c: Contribution,
+        observe: Observer | None = None,
+        before_commit: Callable[[Contribution], None] | None = None,
+    ) -> None:
         indices, values = c.validate_against(self._genesis, self._limits)
+        if before_commit is not None:
+            before_commit(c)
         if observe is not None:
             observe(c, indices, values)
         start = self._genesis.fragments[c.fragment][0]

@@ -39,6 +39,7 @@ __all__ = [
     "Status",
     "TrainingState",
     "openapi_schemas",
+    "openapi_yaml",
     "parse_status",
     "to_json",
 ]
@@ -88,6 +89,8 @@ class Counters(_Record):
     snapshots_served: int = 0
     equivocations: int = 0
     """Authors caught signing two records for one seq (proofs kept in the store)."""
+    refused_disk_full: int = 0
+    """Contributions refused because the store could not log them (a full disk)."""
 
 
 class Evaluation(_Record, omit_defaults=True):
@@ -216,6 +219,8 @@ class Status(_Record):
     """Peers holding our version vector with another state hash."""
     clip_norm: float | None
     """The run's norm clip, fixed by its genesis (None: off or not loaded)."""
+    disk_full: bool
+    """The store could not log the last contribution: new ones are refused until there is room."""
     uptime_s: float
     limits: LimitsStatus
     config: ConfigStatus
@@ -274,6 +279,25 @@ def openapi_schemas() -> dict[str, Any]:
             if (name, key) in docs:
                 prop["description"] = docs[name, key]
     return components
+
+
+OPENAPI_MARKER = "    # Generated from daemon/status.py"
+
+
+def openapi_yaml(document: str) -> str:
+    """``document`` (the text of ``daemon/service/openapi.yaml``) with its generated schemas, which end the
+    file after OPENAPI_MARKER, replaced by the current ones (``make openapi`` writes it back)."""
+    import yaml  # only for this developer command: the CLI never pays for it
+
+    head = document[: document.index(OPENAPI_MARKER)]
+    body = yaml.safe_dump(openapi_schemas(), sort_keys=False, width=110, default_flow_style=None)
+    return (
+        head
+        + OPENAPI_MARKER
+        + " by openapi_schemas(); `make openapi` rewrites them and tests/daemon/test_status.py\n"
+        + "    # fails when they differ.\n"
+        + "".join(f"    {line}\n" for line in body.splitlines())
+    )
 
 
 def _field_docs() -> dict[tuple[str, str], str]:

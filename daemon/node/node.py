@@ -303,6 +303,7 @@ class Node:
             equivocators={a: sorted(s) for a, s in sorted(replica.equivocators.items())},
             diverged_from=sorted(sync.machine.diverged),
             clip_norm=state.limits.clip_norm,  # fixed by the genesis (SECURITY.md)
+            disk_full=replica.disk_full,
             uptime_s=round(time.time() - self.started_at, 3),
             limits=LimitsStatus(**self.limits.as_dict(), waited_s=round(self.limits.bucket.waited_s, 3)),
             config=ConfigStatus(

@@ -20,6 +20,11 @@ A replica too far behind a peer (the peer compacted what it lacks) adopts the pe
 :meth:`adopt`, only if that loses nothing: every contribution it holds that the snapshot lacks must still
 be retained here, to be applied on top. What it retained below the snapshot stays servable history.
 
+A full disk is a state, not a crash: ``crdt.ModelState.apply`` logs the record (``before_commit``) before
+it changes the state, so a failed append refuses the contribution (:class:`DiskFull`, counted) and leaves
+memory and log in step. Sync stops pulling and training waits while :attr:`Replica.disk_full` holds;
+the node keeps serving what it has, and the next append that succeeds clears it.
+
 No networking and no clock: ``daemon/node/sync.py`` and ``daemon/node/rounds.py`` drive it. The only
 I/O is the store's.
 """
@@ -37,9 +42,16 @@ from daemon.node.store import Store
 from daemon.node.suspects import SuspectTracker
 from daemon.status import Counters
 
-__all__ = ["Replica"]
+__all__ = ["DiskFull", "Replica"]
 
 log = logging.getLogger(__name__)
+
+#: Free space that counts as "room again" after a full disk: a few records and a rewritten log.
+DISK_ROOM_BYTES = 64 * 2**20
+
+
+class DiskFull(Exception):
+    """The store cannot write (ENOSPC, EDQUOT, EIO): the contribution was refused, nothing changed."""
 
 
 class Replica:
@@ -59,6 +71,8 @@ class Replica:
             self.equivocators.setdefault(_peer(first.author), set()).add(first.seq)
         self.on_change: Callable[[], None] = lambda: None
         """Called after the model changed (a contribution applied, a snapshot adopted)."""
+        self.disk_full = False
+        """The last write to the store failed; cleared by the next one that succeeds."""
         self._since_snapshot = 0
 
     @classmethod
@@ -83,25 +97,38 @@ class Replica:
         """Apply, then log durably; snapshot and compact every ``snapshot_every`` new contributions.
 
         Raises:
+            DiskFull: the store could not log it; nothing changed (counted).
             crdt.ConflictError: the author equivocated; the proof is kept and the author named (the peer
                 that relayed the record is not to blame, so callers go on).
             crdt.CrdtError: the contribution is invalid here (nothing was logged).
         """
         try:
-            outcome = self.state.apply(contribution, observe=self._observe)
+            outcome = self.state.apply(contribution, observe=self._observe, before_commit=self.store.append)
         except crdt.ConflictError as exc:
             self._note_equivocation(exc)
             raise
+        except OSError as exc:
+            self.counters.refused_disk_full += 1
+            if not self.disk_full:
+                log.error("cannot log contributions, refusing them until the disk has room error=%s", exc)
+            self.disk_full = True
+            raise DiskFull(str(exc)) from exc
         if outcome is crdt.ApplyOutcome.DUPLICATE:
             self.counters.duplicates += 1
             return outcome
+        if self.disk_full:
+            log.warning("the store is writable again; accepting contributions")
+            self.disk_full = False
         self.counters.accepted += 1
-        self.store.append(contribution)
         self._since_snapshot += 1
         if self._since_snapshot >= self.snapshot_every:
             self.snapshot_and_compact()
         self.on_change()
         return outcome
+
+    def can_write(self) -> bool:
+        """False while the disk is full and has not got room again (then pulls and rounds wait)."""
+        return not self.disk_full or self.store.free_bytes() >= DISK_ROOM_BYTES
 
     def reject(self, reason: Exception) -> None:
         """Count refused input from a peer, by exception type (``status.counters.rejected_reasons``)."""
@@ -138,12 +165,25 @@ class Replica:
         self.peer_vectors[peer] = vector
 
     def snapshot_and_compact(self) -> int:
-        """Persist a snapshot and forget the history every known member holds. Returns records dropped."""
-        snapshot = self.state.snapshot()
-        self.store.write_peer_vectors(self.peer_vectors)  # before compacting by them: see the store
-        floor = crdt.retention_floor(snapshot.version_vector, self.peer_vectors.values())
-        dropped = self.state.compact(floor) if self.peer_vectors else 0
-        self.store.write_snapshot(snapshot, floor=self.state.retention_floor)
+        """Persist a snapshot and forget the history every known member holds. Returns records dropped.
+
+        A write that fails (a full disk) compacts nothing, and the next contribution tries again."""
+        state = self.state
+        snapshot = state.snapshot()
+        vv, held = state.version_vector, state.retention_floor
+        members = crdt.retention_floor(vv, self.peer_vectors.values()) if self.peer_vectors else held
+        # The floor after compacting: per author, the members' floor where it is above what we hold.
+        after = crdt.VersionVector.from_dict(
+            {a: max(held.get(a), min(members.get(a), s)) for a, s in vv.items()}
+        )
+        try:
+            self.store.write_peer_vectors(self.peer_vectors)  # before compacting by them: see the store
+            self.store.write_snapshot(snapshot, floor=after)
+        except OSError as exc:
+            log.error("snapshot not written, nothing compacted error=%s", exc)
+            self.disk_full = True
+            return 0
+        dropped = state.compact(members)
         self._since_snapshot = 0
         self.counters.snapshots_written += 1
         log.info(

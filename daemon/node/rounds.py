@@ -30,7 +30,7 @@ import crdt
 import p2p
 from daemon.config import TrainingConfig
 from daemon.node.byzantine import byzantine_round
-from daemon.node.replica import Replica
+from daemon.node.replica import DiskFull, Replica
 from daemon.node.trainer_process import TrainerProcess
 from daemon.status import Evaluation, RoundRecord, TrainingState
 
@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 
 HISTORY_LIMIT = 10_000  # per-round telemetry records kept in memory for status and plots
 EVAL_DEBOUNCE_S = 0.5  # after the model changes, wait a little: a pull usually brings a batch
+DISK_RECHECK_S = 5.0  # how often a node whose disk is full looks for room again
 
 
 class Rounds:
@@ -138,6 +139,8 @@ class Rounds:
                 self.state = TrainingState.PAUSED
                 await self._resume.wait()
                 self.state = TrainingState.RUNNING
+            while not self.replica.can_write():  # a round's contribution could not be logged
+                await asyncio.sleep(DISK_RECHECK_S)
             await self._one_round()
 
     async def _one_round(self) -> None:
@@ -170,7 +173,12 @@ class Rounds:
             base_version=base_vv.digest(),
         )
         merge_started = time.perf_counter()
-        self.replica.accept(contribution)
+        try:
+            self.replica.accept(contribution)
+        except DiskFull:
+            # Never logged, never announced: this seq is signed again by a later round, safely. The
+            # training process keeps what the round did to its residuals (error feedback loses them).
+            return
         self.timing("merge", time.perf_counter() - merge_started)
         await self.trainer.commit()
         await self.announce(contribution)

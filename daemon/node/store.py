@@ -126,9 +126,11 @@ class Store:
         """Flush and release the directory. Idempotent."""
         if self._lock_fd < 0:
             return
-        self._wal.close()
-        os.close(self._lock_fd)
-        self._lock_fd = -1
+        try:
+            self._wal.close()
+        finally:  # a close that fails (a full disk) must still release the directory
+            os.close(self._lock_fd)
+            self._lock_fd = -1
 
     def __enter__(self) -> Store:
         return self
@@ -230,12 +232,31 @@ class Store:
         return path
 
     def append(self, contribution: crdt.Contribution) -> None:
-        """Append one contribution and fsync (durable when this returns)."""
+        """Append one contribution and fsync (durable when this returns).
+
+        Raises:
+            OSError: the write or the fsync failed (a full disk: ENOSPC). The log is cut back to where it
+                was, so the next append does not follow a torn record; nothing was appended.
+        """
         raw = contribution.encode()
-        self._wal.write(crdt.frame_record(raw))
-        self._wal.flush()
-        os.fsync(self._wal.fileno())
+        end = self._wal.tell()
+        try:
+            self._wal.write(crdt.frame_record(raw))
+            self._wal.flush()
+            os.fsync(self._wal.fileno())
+        except OSError:
+            self._reopen_at(end)
+            raise
         self._records.append(raw)
+
+    def _reopen_at(self, end: int) -> None:
+        """After a failed append: drop the buffered bytes and cut the file back to ``end``. If even that
+        fails, the torn tail is what recovery truncates at the next start."""
+        with contextlib.suppress(OSError):
+            self._wal.close()  # flushing the rest fails too, and is what we want to drop
+        self._wal = open(self.path / _WAL_FILE, "ab")  # noqa: SIM115 - owned until close()
+        with contextlib.suppress(OSError):
+            os.truncate(self.path / _WAL_FILE, end)
 
     def write_peer_vectors(self, vectors: dict[str, crdt.VersionVector]) -> None:
         """Persist what each member is known to hold, atomically. Compaction must never forget a member
@@ -282,6 +303,11 @@ class Store:
         self._wal = open(wal, "ab")  # noqa: SIM115 - owned until close()
         self._records = keep
         return dropped
+
+    def free_bytes(self) -> int:
+        """Bytes an unprivileged writer may still use on the store's file system."""
+        stat = os.statvfs(self.path)
+        return stat.f_bavail * stat.f_frsize
 
     @property
     def wal_records(self) -> int:

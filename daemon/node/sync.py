@@ -31,7 +31,7 @@ import p2p
 from daemon.config import SyncConfig
 from daemon.node import wire
 from daemon.node.limits import Limits
-from daemon.node.replica import Replica
+from daemon.node.replica import DiskFull, Replica
 from daemon.node.replication import Action, ActionKind, Replication, ReplicationPolicy
 
 __all__ = ["Sync"]
@@ -221,6 +221,9 @@ class Sync:
             self._wakeup.set()
 
     async def _pull_once(self, peer: str) -> Action | None:
+        if not self.replica.can_write():  # a full disk: pull nothing we could not log
+            self.machine.failed(peer)
+            return None
         state = self.replica.state
         self.replica.counters.pulls += 1
         try:
@@ -248,6 +251,9 @@ class Sync:
                 progressed |= self._accept(encoded) is not crdt.ApplyOutcome.DUPLICATE
             except crdt.ConflictError:
                 continue  # the author equivocated (proof kept by the replica); the relayer is not to blame
+            except DiskFull:
+                self.machine.failed(peer)  # not the peer's fault; the rest comes once there is room
+                return None
             except crdt.CrdtError as exc:
                 self.reject(peer, exc)
                 self.machine.failed(peer)

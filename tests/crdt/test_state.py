@@ -208,3 +208,25 @@ def test_a_contribution_belongs_to_one_run() -> None:
     assert theirs.apply(contribution(other, SIGNERS[0], 1)) is ApplyOutcome.APPLIED  # the slot is intact
     with pytest.raises(SignatureError):
         ModelState(other).apply(dataclasses.replace(mine, genesis_id=other.id))
+
+
+def test_a_failing_before_commit_leaves_the_state_unchanged() -> None:
+    """The daemon logs a record durably in ``before_commit``; a full disk must not leave it applied."""
+    g = genesis()
+    state = ModelState(g)
+    first, second, third = (contribution(g, SIGNERS[0], seq) for seq in (1, 2, 3))
+
+    def disk_full(c: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    for c in (first, third):  # applied now, and buffered (a gap)
+        before = (state.state_hash, state.version_vector, state.pending_count)
+        with pytest.raises(OSError):
+            state.apply(c, before_commit=disk_full)
+        assert (state.state_hash, state.version_vector, state.pending_count) == before
+    logged = []
+    assert state.apply(first, before_commit=logged.append) is ApplyOutcome.APPLIED
+    assert state.apply(first, before_commit=logged.append) is ApplyOutcome.DUPLICATE
+    assert state.apply(third, before_commit=logged.append) is ApplyOutcome.BUFFERED
+    assert state.apply(second, before_commit=logged.append) is ApplyOutcome.APPLIED
+    assert logged == [first, third, second] and state.version_vector.get(SIGNERS[0].public_key) == 3

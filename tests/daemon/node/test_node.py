@@ -4,6 +4,7 @@ over an in-memory host with a stand-in trainer (node_testlib), so no sockets and
 from __future__ import annotations
 
 import asyncio
+import errno
 from pathlib import Path
 
 import pytest
@@ -107,3 +108,37 @@ async def test_a_leaving_node_says_goodbye(tmp_path: Path) -> None:
             await until(lambda: b_id in a.status().peer_info)  # a heartbeat made b a known member
         info = a.status().peer_info[b_id]
         assert info.training == "leaving"
+
+
+async def test_a_full_disk_pauses_training_and_pulls_and_the_node_keeps_serving(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    net = FakeNet()
+    full_home, peer_home = tmp_path / "full", tmp_path / "peer"
+    net.link(host_for(full_home, net).peer_id, host_for(peer_home, net).peer_id)
+    trainer = FakeTrainer()
+    trainer.round_gate = gate = asyncio.Event()
+    async with running_node(full_home, net, config(training={"max_rounds": 0}), trainer=trainer) as node:
+        gate.set()
+        await until(lambda: node.status().round == 1)
+        store = node.store
+        real_append = store.append
+
+        def no_space(contribution: object) -> None:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(store, "append", no_space)
+        monkeypatch.setattr(store, "free_bytes", lambda: 0)
+        gate.set()  # round 2 is signed, refused by the store, never announced
+        await until(lambda: node.status().disk_full)
+        status = node.status()
+        assert status.round == 1 and status.counters.refused_disk_full == 1
+        joiner = config(node={"bootstrap": [host_for(full_home, net).addr]}, training={"enabled": False})
+        async with running_node(peer_home, net, joiner) as peer:  # a full node still serves what it has
+            await until(lambda: peer.status().contributions == 1)
+            gate.set()
+            assert trainer.rounds == 2  # training waits for room: no third round
+            monkeypatch.setattr(store, "append", real_append)
+            monkeypatch.setattr(store, "free_bytes", lambda: 2**40)
+            await until(lambda: node.status().round == 2 and not node.status().disk_full, timeout_s=15)
+            await until(lambda: peer.status().contributions == 2)

@@ -3,12 +3,14 @@ adoption."""
 
 from __future__ import annotations
 
+import errno
 from pathlib import Path
 
+import pytest
 from node_testlib import HIST, G, state_of
 
 import crdt
-from daemon.node.replica import Replica
+from daemon.node.replica import DISK_ROOM_BYTES, DiskFull, Replica
 from daemon.node.store import Store
 
 
@@ -66,3 +68,47 @@ def test_replica_adopts_a_snapshot_only_when_it_loses_nothing(tmp_path: Path) ->
     assert not lossy.adopt(older)  # adopting would drop authors[0]'s seq 4
     assert lossy.state.state_hash == before and lossy.counters.snapshots_installed == 0
     lossy.store.close()
+
+
+def test_a_full_disk_refuses_contributions_and_recovers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    replica = _open_replica(tmp_path)
+    replica.accept(HIST[0])
+    real_append = replica.store.append
+
+    def full(contribution: crdt.Contribution) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(replica.store, "append", full)
+    monkeypatch.setattr(replica.store, "free_bytes", lambda: 0)
+    before = replica.state.state_hash
+    with pytest.raises(DiskFull):
+        replica.accept(HIST[1])
+    assert replica.disk_full and not replica.can_write() and replica.counters.refused_disk_full == 1
+    assert replica.state.state_hash == before and replica.store.wal_records == 1  # memory and log in step
+    monkeypatch.setattr(replica.store, "append", real_append)
+    monkeypatch.setattr(replica.store, "free_bytes", lambda: 10 * DISK_ROOM_BYTES)
+    assert replica.can_write()
+    replica.accept(HIST[1])
+    assert not replica.disk_full and replica.store.wal_records == 2
+    replica.close()
+    assert _open_replica(tmp_path).state.state_hash == state_of(HIST[:2]).state_hash
+
+
+def test_a_failed_append_leaves_no_torn_record(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    replica = _open_replica(tmp_path)
+    replica.accept(HIST[0])
+    size = (tmp_path / "wal.log").stat().st_size
+
+    def fsync_fails(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("daemon.node.store.os.fsync", fsync_fails)
+    with pytest.raises(DiskFull):
+        replica.accept(HIST[1])
+    monkeypatch.undo()
+    assert (tmp_path / "wal.log").stat().st_size == size
+    replica.accept(HIST[2])  # appended right after the last good record
+    replica.close()
+    assert Store(tmp_path).recovery.truncated_bytes == 0
