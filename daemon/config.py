@@ -168,6 +168,9 @@ class SyncConfig(_Section):
     """Deadline of one request to a peer."""
     snapshot_every: Annotated[int, msgspec.Meta(ge=1)] = 256
     """Write a snapshot (and compact the log and the in-memory history) after this many new contributions."""
+    member_ttl_s: Annotated[float, msgspec.Meta(gt=0)] = 3600.0
+    """A peer not heard from for this long no longer holds history back from compaction (when it returns
+    it catches up from a snapshot)."""
 
 
 class ApiConfig(_Section):

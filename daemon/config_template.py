@@ -68,6 +68,8 @@ fanout = 3
 request_timeout_s = 30.0
 # Snapshot (and compact history every known peer already has) after this many new contributions.
 snapshot_every = 256
+# A peer silent this long stops holding history back (it catches up from a snapshot when it returns).
+member_ttl_s = 3600.0
 
 [api]
 # Control socket (mode 0600), relative to the home dir.

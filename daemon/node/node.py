@@ -137,7 +137,9 @@ class Node:
             self._phase = TrainingState.LOADING
             await self.trainer.start()
             genesis = await self._genesis()
-            replica = Replica.open(self.store, genesis, snapshot_every=self.config.sync.snapshot_every)
+            sync_config = self.config.sync
+            replica = Replica.open(self.store, genesis, snapshot_every=sync_config.snapshot_every,
+                                   member_ttl_s=sync_config.member_ttl_s)
             log.info("model state loaded genesis=%s contributions=%d state_hash=%s",
                      replica.state.genesis.id[:16], replica.state.contribution_count,
                      replica.state.state_hash[:16])

@@ -14,7 +14,10 @@ every known member already holds: the meet of its own vector and the last vector
 (:meth:`note_vector`), persisted before compacting by it so that a restart forgets no member. The WAL keeps
 every record above that floor, so a restart compacts nothing. With no member heard from, nothing is
 compacted: nobody else holds anything, and members that come back could neither get the history nor
-adopt our snapshot.
+adopt our snapshot. Only members that lack at most ``snapshot_every`` of our contributions hold history
+back (one further behind catches up from a snapshot anyway), a member not heard from for
+``member_ttl_s`` is forgotten, and at most ``MAX_MEMBERS`` (the most recently heard) are kept: otherwise
+one digest with an empty vector, from anyone who knows the genesis id, would pin compaction forever.
 
 A replica too far behind a peer (the peer compacted what it lacks) adopts the peer's snapshot with
 :meth:`adopt`, only if that loses nothing: every contribution it holds that the snapshot lacks must still
@@ -32,7 +35,9 @@ I/O is the store's.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -48,6 +53,12 @@ log = logging.getLogger(__name__)
 
 #: Free space that counts as "room again" after a full disk: a few records and a rewritten log.
 DISK_ROOM_BYTES = 64 * 2**20
+#: A member not heard from for this long stops holding compaction back (it catches up from a snapshot).
+DEFAULT_MEMBER_TTL_S = 3600.0
+#: Members whose vectors hold compaction back (the most recently heard); more would be a memory lever.
+MAX_MEMBERS = 512
+#: Seqs an equivocating author is listed with in status (the proof kept on disk is one per author).
+MAX_EQUIVOCATIONS_LISTED = 16
 
 
 class DiskFull(Exception):
@@ -57,13 +68,24 @@ class DiskFull(Exception):
 class Replica:
     """The model state of one node, its store, and its counters. Not thread-safe (one event loop)."""
 
-    def __init__(self, store: Store, state: crdt.ModelState, *, snapshot_every: int) -> None:
+    def __init__(
+        self,
+        store: Store,
+        state: crdt.ModelState,
+        *,
+        snapshot_every: int,
+        member_ttl_s: float = DEFAULT_MEMBER_TTL_S,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.store = store
         self.state = state
         self.snapshot_every = snapshot_every
+        self.member_ttl_s = member_ttl_s
+        self._clock = clock
         self.counters = Counters()
-        self.peer_vectors: dict[str, crdt.VersionVector] = store.load_peer_vectors()
-        """The last version vector heard from each run member: what compaction may forget."""
+        self.peer_vectors: dict[str, tuple[crdt.VersionVector, float]] = store.load_peer_vectors()
+        """The last version vector heard from each run member, and when (unix time): what compaction may
+        forget."""
         self.suspects = SuspectTracker([stop - start for start, stop in state.genesis.fragments])
         self.equivocators: dict[str, set[int]] = {}
         """Authors caught signing two records for one seq, with those seqs (proofs in the store)."""
@@ -76,7 +98,7 @@ class Replica:
         self._since_snapshot = 0
 
     @classmethod
-    def open(cls, store: Store, genesis: crdt.Genesis, *, snapshot_every: int) -> Replica:
+    def open(cls, store: Store, genesis: crdt.Genesis, *, snapshot_every: int, **options: Any) -> Replica:
         """The replica of ``genesis`` in ``store``: the genesis is written if new, then the stored snapshot
         and log are replayed.
 
@@ -86,7 +108,7 @@ class Replica:
         store.write_genesis(genesis)
         snapshot, logged = store.load_state(genesis)
         return cls(store, crdt.ModelState.from_snapshot(genesis, snapshot, log=logged),
-                   snapshot_every=snapshot_every)
+                   snapshot_every=snapshot_every, **options)
 
     def close(self) -> None:
         self.store.close()
@@ -147,11 +169,17 @@ class Replica:
         assert isinstance(first, crdt.Contribution) and isinstance(second, crdt.Contribution)
         author = _peer(first.author)
         seqs = self.equivocators.setdefault(author, set())
-        if first.seq in seqs:
+        if first.seq in seqs or len(seqs) >= MAX_EQUIVOCATIONS_LISTED:
             return
         seqs.add(first.seq)
         self.counters.equivocations += 1
-        proof = self.store.write_equivocation(first, second)
+        if len(seqs) > 1:
+            return  # one proof per author is enough to exclude it
+        try:
+            proof = self.store.write_equivocation(first, second)
+        except OSError as exc:  # evidence is advisory: a full disk must not stop the node
+            log.error("author equivocated author=%s seq=%d proof not kept error=%s", author, first.seq, exc)
+            return
         log.error("author equivocated author=%s seq=%d proof=%s", author, first.seq, proof)
 
     def suspect_authors(self) -> list[str]:
@@ -162,7 +190,26 @@ class Replica:
 
     def note_vector(self, peer: str, vector: crdt.VersionVector) -> None:
         """Record what ``peer`` holds (from its digest); the next compaction keeps what it lacks."""
-        self.peer_vectors[peer] = vector
+        self.peer_vectors[peer] = (vector, self._clock())
+
+    def _members(self) -> dict[str, crdt.VersionVector]:
+        """The members compaction waits for: heard within ``member_ttl_s`` (the MAX_MEMBERS latest are
+        remembered) and at most ``snapshot_every`` contributions behind us."""
+        oldest = self._clock() - self.member_ttl_s
+        fresh = sorted(
+            ((heard, peer, vv) for peer, (vv, heard) in self.peer_vectors.items() if heard >= oldest),
+            reverse=True,
+        )[:MAX_MEMBERS]
+        forgotten = len(self.peer_vectors) - len(fresh)
+        if forgotten:
+            log.info("forgetting members not heard from recently count=%d", forgotten)
+        self.peer_vectors = {peer: (vv, heard) for heard, peer, vv in fresh}
+        ours = self.state.version_vector
+        return {
+            peer: vv
+            for peer, (vv, _) in self.peer_vectors.items()
+            if sum(max(0, s - vv.get(a)) for a, s in ours.items()) <= self.snapshot_every
+        }
 
     def snapshot_and_compact(self) -> int:
         """Persist a snapshot and forget the history every known member holds. Returns records dropped.
@@ -171,7 +218,8 @@ class Replica:
         state = self.state
         snapshot = state.snapshot()
         vv, held = state.version_vector, state.retention_floor
-        members = crdt.retention_floor(vv, self.peer_vectors.values()) if self.peer_vectors else held
+        vectors = self._members()
+        members = crdt.retention_floor(vv, vectors.values()) if vectors else held
         # The floor after compacting: per author, the members' floor where it is above what we hold.
         after = crdt.VersionVector.from_dict(
             {a: max(held.get(a), min(members.get(a), s)) for a, s in vv.items()}

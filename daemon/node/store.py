@@ -205,8 +205,9 @@ class Store:
         except crdt.ValidationError as exc:
             raise StoreError(f"{path}: {exc}") from exc
 
-    def load_peer_vectors(self) -> dict[str, crdt.VersionVector]:
-        """The last version vector known of every run member (see :meth:`write_peer_vectors`)."""
+    def load_peer_vectors(self) -> dict[str, tuple[crdt.VersionVector, float]]:
+        """The last version vector known of every run member and when it was heard (unix time; see
+        :meth:`write_peer_vectors`)."""
         return self._read_blob(_PEERS_FILE, _PEERS_KIND, _decode_peer_vectors) or {}
 
     def load_equivocations(self) -> list[tuple[crdt.Contribution, crdt.Contribution]]:
@@ -223,10 +224,11 @@ class Store:
     # -- writing ----------------------------------------------------------------------------------------
     def write_equivocation(self, first: crdt.Contribution, second: crdt.Contribution) -> Path:
         """Keep two validly signed records of one (author, seq) slot: proof, checkable by anyone with the
-        author's public key, that the author equivocated. Returns the file written."""
+        author's public key, that the author equivocated. One proof per author is enough to exclude it,
+        so an author that equivocates on every seq costs one file. Returns the file written."""
         directory = self.path / _EVIDENCE_DIR
         directory.mkdir(exist_ok=True)
-        path = directory / f"{first.author.hex()}-{first.seq}.bin"
+        path = directory / f"{first.author.hex()}.bin"
         proof = msgpack.packb([first.encode(), second.encode()])
         _atomic_write(path, crdt.seal_blob(_EVIDENCE_KIND, proof))
         return path
@@ -258,12 +260,14 @@ class Store:
         with contextlib.suppress(OSError):
             os.truncate(self.path / _WAL_FILE, end)
 
-    def write_peer_vectors(self, vectors: dict[str, crdt.VersionVector]) -> None:
-        """Persist what each member is known to hold, atomically. Compaction must never forget a member
-        across a restart: a node that compacted by the vectors of only the peers it had heard from since
-        starting could drop history a silent member still lacks, and two such nodes can then no longer
-        serve each other (neither snapshot covers what the other compacted)."""
-        payload = msgpack.packb({peer: vv.encode() for peer, vv in sorted(vectors.items())})
+    def write_peer_vectors(self, vectors: dict[str, tuple[crdt.VersionVector, float]]) -> None:
+        """Persist what each member is known to hold and when it was heard, atomically. Compaction must
+        never forget a member across a restart: a node that compacted by the vectors of only the peers it
+        had heard from since starting could drop history a silent member still lacks, and two such nodes
+        can then no longer serve each other (neither snapshot covers what the other compacted)."""
+        payload = msgpack.packb(
+            {peer: [vv.encode(), heard] for peer, (vv, heard) in sorted(vectors.items())}
+        )
         _atomic_write(self.path / _PEERS_FILE, crdt.seal_blob(_PEERS_KIND, payload))
 
     def write_genesis(self, genesis: crdt.Genesis) -> None:
@@ -328,13 +332,18 @@ def _unpack(data: bytes, what: str) -> object:
         raise crdt.ValidationError(f"{what}: not msgpack ({exc.__class__.__name__})") from exc
 
 
-def _decode_peer_vectors(data: bytes) -> dict[str, crdt.VersionVector]:
+def _decode_peer_vectors(data: bytes) -> dict[str, tuple[crdt.VersionVector, float]]:
     obj = _unpack(data, "peer vectors")
     if not isinstance(obj, dict) or not all(
-        isinstance(k, str) and isinstance(v, bytes) for k, v in obj.items()
+        isinstance(k, str)
+        and isinstance(v, list)
+        and len(v) == 2
+        and isinstance(v[0], bytes)
+        and isinstance(v[1], float)
+        for k, v in obj.items()
     ):
-        raise crdt.ValidationError("peer vectors: expected a map of peer id to version vector")
-    return {peer: crdt.VersionVector.decode(raw) for peer, raw in obj.items()}
+        raise crdt.ValidationError("peer vectors: expected a map of peer id to [version vector, heard at]")
+    return {peer: (crdt.VersionVector.decode(raw), heard) for peer, (raw, heard) in obj.items()}
 
 
 def _decode_equivocation(data: bytes) -> tuple[crdt.Contribution, crdt.Contribution]:

@@ -108,8 +108,8 @@ class Sync:
 
     async def _serve_sync(self, peer: str, data: bytes) -> bytes:
         request = wire.SyncRequest.decode(data)
+        self._admit(peer, request)  # before the digest is decoded: a stranger's costs nothing more
         remote = crdt.Digest.decode(request.digest)
-        self._admit(peer, request)
         state = self.replica.state
         self.replica.note_vector(peer, remote.version_vector)
         self._compare(peer, remote)

@@ -11,13 +11,11 @@ import math
 from pathlib import Path
 
 import msgpack
-import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from daemon.config import Config, ConfigError, load_config
-from daemon.node.suspects import SuspectTracker
 from daemon.node.wire import Announcement, GenesisRequest, SyncRequest, SyncResponse, WireError
 
 DECODERS = (Announcement.decode, SyncRequest.decode, SyncResponse.decode, GenesisRequest.decode)
@@ -136,21 +134,6 @@ def test_config_file_bytes(tmp_path_factory: pytest.TempPathFactory, raw: bytes)
         pass
     except UnicodeDecodeError:
         pytest.fail("a non-UTF-8 config file must be a ConfigError")
-
-
-def test_suspect_tracker_names_the_flipper() -> None:
-    rng = np.random.default_rng(0)
-    direction = rng.standard_normal(64).astype(np.float32)
-    tracker = SuspectTracker([64])
-    idx = np.arange(64, dtype=np.uint32)
-    for _round in range(6):
-        for author in ("a", "b", "c", "d"):
-            honest = direction + 0.5 * rng.standard_normal(64).astype(np.float32)
-            tracker.observe(author, 0, idx, 0.01 * honest, 1.0)
-        tracker.observe("evil", 0, idx, -0.1 * direction, 1.0)  # sign-flipped, 10x
-    assert tracker.suspects() == ["evil"]
-    stats = tracker.stats()
-    assert stats["evil"]["mean_cosine"] < 0 < stats["a"]["mean_cosine"]
 
 
 def test_config_non_utf8(tmp_path: Path) -> None:

@@ -36,7 +36,7 @@ def test_replica_logs_what_it_accepts_and_compacts_only_what_every_member_holds(
     replica.store.close()
     reopened = _open_replica(tmp_path)  # a restart: same state, same floor, the member remembered
     assert reopened.state.state_hash == state_of(HIST).state_hash
-    assert reopened.state.retention_floor == member and reopened.peer_vectors == {"peerA": member}
+    assert reopened.state.retention_floor == member and reopened.peer_vectors["peerA"][0] == member
     reopened.store.close()
 
 
@@ -112,3 +112,20 @@ def test_a_failed_append_leaves_no_torn_record(tmp_path: Path, monkeypatch: pyte
     replica.accept(HIST[2])  # appended right after the last good record
     replica.close()
     assert Store(tmp_path).recovery.truncated_bytes == 0
+
+
+def test_members_far_behind_or_long_silent_do_not_pin_compaction(tmp_path: Path) -> None:
+    now = [1000.0]
+    replica = Replica.open(Store(tmp_path), G, snapshot_every=2, member_ttl_s=60.0, clock=lambda: now[0])
+    authors = sorted({c.author for c in HIST})
+    replica.note_vector("stranger", crdt.VersionVector())  # one empty digest from anyone with the genesis id
+    replica.note_vector("member", crdt.VersionVector.from_dict({a: 1 for a in authors}))
+    for c in sorted(HIST, key=lambda c: c.seq)[:6]:  # seqs 1 and 2 of every author
+        replica.accept(c)
+    # the stranger lacks 6 > snapshot_every: it does not hold history back; the member (lacks 3) does
+    assert replica.state.retention_floor == crdt.VersionVector.from_dict({a: 1 for a in authors})
+    now[0] += 61.0  # the member falls silent; another one, up to date, is heard
+    replica.note_vector("fresh", replica.state.version_vector)
+    replica.snapshot_and_compact()
+    assert replica.state.retention_floor == replica.state.version_vector  # nobody else waits: compacted
+    assert set(replica.peer_vectors) == {"fresh"}  # the silent member and the stranger were forgotten

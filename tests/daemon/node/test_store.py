@@ -136,8 +136,8 @@ def test_garbage_tail_and_foreign(tmp_path: Path) -> None:
 
 def test_peer_vectors_survive_a_restart_and_corruption_is_reported(tmp_path: Path) -> None:
     vectors = {
-        "peerA": crdt.VersionVector.from_dict({b"a" * 32: 3}),
-        "peerB": crdt.VersionVector.from_dict({}),
+        "peerA": (crdt.VersionVector.from_dict({b"a" * 32: 3}), 1700000000.5),
+        "peerB": (crdt.VersionVector.from_dict({}), 1700000001.123),
     }
     with Store(tmp_path) as st:
         assert st.load_peer_vectors() == {}
@@ -162,7 +162,7 @@ def test_equivocation_proofs_survive_a_restart_and_bad_ones_are_skipped(tmp_path
     with Store(tmp_path) as st:
         assert st.load_equivocations() == []
         proof = st.write_equivocation(*conflict.value.evidence)
-        not_a_proof = st.write_equivocation(HIST[1], HIST[1])  # one record twice proves nothing
+        not_a_proof = st.write_equivocation(HIST[4], HIST[4])  # one record twice proves nothing
         not_a_proof = not_a_proof.rename(not_a_proof.with_name("z-1.bin"))
     torn = proof.with_name("y-1.bin")
     torn.write_bytes(proof.read_bytes()[:-3])
