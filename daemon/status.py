@@ -32,6 +32,7 @@ __all__ = [
     "ConfigStatus",
     "Counters",
     "Evaluation",
+    "JoinStatus",
     "LimitsStatus",
     "NatStatus",
     "PeerInfo",
@@ -92,6 +93,11 @@ class Counters(_Record):
     refused_disk_full: int = 0
     """Contributions refused because the store could not log them (a full disk)."""
 
+    def reject(self, reason: str) -> None:
+        """Count one refused input from a peer under ``reason``."""
+        self.rejected += 1
+        self.rejected_reasons[reason] = self.rejected_reasons.get(reason, 0) + 1
+
 
 class Evaluation(_Record, omit_defaults=True):
     """Validation metrics of the merged model, and which state they were computed on (``{}`` before the
@@ -148,6 +154,17 @@ class NatStatus(_Record):
     hole_punch: bool = False
     autonat: bool = False
     counters: dict[str, int] = msgspec.field(default_factory=dict)
+
+
+class JoinStatus(_Record):
+    """How this node got (or is getting) the run's genesis."""
+
+    pinned_genesis: str | None = None
+    """The genesis id ``[node] genesis`` pins (None: the first acceptable one a peer serves)."""
+    source: str | None = None
+    """The peer the genesis came from (None: stored, founded here, or not fetched yet)."""
+    refused: dict[str, str] = msgspec.field(default_factory=dict)
+    """Peer -> why the genesis it served was refused (wrong id, run, task or model layout)."""
 
 
 class LimitsStatus(_Record):
@@ -219,6 +236,7 @@ class Status(_Record):
     """Peers holding our version vector with another state hash."""
     clip_norm: float | None
     """The run's norm clip, fixed by its genesis (None: off or not loaded)."""
+    join: JoinStatus
     disk_full: bool
     """The store could not log the last contribution: new ones are refused until there is room."""
     uptime_s: float

@@ -34,9 +34,9 @@ import msgspec
 
 import crdt
 import p2p
-from daemon.config import Config, NodeConfig
+from daemon.config import Config, ConfigError, NodeConfig
 from daemon.home import Home
-from daemon.node import wire
+from daemon.node import genesis, wire
 from daemon.node.limits import Limits
 from daemon.node.membership import Membership
 from daemon.node.replica import Replica
@@ -44,14 +44,20 @@ from daemon.node.rounds import Rounds
 from daemon.node.store import Store
 from daemon.node.sync import Sync
 from daemon.node.trainer_process import TrainerProcess, TrainerSpec
-from daemon.status import ConfigStatus, LimitsStatus, NatStatus, Status, TrainingState
+from daemon.status import (
+    ConfigStatus,
+    Counters,
+    Evaluation,
+    JoinStatus,
+    LimitsStatus,
+    NatStatus,
+    Status,
+    TrainingState,
+)
 
 __all__ = ["Node", "NodeError", "Parts", "host_config"]
 
 log = logging.getLogger(__name__)
-
-GENESIS_RETRY_S = 1.0
-
 
 class NodeError(RuntimeError):
     """The node cannot start or continue (bad genesis, wrong run, store failure)."""
@@ -99,6 +105,9 @@ class Node:
         )
         self._phase = TrainingState.STARTING  # until the rounds loop exists
         self._parts: Parts | None = None
+        self.counters = Counters()
+        """What entered and what was refused, from the start (the replica counts into it once loaded)."""
+        self.join = JoinStatus(pinned_genesis=config.node.genesis or None)
 
     def _shard(self) -> int:
         training = self.config.training
@@ -131,15 +140,18 @@ class Node:
     # -- lifecycle ------------------------------------------------------------------------------------
 
     async def run(self, *, on_ready: Callable[[], Awaitable[None]] | None = None) -> None:
-        """Run until cancelled. ``on_ready`` is awaited once the node serves its model."""
+        """Run until cancelled. ``on_ready`` is awaited once the host and the training process are up,
+        before the model state is loaded: status answers while a joiner fetches the genesis."""
         await self.host.start()
         try:
             self._phase = TrainingState.LOADING
             await self.trainer.start()
-            genesis = await self._genesis()
+            if on_ready is not None:
+                await on_ready()
+            run_genesis = await self._genesis()
             sync_config = self.config.sync
-            replica = Replica.open(self.store, genesis, snapshot_every=sync_config.snapshot_every,
-                                   member_ttl_s=sync_config.member_ttl_s)
+            replica = Replica.open(self.store, run_genesis, snapshot_every=sync_config.snapshot_every,
+                                   member_ttl_s=sync_config.member_ttl_s, counters=self.counters)
             log.info("model state loaded genesis=%s contributions=%d state_hash=%s",
                      replica.state.genesis.id[:16], replica.state.contribution_count,
                      replica.state.state_hash[:16])
@@ -155,8 +167,6 @@ class Node:
             self.host.set_request_handler(wire.GENESIS_PROTOCOL, self._serve_genesis)
             announcements = sync.install()
             heartbeats = membership.install(sync.counting)
-            if on_ready is not None:
-                await on_ready()
             async with asyncio.TaskGroup() as tasks:
                 tasks.create_task(sync.run(announcements), name="sync")
                 tasks.create_task(membership.run(heartbeats), name="membership")
@@ -177,58 +187,25 @@ class Node:
     # -- genesis --------------------------------------------------------------------------------------
 
     async def _genesis(self) -> crdt.Genesis:
-        """The run's genesis: stored, founded here, or fetched from a bootstrap peer; checked."""
-        genesis = self.store.load_genesis() or await self._found_or_fetch_genesis()
-        if genesis.meta.get("run") != self.config.node.run:
-            raise NodeError(
-                f"stored genesis belongs to run {genesis.meta.get('run')!r}, config says "
-                f"{self.config.node.run!r}; use another --home"
-            )
-        if _ranges(genesis.fragments) != _ranges(await self.trainer.fragment_ranges()):
-            raise NodeError(
-                f"the run's genesis splits the model into {len(genesis.fragments)} fragments, this node's "
-                "[diloco] num_fragments (or its task's model) differs"
-            )
-        return genesis
+        """The run's genesis: stored, founded here, or fetched from a bootstrap peer (daemon/node/genesis.py).
 
-    async def _found_or_fetch_genesis(self) -> crdt.Genesis:
-        run = self.config.node.run
+        Raises:
+            ConfigError: the stored genesis is not what the config asks for (another run, task, layout or
+                pinned id): this home belongs to another run.
+        """
+        fragments = await self.trainer.fragment_ranges()
+        stored = self.store.load_genesis()
+        if stored is not None:
+            if (reason := genesis.refusal(stored, self.config, fragments)) is not None:
+                raise ConfigError(
+                    f"{self.home.path} holds another run's genesis: {reason}; use another --home"
+                )
+            return stored
         if not self.config.node.bootstrap:
-            params = await self.trainer.initial_params()
-            fragments = await self.trainer.fragment_ranges()
-            clip_norm = self.config.node.clip_norm
-            genesis = crdt.Genesis(
-                params=params,
-                fragments=tuple(fragments),
-                meta={"run": run, "task": self.config.training.task}
-                | ({"clip_norm": repr(clip_norm)} if clip_norm else {}),
-            )
-            log.info("founded run=%s genesis=%s params=%d clip_norm=%s", run, genesis.id[:16], params.size,
-                     genesis.meta.get("clip_norm", "off"))
-            return genesis
+            return genesis.found_genesis(self.config, await self.trainer.initial_params(), fragments)
         self._phase = TrainingState.FETCHING_GENESIS
-        request = wire.GenesisRequest(run=run).encode()
-        while True:
-            for peer in self.host.connected_peers():
-                try:
-                    data = await self.host.request(
-                        peer, wire.GENESIS_PROTOCOL, request, timeout_s=self.config.sync.request_timeout_s
-                    )
-                    genesis = crdt.Genesis.decode(data)
-                except p2p.ProtocolNotSupported:
-                    log.info("peer has no genesis to serve yet peer=%s", peer)  # a joiner itself
-                    continue
-                except (p2p.P2PError, crdt.CrdtError) as exc:
-                    log.warning("genesis fetch failed peer=%s error=%s", peer, exc)
-                    continue
-                if genesis.meta.get("task") != self.config.training.task:
-                    raise NodeError(
-                        f"run {run!r} trains task {genesis.meta.get('task')!r}, this node is configured "
-                        f"for {self.config.training.task!r}"
-                    )
-                log.info("fetched genesis=%s from peer=%s", genesis.id[:16], peer)
-                return genesis
-            await asyncio.sleep(GENESIS_RETRY_S)
+        return await genesis.fetch_genesis(self.host, self.config, fragments, counters=self.counters,
+                                           join=self.join)
 
     async def _serve_genesis(self, peer: str, data: bytes) -> bytes:
         request = wire.GenesisRequest.decode(data)
@@ -268,9 +245,10 @@ class Node:
         )
 
     def status(self) -> Status:
-        """Everything ``GET /v1/status`` reports (the model state must be loaded)."""
-        replica, sync, rounds, membership = self.parts
-        state = replica.state
+        """Everything ``GET /v1/status`` reports, in every phase (the model's fields are empty until the
+        state is loaded)."""
+        parts = self._parts
+        state = parts.replica.state if parts is not None else None
         stats = self.host.stats()
         config = self.config
         return Status(
@@ -281,31 +259,36 @@ class Node:
             task=config.training.task,
             listen_addrs=self.host.listen_addrs(),
             peers=self.host.connected_peers(),
-            round=rounds.rounds_done,
-            training=rounds.state,
+            round=self.rounds_done,
+            training=self.training_state,
             shard=self.shard,
-            contributions=state.contribution_count,
-            state_hash=state.state_hash,
-            genesis=state.genesis.id,
-            version_vector={p2p.peer_id_from_public_key(a): s for a, s in state.version_vector.items()},
+            contributions=state.contribution_count if state else 0,
+            state_hash=state.state_hash if state else None,
+            genesis=state.genesis.id if state else None,
+            version_vector=(
+                {p2p.peer_id_from_public_key(a): s for a, s in state.version_vector.items()} if state else {}
+            ),
             bytes_sent=int(stats["bytes_sent"]),
             bytes_received=int(stats["bytes_received"]),
-            train_loss=rounds.history[-1].train_loss if rounds.history else None,
-            eval=rounds.last_eval,
-            initial_eval=rounds.initial_eval,
-            counters=replica.counters,
-            retained_contributions=state.retained_count,
-            blocked_peers=sorted(sync.machine.blocked),
+            train_loss=parts.rounds.history[-1].train_loss if parts and parts.rounds.history else None,
+            eval=parts.rounds.last_eval if parts else Evaluation(),
+            initial_eval=parts.rounds.initial_eval if parts else Evaluation(),
+            counters=self.counters,
+            retained_contributions=state.retained_count if state else 0,
+            blocked_peers=sorted(parts.sync.machine.blocked) if parts else [],
             p2p=stats,
-            peer_info=membership.peer_info(),
+            peer_info=parts.membership.peer_info() if parts else {},
             reachability=self.host.reachability(),
             connections=self.host.peer_connections(),
             nat=msgspec.convert(self.host.nat_status(), NatStatus),
-            suspects=replica.suspect_authors(),
-            equivocators={a: sorted(s) for a, s in sorted(replica.equivocators.items())},
-            diverged_from=sorted(sync.machine.diverged),
-            clip_norm=state.limits.clip_norm,  # fixed by the genesis (SECURITY.md)
-            disk_full=replica.disk_full,
+            suspects=parts.replica.suspect_authors() if parts else [],
+            equivocators=(
+                {a: sorted(s) for a, s in sorted(parts.replica.equivocators.items())} if parts else {}
+            ),
+            diverged_from=sorted(parts.sync.machine.diverged) if parts else [],
+            clip_norm=state.limits.clip_norm if state else None,  # fixed by the genesis (SECURITY.md)
+            disk_full=parts.replica.disk_full if parts else False,
+            join=self.join,
             uptime_s=round(time.time() - self.started_at, 3),
             limits=LimitsStatus(**self.limits.as_dict(), waited_s=round(self.limits.bucket.waited_s, 3)),
             config=ConfigStatus(
@@ -352,7 +335,5 @@ def host_config(home: Path, node: NodeConfig) -> p2p.HostConfig:
     )
 
 
-def _ranges(ranges: Any) -> tuple[tuple[int, int], ...]:
-    return tuple((int(start), int(stop)) for start, stop in ranges)
 
 

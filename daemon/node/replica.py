@@ -76,13 +76,14 @@ class Replica:
         snapshot_every: int,
         member_ttl_s: float = DEFAULT_MEMBER_TTL_S,
         clock: Callable[[], float] = time.time,
+        counters: Counters | None = None,
     ) -> None:
         self.store = store
         self.state = state
         self.snapshot_every = snapshot_every
         self.member_ttl_s = member_ttl_s
         self._clock = clock
-        self.counters = Counters()
+        self.counters = counters or Counters()
         self.peer_vectors: dict[str, tuple[crdt.VersionVector, float]] = store.load_peer_vectors()
         """The last version vector heard from each run member, and when (unix time): what compaction may
         forget."""
@@ -154,9 +155,7 @@ class Replica:
 
     def reject(self, reason: Exception) -> None:
         """Count refused input from a peer, by exception type (``status.counters.rejected_reasons``)."""
-        key = type(reason).__name__
-        self.counters.rejected += 1
-        self.counters.rejected_reasons[key] = self.counters.rejected_reasons.get(key, 0) + 1
+        self.counters.reject(type(reason).__name__)
 
     def _observe(self, contribution: crdt.Contribution, indices: np.ndarray, values: np.ndarray) -> None:
         self.suspects.observe(_peer(contribution.author), contribution.fragment, indices, values,

@@ -196,9 +196,11 @@ FRAGMENTS = ((0, 32), (32, 64))
 class FakeTrainer:
     """Rounds of ``PARAMS`` parameters in two fragments; each update moves 4 entries by a small step."""
 
-    def __init__(self, *, seed: int = 0) -> None:
+    def __init__(self, *, seed: int = 0, scale: float = 1.0) -> None:
         self.info: dict[str, Any] = {}
         self.seed = seed
+        self.scale = scale
+        """Initial parameters are ``scale * linspace(-1, 1)``: two scales found two different geneses."""
         self.rounds = 0
         self.commits = 0
         self.threads = 1
@@ -212,7 +214,7 @@ class FakeTrainer:
         pass
 
     async def initial_params(self) -> np.ndarray:
-        return np.linspace(-1, 1, PARAMS, dtype=np.float32)
+        return (self.scale * np.linspace(-1, 1, PARAMS)).astype(np.float32)
 
     async def fragment_ranges(self) -> tuple[tuple[int, int], ...]:
         return FRAGMENTS

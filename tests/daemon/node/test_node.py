@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 from node_testlib import FakeNet, FakeTrainer, host_for, running_node, until
 
-from daemon.config import Config
+from daemon.config import Config, ConfigError
 from daemon.home import Home
 from daemon.node.node import Node, NodeError
+from daemon.node.store import Store
 from daemon.status import TrainingState
 
 
@@ -38,12 +39,14 @@ async def test_a_founder_trains_its_rounds_and_reports_them(tmp_path: Path) -> N
         assert result["state_hash"] == status.state_hash and (tmp_path / "model.safetensors").exists()
 
 
-async def test_status_before_the_state_is_loaded_is_an_error(tmp_path: Path) -> None:
+async def test_status_answers_before_the_state_is_loaded(tmp_path: Path) -> None:
     host = host_for(tmp_path, FakeNet())
     node = Node(Home(tmp_path), Config(), host=host, trainer=FakeTrainer())  # type: ignore[arg-type]
     assert node.training_state is TrainingState.STARTING and node.rounds_done == 0
+    status = node.status()
+    assert status.training is TrainingState.STARTING and status.state_hash is None and status.round == 0
     with pytest.raises(NodeError, match="not loaded"):
-        node.status()
+        node.parts  # noqa: B018 - the parts that need the state
     node.store.close()
 
 
@@ -61,19 +64,49 @@ async def test_a_joiner_fetches_the_genesis_and_a_restart_keeps_everything(tmp_p
             assert j.status().state_hash == state_hash and j.status().round == 3
 
 
-async def test_a_genesis_of_another_task_or_run_is_refused(tmp_path: Path) -> None:
+async def test_a_joiner_refuses_a_genesis_that_is_not_the_pinned_one_and_takes_the_right_one(
+    tmp_path: Path,
+) -> None:
+    net = FakeNet()
+    right, wrong, joiner = tmp_path / "right", tmp_path / "wrong", tmp_path / "joiner"
+    net.link(host_for(wrong, net).peer_id, host_for(joiner, net).peer_id)
+    async with (
+        running_node(right, net, config()) as r,
+        running_node(wrong, net, config(), trainer=FakeTrainer(seed=1, scale=2.0)) as w,
+    ):
+        pinned = r.status().genesis
+        assert pinned != w.status().genesis  # same run and task, the other's parameters
+        join = config(node={"bootstrap": [r.host.addr], "genesis": pinned}, training={"enabled": False})
+        async with running_node(joiner, net, join) as j:
+            await until(lambda: w.host.peer_id in j.status().join.refused)
+            net.link(r.host.peer_id, j.host.peer_id)  # the right peer comes along
+            await until(lambda: j.status().genesis == pinned)
+            status = j.status()
+            assert status.join.source == r.host.peer_id and status.join.pinned_genesis == pinned
+            assert "is not the pinned" in status.join.refused[w.host.peer_id]
+            assert status.counters.rejected_reasons == {"GenesisRefused": 1}
+        assert Store(joiner / "store").load_genesis().id == pinned  # the wrong one never touched the disk
+
+
+async def test_a_joiner_stays_up_while_every_peer_serves_a_wrong_genesis(tmp_path: Path) -> None:
     net = FakeNet()
     founder, joiner = tmp_path / "f", tmp_path / "j"
     net.link(host_for(founder, net).peer_id, host_for(joiner, net).peer_id)
-    async with running_node(founder, net, config()):
-        other_task = config(node={"bootstrap": [host_for(founder, net).addr]}, training={"task": "digits"})
-        with pytest.raises(NodeError, match="trains task 'stdlib-lm'"):
-            async with running_node(joiner, net, other_task):
-                pass
-    async with running_node(founder, net, config()):
+    async with running_node(founder, net, config()) as f:
+        other_task = config(node={"bootstrap": [f.host.addr]}, training={"task": "digits"})
+        async with running_node(joiner, net, other_task) as j:  # answers status meanwhile
+            await until(lambda: f.host.peer_id in j.status().join.refused)
+            status = j.status()
+            assert status.training is TrainingState.FETCHING_GENESIS and status.genesis is None
+            assert "trains task 'stdlib-lm'" in status.join.refused[f.host.peer_id]
+        assert Store(joiner / "store").load_genesis() is None
+
+
+async def test_a_home_of_another_run_is_a_config_error(tmp_path: Path) -> None:
+    async with running_node(tmp_path, FakeNet(), config()):
         pass
-    with pytest.raises(NodeError, match="belongs to run 'default'"):
-        async with running_node(founder, net, config(node={"run": "another"})):
+    with pytest.raises(ConfigError, match="belongs to run 'default', not 'another'"):
+        async with running_node(tmp_path, FakeNet(), config(node={"run": "another"})):
             pass
 
 
