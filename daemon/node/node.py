@@ -51,6 +51,7 @@ from daemon.status import (
     JoinStatus,
     LimitsStatus,
     NatStatus,
+    RoundRecord,
     Status,
     TrainingState,
 )
@@ -218,6 +219,10 @@ class Node:
     def set_blocked_peers(self, peers: set[str]) -> None:
         """Fault injection: stop exchanging model data with ``peers`` (empty set: heal)."""
         self.parts.sync.set_blocked(peers)
+
+    def history(self) -> list[RoundRecord]:
+        """This node's rounds, oldest first (none before the state is loaded)."""
+        return list(self._parts.rounds.history) if self._parts is not None else []
 
     def config_reloaded(self) -> None:
         """After SIGHUP: a raised max_rounds (or training turned back on) restarts a finished node; a node

@@ -137,7 +137,7 @@ async def faults(request: web.Request) -> web.Response:
 
 @routes.get("/v1/history")
 async def history(request: web.Request) -> web.Response:
-    return web.json_response({"rounds": [to_json(r) for r in request.app[NODE].parts.rounds.history]})
+    return web.json_response({"rounds": [to_json(r) for r in request.app[NODE].history()]})
 
 
 async def _json_body(request: web.Request) -> dict:

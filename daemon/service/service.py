@@ -112,7 +112,7 @@ async def _run(
             await open_http_sites(
                 config,
                 status=lambda: to_json(node.status()),
-                history=lambda: [to_json(r) for r in node.parts.rounds.history],
+                history=lambda: [to_json(r) for r in node.history()],
                 metrics=metrics,
             )
         )
