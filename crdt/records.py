@@ -26,6 +26,17 @@ conflicting with, the author's slot there.
 Validation is split in two: ``decode`` checks what needs no context (shape, sizes, signature);
 ``validate_against(genesis)`` checks the rest (fragment exists, payload decodes for that fragment length,
 finite, weighted L2 norm bounded) and returns the decoded update so ``ModelState`` decodes once.
+
+Exact norm: :func:`weighted_norm` is the one place the L2 norm of an update is computed, for the
+``max_norm`` check and for ``clip_norm`` scaling alike. Squares of float32 values are exact in float64
+(48 significant bits), ``math.fsum`` rounds their sum once, and sqrt and the weight multiply are single
+IEEE-754 operations, so every replica gets the same bits and accepts or refuses the same records. numpy's
+pairwise ``np.sum`` was used before for the bound; its rounding depends on the SIMD code path, so a record
+at the bound could be accepted by one replica and refused by another: permanent divergence.
+
+Memory: a Genesis holds its parameters once (4 bytes each, read-only). Its encoding is built on demand by
+:meth:`Genesis.encode` and its id is hashed from the pieces, so a 100M-parameter model does not also keep
+a 400 MB byte string; :meth:`Genesis.decode` keeps the parameter bytes msgpack parsed, without copies.
 """
 
 from __future__ import annotations
@@ -35,6 +46,7 @@ import math
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
+import msgpack
 import numpy as np
 
 from crdt import _wire
@@ -45,15 +57,21 @@ from crdt.signing import PUBLIC_KEY_BYTES, SIGNATURE_BYTES, Signer, verify_signa
 __all__ = [
     "DEFAULT_LIMITS",
     "FORMAT_VERSION",
+    "MAX_AUTHORS",
     "Contribution",
     "Genesis",
     "Limits",
     "content_hash",
     "make_contribution",
+    "weighted_norm",
 ]
 
 #: Version of every record layout in crdt; bump on any incompatible change (decoders refuse others).
-FORMAT_VERSION = 2
+#: 3: packed version vectors, streamed compact snapshots, checkpoints.
+FORMAT_VERSION = 3
+#: Hard cap on authors in one state, whatever the Limits: what a replica's *own* snapshot decoder accepts,
+#: so a state always reloads in the build that wrote it (2**20 authors: a 40 MiB vector, ~0.1 s to decode).
+MAX_AUTHORS = 2**20
 #: Hash size for content ids and version digests: blake2b-256 (fast in hashlib, 128-bit collision margin).
 HASH_BYTES = 32
 #: Generous framing allowance on top of the payload for the other contribution fields (~150 bytes used).
@@ -86,6 +104,18 @@ class Limits:
     max_buffered_total: int = 4096
     """Total buffered contributions over all authors (keys are free, so the per-author bound alone is not
     a memory bound)."""
+    max_buffered_bytes_per_author: int = 64 * 2**20
+    """Payload bytes one author may hold in the buffer: one max-size record (a bigger backlog is fetched
+    in order instead, which anti-entropy does anyway)."""
+    max_buffered_bytes_total: int = 256 * 2**20
+    """Payload bytes buffered over all authors. The count bound alone allowed 4,096 dense fragments
+    (~14 GB for the default model)."""
+    max_authors: int = 4096
+    """Distinct authors a state admits (applied or buffered); records of further new authors are refused
+    (``CapacityError``). Keys are free: ~116,500 throwaway authors pushed the version vector past its old
+    4 MiB cap, and peers could no longer decode each other's digests. Also the cap every peer-facing
+    vector decoder is given. 4,096 authors: a 160 KiB digest decoded in ~5 ms. The daemon sets it from its
+    admission rule; at most ``MAX_AUTHORS``."""
     max_genesis_bytes: int = 2**31
     """Largest genesis encoding accepted (2 GiB: ~500M float32 params)."""
     max_meta_items: int = 64
@@ -101,6 +131,8 @@ class Limits:
     def __post_init__(self) -> None:
         if self.clip_norm is not None and not (math.isfinite(self.clip_norm) and self.clip_norm > 0):
             raise ValueError("clip_norm must be a finite positive number or None")
+        if not 1 <= self.max_authors <= MAX_AUTHORS:
+            raise ValueError(f"max_authors must be in [1, {MAX_AUTHORS}]")
 
 
 DEFAULT_LIMITS = Limits()
@@ -118,7 +150,8 @@ class Genesis:
     params: np.ndarray
     fragments: tuple[tuple[int, int], ...]
     meta: MappingProxyType[str, str] | dict[str, str] = field(default_factory=dict)
-    _encoded: bytes = field(init=False, repr=False)
+    _head: bytes = field(init=False, repr=False)
+    _tail: bytes = field(init=False, repr=False)
     _id: str = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -136,16 +169,24 @@ class Genesis:
         _wire.expect(isinstance(self.meta, dict | MappingProxyType), tag, "meta must be a mapping")
         items = sorted(self.meta.items())
         _wire.expect(all(type(k) is str and type(v) is str for k, v in items), tag, "meta must be str->str")
-        frozen = params.astype("<f4", copy=True)
-        frozen.flags.writeable = False
+        if isinstance(params.base, bytes) and params.dtype == np.dtype("<f4"):
+            frozen = params  # a view of immutable bytes (Genesis.decode): nothing can change it
+        else:
+            frozen = params.astype("<f4", copy=True)
+            frozen.flags.writeable = False
+        # The encoding is [FORMAT_VERSION, tag, params(bin), fragments, meta]: hashed from its pieces.
+        head = (msgpack.Packer().pack_array_header(5) + _wire.pack(FORMAT_VERSION) + _wire.pack(tag)
+                + _wire.bin_header(frozen.nbytes))
+        tail = _wire.pack([list(f) for f in frags]) + _wire.pack([list(kv) for kv in items])
+        h = hashlib.blake2b(head, digest_size=HASH_BYTES)
+        h.update(memoryview(frozen).cast("B"))
+        h.update(tail)
         object.__setattr__(self, "params", frozen)
         object.__setattr__(self, "fragments", frags)
         object.__setattr__(self, "meta", MappingProxyType(dict(items)))
-        enc = _wire.pack(
-            [FORMAT_VERSION, tag, frozen.tobytes(), [list(f) for f in frags], [list(kv) for kv in items]]
-        )
-        object.__setattr__(self, "_encoded", enc)
-        object.__setattr__(self, "_id", content_hash(enc).hex())
+        object.__setattr__(self, "_head", head)
+        object.__setattr__(self, "_tail", tail)
+        object.__setattr__(self, "_id", h.hexdigest())
 
     @property
     def id(self) -> str:
@@ -161,10 +202,11 @@ class Genesis:
         return stop - start
 
     def encode(self) -> bytes:
-        return self._encoded
+        """The canonical encoding (built on each call: 4 bytes per parameter; cache it to serve it often)."""
+        return b"".join((self._head, memoryview(self.params).cast("B"), self._tail))
 
     @classmethod
-    def decode(cls, data: bytes, *, limits: Limits = DEFAULT_LIMITS) -> Genesis:
+    def decode(cls, data: bytes | memoryview, *, limits: Limits = DEFAULT_LIMITS) -> Genesis:
         """Parse and validate. Raises ValidationError."""
         tag = "genesis"
         obj = _wire.unpack_array(data, tag=tag, version=FORMAT_VERSION, length=5,
@@ -179,9 +221,13 @@ class Genesis:
         ), tag, "meta must be a short list of [key, value]")
         _wire.expect(len({kv[0] for kv in meta if isinstance(kv[0], str)}) == len(meta), tag,
                      "meta keys must be unique strings")
-        genesis = cls(np.frombuffer(raw, dtype="<f4").astype(np.float32),
+        genesis = cls(np.frombuffer(raw, dtype="<f4"),  # a view of msgpack's bytes: no copy
                       tuple(tuple(f) for f in frags), dict((k, v) for k, v in meta))  # type: ignore[misc]
-        _wire.expect(genesis.encode() == bytes(data), tag, "non-canonical encoding")
+        # Canonical: the same head and tail around the params bytes (which are what msgpack parsed).
+        view = memoryview(data).cast("B")
+        head, tail = genesis._head, genesis._tail
+        _wire.expect(len(view) == len(head) + len(raw) + len(tail) and view[: len(head)] == head
+                     and view[len(view) - len(tail):] == tail, tag, "non-canonical encoding")
         return genesis
 
     def __eq__(self, other: object) -> bool:
@@ -255,8 +301,9 @@ class Contribution:
             raise SignatureError("contribution: signature does not verify for its author")
 
     def validate_against(self, genesis: Genesis, limits: Limits = DEFAULT_LIMITS
-                         ) -> tuple[np.ndarray, np.ndarray]:
-        """Check the contribution fits ``genesis``; return the decoded ``(indices, values)``.
+                         ) -> tuple[np.ndarray, np.ndarray, float]:
+        """Check the contribution fits ``genesis``; return the decoded ``(indices, values)`` and the exact
+        weighted norm (:func:`weighted_norm`).
 
         Raises:
             GenesisMismatchError: the fragment does not exist in this genesis.
@@ -266,12 +313,10 @@ class Contribution:
             raise GenesisMismatchError(
                 f"contribution: fragment {self.fragment} not in genesis ({len(genesis.fragments)} fragments)")
         indices, values = decode_payload(self.codec, genesis.fragment_length(self.fragment), self.payload)
-        # Not np.linalg.norm: it goes through BLAS dot, which was ~100x slower here (threading overhead).
-        v64 = values.astype(np.float64)
-        norm = math.sqrt(float(np.sum(v64 * v64))) * self.weight
+        norm = weighted_norm(values, self.weight)
         if not norm <= limits.max_norm:
             raise ValidationError(f"contribution: weighted update norm {norm:.3g} exceeds {limits.max_norm}")
-        return indices, values
+        return indices, values, norm
 
     @classmethod
     def decode(cls, data: bytes, *, limits: Limits = DEFAULT_LIMITS) -> Contribution:
@@ -294,6 +339,13 @@ def make_contribution(signer: Signer, *, genesis_id: str, seq: int, fragment: in
     unsigned.check_fields(Limits(max_payload_bytes=2**62, max_weight=math.inf))
     return Contribution(signer.public_key, genesis_id, seq, fragment, codec, bytes(payload), float(weight),
                         bytes(base_version), signer.sign(unsigned._body()))
+
+
+def weighted_norm(values: np.ndarray, weight: float) -> float:
+    """``||weight * values||_2``, the same bits on every replica (see "Exact norm" above): the one norm
+    used for the max_norm bound and for clip_norm scaling."""
+    v64 = values.astype(np.float64)
+    return math.sqrt(math.fsum((v64 * v64).tolist())) * weight
 
 
 def _is_hex_id(value: object) -> bool:
