@@ -13,21 +13,14 @@ a replica applies each author's contributions in order and buffers early ones, b
 Fixed-point arithmetic, overflow and memory: see crdt/_accumulator.py (the int64 accumulator, hashed per
 fragment, materialized and snapshotted in blocks, so a state peaks near 12 bytes per parameter).
 
-Provenance and snapshots
-------------------------
-``self_verified`` says every contribution in the accumulator was verified by this replica: true for a
-state grown from the genesis by :meth:`apply` and for one reloaded from its own snapshot of such a state,
-false from the moment a peer's snapshot is adopted. Only self-verified states can be attested
-(:meth:`ModelState.checkpoint`; see crdt.checkpoint for the trust model). There are two ways to build a
-state from a snapshot and no third: :meth:`ModelState.from_snapshot` for a peer's, which requires a
-quorum of checkpoints, and :meth:`ModelState.from_own_snapshot` for the replica's own disk.
+Provenance: ``self_verified`` is true while every contribution in the accumulator was verified here
+(grown by :meth:`apply`, or reloaded from an own snapshot of such a state) and false once a peer's
+snapshot is adopted; only then can the replica attest its states (crdt.checkpoint has the trust model).
+A state is built from a snapshot in two ways and no third: :meth:`ModelState.from_snapshot` for a peer's
+(a quorum of checkpoints required) and :meth:`ModelState.from_own_snapshot` for the replica's own disk.
 
-Buffering bounds
-----------------
-Contributions ahead of their author's prefix wait in a buffer bounded in count, in payload bytes per
-author and in payload bytes in all (``Limits``); :meth:`ModelState.drop_pending` empties it (the daemon's
-clock decides when: dropped records come back through anti-entropy). New authors beyond
-``Limits.max_authors`` are refused (:class:`CapacityError`), applied or buffered alike.
+Bounds: early contributions wait in a buffer bounded in count and payload bytes (crdt/_pending.py); new
+authors beyond ``Limits.max_authors`` are refused (:class:`CapacityError`), applied or buffered alike.
 
 Equivocation (known limitation)
 -------------------------------
@@ -87,14 +80,17 @@ class ModelState:
     """One replica's model. Not thread-safe; pure (no I/O, no clock, no randomness)."""
 
     def __init__(self, genesis: Genesis, *, limits: Limits = DEFAULT_LIMITS) -> None:
+        self._setup(genesis, limits, Accumulator(genesis), self_verified=True)
+
+    def _setup(self, genesis: Genesis, limits: Limits, acc: Accumulator, *, self_verified: bool) -> None:
         self._genesis = genesis
         self._limits = _with_genesis_clip(genesis, limits)
-        self._acc = Accumulator(genesis)
+        self._acc = acc
         self._vv: dict[bytes, int] = {}
         self._floor: dict[bytes, int] = {}  # seqs <= floor[author] are applied but no longer retained
         self._log: dict[bytes, dict[int, Contribution]] = {}  # retained applied contributions
         self._pending = PendingBuffer()  # verified, waiting for a gap to fill
-        self._self_verified = True
+        self._self_verified = self_verified
         self._cache_vv: VersionVector | None = None
         self._cache_hash: str | None = None
 
@@ -283,7 +279,8 @@ class ModelState:
 
     # -- whole-state operations ------------------------------------------------------------------------
     def copy(self) -> ModelState:
-        other = ModelState._assemble(self._genesis, self._limits, self._acc.copy(), self._self_verified)
+        other = ModelState.__new__(ModelState)
+        other._setup(self._genesis, self._limits, self._acc.copy(), self_verified=self._self_verified)
         other._vv = dict(self._vv)
         other._floor = dict(self._floor)
         other._log = {a: dict(m) for a, m in self._log.items()}
@@ -360,41 +357,26 @@ class ModelState:
         Raises:
             GenesisMismatchError: snapshot of another genesis or of another model size.
         """
-        if snapshot is None:
-            state = cls(genesis, limits=limits)
-            for c in sorted(log, key=lambda c: (c.seq, c.author)):
-                with contextlib.suppress(CrdtError):
-                    state.apply(c)
-            return state
-        return cls._restore(genesis, snapshot, self_verified=snapshot.header.self_verified, log=log,
-                            limits=limits)
+        verified = snapshot is None or snapshot.header.self_verified
+        return cls._restore(genesis, snapshot, self_verified=verified, log=log, limits=limits)
 
     @classmethod
-    def _assemble(cls, genesis: Genesis, limits: Limits, acc: Accumulator, self_verified: bool) -> ModelState:
-        state = cls.__new__(cls)
-        state._genesis = genesis
-        state._limits = _with_genesis_clip(genesis, limits)
-        state._acc = acc
-        state._vv, state._floor, state._log = {}, {}, {}
-        state._pending = PendingBuffer()
-        state._self_verified = self_verified
-        state._cache_vv = None
-        state._cache_hash = None
-        return state
-
-    @classmethod
-    def _restore(cls, genesis: Genesis, snapshot: Snapshot, *, self_verified: bool,
+    def _restore(cls, genesis: Genesis, snapshot: Snapshot | None, *, self_verified: bool,
                  log: Iterable[Contribution], limits: Limits) -> ModelState:
-        header = snapshot.header
-        if header.genesis_id != genesis.id:
-            raise GenesisMismatchError("snapshot: belongs to a different genesis")
-        acc, hashes = snapshot.take()  # SnapshotReader checked the content against the header's hash
-        if acc.shape != (genesis.length,) or len(hashes) != len(genesis.fragments):
-            raise GenesisMismatchError("snapshot: accumulator size does not match the genesis model")
-        state = cls._assemble(genesis, limits, Accumulator(genesis, acc, hashes), self_verified)
-        state._vv = dict(header.version_vector.items())
-        state._floor = dict(state._vv)
-        state._cache_hash = header.state_hash
+        state = cls.__new__(cls)
+        if snapshot is None:
+            state._setup(genesis, limits, Accumulator(genesis), self_verified=self_verified)
+        else:
+            header = snapshot.header
+            if header.genesis_id != genesis.id:
+                raise GenesisMismatchError("snapshot: belongs to a different genesis")
+            acc, hashes = snapshot.take()  # SnapshotReader checked the content against the header's hash
+            if acc.shape != (genesis.length,) or len(hashes) != len(genesis.fragments):
+                raise GenesisMismatchError("snapshot: accumulator size does not match the genesis model")
+            state._setup(genesis, limits, Accumulator(genesis, acc, hashes), self_verified=self_verified)
+            state._vv = dict(header.version_vector.items())
+            state._floor = dict(state._vv)
+            state._cache_hash = header.state_hash
         covered: dict[bytes, dict[int, Contribution]] = {}
         later: list[Contribution] = []
         for c in log:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 
 import msgpack
 import numpy as np
@@ -166,6 +167,17 @@ def test_max_norm_decision_uses_the_exact_sum() -> None:
     with pytest.raises(ValidationError, match="norm"):
         c.validate_against(g, Limits(max_norm=numpy_norm))
     assert c.validate_against(g, Limits(max_norm=exact))[2] == exact
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.floats(width=32, allow_nan=False, allow_infinity=False), max_size=300),
+       st.floats(min_value=1e-6, max_value=1e6))
+def test_weighted_norm_is_the_correctly_rounded_one(values: list[float], weight: float) -> None:
+    """The integer sum of squares equals math.fsum of the exact float64 squares (correctly rounded),
+    subnormals, huge values and zeros included."""
+    v64 = np.array(values, np.float32).astype(np.float64)
+    expected = math.sqrt(math.fsum((v64 * v64).tolist())) * weight
+    assert weighted_norm(np.array(values, np.float32), weight) == expected
 
 
 def test_non_canonical_rejected() -> None:
