@@ -27,12 +27,13 @@ refused unless the result is the header's hash, so the accumulator a replica ado
 checkpoint (crdt.checkpoint) signed. zstd's output bytes may differ between library versions; nothing
 signs or hashes them, only the decoded content.
 
-Why this encoding (measured, bench/bench_crdt.py, 2026-12-01): a real accumulator (stdlib-lm, 2 peers x
-40 rounds of sparse-q8) has an order-0 per-plane entropy of 3.50 bytes per entry: the high planes are
-zero, the low ones near-random, one in between. zstd on the planes reaches 3.48 B/param; on the raw
-int64 layout 4.53 (zstd) / 4.49 (zlib); zlib on planes 3.50 but 8x slower to encode (65 vs 534 MB/s);
-lzma 3.58 and slower still. Level 1 compresses as well as level 3 here, 2.3x faster. Rejected: deltas
-between neighbouring entries (accumulators of different parameters are independent: no gain); bit
+Why this encoding (bench/bench_crdt.py, 2026-12-01): a real accumulator (stdlib-lm, 2 peers x 40
+rounds of sparse-q8 through ModelState) has an order-0 entropy of its zigzag byte planes of 3.50 bytes per
+entry: the high planes are zero, the low ones near-random, one in between. This encoding takes 3.48
+B/param (3.53 on 100M entries bootstrapped from it), against 4.97 (zstd) and 4.49 (zlib) on the raw
+int64 layout; zlib on the same planes gets 3.49 but encoded 8x slower (65 vs 534 MB/s on 10M entries),
+lzma 3.58 and slower still; zstd level 3 compressed no better than level 1, 2.3x slower. Rejected:
+deltas between neighbouring entries (accumulators of different parameters are independent: no gain); bit
 packing with a per-block width (no library, ~1 bit/entry worse than the entropy coder on the top plane).
 """
 
