@@ -1,4 +1,4 @@
-"""Benchmark the crdt merge path: apply throughput vs a dense numpy add, and digest/snapshot cost vs size.
+"""Benchmark the crdt: apply throughput, snapshot size/speed, the state's memory, digests vs authors.
 
 Run: ``python bench/bench_crdt.py [--quick]``. Prints a table and writes bench/results/crdt.json.
 
@@ -8,8 +8,15 @@ What is measured (single thread, same process, same sizes):
   check + fixed-point scatter-add), reported as contributions/s and sparse entries/s, with a breakdown,
   next to the cost of a plain ``np.add`` of a dense float32 fragment (what a naive dense merge does) and a
   raw float32 scatter-add of the same entries (the floor for any sparse merge).
-* per model size: state_hash after a change (blake2b over the int64 accumulator), Digest encode,
-  snapshot encode + decode + from_snapshot, materialize.
+* real accumulators: a few rounds of real DiLoCo (digits, and stdlib-lm unless --quick) applied through
+  ModelState; order-0 entropy of their zigzag byte planes against the snapshot encoding and plain
+  zlib/zstd on the raw int64 layout.
+* per model size (10M/30M/100M, 1M with --quick): accumulators bootstrapped (seeded, with replacement)
+  from the real stdlib-lm one, so the per-entry distribution is a measured one; snapshot bytes per
+  parameter, encode and decode+restore speed in MB of int64 accumulator per second, and the state's
+  peak memory per parameter (genesis 4 B + accumulator 8 B + the operation's temporaries, traced with
+  tracemalloc, which sees numpy's buffers) during encode, restore, full hash, apply and materialize(out=).
+* per mesh size: digest bytes, encode/decode time (decoder capped at the author count), plan_sync.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import json
 import platform
 import sys
 import time
+import tracemalloc
 from collections.abc import Callable
 from pathlib import Path
 
@@ -95,59 +103,190 @@ def bench_apply(d: int, n_frag: int, density: float, codec: str, n: int) -> dict
     }
 
 
-def bench_size(d: int) -> dict[str, float]:
-    g = _genesis(d, 8)
+# -- snapshots and memory ------------------------------------------------------------------------------------
+
+
+def real_accumulator(task: str, peers: int, rounds: int) -> np.ndarray:
+    """The accumulator after ``rounds`` rounds of ``peers`` real DiLoCo peers on ``task`` (the task's
+    default settings: sparse-q8, error feedback), every contribution applied through ModelState."""
+    import torch
+
+    import training
+
+    torch.set_num_threads(1)
+    t = training.load_task(task)
+    cfg = training.DilocoConfig.for_task(t, {"expected_peers": peers, "device": "cpu"})
+    trainers = [training.PeerTrainer(t, cfg, shard=i, num_shards=peers) for i in range(peers)]
+    g = crdt.Genesis(training.flatten_params(t.build_model()), trainers[0].fragments, {"task": task})
     state = crdt.ModelState(g)
-    state.apply(_contributions(g, 1, 0.01, "sparse-q8")[0])
+    signers = [crdt.Signer.from_seed(hashlib.sha256(b"real-%d" % i).digest()) for i in range(peers)]
+    for r in range(rounds):
+        theta = state.materialize()
+        for i, tr in enumerate(trainers):
+            res = tr.run_round(theta, fragment=r % len(g.fragments))
+            state.apply(crdt.make_contribution(signers[i], genesis_id=g.id, seq=r + 1, fragment=res.fragment,
+                                               codec=res.codec, payload=res.payload, weight=res.weight,
+                                               base_version=b"\0" * 32))
+    return state.accumulator.copy()
 
-    def full_hash() -> str:
-        state._cache_hash = None  # measure the real cost, not the cache
-        state._frag_hash = [None] * len(g.fragments)
-        return state.state_hash
 
-    def hash_after_apply() -> str:
-        state._cache_hash = None  # what a digest costs right after one apply (one fragment dirty)
-        state._frag_hash[0] = None
-        return state.state_hash
+def _planes(acc: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(((acc << 1) ^ (acc >> 63)).view(np.uint8).reshape(-1, 8).T)
 
-    snap = state.snapshot()
-    blob = snap.encode()
+
+def entropy_row(task: str, acc: np.ndarray) -> dict[str, float | str]:
+    """Order-0 entropy of each zigzag byte plane (their sum bounds the per-entry entropy from above)
+    against what general-purpose compressors make of the raw and plane-split layouts."""
+    import zlib
+
+    import zstandard
+
+    n = acc.size
+    planes = _planes(acc)
+    h = 0.0
+    for p in planes:
+        freq = np.bincount(p, minlength=256) / n
+        h -= float(np.sum(freq[freq > 0] * np.log2(freq[freq > 0]))) / 8
+    raw = acc.astype("<i8").tobytes()
+    z = zstandard.ZstdCompressor(level=1)
+    nz = acc[acc != 0].astype(np.float64) * crdt.QUANTUM
     return {
-        "model_params": d,
-        "state_hash_full_ms": 1e3 * _best(full_hash, 3),
-        "state_hash_after_apply_ms": 1e3 * _best(hash_after_apply, 3),
-        "digest_encode_ms": 1e3 * _best(lambda: state.digest().encode(), 3),
-        "snapshot_ms": 1e3 * _best(state.snapshot, 3),
-        "snapshot_encode_ms": 1e3 * _best(snap.encode, 3),
-        "snapshot_decode_ms": 1e3 * _best(lambda: crdt.Snapshot.decode(blob), 3),
-        "from_snapshot_ms": 1e3 * _best(lambda: crdt.ModelState.from_snapshot(g, snap), 3),
-        "materialize_ms": 1e3 * _best(state.materialize, 3),
-        "dense_f32_add_ms": 1e3 * _best(lambda: np.add(g.params, g.params), 3),
-        "snapshot_bytes": len(blob),
+        "task": task, "params": n, "zero_fraction": float(np.mean(acc == 0)),
+        "abs_p50_units": float(np.median(np.abs(nz))), "abs_p99_units": float(np.percentile(np.abs(nz), 99)),
+        "plane_entropy_bytes_per_param": h,
+        "zstd_planes_bytes_per_param": sum(len(z.compress(p.tobytes())) for p in planes if p.any()) / n,
+        "zlib_planes_bytes_per_param": sum(len(zlib.compress(p.tobytes(), 6)) for p in planes if p.any()) / n,
+        "zstd_raw_bytes_per_param": len(z.compress(raw)) / n,
+        "zlib_raw_bytes_per_param": len(zlib.compress(raw, 6)) / n,
+        "snapshot_bytes_per_param": len(b"".join(_state_from(acc).snapshot_parts())) / n,
     }
 
 
-def bench_peers(authors: int) -> dict[str, float]:
+def _genesis_of(d: int) -> crdt.Genesis:
+    bounds = np.linspace(0, d, 17).astype(int).tolist()  # 16 fragments
+    params = np.zeros(d, dtype=np.float32)
+    params[::7] = 0.02
+    return crdt.Genesis(params, tuple(itertools.pairwise(bounds)), {"task": "bench"})
+
+
+def _state_from(acc: np.ndarray, g: crdt.Genesis | None = None) -> crdt.ModelState:
+    """A state holding ``acc`` (through the own-snapshot path, as a restarting node would)."""
+    from crdt.snapshot import SnapshotHeader, combine_state_hash, encode_snapshot, fragment_digest
+
+    g = g or crdt.Genesis(np.zeros(acc.size, np.float32), ((0, acc.size),))
+    vv = crdt.VersionVector()
+    header = SnapshotHeader(g.id, vv, combine_state_hash(g.id, vv, [fragment_digest(acc[a:b])
+                                                                    for a, b in g.fragments]), True)
+    reader = crdt.SnapshotReader(g, max_authors=crdt.MAX_AUTHORS)
+    for part in encode_snapshot(g, header, acc):
+        reader.feed(part)
+    return crdt.ModelState.from_own_snapshot(g, reader.finish())
+
+
+def _bootstrap(source: np.ndarray, d: int) -> np.ndarray:
+    """``d`` entries drawn (seeded, with replacement) from a real accumulator: the same per-entry
+    distribution, at any size; built in blocks so the sampling indices stay small."""
+    rng = np.random.default_rng(7)
+    out = np.empty(d, dtype=np.int64)
+    for s in range(0, d, 2**22):
+        e = min(s + 2**22, d)
+        out[s:e] = source[rng.integers(0, source.size, e - s)]
+    return out
+
+
+def _peak_bytes(fn: Callable[[], object]) -> int:
+    """Bytes allocated (numpy buffers included) at the peak of ``fn``, above what was live before it."""
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    tracemalloc.reset_peak()
+    fn()
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    return peak - before
+
+
+def bench_size(d: int, source: np.ndarray) -> dict[str, float]:
+    """Snapshot size and speed, and the state's memory per parameter, for a model of ``d`` params whose
+    accumulator is bootstrapped from a real one."""
+    g = _genesis_of(d)
+    state = _state_from(_bootstrap(source, d), g)
+    base = g.params.nbytes + state.accumulator.nbytes  # what the state holds for good: 12 B/param
+    t_enc = _best(lambda: sum(len(p) for p in state.snapshot_parts()), 2)
+    parts = list(state.snapshot_parts())
+    size = sum(len(p) for p in parts)
+
+    def restore() -> crdt.ModelState:
+        reader = crdt.SnapshotReader(g, max_authors=crdt.MAX_AUTHORS)
+        for p in parts:
+            reader.feed(p)
+        return crdt.ModelState.from_own_snapshot(g, reader.finish())
+
+    t_dec = _best(restore, 2)
+    out = np.empty(d, np.float32)
+    t_mat = _best(lambda: state.materialize(out=out), 2)
+
+    def full_hash() -> str:
+        state._cache_hash = None  # measure the real cost, not the cache
+        state._acc._hashes = [None] * len(g.fragments)
+        return state.state_hash
+
+    t_hash = _best(full_hash, 2)
+    frag = g.fragment_length(0)
+    idx = np.arange(0, frag, 10, dtype=np.uint32)  # a 10 % sparse-q8 contribution to fragment 0
+    payload = crdt.encode_payload("sparse-q8", frag, idx, np.full(idx.size, 1e-3, np.float32))
+    one = crdt.make_contribution(crdt.Signer.from_seed(b"\7" * 32), genesis_id=g.id, seq=1, fragment=0,
+                                 codec="sparse-q8", payload=payload, weight=1.0, base_version=b"\0" * 32)
+    buf = np.empty(d, np.float32)  # the caller's buffer (e.g. shared memory): not the state's memory
+    peaks = {
+        "encode": base + _peak_bytes(lambda: sum(len(p) for p in state.snapshot_parts())),
+        "restore": g.params.nbytes + _peak_bytes(restore),
+        "state_hash": base + _peak_bytes(full_hash),
+        "apply": base + _peak_bytes(lambda: (state.apply(one), state.state_hash)),
+        "materialize_out": base + _peak_bytes(lambda: state.materialize(out=buf)),
+    }
+    return {
+        "model_params": d,
+        "snapshot_bytes": size,
+        "snapshot_bytes_per_param": size / d,
+        "encode_mb_per_s": 8 * d / t_enc / 1e6,
+        "decode_restore_mb_per_s": 8 * d / t_dec / 1e6,
+        "encode_s": t_enc,
+        "decode_restore_s": t_dec,
+        "materialize_out_ms": 1e3 * t_mat,
+        "state_hash_full_ms": 1e3 * t_hash,
+        **{f"peak_{k}_bytes_per_param": v / d for k, v in peaks.items()},
+    }
+
+
+def bench_peers(authors: int) -> dict[str, float | None]:
     """Cost of one anti-entropy exchange as the mesh grows: every author has contributed; the remote
-    lacks the last contribution of every author (the worst case a round of gossip loss leaves)."""
-    g = _genesis(10_000, 1)
-    state = crdt.ModelState(g)
-    payload = crdt.encode_payload("sparse-f32", 10_000, np.arange(8, dtype=np.uint32), np.ones(8, np.float32))
-    for i in range(authors):
-        signer = crdt.Signer.from_seed(hashlib.sha256(b"peer-%d" % i).digest())
-        for seq in (1, 2):
-            state.apply(crdt.make_contribution(signer, genesis_id=g.id, seq=seq, fragment=0,
-                                               codec="sparse-f32", payload=payload, weight=1e-3,
-                                               base_version=b"\0" * 32))
-    remote_vv = crdt.VersionVector.from_dict({a: 1 for a in state.version_vector})
+    lacks the last contribution of every author (the worst case a round of gossip loss leaves). Above
+    1,024 authors only the digest is timed (the decoder is given ``max_authors=authors``)."""
+    signers = [hashlib.sha256(b"peer-%d" % i).digest() for i in range(authors)]
+    remote_vv = crdt.VersionVector.from_dict(dict.fromkeys(signers, 1))
     remote = crdt.Digest(remote_vv, "00" * 32, remote_vv.total)
     wire = remote.encode()
+    plan_ms = None
+    if authors <= 1024:
+        g = _genesis(10_000, 1)
+        state = crdt.ModelState(g)
+        payload = crdt.encode_payload("sparse-f32", 10_000, np.arange(8, dtype=np.uint32),
+                                      np.ones(8, np.float32))
+        for i in range(authors):
+            signer = crdt.Signer.from_seed(hashlib.sha256(b"peer-%d" % i).digest())
+            for seq in (1, 2):
+                state.apply(crdt.make_contribution(signer, genesis_id=g.id, seq=seq, fragment=0,
+                                                   codec="sparse-f32", payload=payload, weight=1e-3,
+                                                   base_version=b"\0" * 32))
+        remote_vv = crdt.VersionVector.from_dict(dict.fromkeys(state.version_vector, 1))
+        remote = crdt.Digest(remote_vv, "00" * 32, remote_vv.total)
+        plan_ms = _best(lambda: crdt.plan_sync(state, remote, max_count=authors)) * 1e3
     return {
         "authors": authors,
         "digest_bytes": len(wire),
-        "digest_encode_ms": _best(remote.encode) * 1e3,
-        "digest_decode_ms": _best(lambda: crdt.Digest.decode(wire)) * 1e3,
-        "plan_sync_ms": _best(lambda: crdt.plan_sync(state, remote, max_count=authors)) * 1e3,
+        "digest_encode_ms": _best(lambda: crdt.Digest(remote_vv, "00" * 32, remote_vv.total).encode()) * 1e3,
+        "digest_decode_ms": _best(lambda: crdt.Digest.decode(wire, max_authors=authors)) * 1e3,
+        "plan_sync_ms": plan_ms,
     }
 
 
@@ -161,9 +300,13 @@ def main() -> None:
                   for codec in ("sparse-q8", "sparse-q2", "sparse-f32") for dens in (0.01, 0.1)]
     apply_rows.append(bench_apply(d, 16, 0.01, "dct-q8", n))  # decodes every entry: inverse DCT
     apply_rows.append(bench_apply(d // 16, 16, 1.0, "dense-f32", n))
-    sizes = [10**5, 10**6] + ([] if args.quick else [10**7, 3 * 10**7])
-    size_rows = [bench_size(s) for s in sizes]
-    peer_rows = [bench_peers(a) for a in (4, 16, 64, 256) + (() if args.quick else (1024,))]
+    real = [("digits", real_accumulator("digits", 4, 20 if args.quick else 60))]
+    if not args.quick:
+        real.append(("stdlib-lm", real_accumulator("stdlib-lm", 2, 40)))
+    entropy_rows = [entropy_row(task, acc) for task, acc in real]
+    sizes = [10**6] if args.quick else [10**7, 3 * 10**7, 10**8]
+    size_rows = [bench_size(s, real[-1][1]) for s in sizes]
+    peer_rows = [bench_peers(a) for a in (16, 256, 1024, 4096) + (() if args.quick else (116_500,))]
 
     print(f"{'codec':<11}{'frag':>10}{'dens':>6}{'contrib/s':>11}{'Mentries/s':>11}{'apply ms':>9}"
           f"{'verify':>8}{'decode':>8}{'dense add':>10}{'scatter':>9}")
@@ -171,25 +314,34 @@ def main() -> None:
         print(f"{r['codec']:<11}{r['fragment_params']:>10}{r['density']:>6}{r['contributions_per_s']:>11.0f}"
               f"{r['entries_per_s'] / 1e6:>11.2f}{r['apply_ms']:>9.3f}{r['verify_ms']:>8.3f}"
               f"{r['decode_ms']:>8.3f}{r['dense_f32_add_ms']:>10.3f}{r['f32_scatter_add_ms']:>9.3f}")
-    print()
-    print(f"{'params':>10}{'hash ms':>9}{'hash 1f':>8}{'digest':>8}{'snap':>8}{'enc':>8}{'dec':>8}"
-          f"{'restore':>9}{'materlz':>9}{'dense add':>10}{'snap MB':>9}")
+    print("\nreal accumulators, bytes per parameter:")
+    print(f"{'task':<10}{'params':>9}{'zeros':>7}{'|x| p50':>9}{'entropy':>8}{'snapshot':>9}{'zstd pl':>8}"
+          f"{'zlib pl':>8}{'zstd raw':>9}{'zlib raw':>9}")
+    for r in entropy_rows:
+        print(f"{r['task']:<10}{r['params']:>9}{r['zero_fraction']:>7.3f}{r['abs_p50_units']:>9.3g}"
+              f"{r['plane_entropy_bytes_per_param']:>8.2f}{r['snapshot_bytes_per_param']:>9.2f}"
+              f"{r['zstd_planes_bytes_per_param']:>8.2f}{r['zlib_planes_bytes_per_param']:>8.2f}"
+              f"{r['zstd_raw_bytes_per_param']:>9.2f}{r['zlib_raw_bytes_per_param']:>9.2f}")
+    print(f"\nsnapshots of accumulators bootstrapped from {real[-1][0]}'s; state peak bytes per parameter:")
+    print(f"{'params':>11}{'B/param':>8}{'enc MB/s':>9}{'dec MB/s':>9}{'hash ms':>8}{'matlz ms':>9}"
+          f"{'pk enc':>7}{'pk rest':>8}{'pk hash':>8}{'pk apply':>9}{'pk mat':>7}")
     for r in size_rows:
-        print(f"{r['model_params']:>10}{r['state_hash_full_ms']:>9.2f}"
-              f"{r['state_hash_after_apply_ms']:>8.2f}{r['digest_encode_ms']:>8.3f}"
-              f"{r['snapshot_ms']:>8.2f}{r['snapshot_encode_ms']:>8.2f}{r['snapshot_decode_ms']:>8.2f}"
-              f"{r['from_snapshot_ms']:>9.2f}{r['materialize_ms']:>9.2f}{r['dense_f32_add_ms']:>10.2f}"
-              f"{r['snapshot_bytes'] / 2**20:>9.1f}")
-    print()
-    print(f"{'authors':>8}{'digest B':>10}{'enc ms':>8}{'dec ms':>8}{'plan_sync ms':>13}")
+        print(f"{r['model_params']:>11}{r['snapshot_bytes_per_param']:>8.2f}{r['encode_mb_per_s']:>9.0f}"
+              f"{r['decode_restore_mb_per_s']:>9.0f}{r['state_hash_full_ms']:>8.0f}"
+              f"{r['materialize_out_ms']:>9.0f}{r['peak_encode_bytes_per_param']:>7.2f}"
+              f"{r['peak_restore_bytes_per_param']:>8.2f}{r['peak_state_hash_bytes_per_param']:>8.2f}"
+              f"{r['peak_apply_bytes_per_param']:>9.2f}{r['peak_materialize_out_bytes_per_param']:>7.2f}")
+    print(f"\n{'authors':>8}{'digest B':>10}{'enc ms':>8}{'dec ms':>8}{'plan_sync ms':>13}")
     for r in peer_rows:
+        plan = "-" if r["plan_sync_ms"] is None else f"{r['plan_sync_ms']:.3f}"
         print(f"{r['authors']:>8}{r['digest_bytes']:>10}{r['digest_encode_ms']:>8.3f}"
-              f"{r['digest_decode_ms']:>8.3f}{r['plan_sync_ms']:>13.3f}")
+              f"{r['digest_decode_ms']:>8.3f}{plan:>13}")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps({
+        "date": time.strftime("%Y-%m-%d"),
         "machine": {"python": platform.python_version(), "numpy": np.__version__,
                     "processor": platform.processor() or platform.machine()},
-        "apply": apply_rows, "sizes": size_rows, "peers": peer_rows,
+        "apply": apply_rows, "real_accumulators": entropy_rows, "sizes": size_rows, "peers": peer_rows,
     }, indent=2) + "\n")
     print(f"\nwrote {RESULTS}")
 

@@ -5,15 +5,20 @@ Layout (one concept per module; import the public names from ``crdt`` itself):
 - ``errors``      the exception tree (CrdtError > ValidationError > ...)
 - ``payload``     sparse / quantized update codecs (encode_payload, decode_payload)
 - ``signing``     Ed25519 Signer / verify_signature
-- ``records``     Limits, Genesis, Contribution, make_contribution
-- ``vv``          VersionVector, Digest
-- ``state``       ModelState (int64 fixed-point accumulator), Snapshot, ApplyOutcome
+- ``records``     Limits, Genesis, Contribution, make_contribution, weighted_norm (the exact norm)
+- ``vv``          VersionVector, Digest (decoders capped by max_authors)
+- ``snapshot``    the compact streamed snapshot format: SnapshotHeader, SnapshotReader, Snapshot
+- ``checkpoint``  signed Checkpoint records, CheckpointPolicy, check_attestation (the trust model)
+- ``state``       ModelState (int64 fixed-point accumulator), ApplyOutcome
 - ``log``         WAL framing and scan_log (bytes only; the files live in daemon/store.py)
 - ``antientropy`` plan_sync, retention_floor
 """
 
 from crdt.antientropy import SyncPlan, plan_sync, retention_floor
+from crdt.checkpoint import Checkpoint, CheckpointPolicy, check_attestation, make_checkpoint
 from crdt.errors import (
+    AttestationError,
+    CapacityError,
     ConflictError,
     CrdtError,
     GapTooLargeError,
@@ -35,9 +40,19 @@ from crdt.payload import (
     encode_payload,
     payload_error_bound,
 )
-from crdt.records import DEFAULT_LIMITS, FORMAT_VERSION, Contribution, Genesis, Limits, make_contribution
+from crdt.records import (
+    DEFAULT_LIMITS,
+    FORMAT_VERSION,
+    MAX_AUTHORS,
+    Contribution,
+    Genesis,
+    Limits,
+    make_contribution,
+    weighted_norm,
+)
 from crdt.signing import Signer, verify_signature
-from crdt.state import QUANTUM, SCALE_BITS, ApplyOutcome, ModelState, Snapshot
+from crdt.snapshot import SNAPSHOT_MAGIC, Snapshot, SnapshotHeader, SnapshotReader
+from crdt.state import QUANTUM, SCALE_BITS, ApplyOutcome, ModelState
 from crdt.vv import Digest, VersionVector
 
 __all__ = [
@@ -48,12 +63,18 @@ __all__ = [
     "DENSE_CODECS",
     "FORMAT_VERSION",
     "LOG_HEADER",
+    "MAX_AUTHORS",
     "MAX_LENGTH",
     "MAX_RECORD_BYTES",
     "QUANTUM",
     "SCALE_BITS",
+    "SNAPSHOT_MAGIC",
     "TRANSFORM_CODECS",
     "ApplyOutcome",
+    "AttestationError",
+    "CapacityError",
+    "Checkpoint",
+    "CheckpointPolicy",
     "ConflictError",
     "Contribution",
     "CrdtError",
@@ -68,13 +89,17 @@ __all__ = [
     "SignatureError",
     "Signer",
     "Snapshot",
+    "SnapshotHeader",
+    "SnapshotReader",
     "SyncPlan",
     "ValidationError",
     "VersionVector",
+    "check_attestation",
     "dct_coefficients",
     "decode_payload",
     "encode_payload",
     "frame_record",
+    "make_checkpoint",
     "make_contribution",
     "payload_error_bound",
     "plan_sync",
@@ -83,4 +108,5 @@ __all__ = [
     "seal_blob",
     "unseal_blob",
     "verify_signature",
+    "weighted_norm",
 ]

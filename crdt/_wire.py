@@ -8,13 +8,14 @@ so content ids and signatures are well defined and a peer cannot smuggle in alte
 
 from __future__ import annotations
 
+import struct
 from typing import Any
 
 import msgpack
 
 from crdt.errors import ValidationError
 
-__all__ = ["pack", "unpack_array"]
+__all__ = ["bin_header", "pack", "unpack_array", "version_error"]
 
 
 def pack(obj: Any) -> bytes:
@@ -30,13 +31,13 @@ def unpack_array(data: Any, *, tag: str, version: int, length: int, max_bytes: i
         raise ValidationError(f"{tag}: {len(data)} bytes exceeds the limit of {max_bytes}")
     try:
         # unpackb caps every container/str/bin length by len(data), so the size check above bounds memory
-        obj = msgpack.unpackb(bytes(data), raw=False, strict_map_key=True, use_list=True)
+        obj = msgpack.unpackb(data, raw=False, strict_map_key=True, use_list=True)
     except Exception as exc:  # msgpack raises a zoo of types (ExtraData, FormatError, ValueError, ...)
         raise ValidationError(f"{tag}: not valid msgpack ({type(exc).__name__})") from exc
     if not isinstance(obj, list) or len(obj) != length:
         raise ValidationError(f"{tag}: expected a msgpack array of {length} items")
     if obj[0] != version or type(obj[0]) is not int:
-        raise ValidationError(f"{tag}: unsupported format version {obj[0]!r} (this build reads {version})")
+        raise version_error(tag, obj[0], version)
     if obj[1] != tag:
         raise ValidationError(f"{tag}: wrong record type {obj[1]!r}")
     return obj
@@ -54,3 +55,22 @@ def is_int(x: Any) -> bool:
 
 def is_bytes(x: Any, n: int | None = None) -> bool:
     return type(x) is bytes and (n is None or len(x) == n)
+
+
+def version_error(tag: str, found: object, expected: int) -> ValidationError:
+    """The error for data of another format version: pre-1.0 layouts are not migrated; it says what to do."""
+    return ValidationError(
+        f"{tag}: written in format version {found!r}, this build reads only version {expected}; meshtrain "
+        "does not migrate data across format versions before 1.0: move the node's store directory away "
+        "and restart it, it resyncs the run from its peers"
+    )
+
+
+def bin_header(n: int) -> bytes:
+    """The canonical msgpack header of a ``bin`` of ``n`` bytes (what ``pack`` writes before the bytes),
+    for encoders that stream a large bin without building it."""
+    if n < 2**8:
+        return struct.pack(">BB", 0xC4, n)
+    if n < 2**16:
+        return struct.pack(">BH", 0xC5, n)
+    return struct.pack(">BI", 0xC6, n)

@@ -7,8 +7,12 @@
     │   │                         unsigned, out of range or inconsistent; ``.reason`` says which rule broke
     │   ├── SignatureError        the Ed25519 signature does not verify
     │   ├── GenesisMismatchError  the record belongs to another genesis / model layout
-    │   ├── GapTooLargeError      a contribution is too far ahead of its author's contiguous prefix to
-    │   │                         buffer (not malicious by itself: fetch the missing seqs, then retry)
+    │   ├── GapTooLargeError      a contribution is too far ahead of its author's contiguous prefix, or
+    │   │                         the buffer (count or payload bytes) is full (not malicious by itself:
+    │   │                         fetch the missing seqs, then retry)
+    │   ├── CapacityError         accepting it would exceed ``Limits.max_authors`` (a new author)
+    │   ├── AttestationError      a peer's snapshot lacks a quorum of matching checkpoints from the run's
+    │   │                         signers, or a checkpoint cannot be signed for this state
     │   └── ConflictError         two *different* validly signed contributions claim the same
     │                             (author, seq) slot: the author equivocated; the second one is refused
     │                             (first one wins locally). ``.evidence`` holds both, a proof to ban on.
@@ -24,6 +28,8 @@ propagate. Decoders convert every lower-level failure (msgpack, numpy, cryptogra
 from __future__ import annotations
 
 __all__ = [
+    "AttestationError",
+    "CapacityError",
     "ConflictError",
     "CrdtError",
     "GapTooLargeError",
@@ -56,6 +62,14 @@ class GenesisMismatchError(ValidationError):
 
 class GapTooLargeError(ValidationError):
     """Seq is beyond the per-author buffering window; the sender should be asked for the gap first."""
+
+
+class CapacityError(ValidationError):
+    """A new author would exceed ``Limits.max_authors``; the author's records are refused, not buffered."""
+
+
+class AttestationError(ValidationError):
+    """A snapshot is not attested by a quorum of the run's checkpoint signers (see crdt.checkpoint)."""
 
 
 class ConflictError(ValidationError):

@@ -14,7 +14,8 @@ store keeps (truncating the rest). The CRC covers the length too, so a corrupted
 the scanner skip to a plausible-looking later position. A wrong magic or version is *not* a torn write but
 a different file: that raises instead, so the store never truncates a file it does not understand.
 
-Snapshots and the genesis are written whole (tmp file + rename) as *sealed blobs*::
+The genesis and small files are written whole (tmp file + rename) as *sealed blobs* (snapshots are
+streams of WAL-framed parts: crdt.snapshot)::
 
     blob = kind(7 bytes) + u8 FORMAT_VERSION + u64le length + u32le crc32(payload) + payload
 
@@ -29,14 +30,17 @@ import struct
 import zlib
 from dataclasses import dataclass
 
+from crdt._wire import version_error
 from crdt.errors import ValidationError
 from crdt.records import FORMAT_VERSION
 
 __all__ = [
     "LOG_HEADER",
     "MAX_RECORD_BYTES",
+    "RECORD_HEADER",
     "LogScan",
     "frame_record",
+    "record_checksum",
     "scan_log",
     "seal_blob",
     "unseal_blob",
@@ -47,7 +51,8 @@ LOG_HEADER = b"MESHWAL" + bytes([FORMAT_VERSION])
 #: Largest WAL record: a contribution is at most Limits.max_payload_bytes (64 MiB) plus framing; 256 MiB
 #: leaves room while still refusing a corrupted length of ~4 GiB.
 MAX_RECORD_BYTES = 256 * 2**20
-_REC = struct.Struct("<II")  # length, crc32
+#: Record framing: u32le length, u32le crc32 (shared with crdt.snapshot's parts).
+RECORD_HEADER = struct.Struct("<II")
 _BLOB = struct.Struct("<7sBQI")  # kind, version, length, crc32
 
 
@@ -63,7 +68,7 @@ class LogScan:
     """Why scanning stopped early (None: the whole input was valid)."""
 
 
-def _crc(length_bytes: bytes, payload: bytes | memoryview) -> int:
+def record_checksum(length_bytes: bytes, payload: bytes | memoryview) -> int:
     return zlib.crc32(payload, zlib.crc32(length_bytes))
 
 
@@ -72,7 +77,7 @@ def frame_record(payload: bytes) -> bytes:
     if len(payload) > MAX_RECORD_BYTES:
         raise ValidationError(f"log record of {len(payload)} bytes exceeds {MAX_RECORD_BYTES}")
     length = struct.pack("<I", len(payload))
-    return length + struct.pack("<I", _crc(length, payload)) + payload
+    return length + struct.pack("<I", record_checksum(length, payload)) + payload
 
 
 def scan_log(data: bytes) -> LogScan:
@@ -90,25 +95,25 @@ def scan_log(data: bytes) -> LogScan:
         return LogScan([], 0, "torn header" if len(view) else None)
     if bytes(view[: len(LOG_HEADER)]) != LOG_HEADER:
         if bytes(view[:7]) == LOG_HEADER[:7]:
-            raise ValidationError(f"log: unsupported WAL version {view[7]} (this build: {FORMAT_VERSION})")
+            raise version_error("log", view[7], FORMAT_VERSION)
         raise ValidationError("log: not a meshtrain WAL (bad magic)")
     pos = len(LOG_HEADER)
     records: list[bytes] = []
     error: str | None = None
     while pos < len(view):
-        if len(view) - pos < _REC.size:
+        if len(view) - pos < RECORD_HEADER.size:
             error = f"torn record header at offset {pos}"
             break
-        length, crc = _REC.unpack_from(view, pos)
+        length, crc = RECORD_HEADER.unpack_from(view, pos)
         if length > MAX_RECORD_BYTES:
             error = f"record length {length} at offset {pos} exceeds the limit"
             break
-        end = pos + _REC.size + length
+        end = pos + RECORD_HEADER.size + length
         if end > len(view):
             error = f"torn record at offset {pos} ({end - len(view)} bytes missing)"
             break
-        payload = view[pos + _REC.size : end]
-        if _crc(bytes(view[pos : pos + 4]), payload) != crc:
+        payload = view[pos + RECORD_HEADER.size : end]
+        if record_checksum(bytes(view[pos : pos + 4]), payload) != crc:
             error = f"checksum mismatch at offset {pos}"
             break
         records.append(bytes(payload))
@@ -131,7 +136,7 @@ def unseal_blob(kind: bytes, data: bytes) -> bytes:
     if got_kind != kind:
         raise ValidationError(f"blob: expected kind {kind!r}, got {got_kind!r}")
     if version != FORMAT_VERSION:
-        raise ValidationError(f"blob: unsupported format version {version}")
+        raise version_error("blob", version, FORMAT_VERSION)
     payload = bytes(data[_BLOB.size :])
     if len(payload) != length:
         raise ValidationError(f"blob: {len(payload)} payload bytes, header says {length}")

@@ -26,6 +26,18 @@ conflicting with, the author's slot there.
 Validation is split in two: ``decode`` checks what needs no context (shape, sizes, signature);
 ``validate_against(genesis)`` checks the rest (fragment exists, payload decodes for that fragment length,
 finite, weighted L2 norm bounded) and returns the decoded update so ``ModelState`` decodes once.
+
+Exact norm: :func:`weighted_norm` is the one place the L2 norm of an update is computed, for the
+``max_norm`` check and for ``clip_norm`` scaling alike. The sum of squares is exact and rounded once
+(integer arithmetic; equal to ``math.fsum`` of the float64 squares, which are exact), and sqrt and the
+weight multiply are single IEEE-754 operations, so every replica gets the same bits and accepts or
+refuses the same records. numpy's
+pairwise ``np.sum`` was used before for the bound; its rounding depends on the SIMD code path, so a record
+at the bound could be accepted by one replica and refused by another: permanent divergence.
+
+Memory: a Genesis holds its parameters once (4 bytes each, read-only). Its encoding is built on demand by
+:meth:`Genesis.encode` and its id is hashed from the pieces, so a 100M-parameter model does not also keep
+a 400 MB byte string; :meth:`Genesis.decode` keeps the parameter bytes msgpack parsed, without copies.
 """
 
 from __future__ import annotations
@@ -35,6 +47,7 @@ import math
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
+import msgpack
 import numpy as np
 
 from crdt import _wire
@@ -45,15 +58,21 @@ from crdt.signing import PUBLIC_KEY_BYTES, SIGNATURE_BYTES, Signer, verify_signa
 __all__ = [
     "DEFAULT_LIMITS",
     "FORMAT_VERSION",
+    "MAX_AUTHORS",
     "Contribution",
     "Genesis",
     "Limits",
     "content_hash",
     "make_contribution",
+    "weighted_norm",
 ]
 
 #: Version of every record layout in crdt; bump on any incompatible change (decoders refuse others).
-FORMAT_VERSION = 2
+#: 3: packed version vectors, streamed compact snapshots, checkpoints.
+FORMAT_VERSION = 3
+#: Hard cap on authors in one state, whatever the Limits: what a replica's *own* snapshot decoder accepts,
+#: so a state always reloads in the build that wrote it (2**20 authors: a 40 MiB vector, ~0.1 s to decode).
+MAX_AUTHORS = 2**20
 #: Hash size for content ids and version digests: blake2b-256 (fast in hashlib, 128-bit collision margin).
 HASH_BYTES = 32
 #: Generous framing allowance on top of the payload for the other contribution fields (~150 bytes used).
@@ -86,6 +105,18 @@ class Limits:
     max_buffered_total: int = 4096
     """Total buffered contributions over all authors (keys are free, so the per-author bound alone is not
     a memory bound)."""
+    max_buffered_bytes_per_author: int = 64 * 2**20
+    """Payload bytes one author may hold in the buffer: one max-size record (a bigger backlog is fetched
+    in order instead, which anti-entropy does anyway)."""
+    max_buffered_bytes_total: int = 256 * 2**20
+    """Payload bytes buffered over all authors. The count bound alone allowed 4,096 dense fragments
+    (~14 GB for the default model)."""
+    max_authors: int = 4096
+    """Distinct authors a state admits (applied or buffered); records of further new authors are refused
+    (``CapacityError``). Keys are free: ~116,500 throwaway authors pushed the version vector past its old
+    4 MiB cap, and peers could no longer decode each other's digests. Also the cap every peer-facing
+    vector decoder is given. 4,096 authors: a 160 KiB digest decoded in ~1 ms. The daemon sets it from its
+    admission rule; at most ``MAX_AUTHORS``."""
     max_genesis_bytes: int = 2**31
     """Largest genesis encoding accepted (2 GiB: ~500M float32 params)."""
     max_meta_items: int = 64
@@ -101,6 +132,8 @@ class Limits:
     def __post_init__(self) -> None:
         if self.clip_norm is not None and not (math.isfinite(self.clip_norm) and self.clip_norm > 0):
             raise ValueError("clip_norm must be a finite positive number or None")
+        if not 1 <= self.max_authors <= MAX_AUTHORS:
+            raise ValueError(f"max_authors must be in [1, {MAX_AUTHORS}]")
 
 
 DEFAULT_LIMITS = Limits()
@@ -118,7 +151,8 @@ class Genesis:
     params: np.ndarray
     fragments: tuple[tuple[int, int], ...]
     meta: MappingProxyType[str, str] | dict[str, str] = field(default_factory=dict)
-    _encoded: bytes = field(init=False, repr=False)
+    _head: bytes = field(init=False, repr=False)
+    _tail: bytes = field(init=False, repr=False)
     _id: str = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -136,16 +170,24 @@ class Genesis:
         _wire.expect(isinstance(self.meta, dict | MappingProxyType), tag, "meta must be a mapping")
         items = sorted(self.meta.items())
         _wire.expect(all(type(k) is str and type(v) is str for k, v in items), tag, "meta must be str->str")
-        frozen = params.astype("<f4", copy=True)
-        frozen.flags.writeable = False
+        if isinstance(params.base, bytes) and params.dtype == np.dtype("<f4"):
+            frozen = params  # a view of immutable bytes (Genesis.decode): nothing can change it
+        else:
+            frozen = params.astype("<f4", copy=True)
+            frozen.flags.writeable = False
+        # The encoding is [FORMAT_VERSION, tag, params(bin), fragments, meta]: hashed from its pieces.
+        head = (msgpack.Packer().pack_array_header(5) + _wire.pack(FORMAT_VERSION) + _wire.pack(tag)
+                + _wire.bin_header(frozen.nbytes))
+        tail = _wire.pack([list(f) for f in frags]) + _wire.pack([list(kv) for kv in items])
+        h = hashlib.blake2b(head, digest_size=HASH_BYTES)
+        h.update(memoryview(frozen).cast("B"))
+        h.update(tail)
         object.__setattr__(self, "params", frozen)
         object.__setattr__(self, "fragments", frags)
         object.__setattr__(self, "meta", MappingProxyType(dict(items)))
-        enc = _wire.pack(
-            [FORMAT_VERSION, tag, frozen.tobytes(), [list(f) for f in frags], [list(kv) for kv in items]]
-        )
-        object.__setattr__(self, "_encoded", enc)
-        object.__setattr__(self, "_id", content_hash(enc).hex())
+        object.__setattr__(self, "_head", head)
+        object.__setattr__(self, "_tail", tail)
+        object.__setattr__(self, "_id", h.hexdigest())
 
     @property
     def id(self) -> str:
@@ -161,10 +203,11 @@ class Genesis:
         return stop - start
 
     def encode(self) -> bytes:
-        return self._encoded
+        """The canonical encoding (built on each call: 4 bytes per parameter; cache it to serve it often)."""
+        return b"".join((self._head, memoryview(self.params).cast("B"), self._tail))
 
     @classmethod
-    def decode(cls, data: bytes, *, limits: Limits = DEFAULT_LIMITS) -> Genesis:
+    def decode(cls, data: bytes | memoryview, *, limits: Limits = DEFAULT_LIMITS) -> Genesis:
         """Parse and validate. Raises ValidationError."""
         tag = "genesis"
         obj = _wire.unpack_array(data, tag=tag, version=FORMAT_VERSION, length=5,
@@ -179,9 +222,13 @@ class Genesis:
         ), tag, "meta must be a short list of [key, value]")
         _wire.expect(len({kv[0] for kv in meta if isinstance(kv[0], str)}) == len(meta), tag,
                      "meta keys must be unique strings")
-        genesis = cls(np.frombuffer(raw, dtype="<f4").astype(np.float32),
+        genesis = cls(np.frombuffer(raw, dtype="<f4"),  # a view of msgpack's bytes: no copy
                       tuple(tuple(f) for f in frags), dict((k, v) for k, v in meta))  # type: ignore[misc]
-        _wire.expect(genesis.encode() == bytes(data), tag, "non-canonical encoding")
+        # Canonical: the same head and tail around the params bytes (which are what msgpack parsed).
+        view = memoryview(data).cast("B")
+        head, tail = genesis._head, genesis._tail
+        _wire.expect(len(view) == len(head) + len(raw) + len(tail) and view[: len(head)] == head
+                     and view[len(view) - len(tail):] == tail, tag, "non-canonical encoding")
         return genesis
 
     def __eq__(self, other: object) -> bool:
@@ -263,8 +310,9 @@ class Contribution:
         object.__setattr__(self, "_signature_ok", True)
 
     def validate_against(self, genesis: Genesis, limits: Limits = DEFAULT_LIMITS
-                         ) -> tuple[np.ndarray, np.ndarray]:
-        """Check the contribution fits ``genesis``; return the decoded ``(indices, values)``.
+                         ) -> tuple[np.ndarray, np.ndarray, float]:
+        """Check the contribution fits ``genesis``; return the decoded ``(indices, values)`` and the exact
+        weighted norm (:func:`weighted_norm`).
 
         Raises:
             GenesisMismatchError: the fragment does not exist in this genesis.
@@ -274,12 +322,10 @@ class Contribution:
             raise GenesisMismatchError(
                 f"contribution: fragment {self.fragment} not in genesis ({len(genesis.fragments)} fragments)")
         indices, values = decode_payload(self.codec, genesis.fragment_length(self.fragment), self.payload)
-        # Not np.linalg.norm: it goes through BLAS dot, which was ~100x slower here (threading overhead).
-        v64 = values.astype(np.float64)
-        norm = math.sqrt(float(np.sum(v64 * v64))) * self.weight
+        norm = weighted_norm(values, self.weight)
         if not norm <= limits.max_norm:
             raise ValidationError(f"contribution: weighted update norm {norm:.3g} exceeds {limits.max_norm}")
-        return indices, values
+        return indices, values, norm
 
     @classmethod
     def decode(cls, data: bytes, *, limits: Limits = DEFAULT_LIMITS) -> Contribution:
@@ -302,6 +348,34 @@ def make_contribution(signer: Signer, *, genesis_id: str, seq: int, fragment: in
     unsigned.check_fields(Limits(max_payload_bytes=2**62, max_weight=math.inf))
     return Contribution(signer.public_key, genesis_id, seq, fragment, codec, bytes(payload), float(weight),
                         bytes(base_version), signer.sign(unsigned._body()))
+
+
+def weighted_norm(values: np.ndarray, weight: float) -> float:
+    """``||weight * values||_2``, the same bits on every replica (see "Exact norm" above): the one norm
+    used for the max_norm bound and for clip_norm scaling. ``values`` are float32."""
+    return math.sqrt(_exact_sum_of_squares(values)) * weight
+
+
+def _exact_sum_of_squares(values: np.ndarray) -> float:
+    """The sum of squares of float32 ``values``, rounded once (equal to ``math.fsum`` of the float64
+    squares, 7x faster). A float32 is ``m * 2**(e - 150)`` with an integer m < 2**24, so its square is
+    ``m*m`` (< 2**48) units of ``2**(2e - 300)``: the squares are summed per exponent e as integers (split
+    in 24-bit halves, so float64 bincount sums stay exact up to 2**29 entries), combined in a Python int,
+    and converted to float once, which rounds correctly."""
+    bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
+    biased = (bits >> 23) & 0xFF  # 0 for subnormals, which share the scale of biased exponent 1
+    m = (bits & 0x7FFFFF).astype(np.int64)
+    m[biased > 0] |= 0x800000
+    sq = m * m
+    hi = np.bincount(biased, weights=(sq >> 24).astype(np.float64)).tolist()
+    lo = np.bincount(biased, weights=(sq & 0xFFFFFF).astype(np.float64)).tolist()
+    bottom = max(1, int(biased.min())) if biased.size else 1
+    total = 0
+    for e in range(len(hi) - 1, bottom - 1, -1):  # in units of the square of 2**(bottom - 150)
+        total = (total << 2) + (int(hi[e]) << 24) + int(lo[e])
+    if bottom == 1 and hi:  # subnormals (exponent field 0) have the scale of exponent 1
+        total += (int(hi[0]) << 24) + int(lo[0])
+    return math.ldexp(float(total), 2 * (bottom - 150))
 
 
 def _is_hex_id(value: object) -> bool:

@@ -10,24 +10,17 @@ applied at most once, so any two replicas that applied the same *set* of contrib
 state is summarized by a :class:`VersionVector` (authors number contributions 1, 2, 3 ... without gaps;
 a replica applies each author's contributions in order and buffers early ones, boundedly).
 
-Fixed point: quantum, range, overflow
--------------------------------------
-* ``SCALE_BITS = 32``: quantum ``2**-32 ~= 2.3e-10``. Per-entry rounding error <= 1.2e-10 per applied
-  contribution, below float32 resolution for any parameter of magnitude >= ~1e-3 (ulp(1e-3) ~= 1.2e-10)
-  and far below the q8/q4/q2 codec error. Updates smaller than 1.2e-10 vanish, which is harmless.
-* Range: int64 holds +-2**63 quanta = +-2**31 ~= +-2.1e9 in model units per entry (the *accumulated*
-  update, on top of the float32 base).
-* Per-contribution bound: ``Limits.max_norm`` (default 1e4 < 2**14) bounds the weighted L2 norm and hence
-  every weighted entry, so one contribution adds at most 2**46 quanta per entry: the float64 product is
-  exact to the integer and ``rint`` fits int64 with margin 2**17.
-* Overflow: numpy int64 addition wraps modulo 2**64. Wrapping addition is still a commutative group, so
-  order-independence is exact even through intermediate overflow, and the final value is correct whenever
-  the *true* total is within +-2**63 quanta: at least 2**17 = 131072 maximal-norm contributions hitting
-  the same entry with the same sign. A real run never approaches that (it would put a parameter at 1e9);
-  we deliberately do *not* reject on overflow, because rejection would depend on arrival order and break
-  convergence.
-* ``materialize`` computes ``float32(float64(base) + float64(acc) * 2**-32)`` elementwise: every step is
-  one correctly rounded IEEE operation, so all peers get the same bytes.
+Fixed-point arithmetic, overflow and memory: see crdt/_accumulator.py (the int64 accumulator, hashed per
+fragment, materialized and snapshotted in blocks, so a state peaks near 12 bytes per parameter).
+
+Provenance: ``self_verified`` is true while every contribution in the accumulator was verified here
+(grown by :meth:`apply`, or reloaded from an own snapshot of such a state) and false once a peer's
+snapshot is adopted; only then can the replica attest its states (crdt.checkpoint has the trust model).
+A state is built from a snapshot in two ways and no third: :meth:`ModelState.from_snapshot` for a peer's
+(a quorum of checkpoints required) and :meth:`ModelState.from_own_snapshot` for the replica's own disk.
+
+Bounds: early contributions wait in a buffer bounded in count and payload bytes (crdt/_pending.py); new
+authors beyond ``Limits.max_authors`` are refused (:class:`CapacityError`), applied or buffered alike.
 
 Equivocation (known limitation)
 -------------------------------
@@ -43,29 +36,32 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import enum
-import hashlib
-import math
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 
 from crdt import _wire
-from crdt.errors import ConflictError, CrdtError, GapTooLargeError, GenesisMismatchError, HistoryPrunedError
-from crdt.records import DEFAULT_LIMITS, FORMAT_VERSION, HASH_BYTES, Contribution, Genesis, Limits
-from crdt.vv import MAX_VV_BYTES, Digest, VersionVector
+from crdt._accumulator import QUANTUM, SCALE_BITS, Accumulator, Delta, to_fixed
+from crdt._pending import PendingBuffer
+from crdt.checkpoint import Checkpoint, CheckpointPolicy, check_attestation, make_checkpoint
+from crdt.errors import (
+    AttestationError,
+    CapacityError,
+    ConflictError,
+    CrdtError,
+    GapTooLargeError,
+    GenesisMismatchError,
+    HistoryPrunedError,
+)
+from crdt.records import DEFAULT_LIMITS, Contribution, Genesis, Limits
+from crdt.signing import Signer
+from crdt.snapshot import Snapshot, SnapshotHeader, combine_state_hash
+from crdt.vv import Digest, VersionVector
 
-__all__ = ["QUANTUM", "SCALE_BITS", "ApplyOutcome", "ModelState", "Snapshot"]
+__all__ = ["QUANTUM", "SCALE_BITS", "ApplyOutcome", "ModelState"]
 
-#: Fractional bits of the accumulator (see the module docstring for the range/overflow analysis).
-SCALE_BITS = 32
-#: Value of one accumulator unit in model units.
-QUANTUM = 2.0**-SCALE_BITS
-_SCALE = float(2**SCALE_BITS)
 #: Called with each applied contribution and its decoded (fragment-relative indices, float32 values).
 Observer = Callable[[Contribution, np.ndarray, np.ndarray], None]
-#: Domain separation for the state hash.
-_STATE_HASH_TAG = b"meshtrain-state-v1"
 
 
 class ApplyOutcome(enum.Enum):
@@ -82,63 +78,23 @@ class ApplyOutcome(enum.Enum):
         return f"ApplyOutcome.{self.name}"
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Snapshot
-# ---------------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Snapshot:
-    """The accumulator and vector of a replica at one point; with the genesis it rebuilds the state.
-
-    Wire: ``[FORMAT_VERSION, "snapshot", genesis_id(bin32), vv(bin), acc(bin, <i8), state_hash(bin32)]``.
-    """
-
-    genesis_id: str
-    version_vector: VersionVector
-    accumulator: bytes
-    state_hash: str
-
-    def encode(self) -> bytes:
-        return _wire.pack([FORMAT_VERSION, "snapshot", bytes.fromhex(self.genesis_id),
-                           self.version_vector.encode(), self.accumulator, bytes.fromhex(self.state_hash)])
-
-    @classmethod
-    def decode(cls, data: bytes, *, limits: Limits = DEFAULT_LIMITS) -> Snapshot:
-        """Parse (shape only: :meth:`ModelState.from_snapshot` checks it against a genesis)."""
-        tag = "snapshot"
-        obj = _wire.unpack_array(data, tag=tag, version=FORMAT_VERSION, length=6,
-                                 max_bytes=2 * limits.max_genesis_bytes + MAX_VV_BYTES + 256)
-        _, _, gid, vv_raw, acc, sh = obj
-        _wire.expect(_wire.is_bytes(gid, HASH_BYTES), tag, "genesis id must be 32 bytes")
-        _wire.expect(_wire.is_bytes(vv_raw), tag, "version vector must be bin")
-        _wire.expect(_wire.is_bytes(acc) and len(acc) % 8 == 0, tag, "accumulator must be bin of int64")
-        _wire.expect(_wire.is_bytes(sh, HASH_BYTES), tag, "state hash must be 32 bytes")
-        snap = cls(gid.hex(), VersionVector.decode(vv_raw), acc, sh.hex())
-        _wire.expect(snap.encode() == bytes(data), tag, "non-canonical encoding")
-        return snap
-
-
-# ---------------------------------------------------------------------------------------------------------
-# ModelState
-# ---------------------------------------------------------------------------------------------------------
-
-
 class ModelState:
     """One replica's model. Not thread-safe; pure (no I/O, no clock, no randomness)."""
 
     def __init__(self, genesis: Genesis, *, limits: Limits = DEFAULT_LIMITS) -> None:
+        self._setup(genesis, limits, Accumulator(genesis), self_verified=True)
+
+    def _setup(self, genesis: Genesis, limits: Limits, acc: Accumulator, *, self_verified: bool) -> None:
         self._genesis = genesis
         self._limits = _with_genesis_clip(genesis, limits)
-        self._acc = np.zeros(genesis.length, dtype=np.int64)
+        self._acc = acc
         self._vv: dict[bytes, int] = {}
         self._floor: dict[bytes, int] = {}  # seqs <= floor[author] are applied but no longer retained
         self._log: dict[bytes, dict[int, Contribution]] = {}  # retained applied contributions
-        self._pending: dict[bytes, dict[int, Contribution]] = {}  # verified, waiting for a gap to fill
-        self._pending_count = 0
+        self._pending = PendingBuffer()  # verified, waiting for a gap to fill
+        self._self_verified = self_verified
         self._cache_vv: VersionVector | None = None
         self._cache_hash: str | None = None
-        self._frag_hash: list[bytes | None] = [None] * len(genesis.fragments)
 
     # -- read side -------------------------------------------------------------------------------------
     @property
@@ -162,7 +118,12 @@ class ModelState:
 
     @property
     def pending_count(self) -> int:
-        return self._pending_count
+        return self._pending.count
+
+    @property
+    def pending_bytes(self) -> int:
+        """Payload bytes of the buffered contributions."""
+        return self._pending.total_bytes
 
     @property
     def retained_count(self) -> int:
@@ -175,9 +136,15 @@ class ModelState:
         return VersionVector.from_dict(self._floor)
 
     @property
+    def self_verified(self) -> bool:
+        """Every contribution in the accumulator was verified here (no peer snapshot adopted): only then
+        may this replica attest its states (:meth:`checkpoint`)."""
+        return self._self_verified
+
+    @property
     def accumulator(self) -> np.ndarray:
         """Read-only view of the int64 accumulator (for tests and diagnostics)."""
-        view = self._acc.view()
+        view = self._acc.values.view()
         view.flags.writeable = False
         return view
 
@@ -186,28 +153,23 @@ class ModelState:
         """Hex blake2b-256 of (genesis id, version-vector digest, per-fragment blake2b-256 of the
         little-endian accumulator). Equal exactly when the applied contribution sets are equal."""
         if self._cache_hash is None:
-            # Two levels: one blake2b per fragment of the accumulator, cached and recomputed only for
-            # fragments that changed (an apply touches one fragment, so a digest after it costs
-            # 1/num_fragments of a full pass), then a hash over those and the vector.
-            h = hashlib.blake2b(_STATE_HASH_TAG, digest_size=HASH_BYTES)
-            h.update(bytes.fromhex(self._genesis.id))
-            h.update(self.version_vector.digest())
-            for i, (start, stop) in enumerate(self._genesis.fragments):
-                if self._frag_hash[i] is None:
-                    chunk = self._acc[start:stop].astype("<i8", copy=False)
-                    self._frag_hash[i] = hashlib.blake2b(memoryview(chunk).cast("B"),
-                                                         digest_size=HASH_BYTES).digest()
-                h.update(self._frag_hash[i])  # type: ignore[arg-type]
-            self._cache_hash = h.hexdigest()
+            # Per-fragment digests are cached and recomputed only for fragments that changed (an apply
+            # touches one fragment, so a digest after it costs 1/num_fragments of a full pass).
+            hashes = self._acc.fragment_hashes()
+            self._cache_hash = combine_state_hash(self._genesis.id, self.version_vector, hashes)
         return self._cache_hash
 
     def digest(self) -> Digest:
         return Digest(self.version_vector, self.state_hash, self.contribution_count)
 
-    def materialize(self) -> np.ndarray:
-        """float32(base + acc * QUANTUM), computed in float64 elementwise (deterministic)."""
-        out = self._genesis.params.astype(np.float64) + self._acc.astype(np.float64) * QUANTUM
-        return out.astype(np.float32)
+    def materialize(self, out: np.ndarray | None = None) -> np.ndarray:
+        """float32(base + acc * QUANTUM), computed in float64 elementwise (deterministic), into ``out``
+        (float32, genesis.length, writeable; e.g. shared memory) or a new array. Returns it.
+
+        Raises:
+            ValidationError: ``out`` has the wrong dtype, shape or is read-only.
+        """
+        return self._acc.materialize(out)
 
     def get(self, author: bytes, seq: int) -> Contribution | None:
         """A retained applied contribution, or None (unknown, pending or compacted)."""
@@ -235,6 +197,10 @@ class ModelState:
         picks.sort()
         return [self._log[a][s] for s, a in picks[:max(max_count, 0)]]
 
+    def records(self) -> list[Contribution]:
+        """Every contribution held as a record: the retained applied ones and the buffered ones."""
+        return [c for log in self._log.values() for c in log.values()] + self._pending.records()
+
     # -- write side ------------------------------------------------------------------------------------
     def apply(
         self,
@@ -258,7 +224,8 @@ class ModelState:
             SignatureError: the signature does not verify.
             GenesisMismatchError: signed for another run's genesis, or fragment not in this genesis.
             ConflictError: a different contribution already holds this slot (equivocation).
-            GapTooLargeError: too far ahead to buffer; fetch the gap first.
+            CapacityError: a new author beyond ``Limits.max_authors``.
+            GapTooLargeError: too far ahead to buffer, or the buffer is full; fetch the gap first.
         """
         c.check_fields(self._limits)
         if c.genesis_id != self._genesis.id:  # first: a replay from another run is neither a duplicate
@@ -266,29 +233,36 @@ class ModelState:
                 f"contribution: signed for genesis {c.genesis_id[:16]}, not {self._genesis.id[:16]}")
         author, seq = c.author, c.seq
         have = self._vv.get(author, 0)
-        known = self.get(author, seq) if seq <= have else self._pending.get(author, {}).get(seq)
+        known = self.get(author, seq) if seq <= have else self._pending.get(author, seq)
         if known is not None or seq <= have:
             if known is None or known.id == c.id:  # None: compacted away; cannot compare, assume same
                 return ApplyOutcome.DUPLICATE
             c.verify(self._limits)  # only a *signed* second version is an equivocation
             raise ConflictError(f"contribution: author equivocated at seq {seq}", (known, c))
         c.verify(self._limits)
+        if author not in self._vv and author not in self._pending and self._author_count() >= \
+                self._limits.max_authors:
+            raise CapacityError(f"contribution: a new author beyond the limit of {self._limits.max_authors}")
         if seq == have + 1:
             self._add(c, observe, before_commit)
             self._drain(author, observe)
             return ApplyOutcome.APPLIED
         c.validate_against(self._genesis, self._limits)  # buffer only contributions that will apply
-        if seq - have > self._limits.max_buffered_gap:
-            raise GapTooLargeError(
-                f"contribution: seq {seq} is {seq - have} ahead of the author's prefix "
-                f"(limit {self._limits.max_buffered_gap})")
-        if self._pending_count >= self._limits.max_buffered_total:
-            raise GapTooLargeError(f"contribution: buffer full ({self._limits.max_buffered_total})")
-        if before_commit is not None:
-            before_commit(c)
-        self._pending.setdefault(author, {})[seq] = c
-        self._pending_count += 1
+        self._pending.add(c, gap=seq - have, limits=self._limits, before_insert=before_commit)
         return ApplyOutcome.BUFFERED
+
+    def _author_count(self) -> int:
+        return len(self._vv) + sum(1 for a in self._pending.authors() if a not in self._vv)
+
+    def _decoded(self, c: Contribution) -> tuple[np.ndarray, np.ndarray, Delta]:
+        """``c``'s decoded update and what it adds to the accumulator (a pure function of the record)."""
+        indices, values, norm = c.validate_against(self._genesis, self._limits)
+        delta = to_fixed(self._genesis, c.fragment, indices, values, c.weight,
+                         clip_factor(norm, self._limits.clip_norm))
+        return indices, values, delta
+
+    def _delta(self, c: Contribution) -> Delta:
+        return self._decoded(c)[2]
 
     def _add(
         self,
@@ -296,33 +270,26 @@ class ModelState:
         observe: Observer | None = None,
         before_commit: Callable[[Contribution], None] | None = None,
     ) -> None:
-        indices, values = c.validate_against(self._genesis, self._limits)
+        indices, values, delta = self._decoded(c)
         if before_commit is not None:
-            before_commit(c)
+            before_commit(c)  # may raise: nothing has changed yet
         if observe is not None:
             observe(c, indices, values)
-        start = self._genesis.fragments[c.fragment][0]
-        v64 = values.astype(np.float64)
-        factor = clip_factor(v64, c.weight, self._limits.clip_norm)
-        if factor is None:
-            delta = np.rint(v64 * c.weight * _SCALE).astype(np.int64)
-        else:
-            delta = np.rint(v64 * c.weight * factor * _SCALE).astype(np.int64)
-        target = indices.astype(np.int64) + start
-        self._acc[target] += delta  # indices are unique (strictly increasing), so no np.add.at needed
+        self._acc.add(delta)
         self._vv[c.author] = c.seq
         self._log.setdefault(c.author, {})[c.seq] = c
         self._cache_vv = None
         self._cache_hash = None
-        self._frag_hash[c.fragment] = None
 
     def _drain(self, author: bytes, observe: Observer | None = None) -> None:
-        waiting = self._pending.get(author)
-        while waiting and (self._vv[author] + 1) in waiting:
-            self._add(waiting.pop(self._vv[author] + 1), observe)
-            self._pending_count -= 1
-        if waiting is not None and not waiting:
-            del self._pending[author]
+        while (c := self._pending.pop(author, self._vv[author] + 1)) is not None:
+            self._add(c, observe)
+
+    def drop_pending(self, authors: Iterable[bytes] | None = None) -> int:
+        """Forget buffered contributions (of ``authors``, or all); returns how many. Harmless: anti-entropy
+        brings them back when their gaps can be filled. The daemon calls it on its own clock (buffer
+        expiry) and for authors it bans."""
+        return self._pending.drop(authors)
 
     def compact(self, floor: VersionVector) -> int:
         """Forget retained contributions with seq <= min(floor[a], vv[a]); returns how many were dropped.
@@ -342,14 +309,12 @@ class ModelState:
 
     # -- whole-state operations ------------------------------------------------------------------------
     def copy(self) -> ModelState:
-        other = ModelState(self._genesis, limits=self._limits)
-        other._acc = self._acc.copy()
+        other = ModelState.__new__(ModelState)
+        other._setup(self._genesis, self._limits, self._acc.copy(), self_verified=self._self_verified)
         other._vv = dict(self._vv)
         other._floor = dict(self._floor)
         other._log = {a: dict(m) for a, m in self._log.items()}
-        other._pending = {a: dict(m) for a, m in self._pending.items()}
-        other._pending_count = self._pending_count
-        other._frag_hash = list(self._frag_hash)
+        other._pending = self._pending.copy()
         other._cache_hash = self._cache_hash
         return other
 
@@ -369,26 +334,47 @@ class ModelState:
             out.apply(c)
         # Buffered contributions are part of what a replica knows: without them the join is not
         # associative (one side's buffered seq 3 becomes applicable once the other side brings seq 1-2).
-        for _author, waiting in sorted(other._pending.items()):
-            for _, c in sorted(waiting.items()):
-                with contextlib.suppress(GapTooLargeError):  # buffering is best-effort, bounded by Limits
-                    out.apply(c)
+        for c in other._pending.records():
+            with contextlib.suppress(GapTooLargeError):  # buffering is best-effort, bounded by Limits
+                out.apply(c)
         return out
 
-    def snapshot(self) -> Snapshot:
-        return Snapshot(self._genesis.id, self.version_vector, self._acc.astype("<i8").tobytes(),
-                        self.state_hash)
+    def apply_all(self, contributions: Iterable[Contribution]) -> list[ApplyOutcome]:
+        """Convenience: apply in order, stopping at the first exception."""
+        return [self.apply(c) for c in contributions]
+
+    # -- snapshots ---------------------------------------------------------------------------------------
+    def snapshot_parts(self) -> Iterator[bytes]:
+        """This state's snapshot stream (crdt.snapshot), one framed part at a time: write each to a file
+        as it comes. Holds one block's temporaries, never a copy of the accumulator.
+
+        Raises:
+            RuntimeError: the state changed before the stream was consumed (a caller bug: finish writing
+                before applying more).
+        """
+        header = SnapshotHeader(self._genesis.id, self.version_vector, self.state_hash, self._self_verified)
+        return self._acc.parts(header)
 
     @classmethod
-    def from_snapshot(
-        cls,
-        genesis: Genesis,
-        snapshot: Snapshot | None,
-        *,
-        log: Iterable[Contribution] = (),
-        limits: Limits = DEFAULT_LIMITS,
-    ) -> ModelState:
-        """Rebuild a replica from a snapshot (None: the genesis state) and the contributions logged beside it.
+    def from_snapshot(cls, genesis: Genesis, snapshot: Snapshot, *, checkpoints: Iterable[Checkpoint],
+                      policy: CheckpointPolicy, log: Iterable[Contribution] = (),
+                      limits: Limits = DEFAULT_LIMITS) -> ModelState:
+        """Adopt a *peer's* snapshot: only if a quorum of the policy's signers attest it
+        (:func:`crdt.check_attestation`). The state is not :attr:`self_verified`. ``log``: as for
+        :meth:`from_own_snapshot` (pass this replica's ``records()``).
+
+        Raises:
+            AttestationError: no quorum, or signers contradict each other (the model is not touched).
+            GenesisMismatchError: snapshot of another genesis or of another model size.
+        """
+        check_attestation(snapshot.header, checkpoints, policy)
+        return cls._restore(genesis, snapshot, self_verified=False, log=log, limits=limits)
+
+    @classmethod
+    def from_own_snapshot(cls, genesis: Genesis, snapshot: Snapshot | None, *,
+                          log: Iterable[Contribution] = (), limits: Limits = DEFAULT_LIMITS) -> ModelState:
+        """Rebuild this replica after a restart from its *own* snapshot (None: the genesis state) and the
+        contributions logged beside it. Trusted: never call it with bytes that came from a peer.
 
         Logged contributions the snapshot covers stay servable history as far as they run unbroken down
         from their author's seq in the snapshot; below that, history counts as compacted. Keeping them is
@@ -400,20 +386,27 @@ class ModelState:
 
         Raises:
             GenesisMismatchError: snapshot of another genesis or of another model size.
-            ValidationError: the snapshot's state hash does not match its content.
         """
-        state = cls(genesis, limits=limits)
-        if snapshot is not None:
-            if snapshot.genesis_id != genesis.id:
+        verified = snapshot is None or snapshot.header.self_verified
+        return cls._restore(genesis, snapshot, self_verified=verified, log=log, limits=limits)
+
+    @classmethod
+    def _restore(cls, genesis: Genesis, snapshot: Snapshot | None, *, self_verified: bool,
+                 log: Iterable[Contribution], limits: Limits) -> ModelState:
+        state = cls.__new__(cls)
+        if snapshot is None:
+            state._setup(genesis, limits, Accumulator(genesis), self_verified=self_verified)
+        else:
+            header = snapshot.header
+            if header.genesis_id != genesis.id:
                 raise GenesisMismatchError("snapshot: belongs to a different genesis")
-            if len(snapshot.accumulator) != 8 * genesis.length:
+            acc, hashes = snapshot.take()  # SnapshotReader checked the content against the header's hash
+            if acc.shape != (genesis.length,) or len(hashes) != len(genesis.fragments):
                 raise GenesisMismatchError("snapshot: accumulator size does not match the genesis model")
-            state._acc = np.frombuffer(snapshot.accumulator, dtype="<i8").astype(np.int64)
-            state._vv = dict(snapshot.version_vector.items())
+            state._setup(genesis, limits, Accumulator(genesis, acc, hashes), self_verified=self_verified)
+            state._vv = dict(header.version_vector.items())
             state._floor = dict(state._vv)
-            _wire.expect(
-                state.state_hash == snapshot.state_hash, "snapshot", "state hash does not match content"
-            )
+            state._cache_hash = header.state_hash
         covered: dict[bytes, dict[int, Contribution]] = {}
         later: list[Contribution] = []
         for c in log:
@@ -432,28 +425,48 @@ class ModelState:
                 state.apply(c)
         return state
 
-    def records(self) -> list[Contribution]:
-        """Every contribution held as a record: the retained applied ones and the buffered ones."""
-        held = [c for log in self._log.values() for c in log.values()]
-        return held + [c for waiting in self._pending.values() for c in waiting.values()]
+    # -- checkpoints -------------------------------------------------------------------------------------
+    def checkpoint(self, signer: Signer, *, at: VersionVector | None = None) -> Checkpoint:
+        """Sign a checkpoint of this state, or of its past state at vector ``at`` (to countersign a fellow
+        signer's checkpoint after recomputing it: compare the hashes, and keep both on a mismatch).
 
-    def apply_all(self, contributions: Iterable[Contribution]) -> list[ApplyOutcome]:
-        """Convenience: apply in order, stopping at the first exception."""
-        return [self.apply(c) for c in contributions]
+        Raises:
+            AttestationError: this state is not :attr:`self_verified` (it adopted a peer's snapshot).
+            ValidationError, HistoryPrunedError: see :meth:`state_hash_at`.
+        """
+        if not self._self_verified:
+            raise AttestationError("checkpoint: this state includes a peer's snapshot; a signer attests only "
+                                   "states it computed from records it verified")
+        vector = self.version_vector if at is None else at
+        return make_checkpoint(signer, genesis_id=self._genesis.id, version_vector=vector,
+                               state_hash=self.state_hash_at(vector))
+
+    def state_hash_at(self, vector: VersionVector) -> str:
+        """The state hash this replica had, or would have had, holding exactly the contributions of
+        ``vector``: the retained ones above it are subtracted in place, the touched fragments hashed, and
+        they are added back (int64 addition is a group: the accumulator is restored bit for bit).
+
+        Raises:
+            ValidationError: ``vector`` credits an author beyond this replica's vector.
+            HistoryPrunedError: the contributions between ``vector`` and this state were compacted.
+        """
+        if vector == self.version_vector:
+            return self.state_hash
+        _wire.expect(self.version_vector.dominates(vector), "state_hash_at", "vector ahead of this state")
+        undo: list[Delta] = []
+        for author, have in self._vv.items():
+            low = vector.get(author)
+            if low < self._floor.get(author, 0):
+                raise HistoryPrunedError("state_hash_at: contributions above the vector were compacted")
+            undo.extend(self._delta(self._log[author][s]) for s in range(low + 1, have + 1))
+        return combine_state_hash(self._genesis.id, vector, self._acc.hashes_without(undo))
 
 
-def clip_factor(values: np.ndarray, weight: float, clip_norm: float | None) -> float | None:
-    """The deterministic scale that brings ``weight * values`` down to ``clip_norm`` (None: no clipping).
-
-    ``math.fsum`` of the squares is exactly rounded, and sqrt/multiply/divide are correctly rounded IEEE
-    operations, so every replica computes the same factor bit for bit (numpy's pairwise sum may differ
-    across SIMD code paths, which is fine for a rejection bound but not for the accumulated value).
-    """
-    if clip_norm is None:
-        return None
-    v64 = values.astype(np.float64, copy=False)
-    norm = math.sqrt(math.fsum((v64 * v64).tolist())) * weight
-    if norm <= clip_norm:
+def clip_factor(norm: float, clip_norm: float | None) -> float | None:
+    """The scale that brings a contribution of exact weighted norm ``norm`` (crdt.weighted_norm) down to
+    ``clip_norm`` (None: no clipping). The norm is the same bits on every replica and the division is one
+    correctly rounded operation, so every replica scales by the same factor."""
+    if clip_norm is None or norm <= clip_norm:
         return None
     return clip_norm / norm
 
@@ -468,4 +481,3 @@ def _with_genesis_clip(genesis: Genesis, limits: Limits) -> Limits:
         return dataclasses.replace(limits, clip_norm=float(raw))
     except ValueError:
         raise GenesisMismatchError(f"genesis: clip_norm {raw!r} is not a finite positive number") from None
-

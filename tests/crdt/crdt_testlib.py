@@ -4,10 +4,20 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+from collections.abc import Iterable
 
 import numpy as np
 
-from crdt import Contribution, Genesis, Signer, encode_payload, make_contribution
+from crdt import (
+    MAX_AUTHORS,
+    Contribution,
+    Genesis,
+    Signer,
+    Snapshot,
+    SnapshotReader,
+    encode_payload,
+    make_contribution,
+)
 
 BASE = b"\x00" * 32
 
@@ -45,3 +55,14 @@ def history(g: Genesis, n_authors: int, per_author: int, *, seed: int = 0) -> li
     codecs = ["sparse-q8", "sparse-q4", "sparse-q2", "sparse-f32"]
     return [contribution(g, SIGNERS[a], s, seed=seed, codec=codecs[(a + s) % 4], weight=0.25 * (1 + a))
             for a in range(n_authors) for s in range(1, per_author + 1)]
+
+
+def read_snapshot(g: Genesis, stream: bytes | Iterable[bytes], *, max_authors: int = MAX_AUTHORS,
+                  chunk: int = 0) -> Snapshot:
+    """Decode a snapshot stream (fed in ``chunk``-byte pieces when chunk > 0)."""
+    data = stream if isinstance(stream, bytes) else b"".join(stream)
+    reader = SnapshotReader(g, max_authors=max_authors)
+    step = chunk or max(1, len(data))
+    for i in range(0, len(data), step):
+        reader.feed(data[i : i + step])
+    return reader.finish()

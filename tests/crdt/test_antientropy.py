@@ -7,17 +7,17 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
-from crdt_testlib import SIGNERS, contribution, genesis, history
+from crdt_testlib import SIGNERS, contribution, genesis, history, read_snapshot
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from crdt import (
+    CheckpointPolicy,
     Contribution,
     Digest,
     GapTooLargeError,
     Limits,
     ModelState,
-    Snapshot,
     VersionVector,
     plan_sync,
     retention_floor,
@@ -64,7 +64,9 @@ def test_retention_floor_and_snapshot_fallback() -> None:
         assert peer.state_hash == full.state_hash
     newcomer = plan_sync(full, ModelState(G).digest())
     assert newcomer.remote_needs_snapshot
-    restored = ModelState.from_snapshot(G, Snapshot.decode(full.snapshot().encode()))
+    policy = CheckpointPolicy(frozenset({SIGNERS[4].public_key}), 1)
+    restored = ModelState.from_snapshot(G, read_snapshot(G, full.snapshot_parts()),
+                                        checkpoints=[full.checkpoint(SIGNERS[4])], policy=policy)
     assert restored.state_hash == full.state_hash
 
 

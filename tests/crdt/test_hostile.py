@@ -11,7 +11,15 @@ from crdt_testlib import SIGNERS, contribution, genesis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from crdt import Limits, ModelState, Signer, ValidationError, encode_payload, make_contribution
+from crdt import (
+    GapTooLargeError,
+    Limits,
+    ModelState,
+    Signer,
+    ValidationError,
+    encode_payload,
+    make_contribution,
+)
 from crdt.records import Contribution
 
 G = genesis()
@@ -115,3 +123,32 @@ def test_gap_flood_memory_is_bounded() -> None:
                 refused += 1
     assert state.pending_count == LIMITS.max_buffered_total and refused == 64 * 3 - LIMITS.max_buffered_total
     assert state.contribution_count == 0
+
+
+def test_buffered_bytes_are_bounded_per_author_and_in_all() -> None:
+    """Dense records buffered far ahead: each author holds at most its byte budget, all authors together
+    at most the total; honest in-order records still apply, and drop_pending empties the buffer."""
+    n = G.fragment_length(0)
+    payload = encode_payload("dense-f32", n, None, np.full(n, 1e-3, np.float32))
+    size = len(payload)
+    limits = Limits(max_buffered_bytes_per_author=3 * size, max_buffered_bytes_total=10 * size)
+    state = ModelState(G, limits=limits)
+    refused = []
+    for k in range(8):
+        attacker = Signer.from_seed(bytes([k + 1]) * 32)
+        for seq in range(2, 7):
+            try:
+                state.apply(_signed(seq, 0, "dense-f32", payload, 1.0, attacker))
+            except GapTooLargeError as exc:
+                refused.append(exc.reason)
+    assert state.pending_bytes == 10 * size and state.pending_count == 10
+    # authors 1-3 fill their 3 records each and are refused 2 more; author 4 fills the total with one
+    per_author = sum("author's buffer is full" in r for r in refused)
+    total = sum(f"buffer full ({10 * size} bytes)" in r for r in refused)
+    assert (per_author, total) == (3 * 2, 4 + 4 * 5)
+    for c in HONEST:
+        state.apply(c)
+    assert state.contribution_count == len(HONEST)
+    assert state.drop_pending([Signer.from_seed(b"\1" * 32).public_key]) == 3
+    assert state.pending_bytes == 7 * size
+    assert state.drop_pending() == 7 and state.pending_count == 0 and state.pending_bytes == 0

@@ -1,9 +1,10 @@
-"""Signer, Genesis, Contribution, VersionVector, Digest: round trips and strict decoding."""
+"""Signer, Genesis, Contribution (and the exact norm), record decoders: round trips and strict decoding."""
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 
 import msgpack
 import numpy as np
@@ -13,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from crdt import (
+    Checkpoint,
     Contribution,
     Digest,
     Genesis,
@@ -21,12 +23,13 @@ from crdt import (
     ModelState,
     SignatureError,
     Signer,
-    Snapshot,
+    SnapshotHeader,
     ValidationError,
     VersionVector,
     encode_payload,
     make_contribution,
     verify_signature,
+    weighted_norm,
 )
 
 
@@ -54,6 +57,24 @@ def test_genesis_round_trip_and_id() -> None:
     assert other.id != g.id
 
 
+def test_genesis_holds_its_parameters_once() -> None:
+    """No second copy of the model: decode keeps msgpack's bytes as the params, and the encoding is
+    rebuilt on demand (the id is hashed from its pieces, equal to hashing the whole encoding)."""
+    g = genesis(length=4096, n_fragments=4)
+    data = g.encode()
+    g2 = Genesis.decode(memoryview(data))
+    assert isinstance(g2.params.base, bytes) and not g2.params.flags.writeable
+    assert not any(isinstance(v, bytes) and len(v) >= g.params.nbytes
+                   for v in (getattr(g2, f) for f in ("_head", "_tail")))
+    assert g2.encode() == data and g2.id == g.id
+    import hashlib
+    assert hashlib.blake2b(data, digest_size=32).hexdigest() == g.id
+    mutable = np.ones(8, np.float32)
+    g3 = Genesis(mutable, ((0, 8),))
+    mutable[0] = 5.0  # the caller's array is copied, not aliased
+    assert g3.params[0] == 1.0
+
+
 @pytest.mark.parametrize(
     ("params", "fragments", "meta", "reason"),
     [
@@ -76,7 +97,7 @@ def test_contribution_round_trip() -> None:
     data = c.encode()
     c2 = Contribution.decode(data)
     assert c2 == c and c2.id == c.id
-    idx, vals = c2.validate_against(g)
+    idx, vals, _ = c2.validate_against(g)
     assert idx.dtype == np.uint32 and vals.dtype == np.float32
 
 
@@ -123,6 +144,42 @@ def test_validate_against() -> None:
         c.validate_against(g)
 
 
+def _dense(g: Genesis, values: np.ndarray) -> Contribution:
+    payload = encode_payload("dense-f32", g.fragment_length(0), None, values)
+    return make_contribution(SIGNERS[0], genesis_id=g.id, seq=1, fragment=0, codec="dense-f32",
+                             payload=payload, weight=1.0, base_version=BASE)
+
+
+def test_max_norm_decision_uses_the_exact_sum() -> None:
+    """A crafted update whose squares np.sum adds inexactly (1.0 first, then 4,096 squares of 2**-54
+    that vanish against it in numpy's first accumulator lane): with max_norm set to np.sum's norm, the
+    exact norm is above the bound and the record is refused; at the exact norm it is accepted. A replica
+    that used np.sum would accept the first one: the decision must not depend on the summation order."""
+    values = np.full(4097, 2.0**-27, dtype=np.float32)
+    values[0] = 1.0
+    g = Genesis(np.zeros(values.size, np.float32), ((0, values.size),))
+    v64 = values.astype(np.float64)
+    numpy_norm = float(np.sqrt(np.sum(v64 * v64)))
+    exact = weighted_norm(values, 1.0)
+    assert exact == float(np.sqrt(1.0 + 4096 * 2.0**-54))  # 1 + 2**-42 is exact in float64
+    assert numpy_norm < exact  # what np.sum gives here: some squares lost
+    c = _dense(g, values)
+    with pytest.raises(ValidationError, match="norm"):
+        c.validate_against(g, Limits(max_norm=numpy_norm))
+    assert c.validate_against(g, Limits(max_norm=exact))[2] == exact
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.floats(width=32, allow_nan=False, allow_infinity=False), max_size=300),
+       st.floats(min_value=1e-6, max_value=1e6))
+def test_weighted_norm_is_the_correctly_rounded_one(values: list[float], weight: float) -> None:
+    """The integer sum of squares equals math.fsum of the exact float64 squares (correctly rounded),
+    subnormals, huge values and zeros included."""
+    v64 = np.array(values, np.float32).astype(np.float64)
+    expected = math.sqrt(math.fsum((v64 * v64).tolist())) * weight
+    assert weighted_norm(np.array(values, np.float32), weight) == expected
+
+
 def test_non_canonical_rejected() -> None:
     c = contribution(genesis(), SIGNERS[0], 1)
     obj = msgpack.unpackb(c.encode())
@@ -130,22 +187,6 @@ def test_non_canonical_rejected() -> None:
     data = msgpack.packb(obj, use_single_float=True)
     with pytest.raises(ValidationError):
         Contribution.decode(data)
-
-
-def test_version_vector() -> None:
-    a, b, c = (s.public_key for s in SIGNERS[:3])
-    v1 = VersionVector.from_dict({a: 3, b: 1})
-    v2 = VersionVector.from_dict({b: 4, c: 2, a: 0})
-    m = v1.merge(v2)
-    assert dict(m) == {a: 3, b: 4, c: 2} and m.total == 9
-    assert m == v2.merge(v1) and m.dominates(v1) and m.dominates(v2) and not v1.dominates(v2)
-    assert v1.get(c) == 0 and len(v2) == 2
-    assert VersionVector.decode(m.encode()) == m
-    assert m.digest() == VersionVector.decode(m.encode()).digest() != v1.digest()
-    d = Digest(m, "ab" * 32, 9)
-    assert Digest.decode(d.encode()) == d
-    with pytest.raises(ValidationError, match="count"):
-        Digest.decode(Digest(m, "ab" * 32, 8).encode())
 
 
 # -- fuzz: every decoder raises ValidationError and nothing else -------------------------------------------
@@ -156,14 +197,17 @@ _SAMPLES = {
     "genesis": _G.encode(),
     "vv": VersionVector.from_dict({SIGNERS[0].public_key: 2}).encode(),
     "digest": Digest(VersionVector.from_dict({SIGNERS[0].public_key: 2}), "00" * 32, 2).encode(),
-    "snapshot": ModelState(_G).snapshot().encode(),
+    "snapshot": SnapshotHeader(_G.id, VersionVector.from_dict({SIGNERS[0].public_key: 2}), "00" * 32,
+                               True).encode(),
+    "checkpoint": ModelState(_G).checkpoint(SIGNERS[1]).encode(),
 }
 _DECODERS = {
     "contribution": Contribution.decode,
     "genesis": Genesis.decode,
     "vv": VersionVector.decode,
     "digest": Digest.decode,
-    "snapshot": Snapshot.decode,
+    "snapshot": lambda data: SnapshotHeader.decode(data, max_authors=16),
+    "checkpoint": Checkpoint.decode,
 }
 
 _msgpack_values = st.recursive(

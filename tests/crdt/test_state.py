@@ -1,4 +1,4 @@
-"""ModelState: apply semantics, exact order independence, CRDT laws, snapshots."""
+"""ModelState: apply semantics, exact order independence, CRDT laws, own snapshots, rewinding, memory."""
 
 from __future__ import annotations
 
@@ -6,13 +6,14 @@ import dataclasses
 
 import numpy as np
 import pytest
-from crdt_testlib import SIGNERS, contribution, genesis, history
+from crdt_testlib import SIGNERS, contribution, genesis, history, read_snapshot
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from crdt import (
     QUANTUM,
     ApplyOutcome,
+    CapacityError,
     ConflictError,
     GapTooLargeError,
     Genesis,
@@ -21,7 +22,6 @@ from crdt import (
     Limits,
     ModelState,
     SignatureError,
-    Snapshot,
     ValidationError,
     VersionVector,
     decode_payload,
@@ -64,6 +64,24 @@ def test_materialize_matches_float_reference() -> None:
     out = s.materialize()
     assert out.dtype == np.float32
     assert np.max(np.abs(out - ref)) <= len(HIST) * QUANTUM + np.max(np.abs(ref)) * 2**-23
+    # the blockwise float64 computation gives the bits of the whole-array formula it replaced
+    whole = (G.params.astype(np.float64) + s.accumulator.astype(np.float64) * QUANTUM).astype(np.float32)
+    assert out.tobytes() == whole.tobytes()
+
+
+def test_materialize_into_a_callers_buffer() -> None:
+    s = _replay(HIST)
+    buf = np.full(G.length, np.nan, dtype=np.float32)
+    assert s.materialize(out=buf) is buf
+    assert buf.tobytes() == s.materialize().tobytes()
+    for bad in (np.empty(G.length, np.float64), np.empty(G.length - 1, np.float32),
+                np.empty(G.length, np.float32)[::-1].copy()[:5]):
+        with pytest.raises(ValidationError, match="out must be"):
+            s.materialize(out=bad)
+    frozen = np.empty(G.length, np.float32)
+    frozen.flags.writeable = False
+    with pytest.raises(ValidationError, match="out must be"):
+        s.materialize(out=frozen)
 
 
 def test_rejections() -> None:
@@ -91,22 +109,65 @@ def test_rejections() -> None:
         ModelState(other).apply(next(c for c in HIST if c.fragment > 0 and c.seq == 1))
 
 
-def test_snapshot_round_trip_and_continue() -> None:
+def test_author_cap() -> None:
+    """A new author beyond Limits.max_authors is refused, applied or buffered; known ones go on."""
+    s = ModelState(G, limits=Limits(max_authors=2))
+    s.apply(contribution(G, SIGNERS[0], 1))
+    s.apply(contribution(G, SIGNERS[1], 2))  # buffered: counts as an author too
+    for seq in (1, 2):
+        with pytest.raises(CapacityError, match="new author"):
+            s.apply(contribution(G, SIGNERS[2], seq))
+    assert s.apply(contribution(G, SIGNERS[0], 2)) is ApplyOutcome.APPLIED
+    assert s.apply(contribution(G, SIGNERS[1], 1)) is ApplyOutcome.APPLIED
+    assert len(s.version_vector) == 2 and s.contribution_count == 4
+    with pytest.raises(ValueError, match="max_authors"):
+        Limits(max_authors=0)
+
+
+def test_own_snapshot_round_trip_and_continue() -> None:
     s = _replay(HIST[:10])
-    snap = Snapshot.decode(s.snapshot().encode())
-    r = ModelState.from_snapshot(G, snap)
-    assert r.state_hash == s.state_hash and r.version_vector == s.version_vector
+    snap = read_snapshot(G, s.snapshot_parts(), chunk=5)
+    r = ModelState.from_own_snapshot(G, snap)
+    assert r.state_hash == s.state_hash and r.version_vector == s.version_vector and r.self_verified
+    assert r.accumulator.tobytes() == s.accumulator.tobytes()
     for c in HIST[10:]:
         r.apply(c)
     full = _replay(HIST)
     assert r.state_hash == full.state_hash
     assert r.materialize().tobytes() == full.materialize().tobytes()
     assert r.apply(HIST[0]) is ApplyOutcome.DUPLICATE  # compacted slots read as duplicates
-    bad = dataclasses.replace(snap, state_hash="00" * 32)
-    with pytest.raises(ValidationError, match="state hash"):
-        ModelState.from_snapshot(G, bad)
+    with pytest.raises(ValidationError, match="already used"):  # the accumulator now belongs to r
+        ModelState.from_own_snapshot(G, snap)
     with pytest.raises(GenesisMismatchError):
-        ModelState.from_snapshot(genesis(seed=5), snap)
+        ModelState.from_own_snapshot(genesis(seed=5), read_snapshot(G, s.snapshot_parts()))
+
+
+def test_snapshot_stream_refuses_a_state_changed_while_encoding() -> None:
+    s = _replay(HIST[:4])
+    parts = s.snapshot_parts()
+    next(parts)
+    s.apply(HIST[4])
+    with pytest.raises(RuntimeError, match="changed"):
+        list(parts)
+
+
+@settings(max_examples=25, deadline=None)
+@given(perm=st.permutations(range(len(HIST))), cut=st.integers(0, len(HIST)))
+def test_state_hash_at_a_past_vector_is_that_state_hash(perm, cut) -> None:
+    """Rewinding (subtract, hash, add back) gives the hash of the replica holding exactly that prefix,
+    and leaves the accumulator bit for bit as it was."""
+    order = [HIST[i] for i in perm]
+    past = _replay(order[:cut])
+    now = _replay(order)
+    before = now.accumulator.tobytes()
+    assert now.state_hash_at(past.version_vector) == past.state_hash
+    assert now.accumulator.tobytes() == before and now.state_hash == _replay(HIST).state_hash
+    with pytest.raises(ValidationError, match="ahead"):  # SIGNERS[5] never contributed
+        now.state_hash_at(VersionVector.from_dict({SIGNERS[5].public_key: 1}))
+    now.compact(now.version_vector)
+    if past.version_vector != now.version_vector:
+        with pytest.raises(HistoryPrunedError):
+            now.state_hash_at(past.version_vector)
 
 
 def test_missing_for_and_compaction() -> None:
@@ -167,7 +228,7 @@ def test_every_permutation_with_duplicates_same_state(perm, dups) -> None:
 def test_snapshot_plus_rest_equals_full_replay(perm, cut) -> None:
     order = [HIST[i] for i in perm]
     first = _replay(order[:cut])
-    restored = ModelState.from_snapshot(G, Snapshot.decode(first.snapshot().encode()))
+    restored = ModelState.from_own_snapshot(G, read_snapshot(G, first.snapshot_parts()))
     rest = order[cut:]
     # contributions buffered before the snapshot are not in it: they must be re-delivered
     pending = [c for c in order[:cut] if c.seq > first.version_vector.get(c.author)]
@@ -183,14 +244,15 @@ def test_rebuilding_from_snapshot_and_records_keeps_what_was_servable(perm, cut,
     snapshot) holds the same state and can serve at least what it could before: no hidden compaction."""
     order = [HIST[i] for i in perm]
     live = _replay(order)
-    snapshot = _replay(order[:cut]).snapshot()  # older than the replica; or its own when cut is len(HIST)
+    # older than the replica; or its own when cut is len(HIST)
+    snapshot = read_snapshot(G, _replay(order[:cut]).snapshot_parts())
     # Compact up to `keep` below the head, but never past the snapshot: adopting a snapshot the replica
     # could no longer serve from is refused (tested with the replica), so it is not a case here.
-    covered = snapshot.version_vector
+    covered = snapshot.header.version_vector
     floor = {a: min(covered.get(a), live.version_vector[a] - keep) for a in live.version_vector}
     live.compact(VersionVector.from_dict({a: s for a, s in floor.items() if s > 0}))
     assert live.can_serve(covered)
-    rebuilt = ModelState.from_snapshot(G, snapshot, log=live.records())
+    rebuilt = ModelState.from_own_snapshot(G, snapshot, log=live.records())
     assert rebuilt.state_hash == live.state_hash
     assert rebuilt.retention_floor == live.retention_floor
     assert sorted(c.id for c in rebuilt.records()) == sorted(c.id for c in live.records())

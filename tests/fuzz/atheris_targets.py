@@ -44,6 +44,18 @@ def _payload(data: bytes) -> None:
     assert indices.size == values.size and (indices.size == 0 or int(indices.max()) < length)
 
 
+_GENESIS = crdt.Genesis(np.linspace(-1, 1, 64, dtype=np.float32), ((0, 32), (32, 64)), {"run": "fuzz"})
+
+
+def _snapshot(data: bytes) -> None:
+    """A peer's snapshot stream, fed in two pieces (the split point is the first byte)."""
+    reader = crdt.SnapshotReader(_GENESIS, max_authors=64)
+    cut = data[0] if data else 0
+    reader.feed(data[1 : 1 + cut])
+    reader.feed(data[1 + cut :])
+    reader.finish()
+
+
 def _frames(data: bytes) -> None:
     decoder = _framing.FrameDecoder(max_message_bytes=1 << 16, expected=frozenset(_framing.FrameKind))
     decoder.feed(data)
@@ -54,8 +66,10 @@ def _frames(data: bytes) -> None:
 TARGETS: dict[str, tuple[Callable[[bytes], object], tuple[type[Exception], ...]]] = {
     "contribution": (crdt.Contribution.decode, (crdt.ValidationError,)),
     "genesis": (crdt.Genesis.decode, (crdt.ValidationError,)),
-    "snapshot": (crdt.Snapshot.decode, (crdt.ValidationError,)),
-    "digest": (crdt.Digest.decode, (crdt.ValidationError,)),
+    "snapshot": (_snapshot, (crdt.ValidationError,)),
+    "digest": (lambda data: crdt.Digest.decode(data, max_authors=64), (crdt.ValidationError,)),
+    "version-vector": (lambda data: crdt.VersionVector.decode(data, max_authors=64), (crdt.ValidationError,)),
+    "checkpoint": (lambda data: crdt.Checkpoint.decode(data, max_authors=64), (crdt.ValidationError,)),
     "payload": (_payload, (crdt.ValidationError,)),
     "wal": (crdt.scan_log, (crdt.ValidationError,)),
     "sealed-blob": (lambda data: crdt.unseal_blob(b"SNAPSHT", data), (crdt.ValidationError,)),
@@ -75,7 +89,7 @@ TARGETS: dict[str, tuple[Callable[[bytes], object], tuple[type[Exception], ...]]
 def seeds(target: str) -> list[bytes]:
     """Valid encodings for ``target``: where the mutations start."""
     signer = crdt.Signer.from_seed(hashlib.sha256(b"fuzz").digest())
-    genesis = crdt.Genesis(np.linspace(-1, 1, 64, dtype=np.float32), ((0, 32), (32, 64)), {"run": "fuzz"})
+    genesis = _GENESIS
     payload = crdt.encode_payload("sparse-q8", 32, np.array([1, 5, 30]), np.array([0.5, -1.0, 2.0]))
     contribution = crdt.make_contribution(
         signer, genesis_id=genesis.id, seq=1, fragment=0, codec="sparse-q8", payload=payload, weight=1.0,
@@ -87,7 +101,7 @@ def seeds(target: str) -> list[bytes]:
     )
     state = crdt.ModelState(genesis)
     state.apply(contribution)
-    snapshot = state.snapshot().encode()
+    snapshot = b"".join(state.snapshot_parts())
     digest = state.digest().encode()
     blob = _transfer.BlobSource.from_bytes(
         bytes(2 * _transfer.MIN_CHUNK_BYTES + 10), chunk_size=_transfer.MIN_CHUNK_BYTES
@@ -95,8 +109,10 @@ def seeds(target: str) -> list[bytes]:
     return {
         "contribution": [contribution.encode()],
         "genesis": [genesis.encode()],
-        "snapshot": [snapshot],
+        "snapshot": [bytes([40]) + snapshot],
         "digest": [digest],
+        "version-vector": [state.version_vector.encode()],
+        "checkpoint": [state.checkpoint(signer).encode()],
         "payload": [
             bytes([i, 3]) + crdt.encode_payload(codec, 64, np.array([0, 9, 63]), np.array([1.0, -2.0, 3.0]))
             for i, codec in enumerate(crdt.CODECS)
