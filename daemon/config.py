@@ -78,6 +78,14 @@ def _multiaddrs(key: str, values: tuple[str, ...], *, peer_id: bool) -> None:
             raise ValueError(f"{key}: {value!r} must end in /p2p/<peer id> (`meshtrain id` on that peer)")
 
 
+def _peer_ids(key: str, values: tuple[str, ...]) -> None:
+    for value in values:
+        try:
+            Multiaddr(f"/p2p/{value}")
+        except Exception:  # py-multiaddr raises several types for bad input
+            raise ValueError(f"{key}: {value!r} is not a peer id (`meshtrain id` prints one)") from None
+
+
 class NodeConfig(_Section):
     run: str = "default"
     """Name of the training run. Peers of one run find each other and share one model."""
@@ -95,6 +103,12 @@ class NodeConfig(_Section):
     join (``meshtrain swarm-key generate FILE``; see SECURITY.md). Empty: an open network."""
     allow_peers: tuple[str, ...] = ()
     """If not empty, only these peer ids may connect, send requests or author gossip."""
+    checkpoint_signers: tuple[str, ...] = ()
+    """For a run this node founds: peer ids whose signed checkpoints vouch for snapshots, besides the
+    founder itself and, on a private run, ``allow_peers`` (SECURITY.md). Written into the genesis."""
+    checkpoint_quorum: Annotated[int, msgspec.Meta(ge=1)] = 1
+    """For a run this node founds: how many signers must vouch for a snapshot before a joiner adopts it
+    (capped at the number of signers). Above half the signers is the safe choice."""
     autonat: bool = True
     """Ask peers to dial us back (AutoNAT) to learn whether this node is publicly reachable."""
     autonat_confirmations: Annotated[int, msgspec.Meta(ge=1)] = 1
@@ -121,6 +135,8 @@ class NodeConfig(_Section):
             raise ValueError(f"node.genesis must be 64 lowercase hex digits (or empty), got {self.genesis!r}")
         _multiaddrs("node.listen", self.listen, peer_id=False)
         _multiaddrs("node.bootstrap", self.bootstrap, peer_id=True)
+        _peer_ids("node.allow_peers", self.allow_peers)
+        _peer_ids("node.checkpoint_signers", self.checkpoint_signers)
 
 
 class TrainingConfig(_Section):

@@ -38,6 +38,10 @@ relay_service = false
 # Behind NAT: reserve a slot on a relay and advertise the relayed address; hole punch to direct.
 use_relays = true
 hole_punch = true
+# Snapshots a joiner may adopt must be vouched for by checkpoint signers (fixed in the genesis when this
+# node founds the run): the founder, these peer ids, and allow_peers on a private run; quorum of them.
+# checkpoint_signers = ["12D3Koo..."]
+checkpoint_quorum = 1
 # Robust aggregation, fixed in the genesis when this node founds the run: clip every contribution's
 # weighted L2 norm to this (a few times the honest update norm; see SECURITY.md). 0: off.
 clip_norm = 0.0

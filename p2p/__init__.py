@@ -21,7 +21,7 @@ from p2p._errors import (
     TransferFailed,
 )
 from p2p._host import GossipMessage, Host, HostConfig
-from p2p._identity import Identity, load_or_create_identity, peer_id_from_public_key
+from p2p._identity import Identity, load_or_create_identity, peer_id_from_public_key, public_key_from_peer_id
 from p2p._security import (
     PeerLimits,
     SwarmKeyError,
@@ -58,5 +58,6 @@ __all__ = [
     "load_swarm_key",
     "parse_swarm_key",
     "peer_id_from_public_key",
+    "public_key_from_peer_id",
     "write_swarm_key",
 ]

@@ -19,7 +19,7 @@ from libp2p.crypto.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from libp2p.crypto.keys import KeyPair
 from libp2p.peer.id import ID
 
-__all__ = ["Identity", "load_or_create_identity", "peer_id_from_public_key"]
+__all__ = ["Identity", "load_or_create_identity", "peer_id_from_public_key", "public_key_from_peer_id"]
 
 SEED_BYTES = 32  # RFC 8032 Ed25519 private key seed length
 KEY_FILE_MODE = 0o600  # the seed is a secret: owner read/write only
@@ -64,6 +64,21 @@ def peer_id_from_public_key(public_key: bytes) -> str:
     if len(public_key) != 32:
         raise ValueError(f"Ed25519 public key must be 32 bytes, got {len(public_key)}")
     return ID.from_pubkey(Ed25519PublicKey.from_bytes(public_key)).to_base58()
+
+
+def public_key_from_peer_id(peer_id: str) -> bytes:
+    """The raw 32-byte Ed25519 public key inside a peer id (ours inline their key).
+
+    Raises:
+        ValueError: not a peer id, or not one of an Ed25519 key.
+    """
+    try:
+        key = ID.from_base58(peer_id).extract_public_key()
+    except Exception as exc:  # base58, multihash and protobuf errors of several types
+        raise ValueError(f"not a peer id: {peer_id!r}") from exc
+    if not isinstance(key, Ed25519PublicKey):
+        raise ValueError(f"peer id {peer_id!r} does not hold an Ed25519 key")
+    return key.to_bytes()
 
 
 def load_or_create_identity(path: Path) -> Identity:

@@ -241,12 +241,16 @@ class Cluster:
             time.sleep(POLL_S)
 
     def wait_connected(self, *, timeout_s: float = START_TIMEOUT_S) -> list[dict[str, Any]]:
-        """Until every node answers and is connected to at least one peer (all nodes, for N <= 8)."""
+        """Until every node has loaded its model state and is connected to at least one peer (all nodes,
+        for N <= 8)."""
         n = len(self.nodes())
         want = min(n - 1, 7)
 
         def connected(statuses: list[dict[str, Any]]) -> bool:
-            return all("error" not in s and len(parse_status(s).peers) >= want for s in statuses)
+            if any("error" in s for s in statuses):
+                return False
+            parsed = [parse_status(s) for s in statuses]
+            return all(s.state_hash is not None and len(s.peers) >= want for s in parsed)
 
         return self.wait_until(connected, timeout_s=timeout_s, what="all nodes to connect")
 

@@ -26,6 +26,7 @@ import crdt
 import p2p
 from daemon.config import Config
 from daemon.node import wire
+from daemon.node.attestation import policy_for_run
 from daemon.status import Counters, JoinStatus
 
 __all__ = ["GENESIS_REFUSED", "fetch_genesis", "found_genesis", "refusal"]
@@ -36,17 +37,27 @@ GENESIS_RETRY_S = 1.0  # between passes over the connected peers
 GENESIS_REFUSED = "GenesisRefused"  # the rejected_reasons key of a refused genesis
 
 
-def found_genesis(config: Config, params: object, fragments: Sequence[tuple[int, int]]) -> crdt.Genesis:
-    """The genesis of a run this node founds."""
-    clip_norm = config.node.clip_norm
+def found_genesis(
+    config: Config, founder: bytes, params: object, fragments: Sequence[tuple[int, int]]
+) -> crdt.Genesis:
+    """The genesis of a run this node (public key ``founder``) founds: its name and task, ``clip_norm``,
+    and the checkpoint policy (the founder, ``[node] checkpoint_signers``, ``allow_peers`` on a private
+    run; ``checkpoint_quorum`` of them)."""
+    node = config.node
+    private = bool(node.swarm_key or node.allow_peers)
+    named = (*node.checkpoint_signers, *(node.allow_peers if private else ()))
+    signers = [p2p.public_key_from_peer_id(peer) for peer in named]
+    policy = policy_for_run(founder, signers, node.checkpoint_quorum)
     genesis = crdt.Genesis(
         params=params,  # type: ignore[arg-type]
         fragments=tuple(fragments),
-        meta={"run": config.node.run, "task": config.training.task}
-        | ({"clip_norm": repr(clip_norm)} if clip_norm else {}),
+        meta={"run": node.run, "task": config.training.task}
+        | ({"clip_norm": repr(node.clip_norm)} if node.clip_norm else {})
+        | policy.to_meta(),
     )
-    log.info("founded run=%s genesis=%s params=%d clip_norm=%s", config.node.run, genesis.id[:16],
-             genesis.length, genesis.meta.get("clip_norm", "off"))
+    log.info("founded run=%s genesis=%s params=%d clip_norm=%s checkpoint_signers=%d quorum=%d", node.run,
+             genesis.id[:16], genesis.length, genesis.meta.get("clip_norm", "off"), len(policy.signers),
+             policy.quorum)
     return genesis
 
 

@@ -152,7 +152,8 @@ class Node:
             run_genesis = await self._genesis()
             sync_config = self.config.sync
             replica = Replica.open(self.store, run_genesis, snapshot_every=sync_config.snapshot_every,
-                                   member_ttl_s=sync_config.member_ttl_s, counters=self.counters)
+                                   member_ttl_s=sync_config.member_ttl_s, counters=self.counters,
+                                   signer=self.signer)
             log.info("model state loaded genesis=%s contributions=%d state_hash=%s",
                      replica.state.genesis.id[:16], replica.state.contribution_count,
                      replica.state.state_hash[:16])
@@ -166,10 +167,10 @@ class Node:
                                           timing=self._timing)
             self._parts = Parts(replica, sync, rounds, membership)
             self.host.set_request_handler(wire.GENESIS_PROTOCOL, self._serve_genesis)
-            announcements = sync.install()
+            sync.install()
             heartbeats = membership.install(sync.counting)
             async with asyncio.TaskGroup() as tasks:
-                tasks.create_task(sync.run(announcements), name="sync")
+                tasks.create_task(sync.run(), name="sync")
                 tasks.create_task(membership.run(heartbeats), name="membership")
                 tasks.create_task(rounds.run(), name="training")
                 tasks.create_task(self.limits.run(self.trainer), name="limits")
@@ -203,7 +204,8 @@ class Node:
                 )
             return stored
         if not self.config.node.bootstrap:
-            return genesis.found_genesis(self.config, await self.trainer.initial_params(), fragments)
+            params = await self.trainer.initial_params()
+            return genesis.found_genesis(self.config, self.signer.public_key, params, fragments)
         self._phase = TrainingState.FETCHING_GENESIS
         return await genesis.fetch_genesis(self.host, self.config, fragments, counters=self.counters,
                                            join=self.join)

@@ -37,12 +37,14 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 import crdt
 import p2p
+from daemon.node.attestation import Attestations
 from daemon.node.store import Store
 from daemon.node.suspects import SuspectTracker
 from daemon.status import Counters
@@ -77,9 +79,18 @@ class Replica:
         member_ttl_s: float = DEFAULT_MEMBER_TTL_S,
         clock: Callable[[], float] = time.time,
         counters: Counters | None = None,
+        signer: crdt.Signer | None = None,
     ) -> None:
         self.store = store
         self.state = state
+        self.signer = signer
+        """This node's key: it signs checkpoints if the run's policy names it a signer."""
+        policy = crdt.CheckpointPolicy.from_genesis(state.genesis)
+        self.attestations = Attestations(state.genesis, policy, max_authors=state.limits.max_authors)
+        self.on_checkpoint: Callable[[crdt.Checkpoint], None] = lambda checkpoint: None
+        """Called with each checkpoint this node signs (to publish it)."""
+        self.file_state: tuple[crdt.VersionVector, str] | None = None
+        """The vector and state hash of the snapshot file in the store (None: none written yet)."""
         self.snapshot_every = snapshot_every
         self.member_ttl_s = member_ttl_s
         self._clock = clock
@@ -108,8 +119,13 @@ class Replica:
         """
         store.write_genesis(genesis)
         snapshot, logged = store.load_state(genesis)
-        return cls(store, crdt.ModelState.from_snapshot(genesis, snapshot, log=logged),
-                   snapshot_every=snapshot_every, **options)
+        replica = cls(store, crdt.ModelState.from_own_snapshot(genesis, snapshot, log=logged),
+                      snapshot_every=snapshot_every, **options)
+        if snapshot is not None:
+            replica.file_state = (snapshot.header.version_vector, snapshot.header.state_hash)
+        for checkpoint in store.load_checkpoints():
+            replica.attestations.add(checkpoint)
+        return replica
 
     def close(self) -> None:
         self.store.close()
@@ -211,47 +227,116 @@ class Replica:
         }
 
     def snapshot_and_compact(self) -> int:
-        """Persist a snapshot and forget the history every known member holds. Returns records dropped.
-
-        A write that fails (a full disk) compacts nothing, and the next contribution tries again."""
+        """Persist a snapshot and forget the history every known member holds, never above the newest
+        state a quorum of checkpoint signers attests (a joiner adopting that snapshot gets the rest as
+        records). A signer signs a checkpoint of the snapshot and hands it to ``on_checkpoint``. Returns
+        records dropped. A write that fails (a full disk) compacts nothing; the next one tries again."""
         state = self.state
-        snapshot = state.snapshot()
+        checkpoint = self._sign()  # first: a signer's own checkpoint attests what it may compact to
         vv, held = state.version_vector, state.retention_floor
         vectors = self._members()
         members = crdt.retention_floor(vv, vectors.values()) if vectors else held
+        attested = self.attestations.attested_vector()
+        if self.attestations.policy is not None:
+            members = crdt.retention_floor(members, [attested or crdt.VersionVector()])
         # The floor after compacting: per author, the members' floor where it is above what we hold.
         after = crdt.VersionVector.from_dict(
             {a: max(held.get(a), min(members.get(a), s)) for a, s in vv.items()}
         )
         try:
             self.store.write_peer_vectors(self.peer_vectors)  # before compacting by them: see the store
-            self.store.write_snapshot(snapshot, floor=after)
+            self.store.write_snapshot(
+                state.snapshot_parts(), floor=after,
+                checkpoints=self.attestations.for_state(vv, state.state_hash),
+            )
         except OSError as exc:
             log.error("snapshot not written, nothing compacted error=%s", exc)
             self.disk_full = True
             return 0
+        self.file_state = (vv, state.state_hash)
         dropped = state.compact(members)
         self._since_snapshot = 0
         self.counters.snapshots_written += 1
-        log.info(
-            "snapshot written contributions=%d compacted=%d retained=%d",
-            snapshot.version_vector.total,
-            dropped,
-            self.state.retained_count,
-        )
+        log.info("snapshot written contributions=%d compacted=%d retained=%d attested=%s", vv.total, dropped,
+                 state.retained_count, attested.total if attested else "none")
+        if checkpoint is not None:
+            self.on_checkpoint(checkpoint)
         return dropped
 
-    def adopt(self, snapshot: crdt.Snapshot) -> bool:
-        """Catch up through a peer's snapshot; False (nothing changes) if it would drop held history.
+    def _sign(self, at: crdt.VersionVector | None = None) -> crdt.Checkpoint | None:
+        """This node's checkpoint of its state (or of its past state ``at``), if it is a signer of the run
+        and computed that state from records itself; kept with the others."""
+        if self.signer is None or not self.attestations.is_signer(self.signer.public_key):
+            return None
+        if not self.state.self_verified:
+            return None
+        checkpoint = self.state.checkpoint(self.signer, at=at)
+        self.attestations.add(checkpoint)
+        return checkpoint
+
+    def offer_checkpoint(self, data: bytes) -> crdt.Checkpoint | None:
+        """A checkpoint a peer published: checked and kept; a signer countersigns a fellow signer's when
+        it computes the same hash for that vector. Returns this node's countersignature to publish.
 
         Raises:
+            crdt.ValidationError: not a checkpoint of a signer of this run (count it against the sender).
+        """
+        checkpoint = self.attestations.decode(data)
+        if not self.attestations.add(checkpoint):
+            return None
+        state = self.state
+        if self.file_state == (checkpoint.version_vector, checkpoint.state_hash):
+            self.store.write_checkpoints(self.attestations.for_state(*self.file_state))
+        if not state.version_vector.dominates(checkpoint.version_vector):
+            return None  # we have not seen that state yet
+        try:
+            mine = self._sign(at=checkpoint.version_vector)
+        except crdt.HistoryPrunedError:
+            return None  # we compacted past it: cannot recompute
+        if mine is None or mine.state_hash != checkpoint.state_hash or mine.signer == checkpoint.signer:
+            return None
+        return mine
+
+    def attested_snapshot(self) -> tuple[Path, list[crdt.Checkpoint]] | None:
+        """The snapshot file and the checkpoints of a quorum that attest it, or None if it has no quorum
+        (a joiner could not adopt it: it is not served)."""
+        policy = self.attestations.policy
+        if self.file_state is None or policy is None:
+            return None
+        vector, state_hash = self.file_state
+        checkpoints = self.attestations.for_state(vector, state_hash)
+        header = crdt.SnapshotHeader(self.state.genesis.id, vector, state_hash, self.state.self_verified)
+        try:
+            crdt.check_attestation(header, checkpoints, policy)
+        except crdt.AttestationError:
+            return None
+        return self.store.snapshot_file, checkpoints
+
+    def adopt(self, snapshot: crdt.Snapshot, checkpoints: list[crdt.Checkpoint]) -> bool:
+        """Catch up through a peer's snapshot, attested by ``checkpoints``; False (nothing changes) if it
+        would drop held history.
+
+        Raises:
+            crdt.AttestationError: no quorum of the run's signers vouches for it (the model is untouched).
             crdt.CrdtError: the snapshot is not of this genesis or does not match its own hash.
         """
-        if not self.state.can_serve(snapshot.version_vector):
+        policy = self.attestations.policy
+        if policy is None:
+            raise crdt.AttestationError("snapshot: this run's genesis names no checkpoint signers")
+        if not self.state.can_serve(snapshot.header.version_vector):
             return False
-        fresh = crdt.ModelState.from_snapshot(self.state.genesis, snapshot, log=self.state.records())
-        self.store.write_snapshot(fresh.snapshot(), floor=fresh.retention_floor)
+        fresh = crdt.ModelState.from_snapshot(
+            self.state.genesis, snapshot, checkpoints=checkpoints, policy=policy, log=self.state.records(),
+            limits=self.state.limits,
+        )
+        for checkpoint in checkpoints:
+            self.attestations.add(checkpoint)
+        self.store.write_snapshot(
+            fresh.snapshot_parts(), floor=fresh.retention_floor,
+            checkpoints=self.attestations.for_state(fresh.version_vector, fresh.state_hash),
+        )
         self.state = fresh
+        self.file_state = (fresh.version_vector, fresh.state_hash)
         self._since_snapshot = 0
         self.counters.snapshots_installed += 1
         self.on_change()

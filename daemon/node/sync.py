@@ -14,6 +14,11 @@ and reports every answer back to it. Each answer's records go through the replic
 (``Replica.accept``); an equivocation is the author's fault, not the relayer's, so the pull goes on; any
 other invalid record ends the pull and counts against the peer that sent it.
 
+Snapshots are attested (``daemon/node/attestation.py``): a node serves its snapshot only with the
+checkpoints of a quorum of the run's signers, and adopts a peer's only through ``Replica.adopt``, which
+checks that quorum (``crdt.check_attestation``) before the model is touched. Checkpoints travel on the
+run's checkpoint topic; a signer countersigns a fellow signer's when it computes the same state.
+
 All of it runs on the node's event loop; the machine is only touched between awaits, so it needs no lock.
 """
 
@@ -65,6 +70,9 @@ class Sync:
         self.machine = Replication(self._policy())
         self._rng = rng or random.Random()
         self._wakeup = asyncio.Event()
+        self._outbox: asyncio.Queue[crdt.Checkpoint] = asyncio.Queue()  # checkpoints we signed, to publish
+        self._announcements: asyncio.Queue[p2p.GossipMessage] = asyncio.Queue()
+        self._checkpoints: asyncio.Queue[p2p.GossipMessage] = asyncio.Queue()
 
     def _policy(self) -> ReplicationPolicy:
         """The machine's policy with the ``[sync]`` values in effect (SIGHUP may change them)."""
@@ -74,14 +82,18 @@ class Sync:
             return ReplicationPolicy(fanout=sync.fanout, pullback_interval_s=sync.interval_s)
         return dataclasses.replace(current.policy, fanout=sync.fanout, pullback_interval_s=sync.interval_s)
 
-    def install(self) -> asyncio.Queue[p2p.GossipMessage]:
-        """Register the request handlers and the announcement topic; returns the announcement queue."""
+    def install(self) -> None:
+        """Register the request handlers and subscribe to the announcement and checkpoint topics."""
         self.host.set_request_handler(wire.SYNC_PROTOCOL, self.counting(self._serve_sync))
         self.host.set_request_handler(wire.SNAPSHOT_PROTOCOL, self.counting(self._serve_snapshot))
-        topic = wire.announce_topic(self.run_name)
         # Validated before delivery and before forwarding: junk is dropped and its sender scored down.
-        self.host.set_topic_validator(topic, wire.valid_gossip(wire.Announcement.decode))
-        return self.host.subscribe(topic)
+        announce = wire.announce_topic(self.run_name)
+        self.host.set_topic_validator(announce, wire.valid_gossip(wire.Announcement.decode))
+        self._announcements = self.host.subscribe(announce)
+        checkpoint = wire.checkpoint_topic(self.run_name)
+        self.host.set_topic_validator(checkpoint, wire.valid_gossip(self.replica.attestations.decode))
+        self._checkpoints = self.host.subscribe(checkpoint)
+        self.replica.on_checkpoint = self._outbox.put_nowait
 
     # -- refusing input --------------------------------------------------------------------------------
 
@@ -126,8 +138,13 @@ class Sync:
 
     async def _serve_snapshot(self, peer: str, data: bytes) -> bytes:
         self._admit(peer, wire.SyncRequest.decode(data))
+        offer = self.replica.attested_snapshot()
+        if offer is None:
+            raise wire.NoAttestedSnapshot("no snapshot here that a quorum of the run's signers attests")
+        path, checkpoints = offer
+        body = await asyncio.to_thread(path.read_bytes)
         self.replica.counters.snapshots_served += 1
-        response = self.replica.state.snapshot().encode()
+        response = wire.SnapshotResponse(tuple(c.encode() for c in checkpoints), body).encode()
         await self.limits.bucket.acquire(len(response))
         return response
 
@@ -169,10 +186,12 @@ class Sync:
         self.machine.set_blocked(peers)
         log.warning("fault injection: blocked peers=%s", ",".join(sorted(peers)) or "none")
 
-    async def run(self, announcements: asyncio.Queue[p2p.GossipMessage]) -> None:
-        """Pull until cancelled: announcements, the anti-entropy period and the pull scheduler."""
+    async def run(self) -> None:
+        """Pull until cancelled: announcements, checkpoints, the anti-entropy period and the scheduler."""
         async with asyncio.TaskGroup() as tasks:
-            tasks.create_task(self._announcement_loop(announcements), name="announcements")
+            tasks.create_task(self._announcement_loop(self._announcements), name="announcements")
+            tasks.create_task(self._checkpoint_loop(), name="checkpoints")
+            tasks.create_task(self._publish_checkpoints(), name="checkpoints-out")
             tasks.create_task(self._anti_entropy_loop(), name="anti-entropy")
             while True:
                 await self._wakeup.wait()
@@ -196,6 +215,28 @@ class Sync:
                 author = p2p.peer_id_from_public_key(announcement.author)
                 self.machine.announced(author=author, via=message.from_peer)
                 self._wakeup.set()
+
+    async def _checkpoint_loop(self) -> None:
+        while True:
+            message = await self._checkpoints.get()
+            if message.from_peer == self.host.peer_id:
+                continue
+            try:
+                countersigned = self.replica.offer_checkpoint(message.data)
+            except crdt.ValidationError as exc:  # the validator let it through: count it like any junk
+                self.reject(message.from_peer, exc)
+                continue
+            if countersigned is not None:
+                self._outbox.put_nowait(countersigned)
+
+    async def _publish_checkpoints(self) -> None:
+        topic = wire.checkpoint_topic(self.run_name)
+        while True:
+            checkpoint = await self._outbox.get()
+            try:
+                await self.host.publish(topic, checkpoint.encode())
+            except p2p.P2PError as exc:  # no mesh peer yet: the next snapshot's checkpoint goes out
+                log.info("checkpoint not published error=%s", exc)
 
     async def _anti_entropy_loop(self) -> None:
         while True:
@@ -275,28 +316,35 @@ class Sync:
             self.timing("merge", time.perf_counter() - started)
 
     async def _install_snapshot_from(self, peer: str) -> None:
-        """Catch up through ``peer``'s snapshot (adopted only if nothing is lost: see the replica)."""
-        request = wire.SyncRequest(genesis=self.replica.state.genesis.id, digest=b"")
+        """Catch up through ``peer``'s attested snapshot (adopted only if a quorum of the run's signers
+        vouches for it and nothing held is lost: see the replica)."""
+        replica = self.replica
+        request = wire.SyncRequest(genesis=replica.state.genesis.id, digest=b"")
         try:
-            data = await self.host.request(
-                peer, wire.SNAPSHOT_PROTOCOL, request.encode(), timeout_s=self.settings().request_timeout_s
-            )
-            snapshot = crdt.Snapshot.decode(data)
-        except (p2p.P2PError, wire.WireError, crdt.CrdtError) as exc:
-            self.replica.counters.pull_failures += 1
-            log.info("snapshot fetch failed peer=%s error=%s", peer, exc)
-            self.machine.failed(peer)
-            return
-        try:
-            adopted = self.replica.adopt(snapshot)
-        except crdt.CrdtError as exc:
-            self.reject(peer, exc)
-            return
+            try:
+                timeout_s = self.settings().request_timeout_s
+                data = await self.host.request(
+                    peer, wire.SNAPSHOT_PROTOCOL, request.encode(), timeout_s=timeout_s
+                )
+            except p2p.P2PError as exc:  # unreachable, or it holds no attested snapshot: not hostile
+                self.replica.counters.pull_failures += 1
+                log.info("snapshot fetch failed peer=%s error=%s", peer, exc)
+                return
+            try:
+                response = wire.SnapshotResponse.decode(data)
+                checkpoints = [replica.attestations.decode(raw) for raw in response.checkpoints]
+                state = replica.state
+                reader = crdt.SnapshotReader(state.genesis, max_authors=state.limits.max_authors)
+                reader.feed(response.snapshot)
+                adopted = replica.adopt(reader.finish(), checkpoints)
+            except (wire.WireError, crdt.CrdtError) as exc:  # junk, or a snapshot no quorum vouches for
+                self.reject(peer, exc)
+                return
         finally:
             self.machine.snapshot_done(peer)
         if not adopted:
             log.warning("not adopting snapshot from peer=%s: it would drop history we compacted", peer)
             return
-        state = self.replica.state
+        state = replica.state
         log.info("installed snapshot from peer=%s contributions=%d state_hash=%s", peer,
                  state.contribution_count, state.state_hash[:16])

@@ -13,8 +13,10 @@ Three protocols carry the model between nodes of one run, and a fourth says good
     the caller knows whether to pull again; ``snapshot_required`` when some of what the caller lacks was
     compacted away here, so only a snapshot can bring it up to date.
 ``/meshtrain/snapshot/1``
-    request ``SyncRequest`` (the digest is ignored); response: the responder's encoded
-    :class:`crdt.Snapshot` (accumulator + version vector + hash), checked against the genesis on receipt.
+    request ``SyncRequest`` (the digest is ignored); response ``SnapshotResponse``: the responder's
+    snapshot stream (crdt.snapshot) and the checkpoints that attest its state. Served only when a quorum
+    of the run's checkpoint signers attests it (else the request is refused as ``NoAttestedSnapshot``); the
+    requester checks the quorum on the header before it decodes the body (crdt.check_attestation).
 ``/meshtrain/goodbye/1``
     request: the sender's last ``Heartbeat`` (training "leaving"); response: empty. Sent at shutdown
     straight to every connected peer, on top of the gossip heartbeat: gossip needs a mesh path at that
@@ -22,6 +24,9 @@ Three protocols carry the model between nodes of one run, and a fourth says good
 gossip topic ``meshtrain/<run>/heartbeat``
     ``Heartbeat`` every few seconds: the sender's round, training state, reachability, capabilities
     (task, device kind) and measured throughput, shown per peer in status.
+gossip topic ``meshtrain/<run>/checkpoint``
+    an encoded :class:`crdt.Checkpoint` a checkpoint signer published (its own snapshot's state, or its
+    countersignature of a fellow signer's); every node keeps the newest few per signer.
 gossip topic ``meshtrain/<run>/announce``
     ``Announcement``: a small header per new contribution (author, seq, fragment, size, id). Receivers that
     lack it pull from the announcer. Gossip may drop; the periodic anti-entropy pull repairs what it misses.
@@ -47,12 +52,15 @@ __all__ = [
     "ForeignRun",
     "GenesisRequest",
     "Heartbeat",
+    "NoAttestedSnapshot",
     "Partitioned",
     "Refusal",
+    "SnapshotResponse",
     "SyncRequest",
     "SyncResponse",
     "WireError",
     "announce_topic",
+    "checkpoint_topic",
     "heartbeat_topic",
     "valid_gossip",
 ]
@@ -75,6 +83,10 @@ def heartbeat_topic(run: str) -> str:
     return f"meshtrain/{run}/heartbeat"
 
 
+def checkpoint_topic(run: str) -> str:
+    return f"meshtrain/{run}/checkpoint"
+
+
 class WireError(ValueError):
     """A peer sent a message that does not decode or validate."""
 
@@ -85,6 +97,10 @@ class Refusal(Exception):
 
 class ForeignRun(Refusal):
     """The peer belongs to another run (another genesis): it is connected, but shares no model."""
+
+
+class NoAttestedSnapshot(Refusal):
+    """This node holds no snapshot that a quorum of the run's checkpoint signers attests: ask another."""
 
 
 class Partitioned(Refusal):
@@ -172,6 +188,30 @@ class SyncResponse:
             contributions=tuple(items),
             snapshot_required=_field(obj, "snapshot_required", bool),
         )
+
+
+MAX_SNAPSHOT_CHECKPOINTS = 256  # crdt.checkpoint.MAX_SIGNERS: one per signer of the run's policy
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotResponse:
+    checkpoints: tuple[bytes, ...]
+    """Encoded crdt.Checkpoint records attesting the snapshot's state (one per signer at most)."""
+    snapshot: bytes
+    """The snapshot stream (crdt.SnapshotReader reads it)."""
+
+    def encode(self) -> bytes:
+        return msgpack.packb(
+            {"v": WIRE_VERSION, "checkpoints": list(self.checkpoints), "snapshot": self.snapshot}
+        )
+
+    @classmethod
+    def decode(cls, data: bytes) -> SnapshotResponse:
+        obj = _unpack(data)
+        items = _field(obj, "checkpoints", list)
+        if len(items) > MAX_SNAPSHOT_CHECKPOINTS or not all(isinstance(item, bytes) for item in items):
+            raise WireError(f"checkpoints must be at most {MAX_SNAPSHOT_CHECKPOINTS} byte strings")
+        return cls(checkpoints=tuple(items), snapshot=_field(obj, "snapshot", bytes))
 
 
 @dataclass(frozen=True, slots=True)

@@ -38,3 +38,15 @@ def test_bad_inputs(tmp_path: Path) -> None:
         Identity.from_seed(b"x" * 31)
     with pytest.raises(ValueError):
         peer_id_from_public_key(b"x" * 33)
+
+
+def test_a_peer_id_gives_back_its_public_key() -> None:
+    import pytest
+
+    from p2p import Identity, peer_id_from_public_key, public_key_from_peer_id
+
+    identity = Identity.generate()
+    assert public_key_from_peer_id(identity.peer_id) == identity.public_key
+    assert peer_id_from_public_key(public_key_from_peer_id(identity.peer_id)) == identity.peer_id
+    with pytest.raises(ValueError, match="not a peer id"):
+        public_key_from_peer_id("12D3KooWnot-a-peer-id")

@@ -29,15 +29,20 @@ from training import RoundResult, StalenessPolicy
 # -- records ------------------------------------------------------------------------------------------
 
 
+def signer(index: int) -> crdt.Signer:
+    return crdt.Signer.from_seed(hashlib.sha256(b"store-%d" % index).digest())
+
+
+SIGNER = signer(99)
+"""The checkpoint signer of the test genesis's run (quorum 1)."""
+POLICY = crdt.CheckpointPolicy(frozenset({SIGNER.public_key}), 1)
+
+
 def genesis(length: int = 96, n_fragments: int = 3, seed: int = 0) -> crdt.Genesis:
     params = np.random.default_rng(seed).standard_normal(length).astype(np.float32)
     step = length // n_fragments
     bounds = [*[*range(0, length - step + 1, step)][:n_fragments], length]
-    return crdt.Genesis(params, tuple(itertools.pairwise(bounds)), {"run": "t"})
-
-
-def signer(index: int) -> crdt.Signer:
-    return crdt.Signer.from_seed(hashlib.sha256(b"store-%d" % index).digest())
+    return crdt.Genesis(params, tuple(itertools.pairwise(bounds)), {"run": "t"} | POLICY.to_meta())
 
 
 def history(g: crdt.Genesis, n_authors: int, per_author: int, *, first: int = 0) -> list[crdt.Contribution]:
@@ -75,6 +80,14 @@ def state_of(cs: list[crdt.Contribution]) -> crdt.ModelState:
     for c in cs:
         s.apply(c)
     return s
+
+
+def attested(state: crdt.ModelState) -> tuple[crdt.Snapshot, list[crdt.Checkpoint]]:
+    """``state``'s snapshot as a peer would serve it, and the run signer's checkpoint of it."""
+    reader = crdt.SnapshotReader(state.genesis, max_authors=crdt.MAX_AUTHORS)
+    for part in state.snapshot_parts():
+        reader.feed(part)
+    return reader.finish(), [state.checkpoint(SIGNER)]
 
 
 # -- an in-memory network -----------------------------------------------------------------------------

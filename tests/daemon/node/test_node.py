@@ -30,7 +30,11 @@ async def test_a_founder_trains_its_rounds_and_reports_them(tmp_path: Path) -> N
         await until(lambda: node.training_state is TrainingState.DONE)
         status = node.status()
         genesis = node.parts.replica.state.genesis
-        assert dict(genesis.meta) == {"run": "r1", "task": "stdlib-lm", "clip_norm": "0.5"}
+        founder = node.signer.public_key.hex()  # the checkpoint signer of the run, by default
+        assert dict(genesis.meta) == {
+            "run": "r1", "task": "stdlib-lm", "clip_norm": "0.5",
+            "checkpoint_signers": founder, "checkpoint_quorum": "1",
+        }
         assert status.round == 3 and status.contributions == 3 and status.clip_norm == 0.5
         assert [r.round for r in node.parts.rounds.history] == [1, 2, 3]
         assert status.initial_eval.contributions == 0 and status.eval.contributions == 3

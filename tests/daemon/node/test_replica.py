@@ -7,7 +7,7 @@ import errno
 from pathlib import Path
 
 import pytest
-from node_testlib import HIST, G, state_of
+from node_testlib import HIST, SIGNER, G, attested, state_of
 
 import crdt
 from daemon.node.replica import DISK_ROOM_BYTES, DiskFull, Replica
@@ -15,7 +15,9 @@ from daemon.node.store import Store
 
 
 def _open_replica(path: Path, *, snapshot_every: int = 1000) -> Replica:
-    return Replica.open(Store(path), G, snapshot_every=snapshot_every)
+    """A replica of the run's checkpoint signer: its own snapshots are attested, so what members hold
+    decides its compaction (a non-signer waits for attestations: see the test below)."""
+    return Replica.open(Store(path), G, snapshot_every=snapshot_every, signer=SIGNER)
 
 
 def test_replica_logs_what_it_accepts_and_compacts_only_what_every_member_holds(tmp_path: Path) -> None:
@@ -49,8 +51,11 @@ def test_replica_adopts_a_snapshot_only_when_it_loses_nothing(tmp_path: Path) ->
     for c in mine:
         replica.accept(c)
     assert not ahead.can_serve(replica.state.version_vector)  # so it must take a snapshot
-    older = state_of([c for c in HIST if c.seq <= 3]).snapshot()  # lacks authors[0]'s seq 4, held here
-    assert replica.adopt(older)
+    older = state_of([c for c in HIST if c.seq <= 3])  # lacks authors[0]'s seq 4, held here
+    forged, _ = attested(state_of(HIST[:1]))
+    with pytest.raises(crdt.AttestationError):  # a snapshot nobody of the run vouches for
+        replica.adopt(forged, [])
+    assert replica.adopt(*attested(older))
     assert replica.state.version_vector == crdt.VersionVector.from_dict(
         {a: (4 if a == authors[0] else 3) for a in authors}
     )
@@ -59,13 +64,14 @@ def test_replica_adopts_a_snapshot_only_when_it_loses_nothing(tmp_path: Path) ->
     replica.store.close()
     assert _open_replica(tmp_path / "behind").state.state_hash == replica.state.state_hash
 
-    lossy = _open_replica(tmp_path / "lossy")
+    lossy = Replica.open(Store(tmp_path / "lossy"), G, snapshot_every=1000, signer=SIGNER)
     for c in mine:
         lossy.accept(c)
     lossy.note_vector("peerA", lossy.state.version_vector)
     lossy.snapshot_and_compact()  # forgets everything: now authors[0]'s seq 4 exists only in the state
+    assert lossy.state.retention_floor == lossy.state.version_vector
     before = lossy.state.state_hash
-    assert not lossy.adopt(older)  # adopting would drop authors[0]'s seq 4
+    assert not lossy.adopt(*attested(older))  # adopting would drop authors[0]'s seq 4
     assert lossy.state.state_hash == before and lossy.counters.snapshots_installed == 0
     lossy.store.close()
 
@@ -116,7 +122,8 @@ def test_a_failed_append_leaves_no_torn_record(tmp_path: Path, monkeypatch: pyte
 
 def test_members_far_behind_or_long_silent_do_not_pin_compaction(tmp_path: Path) -> None:
     now = [1000.0]
-    replica = Replica.open(Store(tmp_path), G, snapshot_every=2, member_ttl_s=60.0, clock=lambda: now[0])
+    replica = Replica.open(Store(tmp_path), G, snapshot_every=2, member_ttl_s=60.0, clock=lambda: now[0],
+                           signer=SIGNER)
     authors = sorted({c.author for c in HIST})
     replica.note_vector("stranger", crdt.VersionVector())  # one empty digest from anyone with the genesis id
     replica.note_vector("member", crdt.VersionVector.from_dict({a: 1 for a in authors}))
@@ -129,3 +136,26 @@ def test_members_far_behind_or_long_silent_do_not_pin_compaction(tmp_path: Path)
     replica.snapshot_and_compact()
     assert replica.state.retention_floor == replica.state.version_vector  # nobody else waits: compacted
     assert set(replica.peer_vectors) == {"fresh"}  # the silent member and the stranger were forgotten
+
+
+def test_compaction_waits_for_a_quorum_of_signers_and_checkpoints_are_countersigned(tmp_path: Path) -> None:
+    """A non-signer never compacts above the newest attested state: a joiner that adopts that snapshot
+    must get the rest as records. The signer's checkpoint, once it arrives, lets it compact."""
+    follower = Replica.open(Store(tmp_path / "follower"), G, snapshot_every=1000)
+    leader = Replica.open(Store(tmp_path / "leader"), G, snapshot_every=1000, signer=SIGNER)
+    published: list[crdt.Checkpoint] = []
+    leader.on_checkpoint = published.append
+    for replica in (follower, leader):
+        for c in HIST:
+            replica.accept(c)
+        replica.note_vector("peer", replica.state.version_vector)
+    assert follower.snapshot_and_compact() == 0  # nobody attests anything yet: all of it stays
+    assert follower.attested_snapshot() is None  # and its snapshot is not served
+    assert leader.snapshot_and_compact() == len(HIST) and len(published) == 1
+    assert follower.offer_checkpoint(published[0].encode()) is None  # a follower does not countersign
+    assert follower.snapshot_and_compact() == len(HIST)
+    path, checkpoints = leader.attested_snapshot()
+    assert path.exists() and checkpoints == published
+    stranger = crdt.Signer.from_seed(b"\x07" * 32)
+    with pytest.raises(crdt.ValidationError, match="not a checkpoint signer"):
+        follower.offer_checkpoint(follower.state.checkpoint(stranger).encode())

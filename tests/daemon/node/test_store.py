@@ -15,7 +15,7 @@ def _restore(store: Store) -> crdt.ModelState:
     g = store.load_genesis()
     snap, logged = store.load_state(g)
     assert g is not None
-    return crdt.ModelState.from_snapshot(g, snap, log=logged)
+    return crdt.ModelState.from_own_snapshot(g, snap, log=logged)
 
 
 def test_empty_store(tmp_path: Path) -> None:
@@ -52,7 +52,7 @@ def test_snapshot_compacts_wal(tmp_path: Path) -> None:
         for c in HIST:
             st.append(c)
         first = state_of(HIST[:6])
-        dropped = st.write_snapshot(first.snapshot(), floor=first.version_vector)
+        dropped = st.write_snapshot(first.snapshot_parts(), floor=first.version_vector)
         assert dropped == sum(1 for c in HIST if c.seq <= first.version_vector.get(c.author))
         assert st.wal_records == len(HIST) - dropped
     with Store(tmp_path) as st:
@@ -74,7 +74,7 @@ def test_restart_keeps_what_the_node_still_serves(tmp_path: Path) -> None:
             st.append(c)
         live = state_of(HIST)
         live.compact(behind)
-        st.write_snapshot(live.snapshot(), floor=live.retention_floor)
+        st.write_snapshot(live.snapshot_parts(), floor=live.retention_floor)
         assert st.wal_records == len(HIST) - len(authors)
     with Store(tmp_path) as st:
         restored = _restore(st)
@@ -130,8 +130,10 @@ def test_garbage_tail_and_foreign(tmp_path: Path) -> None:
         Store(tmp_path)
     (tmp_path / "wal.log").write_bytes(crdt.LOG_HEADER)
     (tmp_path / "snapshot.bin").write_bytes(b"junk")
-    with Store(tmp_path) as st, pytest.raises(StoreError):
-        st.load_state(st.load_genesis())
+    with Store(tmp_path) as st:
+        st.write_genesis(G)
+        with pytest.raises(StoreError):
+            st.load_state(st.load_genesis())
 
 
 def test_peer_vectors_survive_a_restart_and_corruption_is_reported(tmp_path: Path) -> None:
