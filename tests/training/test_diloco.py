@@ -42,7 +42,7 @@ def _peers(task: training.Task, cfg: training.DilocoConfig, n: int) -> list[trai
      ("torch_threads", 0), ("grad_clip", -1.0)],
 )
 def test_config_errors_name_the_field(field: str, value: object) -> None:
-    with pytest.raises(training.ConfigError, match=f"DilocoConfig.{field} "):
+    with pytest.raises(training.ConfigError, match=rf"diloco\.{field} "):
         training.DilocoConfig(**{field: value})  # type: ignore[arg-type]
 
 
@@ -121,7 +121,7 @@ def test_error_feedback_tracks_true_sum(codec: str) -> None:
     for _ in range(rounds):
         update = (bias + rng.normal(size=n)).astype(np.float32) * 1e-3
         u = update + residual
-        sent = training.compress(u, codec=codec, density=density).sent
+        sent = training.compress(u, codec=codec, density=density).dense(n)
         residual = u - sent
         true_sum += update
         sent_sum += sent
@@ -176,7 +176,7 @@ def test_divergence_raises_and_leaves_state(digits: training.Task) -> None:
 
 
 def test_plugin_without_start_resumes_by_replay(digits: training.Task) -> None:
-    """Also checks state_dict() is a snapshot: `a` keeps training after `b` loaded its state."""
+    """Also checks load_state_dict copies: `a` keeps training after `b` loaded its live state."""
     class NoStart(DigitsTask):
         def batches(self, shard, num_shards, *, seed, batch_size):  # type: ignore[no-untyped-def, override]
             return super().batches(shard, num_shards, seed=seed, batch_size=batch_size)
