@@ -5,7 +5,7 @@ Public API:
 * tasks: load_task / Task, describe_task_options, check_task / Problem, task_skeleton;
 * options: build_config (a TOML table into a Config dataclass, errors naming the key), coerce,
   describe_options / OptionInfo;
-* data assignment: data_seed (the default: whole set, own order), member_shard;
+* data assignment: data_seed (each peer streams the whole training set in its own order);
 * the trainer: DilocoConfig (DilocoConfig.for_task merges a task's tuned defaults), PeerTrainer,
   RoundResult, StalenessPolicy, resolve_device;
 * flat vectors: flatten_params / load_flat_params / fragment_ranges / num_params;
@@ -15,7 +15,7 @@ Pure pieces of the round (build_inner_optimizer, lr_factor, inner_loop, outer_up
 exported for tests and benchmarks.
 """
 
-from training._assignment import data_seed, member_shard
+from training._assignment import data_seed
 from training._check import Problem, check_task
 from training._config import CODECS, INNER_OPTIMIZERS, DilocoConfig, resolve_device
 from training._diloco import PeerTrainer, RoundResult
@@ -56,7 +56,6 @@ __all__ = [
     "load_flat_params",
     "load_task",
     "lr_factor",
-    "member_shard",
     "num_params",
     "outer_update",
     "resolve_device",

@@ -24,12 +24,11 @@ together drawn k·|train| examples is e^-k, the same as one process sampling wit
 already averages N peers' pseudo-gradients, so independent i.i.d. streams are the textbook setting,
 whereas file-hash shards give each peer a skewed slice (client drift).
 
-`member_shard` stays for a caller that does keep an agreed member list (e.g. a lab cluster with a
-fixed roster); the daemon's cluster harness passes explicit shards and needs neither.
+Explicit shards stay available (PeerTrainer(shard=, num_shards=), the task contract keeps both
+arguments) for a lab cluster with a fixed roster, such as the daemon's local cluster harness.
 """
 
 import hashlib
-from collections.abc import Collection
 
 SEED_BYTES = 8  # 64-bit seeds (numpy takes any int >= 0): a collision is ~2^-33 even at 2^16 peers
 
@@ -41,17 +40,3 @@ def data_seed(peer_id: bytes | str, base_seed: int = 0) -> int:
     salt = (base_seed % 2**64).to_bytes(8, "little")
     digest = hashlib.blake2b(raw, digest_size=SEED_BYTES, person=b"meshtrain-data", salt=salt).digest()
     return int.from_bytes(digest, "little")
-
-
-def member_shard(peer_id: bytes | str, members: Collection[bytes | str]) -> tuple[int, int]:
-    """(shard, num_shards) under rule (b): the own id's rank among the sorted member ids (the own id
-    counts as a member whether or not it is listed), and the member count.
-
-    Raises:
-        ValueError: ids of mixed types (bytes and str would sort inconsistently across peers).
-    """
-    ids = set(members) | {peer_id}
-    if len({type(i) for i in ids}) != 1:
-        raise ValueError("member ids must all be bytes or all be str")
-    ranked = sorted(ids)  # type: ignore[type-var]
-    return ranked.index(peer_id), len(ranked)

@@ -167,7 +167,10 @@ class StdlibLMTask:
         val = [d for rel, d in self.files if _hash("split", rel) % 1000 < c.val_permille]
         self._val = np.frombuffer(SEPARATOR.join(val), dtype=np.uint8)
         if len(self._val) < c.block_size + 1:
-            raise ConfigError(f"stdlib-lm: only {len(self._val)} validation bytes; raise val_permille")
+            raise ConfigError(
+                f"stdlib-lm: {len(self._val)} validation bytes do not fill one task.block_size={c.block_size} "
+                "window; raise task.val_permille or task.max_corpus_bytes"
+            )
         digest = hashlib.blake2b(digest_size=16)
         for rel, data in self.files:
             digest.update(rel.encode() + b"\x00" + hashlib.blake2b(data, digest_size=16).digest())
@@ -220,7 +223,7 @@ class StdlibLMTask:
         if len(data) < self.config.block_size + 1:
             raise ConfigError(
                 f"stdlib-lm: shard {shard}/{num_shards} has {len(data)} bytes; "
-                "use fewer shards or a larger max_corpus_bytes"
+                "use fewer shards or a larger task.max_corpus_bytes"
             )
         return data
 
