@@ -24,6 +24,7 @@ import itertools
 import math
 import traceback
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -37,6 +38,7 @@ from training._task import Task, load_task
 
 CHECK_STEPS = 2  # inner steps of the training check: enough to step the optimizer twice
 CHECK_BATCHES = 3  # batches compared per stream
+LIBRARY_DIRS = tuple(str(Path(f).parent) for f in (torch.__file__, np.__file__, __file__))  # not plug-ins
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
@@ -55,8 +57,11 @@ class Problem:
 
 
 def _err(e: BaseException) -> str:
-    """"Type: message (at file:line)" of the innermost frame: where the plug-in went wrong."""
-    frames = traceback.extract_tb(e.__traceback__)
+    """'Type: message (at file:line)', at the innermost frame outside torch, numpy and training:
+    where the plug-in went wrong."""
+    frames = [
+        f for f in traceback.extract_tb(e.__traceback__) if not f.filename.startswith(LIBRARY_DIRS)
+    ]
     where = f" (at {frames[-1].filename}:{frames[-1].lineno})" if frames else ""
     return f"{type(e).__name__}: {e}{where}"
 

@@ -168,8 +168,8 @@ class StdlibLMTask:
         self._val = np.frombuffer(SEPARATOR.join(val), dtype=np.uint8)
         if len(self._val) < c.block_size + 1:
             raise ConfigError(
-                f"stdlib-lm: {len(self._val)} validation bytes do not fill one task.block_size={c.block_size} "
-                "window; raise task.val_permille or task.max_corpus_bytes"
+                f"stdlib-lm: {len(self._val)} validation bytes do not fill one window of "
+                f"task.block_size={c.block_size}; raise task.val_permille or task.max_corpus_bytes"
             )
         digest = hashlib.blake2b(digest_size=16)
         for rel, data in self.files:
