@@ -2,7 +2,8 @@
 
 Public API:
 
-* tasks: load_task / Task, describe_task_options, check_task / Problem, task_skeleton;
+* tasks: load_task / Task, describe_task_options, check_task / Problem, task_skeleton; StdlibLMTask
+  (the stdlib corpus, batches and byte-level evaluation, to subclass with another model);
 * options: build_config (a TOML table into a Config dataclass, errors naming the key), coerce,
   describe_options / OptionInfo;
 * data assignment: data_seed (each peer streams the whole training set in its own order);
@@ -26,6 +27,7 @@ from training._outer import Compressed, compress, outer_update
 from training._params import flatten_params, fragment_ranges, load_flat_params, num_params
 from training._skeleton import task_skeleton
 from training._staleness import StalenessPolicy
+from training._stdlib_lm import StdlibLMTask
 from training._task import Task, describe_task_options, load_task
 
 __all__ = [
@@ -39,6 +41,7 @@ __all__ = [
     "Problem",
     "RoundResult",
     "StalenessPolicy",
+    "StdlibLMTask",
     "Task",
     "TaskNotFoundError",
     "TrainingError",

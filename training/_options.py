@@ -144,9 +144,18 @@ def describe_options(config_cls: type) -> list[OptionInfo]:
 
 
 def _field_docs(config_cls: type) -> dict[str, str]:
-    """{field: docstring} from the class source; {} when the source cannot be read (a REPL class)."""
+    """{field: docstring} from the sources of the class and its bases (a subclass's doc wins)."""
+    docs: dict[str, str] = {}
+    for klass in reversed(config_cls.__mro__):
+        if dataclasses.is_dataclass(klass):
+            docs |= _own_field_docs(klass)
+    return docs
+
+
+def _own_field_docs(klass: type) -> dict[str, str]:
+    """{field: docstring} of the fields the class body declares; {} without source (a REPL class)."""
     try:
-        tree = ast.parse(textwrap.dedent(inspect.getsource(config_cls)))
+        tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
     except (OSError, TypeError, SyntaxError):
         return {}
     body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
