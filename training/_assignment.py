@@ -13,7 +13,7 @@ rounds as in bench/convergence, results in bench/results/data_assignment.json):
     from its peer id, `data_seed(peer_id)`. Nothing to agree on; a join, a leave or a restart changes
     nothing for anyone else.
 (b) member rank: shard = rank of the own id among the sorted live member ids, num_shards = member
-    count (`member_shard`), re-derived whenever the member list changes, the stream resuming at the
+    count, re-derived whenever the member list changes, the stream resuming at the
     batches already consumed.
 
 (a) is the default. Measured 2026-12-01 (val loss after 30 lockstep rounds at equal samples, mean of
@@ -27,7 +27,7 @@ rounds as in bench/convergence, results in bench/results/data_assignment.json):
     stdlib-lm  6       2.208    2.172       2.161
     stdlib-lm  churn   2.187    2.158       2.149
 
-(a) beat (b) by 16-24 % on digits (1,437 training images: a quarter of them per peer is small enough
+(a) beat (b) by 15-24 % on digits (1,437 training images: a quarter of them per peer is small enough
 for H local steps to drift toward it) and was within the spread of its own trials on stdlib-lm
 (2.154-2.185 at 6 peers). Under churn (b) needs every peer's member list to agree, which a gossiped
 heartbeat only approximates: in the lagging views of the churn scenario 2 % of the data went untrained

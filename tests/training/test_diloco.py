@@ -254,3 +254,20 @@ def test_reload_continues_bit_identically(digits: training.Task) -> None:
         assert ra.payload == rb.payload and ra.train_loss == rb.train_loss
         theta = _apply(theta, [ra], a.fragments)
     assert np.array_equal(a.momentum, b.momentum) and np.array_equal(a.residual, b.residual)
+
+
+def test_no_momentum_buffer_without_outer_momentum(digits: training.Task) -> None:
+    """μ = 0 keeps no D-sized momentum (4 bytes per parameter); states cross between μ settings, and a
+    state from before the schedule existed resumes at rounds x inner_steps."""
+    flat = _cfg(inner_steps=2, outer_momentum=0.0)
+    a = training.PeerTrainer(digits, flat)
+    theta = training.flatten_params(digits.build_model())
+    a.run_round(theta, fragment=0)
+    assert a.momentum.size == 0 and a.residual.any()
+    b = training.PeerTrainer(digits, _cfg(inner_steps=2, outer_momentum=0.9))
+    b.load_state_dict(a.state_dict())
+    assert b.momentum.shape == (b.dim,) and not b.momentum.any()
+    old = {k: v for k, v in a.state_dict().items() if k != "inner_step"}
+    c = training.PeerTrainer(digits, flat)
+    c.load_state_dict(old)
+    assert c.inner_step == 2 and c.batches_consumed == 2
