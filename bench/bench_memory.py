@@ -3,21 +3,23 @@
 Measures the process's resident set (peak, ru_maxrss) after each phase, minus the resident set after
 imports and corpus loading, divided by D: build the trainer, allocate θ (the global parameters the
 daemon hands over: a pipe copy today, shared memory tomorrow), two rounds (the first creates AdamW's
-moments), then state_dict + torch.save (what the daemon does after each round). CPU, batch 1 of 64
+moments), then state_dict + torch.save to a file (what the daemon does after each round). CPU, batch 1 of 64
 bytes, one inner step: activations are negligible next to the D-sized state.
 
-Run (under the heavy lock; about 1 minute and 6 GB at most):
+Run (under the heavy lock; about 1 minute and 6 GB at most; "before" is commit 8099188's training/
+and crdt/, extracted with `git archive 8099188 training crdt | tar -x -C /tmp/before`):
 
     flock /work/heavy.lock .venv/bin/python bench/bench_memory.py            # this checkout
-    PYTHONPATH=/path/to/other/checkout .venv/bin/python bench/bench_memory.py --label before
+    PYTHONPATH=/tmp/before .venv/bin/python bench/bench_memory.py --label before
+    .venv/bin/python bench/bench_memory.py --label after-mu0 --outer-momentum 0
 
 Each run appends its row to bench/results/memory.json.
 """
 
 import argparse
-import io
 import json
 import resource
+import tempfile
 import time
 from pathlib import Path
 
@@ -61,11 +63,11 @@ def main() -> None:
         result = trainer.run_round(theta, fragment=0)
         phases[f"round {r + 1}"] = peak_bytes()
         print(f"round {r + 1}: {time.perf_counter() - started:.1f} s, payload {result.payload_bytes} bytes")
-    buf = io.BytesIO()
-    torch.save(trainer.state_dict(), buf)
-    phases["state saved"] = peak_bytes()
-    state_bytes = buf.getbuffer().nbytes
-    del buf
+    with tempfile.TemporaryDirectory() as tmp:  # a file, as the daemon saves it (not a BytesIO in RAM)
+        path = Path(tmp) / "trainer.pt"
+        torch.save(trainer.state_dict(), path)
+        phases["state saved"] = peak_bytes()
+        state_bytes = path.stat().st_size
     row = {
         "label": args.label,
         "date": time.strftime("%Y-%m-%d"),
