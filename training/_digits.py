@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from sklearn.datasets import load_digits
 
 from training._errors import ConfigError
+from training._task import task_config_error
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # x (B, 64) float32, y (B,) int64
 
@@ -34,11 +35,9 @@ class DigitsTask:
 
         def __post_init__(self) -> None:
             if self.hidden < 1:
-                raise ConfigError(f"DigitsTask.Config.hidden must be >= 1, got {self.hidden}")
+                raise task_config_error("hidden", "must be >= 1", self.hidden)
             if not 0.0 < self.val_fraction < 1.0:
-                raise ConfigError(
-                    f"DigitsTask.Config.val_fraction must be in (0, 1), got {self.val_fraction}"
-                )
+                raise task_config_error("val_fraction", "must be in (0, 1)", self.val_fraction)
 
     name = "digits"
 

@@ -11,6 +11,7 @@ cutting at parameter boundaries. It reads nicer but makes fragment sizes lopside
 """
 
 import itertools
+import warnings
 
 import numpy as np
 import torch
@@ -23,15 +24,26 @@ def num_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def flatten_params(model: torch.nn.Module) -> np.ndarray:
-    """Copy the model's parameters into one new float32 numpy vector of length D (on the CPU)."""
+def flatten_params(model: torch.nn.Module, start: int = 0, stop: int | None = None) -> np.ndarray:
+    """Copy entries [start, stop) of the model's flat parameter vector (default: all D) into one new
+    float32 numpy vector on the CPU; only the parameters that overlap the range are read."""
+    stop = num_params(model) if stop is None else stop
+    out = np.empty(stop - start, dtype=np.float32)
+    dst, offset = torch.from_numpy(out), 0
     with torch.no_grad():
-        parts = [p.detach().reshape(-1).to(device="cpu", dtype=torch.float32) for p in model.parameters()]
-        return torch.cat(parts).numpy().copy()
+        for p in model.parameters():
+            a, b = max(start, offset), min(stop, offset + p.numel())
+            if a < b:  # copy_ converts dtype and moves from the device: no intermediate copy
+                dst[a - start : b - start].copy_(p.detach().reshape(-1)[a - offset : b - offset])
+            offset += p.numel()
+    return out
 
 
 def load_flat_params(model: torch.nn.Module, vec: np.ndarray) -> None:
     """Overwrite the model's parameters in place from a flat vector (inverse of `flatten_params`).
+
+    `vec` is only read, never copied when it is C-contiguous float32: it may be a read-only view of
+    shared memory handed over by another process.
 
     Raises:
         ConfigError: `vec` is not 1-D with exactly D entries.
@@ -39,7 +51,9 @@ def load_flat_params(model: torch.nn.Module, vec: np.ndarray) -> None:
     d = num_params(model)
     if vec.ndim != 1 or vec.shape[0] != d:
         raise ConfigError(f"flat params: expected a 1-D vector of length {d}, got shape {vec.shape}")
-    src = torch.from_numpy(np.ascontiguousarray(vec, dtype=np.float32))
+    with warnings.catch_warnings():  # torch warns that a read-only array is not writable; we only read it
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        src = torch.from_numpy(np.ascontiguousarray(vec, dtype=np.float32))
     offset = 0
     with torch.no_grad():
         for p in model.parameters():

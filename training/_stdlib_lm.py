@@ -12,7 +12,7 @@ genesis meta if validation numbers must be comparable across peers).
 
 Model: nanoGPT (pre-LayerNorm blocks, causal SDPA attention, GELU MLP, learned positions), untied LM
 head (tied weights would share storage, which safetensors export refuses; it costs 256 x n_embd params).
-Defaults: 4 layers x 128 wide, context 128 -> ~0.87M parameters.
+Defaults: 4 layers x 128 wide, context 128 -> ~0.87M parameters; options scale it (Config docstring).
 """
 
 import dataclasses
@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from training._errors import ConfigError
+from training._task import task_config_error
 
 SKIP_DIRS = frozenset({"test", "tests", "idle_test", "site-packages", "__pycache__"})  # not "the stdlib"
 SEPARATOR = b"\x00"  # between files; never occurs in Python source
@@ -110,6 +111,10 @@ class StdlibLMTask:
 
     @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
     class Config:
+        """Model shape and corpus. Scale by options alone: GPT-2-small-like is n_layer 12, n_embd 768,
+        n_head 12, block_size 1024 (~86M parameters); wide and shallow for big-genesis tests is n_layer 1,
+        n_embd 2560, block_size 16 (~80M parameters)."""
+
         block_size: int = 128
         """Context length in bytes."""
         n_layer: int = 4
@@ -117,7 +122,7 @@ class StdlibLMTask:
         n_head: int = 4
         """Attention heads; must divide n_embd."""
         n_embd: int = 128
-        """Model width."""
+        """Model width; parameters grow as about 12 x n_layer x n_embd^2."""
         max_corpus_bytes: int = 4_000_000
         """Stop reading files once this many bytes are loaded (train + val); keeps startup ~0.1-0.5 s."""
         val_permille: int = 50
@@ -132,13 +137,13 @@ class StdlibLMTask:
         def __post_init__(self) -> None:
             for field in ("block_size", "n_layer", "n_head", "n_embd", "max_corpus_bytes", "eval_bytes"):
                 if getattr(self, field) < 1:
-                    raise ConfigError(f"StdlibLMTask.Config.{field} must be >= 1, got {getattr(self, field)}")
+                    raise task_config_error(field, "must be >= 1", getattr(self, field))
             if self.n_embd % self.n_head:
-                raise ConfigError(f"StdlibLMTask.Config.n_head={self.n_head} must divide {self.n_embd=}")
-            if not 0 < self.val_permille < 1000:
                 raise ConfigError(
-                    f"StdlibLMTask.Config.val_permille must be in (0, 1000), got {self.val_permille}"
+                    f"task.n_embd must be divisible by task.n_head (got {self.n_embd} and {self.n_head})"
                 )
+            if not 0 < self.val_permille < 1000:
+                raise task_config_error("val_permille", "must be in (0, 1000)", self.val_permille)
 
     name = "stdlib-lm"
 
@@ -162,7 +167,10 @@ class StdlibLMTask:
         val = [d for rel, d in self.files if _hash("split", rel) % 1000 < c.val_permille]
         self._val = np.frombuffer(SEPARATOR.join(val), dtype=np.uint8)
         if len(self._val) < c.block_size + 1:
-            raise ConfigError(f"stdlib-lm: only {len(self._val)} validation bytes; raise val_permille")
+            raise ConfigError(
+                f"stdlib-lm: {len(self._val)} validation bytes do not fill one window of "
+                f"task.block_size={c.block_size}; raise task.val_permille or task.max_corpus_bytes"
+            )
         digest = hashlib.blake2b(digest_size=16)
         for rel, data in self.files:
             digest.update(rel.encode() + b"\x00" + hashlib.blake2b(data, digest_size=16).digest())
@@ -215,7 +223,7 @@ class StdlibLMTask:
         if len(data) < self.config.block_size + 1:
             raise ConfigError(
                 f"stdlib-lm: shard {shard}/{num_shards} has {len(data)} bytes; "
-                "use fewer shards or a larger max_corpus_bytes"
+                "use fewer shards or a larger task.max_corpus_bytes"
             )
         return data
 

@@ -1,25 +1,56 @@
 """The Task interface and `load_task`: what DiLoCo needs to know about a model and its data.
 
-A Task is a model factory plus a deterministic, shardable data stream plus a loss and a held-out
-evaluation. Everything else (optimizers, devices, syncing) is the trainer's business, so a task file is
-just "model + data" and stays nanoGPT-short.
+A Task is a model factory plus a deterministic data stream plus a loss and a held-out evaluation.
+Everything else (optimizers, devices, syncing) is the trainer's business, so a task file is just
+"model + data" and stays nanoGPT-short.
 
-Built-in names: "digits" (fast test task) and "stdlib-lm" (the default). Plug-ins are named
-"package.module:factory"; `factory(**options)` must return an object satisfying `Task`.
-Options are the fields of the task's `Config`; unknown options raise ConfigError.
+Names. A task name resolves to a factory:
 
-Resumption: `batches` may accept an optional keyword `start: int` (skip that many batches in O(1));
-the trainer passes it when the signature has it, and otherwise skips by consuming the iterator.
+* a built-in: "digits" (fast test task) or "stdlib-lm" (the default), aliases of
+  "training._digits:DigitsTask" and "training._stdlib_lm:StdlibLMTask";
+* "package.module:Factory", imported from sys.path;
+* "path/to/file.py:Factory", loaded from that file (relative to the current directory), so a user's
+  own model needs no package and no PYTHONPATH.
+
+Options. If the factory has a nested dataclass `Config` (the built-ins and `task_skeleton` do), the
+options (the `[task]` table) are checked and converted into it by `build_config`, errors naming
+"task.<key>", and the factory is called as `Factory(config)`; `describe_task_options` lists its fields.
+Any other callable is called as `factory(**options)` and validates them itself.
+
+Data. `batches(shard, num_shards, *, seed, batch_size)` is an infinite, deterministic stream: the same
+arguments give the same batches. Outside a test harness every peer passes shard 0 of 1 (the whole
+training set) and its own seed (`training.data_seed(peer id)`), so each peer must see a different
+order for a different seed; explicit shards (a lab cluster) must give different data per shard. The
+stream may accept `start: int` (skip that many batches in O(1)); the trainer passes it when the
+signature has it, and otherwise skips by consuming the iterator.
+
+Optional members the trainer uses when present: `default_diloco() -> dict` (tuned [diloco] defaults,
+under the user's) and `build_optimizer(model, config) -> torch.optim.Optimizer` (replaces the
+configured inner optimizer; the warm-up/cosine schedule still scales each group's initial lr).
+
+Rejected: entry points (`importlib.metadata`) for plug-ins: they require packaging the model before
+trying it, and a name in a config file is as explicit.
 """
 
 import dataclasses
+import hashlib
 import importlib
+import importlib.util
+import sys
 from collections.abc import Callable, Iterator
-from typing import Any, Protocol, TypeVar, runtime_checkable
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
 from training._errors import ConfigError, TaskNotFoundError
+from training._options import OptionInfo, build_config, describe_options
+
+BUILTIN_TASKS: dict[str, str] = {
+    "digits": "training._digits:DigitsTask",
+    "stdlib-lm": "training._stdlib_lm:StdlibLMTask",
+}
+TASK_SECTION = "task"  # the config table that holds a task's options; error messages name its keys
 
 
 @runtime_checkable
@@ -33,7 +64,7 @@ class Task(Protocol):
         ...
 
     def batches(self, shard: int, num_shards: int, *, seed: int, batch_size: int) -> Iterator[Any]:
-        """Infinite, deterministic stream of CPU batches from this shard's training data."""
+        """Infinite, deterministic stream of CPU batches of the shard's training data (0 of 1: all)."""
         ...
 
     def loss(self, model: torch.nn.Module, batch: Any) -> torch.Tensor:
@@ -45,57 +76,87 @@ class Task(Protocol):
         ...
 
 
-C = TypeVar("C")
+def resolve_factory(name: str) -> Callable[..., Any]:
+    """The factory a task name refers to (see module docstring), imported but not called.
+
+    Raises:
+        TaskNotFoundError: unknown name, a module or file that fails to import, a missing attribute.
+    """
+    spec = BUILTIN_TASKS.get(name, name)
+    if ":" not in spec:
+        raise TaskNotFoundError(
+            f"unknown task {name!r}; built-ins: {sorted(BUILTIN_TASKS)}, "
+            "or 'package.module:Factory', or 'path/to/file.py:Factory'"
+        )
+    module_name, _, attr = spec.rpartition(":")
+    try:
+        if module_name.endswith(".py"):
+            module = _load_file(Path(module_name))
+        else:
+            module = importlib.import_module(module_name)
+    except Exception as e:  # a plug-in's SyntaxError or NameError is "cannot load" too, with its cause
+        raise TaskNotFoundError(f"task plug-in {name!r}: cannot import {module_name!r}: {e!r}") from e
+    try:
+        return getattr(module, attr)
+    except AttributeError as e:
+        raise TaskNotFoundError(f"task plug-in {name!r}: {module_name!r} has no {attr!r}") from e
 
 
-def build_config(config_cls: type[C], options: dict[str, Any]) -> C:
-    """`config_cls(**options)`, with unknown/missing keys reported as ConfigError naming the task."""
-    names = {f.name for f in dataclasses.fields(config_cls)}  # type: ignore[arg-type]
-    unknown = sorted(set(options) - names)
-    if unknown:
-        raise ConfigError(f"{config_cls.__qualname__}: unknown option(s) {unknown}; known: {sorted(names)}")
-    return config_cls(**options)
+def _load_file(path: Path) -> Any:
+    """Import a plug-in file once per absolute path, under a name that cannot shadow a real module."""
+    path = path.resolve()
+    if not path.is_file():
+        raise FileNotFoundError(f"no such file: {path}")
+    digest = hashlib.blake2b(str(path).encode(), digest_size=6).hexdigest()
+    module_name = f"meshtrain_task_{digest}_{''.join(c if c.isalnum() else '_' for c in path.stem)}"
+    if module_name in sys.modules:
+        return sys.modules[module_name]
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    assert spec is not None and spec.loader is not None  # a .py path always has a source loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module  # dataclasses and pickle look the module up while it executes
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[module_name]
+        raise
+    return module
 
 
-def _digits(**options: Any) -> Task:
-    from training._digits import DigitsTask  # lazy: `import training` stays cheap
-
-    return DigitsTask(build_config(DigitsTask.Config, options))
-
-
-def _stdlib_lm(**options: Any) -> Task:
-    from training._stdlib_lm import StdlibLMTask
-
-    return StdlibLMTask(build_config(StdlibLMTask.Config, options))
-
-
-BUILTIN_TASKS: dict[str, Callable[..., Task]] = {"digits": _digits, "stdlib-lm": _stdlib_lm}
+def task_config_class(factory: Callable[..., Any]) -> type | None:
+    """The factory's nested dataclass `Config`, or None (then it takes **options as it likes)."""
+    config_cls = getattr(factory, "Config", None)
+    return config_cls if isinstance(config_cls, type) and dataclasses.is_dataclass(config_cls) else None
 
 
 def load_task(name: str, **options: Any) -> Task:
-    """Build a task by name ("digits", "stdlib-lm") or plug-in spec ("package.module:factory").
+    """Build a task by name with its options (the `[task]` table; see module docstring).
 
     Raises:
-        TaskNotFoundError: unknown name, module that fails to import, or missing factory attribute.
-        ConfigError: an option the task's Config doesn't know or rejects.
+        TaskNotFoundError: see `resolve_factory`; or the factory returned something that is not a Task.
+        ConfigError: an option the task's Config doesn't know, can't convert or rejects (names the key).
     """
-    if ":" in name:
-        module_name, _, attr = name.partition(":")
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError as e:
-            raise TaskNotFoundError(f"task plug-in {name!r}: cannot import {module_name!r}: {e}") from e
-        try:
-            factory = getattr(module, attr)
-        except AttributeError as e:
-            raise TaskNotFoundError(f"task plug-in {name!r}: {module_name!r} has no {attr!r}") from e
+    factory = resolve_factory(name)
+    config_cls = task_config_class(factory)
+    if config_cls is not None:
+        task = factory(build_config(config_cls, options, section=TASK_SECTION))
     else:
-        if name not in BUILTIN_TASKS:
-            raise TaskNotFoundError(
-                f"unknown task {name!r}; built-ins: {sorted(BUILTIN_TASKS)}, or use 'package.module:factory'"
-            )
-        factory = BUILTIN_TASKS[name]
-    task = factory(**options)
+        task = factory(**options)
     if not isinstance(task, Task):
         raise TaskNotFoundError(f"task {name!r}: factory returned {type(task).__name__}, not a Task")
     return task
+
+
+def describe_task_options(name: str) -> list[OptionInfo]:
+    """(key, type, default, doc) rows of the task's options; [] for a factory without a `Config`.
+
+    Raises:
+        TaskNotFoundError: see `resolve_factory`.
+    """
+    config_cls = task_config_class(resolve_factory(name))
+    return describe_options(config_cls) if config_cls is not None else []
+
+
+def task_config_error(field: str, why: str, value: Any) -> ConfigError:
+    """The error a task Config's `__post_init__` raises: "task.<field> <why> (got <value>)"."""
+    return ConfigError(f"{TASK_SECTION}.{field} {why} (got {value!r})")

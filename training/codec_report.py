@@ -21,7 +21,6 @@ import torch
 
 import crdt
 import training
-from training._diloco import compress
 
 
 def one_update(task_name: str, **task_options: Any) -> np.ndarray:
@@ -53,7 +52,9 @@ def codec_table(u: np.ndarray, *, density: float, rounds: int = 20, seed: int = 
     u = u.astype(np.float32)
     rows: list[Row] = []
     for codec in training.CODECS:
-        payload, sent, indices = compress(u, codec=codec, density=density)
+        c = training.compress(u, codec=codec, density=density)
+        payload, sent = c.payload, c.dense(u.size)
+        indices = c.kept
         domain = crdt.dct_coefficients if codec in crdt.TRANSFORM_CODECS else np.asarray
         x, sent_x = domain(u), domain(sent)
         topk = np.zeros_like(x)
@@ -62,7 +63,7 @@ def codec_table(u: np.ndarray, *, density: float, rounds: int = 20, seed: int = 
         true_sum, sent_sum = np.zeros(u.shape), np.zeros(u.shape)
         for update in _stream(u, rounds, seed):
             v = update + residual
-            s = compress(v, codec=codec, density=density).sent
+            s = training.compress(v, codec=codec, density=density).dense(u.size)
             residual = v - s
             true_sum += update
             sent_sum += s

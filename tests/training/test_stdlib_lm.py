@@ -60,5 +60,21 @@ def test_default_model_size() -> None:
     cfg = StdlibLMTask.Config()
     model = StdlibLMTask.build_model(type("T", (), {"config": cfg})())  # type: ignore[arg-type]
     assert 300_000 < training.num_params(model) < 1_200_000
-    with pytest.raises(training.ConfigError, match="n_head"):
-        StdlibLMTask.Config(n_head=3)
+    divisible = r"task\.n_embd must be divisible by task\.n_head \(got 100 and 6\)"
+    with pytest.raises(training.ConfigError, match=divisible):
+        training.load_task("stdlib-lm", n_embd=100, n_head=6)
+
+
+@pytest.mark.parametrize(
+    ("options", "low", "high"),
+    [
+        ({"n_layer": 12, "n_embd": 768, "n_head": 12, "block_size": 1024}, 85e6, 100e6),  # GPT-2-small-like
+        ({"n_layer": 1, "n_embd": 2560, "n_head": 16, "block_size": 16}, 70e6, 90e6),  # genesis > 256 MiB
+    ],
+)
+def test_scales_by_options_alone(options: dict[str, int], low: float, high: float) -> None:
+    task = training.load_task("stdlib-lm", **options)
+    with torch.device("meta"):  # shapes only: no 300 MB of init on a test box
+        d = training.num_params(task.build_model())
+    assert low < d < high, d
+    assert 4 * d > 256 * 2**20 or options["n_layer"] > 1

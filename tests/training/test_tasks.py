@@ -50,3 +50,48 @@ def test_plugin_task(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(training.TaskNotFoundError, match="cannot import"):
         training.load_task("no_such_module_xyz:make")
     sys.modules.pop("my_plugin_task", None)
+
+
+PLUGIN = '''
+import dataclasses
+from training._digits import DigitsTask
+
+class Wide(DigitsTask):
+    @dataclasses.dataclass(frozen=True, kw_only=True)
+    class Config(DigitsTask.Config):
+        depth: int = 1
+        """Unused; shows a plug-in Config extending a built-in one."""
+
+    name = "wide"
+'''
+
+
+def test_plugin_from_a_file_path_gets_typed_options(tmp_path: Path) -> None:
+    path = tmp_path / "my task.py"
+    path.write_text(PLUGIN)
+    task = training.load_task(f"{path}:Wide", hidden=8, val_fraction=1 / 4, depth=2)
+    assert task.name == "wide" and task.config.depth == 2 and task.config.hidden == 8  # type: ignore[attr-defined]
+    assert training.load_task(f"{path}:Wide").config.depth == 1  # type: ignore[attr-defined]
+    rows = {r.key: r for r in training.describe_task_options(f"{path}:Wide")}
+    assert rows["depth"].doc.startswith("Unused") and rows["hidden"].type == "int"
+    with pytest.raises(training.ConfigError, match=r"task\.depth must be an integer"):
+        training.load_task(f"{path}:Wide", depth="2")
+    with pytest.raises(training.ConfigError, match=r"task\.hidden must be >= 1 \(got 0\)"):
+        training.load_task(f"{path}:Wide", hidden=0)
+    (tmp_path / "broken.py").write_text("def oops(:\n")
+    with pytest.raises(training.TaskNotFoundError, match=r"cannot import.*SyntaxError"):
+        training.load_task(f"{tmp_path / 'broken.py'}:Task")
+    with pytest.raises(training.TaskNotFoundError, match="no such file"):
+        training.load_task(f"{tmp_path / 'absent.py'}:Task")
+
+
+def test_function_factories_get_raw_options_and_describe_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "raw_factory_task.py").write_text(
+        "import training\ndef make(**options):\n    return training.load_task('digits', **options)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert training.describe_task_options("raw_factory_task:make") == []
+    assert training.load_task("raw_factory_task:make", hidden=4).config.hidden == 4  # type: ignore[attr-defined]
+    sys.modules.pop("raw_factory_task", None)
