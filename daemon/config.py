@@ -46,6 +46,7 @@ __all__ = [
     "default_home",
     "load_config",
     "parse_listen",
+    "task_path",
 ]
 
 CONFIG_FILE = "config.toml"
@@ -151,9 +152,10 @@ class TrainingConfig(_Section):
     eval_every: Annotated[int, msgspec.Meta(ge=1)] = 5
     """Evaluate the merged model on the validation set every this many local rounds."""
     shard: Annotated[int, msgspec.Meta(ge=-1)] = -1
-    """Data shard of this node; -1 derives one from the peer id."""
+    """Data shard of this node out of ``num_shards``; -1 (the default): the whole training set, in an
+    order of this node's own (seeded from its key), which needs no coordination between machines."""
     num_shards: Annotated[int, msgspec.Meta(ge=1)] = 4
-    """Number of data shards the training set is split into."""
+    """Number of data shards the training set is split into (only with ``shard >= 0``)."""
     slowdown: Annotated[float, msgspec.Meta(ge=1)] = 1.0
     """Run this many times slower than the hardware allows (idles after each round): to share a machine,
     or to test that a slow peer does not stall the others."""
@@ -369,6 +371,15 @@ def load_config(home: Path) -> Config:
         return Config.from_dict(data)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from exc
+
+
+def task_path(task: str, base: Path) -> str:
+    """``task`` with a relative plug-in file (``path/to/file.py:Factory``) made absolute against ``base``
+    (the home dir, where config.toml is), so the training process finds it whatever its cwd."""
+    module, sep, attr = task.rpartition(":")
+    if not sep or not module.endswith(".py") or Path(module).is_absolute():
+        return task
+    return f"{base / module}:{attr}"
 
 
 def default_home() -> Path:

@@ -57,7 +57,8 @@ max_rounds = {max_rounds}
 threads = 1
 # Evaluate the merged model every this many local rounds.
 eval_every = 5
-# Data shard of this node (-1: derived from the peer id) out of num_shards.
+# Data: -1 streams the whole training set in this node's own order (no coordination needed); or a shard
+# of num_shards (the local cluster harness uses that).
 shard = -1
 num_shards = 4
 # Train this many times slower than the hardware allows (idle between rounds), e.g. 2.0 on a shared desktop.

@@ -19,6 +19,7 @@ could hand out its own parameters, so a run's operator pins the genesis (SECURIT
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import Sequence
 
@@ -52,6 +53,7 @@ def found_genesis(
         params=params,  # type: ignore[arg-type]
         fragments=tuple(fragments),
         meta={"run": node.run, "task": config.training.task}
+        | ({"task_options": task_options(config)} if config.task else {})
         | ({"clip_norm": repr(node.clip_norm)} if node.clip_norm else {})
         | policy.to_meta(),
     )
@@ -71,6 +73,9 @@ def refusal(genesis: crdt.Genesis, config: Config, fragments: Sequence[tuple[int
     if genesis.meta.get("task") != config.training.task:
         return (f"run {config.node.run!r} trains task {genesis.meta.get('task')!r}, this node is configured "
                 f"for {config.training.task!r}")
+    theirs, ours = genesis.meta.get("task_options", "{}"), task_options(config)
+    if theirs != ours:
+        return f"run {config.node.run!r} trains with [task] options {theirs}, this node's are {ours}"
     if _ranges(genesis.fragments) != _ranges(fragments):
         return (f"it splits the model into {len(genesis.fragments)} fragments of other sizes than this "
                 "node's model ([diloco] num_fragments or the task's options differ)")
@@ -114,6 +119,11 @@ async def fetch_genesis(
             join.source = peer
             return genesis
         await asyncio.sleep(GENESIS_RETRY_S)
+
+
+def task_options(config: Config) -> str:
+    """The ``[task]`` table in one canonical form (written into the genesis, compared by joiners)."""
+    return json.dumps(config.task, sort_keys=True, separators=(",", ":"))
 
 
 def _ranges(ranges: Sequence[Sequence[int]]) -> tuple[tuple[int, int], ...]:

@@ -34,7 +34,7 @@ import msgspec
 
 import crdt
 import p2p
-from daemon.config import Config, ConfigError, NodeConfig
+from daemon.config import Config, ConfigError, NodeConfig, task_path
 from daemon.home import Home
 from daemon.node import genesis, wire
 from daemon.node.limits import Limits
@@ -93,28 +93,29 @@ class Node:
         self.on_timing: Callable[[str, float], None] = lambda name, seconds: None
         """Hook for metrics: called with ("merge" | "pull" | "round", seconds)."""
         self.started_at = time.time()
-        self.shard = self._shard()
-        self.trainer = trainer or TrainerProcess(
-            TrainerSpec(
-                task=config.training.task,
-                diloco=dict(config.diloco),
-                shard=self.shard,
-                num_shards=config.training.num_shards,
-                threads=config.training.threads,
-                state_file=home.trainer_state_file,
-            )
-        )
+        self.trainer = trainer or TrainerProcess(self._trainer_spec())
         self._phase = TrainingState.STARTING  # until the rounds loop exists
         self._parts: Parts | None = None
         self.counters = Counters()
         """What entered and what was refused, from the start (the replica counts into it once loaded)."""
         self.join = JoinStatus(pinned_genesis=config.node.genesis or None)
 
-    def _shard(self) -> int:
+    def _trainer_spec(self) -> TrainerSpec:
+        """What the training process is built from. Data: a configured ``[training] shard`` of
+        ``num_shards`` (the local cluster harness), or else the whole training set in this node's own order,
+        seeded from its key (nothing to agree on; training/_assignment.py has the measurements)."""
         training = self.config.training
-        if training.shard >= 0:
-            return training.shard
-        return int.from_bytes(self.signer.public_key[:4], "big") % training.num_shards
+        own_order = training.shard < 0
+        return TrainerSpec(
+            task=task_path(training.task, self.home.path),
+            task_options=dict(self.config.task),
+            diloco=dict(self.config.diloco),
+            shard=0 if own_order else training.shard,
+            num_shards=1 if own_order else training.num_shards,
+            data_key=self.signer.public_key if own_order else None,
+            threads=training.threads,
+            state_file=self.home.trainer_state_file,
+        )
 
     def _timing(self, name: str, seconds: float) -> None:
         self.on_timing(name, seconds)  # looked up per call: metrics hook in after construction
@@ -268,7 +269,7 @@ class Node:
             peers=self.host.connected_peers(),
             round=self.rounds_done,
             training=self.training_state,
-            shard=self.shard,
+            shard=config.training.shard,
             contributions=state.contribution_count if state else 0,
             state_hash=state.state_hash if state else None,
             genesis=state.genesis.id if state else None,

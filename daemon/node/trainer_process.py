@@ -47,9 +47,14 @@ class TrainerSpec:
     """Everything the child needs to build its trainer (picklable)."""
 
     task: str
+    task_options: dict[str, Any]
+    """The ``[task]`` table: options of the task's Config."""
     diloco: dict[str, Any]
     shard: int
     num_shards: int
+    data_key: bytes | None = None
+    """Set: stream the whole training set in an order seeded from this key (training.data_seed), the
+    default; None: the configured shard."""
     threads: int
     state_file: Path
 
@@ -151,8 +156,11 @@ def _child_main(conn: Connection, spec: TrainerSpec) -> None:
 
     torch.set_num_threads(spec.threads)
     try:
-        task = training.load_task(spec.task)
-        config = training.DilocoConfig.for_task(task, spec.diloco)
+        task = training.load_task(spec.task, **spec.task_options)
+        diloco = dict(spec.diloco)
+        if spec.data_key is not None:
+            diloco["seed"] = training.data_seed(spec.data_key, diloco.get("seed", 0))
+        config = training.DilocoConfig.for_task(task, diloco)
         trainer = training.PeerTrainer(task, config, shard=spec.shard, num_shards=spec.num_shards)
         if spec.state_file.exists():
             trainer.load_state_dict(torch.load(spec.state_file, weights_only=False))

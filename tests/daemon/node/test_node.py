@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from node_testlib import FakeNet, FakeTrainer, host_for, running_node, until
 
-from daemon.config import Config, ConfigError
+from daemon.config import Config, ConfigError, task_path
 from daemon.home import Home
 from daemon.node.node import Node, NodeError
 from daemon.node.store import Store
@@ -179,3 +179,22 @@ async def test_a_full_disk_pauses_training_and_pulls_and_the_node_keeps_serving(
             monkeypatch.setattr(store, "free_bytes", lambda: 2**40)
             await until(lambda: node.status().round == 2 and not node.status().disk_full, timeout_s=15)
             await until(lambda: peer.status().contributions == 2)
+
+
+async def test_task_options_are_part_of_the_run(tmp_path: Path) -> None:
+    net = FakeNet()
+    founder, joiner = tmp_path / "f", tmp_path / "j"
+    net.link(host_for(founder, net).peer_id, host_for(joiner, net).peer_id)
+    async with running_node(founder, net, config(task={"n_layer": 2})) as f:
+        assert f.parts.replica.state.genesis.meta["task_options"] == '{"n_layer":2}'
+        other = config(node={"bootstrap": [f.host.addr]}, task={"n_layer": 3})
+        async with running_node(joiner, net, other) as j:
+            await until(lambda: f.host.peer_id in j.status().join.refused)
+            assert "[task] options" in j.status().join.refused[f.host.peer_id]
+
+
+def test_a_relative_plug_in_file_is_found_from_the_home_dir(tmp_path: Path) -> None:
+    assert task_path("tasks/mine.py:Mine", tmp_path) == f"{tmp_path}/tasks/mine.py:Mine"
+    assert task_path("/abs/mine.py:Mine", tmp_path) == "/abs/mine.py:Mine"
+    assert task_path("pkg.mod:factory", tmp_path) == "pkg.mod:factory"
+    assert task_path("digits", tmp_path) == "digits"
