@@ -271,3 +271,22 @@ def test_no_momentum_buffer_without_outer_momentum(digits: training.Task) -> Non
     c = training.PeerTrainer(digits, flat)
     c.load_state_dict(old)
     assert c.inner_step == 2 and c.batches_consumed == 2
+
+
+def test_residual_decay_scales_the_carried_residual(digits: training.Task) -> None:
+    """β < 1: the next round adds β x the residual it carries, nothing else changes (same data and θ)."""
+    theta = training.flatten_params(digits.build_model())
+    runs = {}
+    for beta in (1.0, 0.5):
+        peer = training.PeerTrainer(digits, _cfg(inner_steps=2, codec="sparse-f32", topk_density=0.1,
+                                                residual_decay=beta, outer_momentum=0.0))
+        peer.run_round(theta, fragment=0)
+        carried = peer.residual.copy()
+        result = peer.run_round(theta, fragment=0)
+        idx, vals = crdt.decode_payload(result.codec, peer.dim, result.payload)
+        sent = np.zeros(peer.dim, np.float32)
+        sent[idx.astype(np.int64)] = vals
+        runs[beta] = (carried, sent + peer.residual)  # u of the second round = update + β x carried
+    (carried, u_one), (carried_half, u_half) = runs[1.0], runs[0.5]
+    np.testing.assert_array_equal(carried, carried_half)
+    np.testing.assert_allclose(u_one - u_half, 0.5 * carried, atol=1e-6)
