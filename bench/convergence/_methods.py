@@ -25,10 +25,12 @@ import os
 import sys
 import tempfile
 import time
+import tomllib
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import tomli_w
 import torch
 
 import crdt
@@ -120,21 +122,23 @@ def meshtrain_cluster(
     eval_every: int,
     workdir: Path,
     sync: dict[str, Any],
+    node: dict[str, Any],
+    prototype: str,
     netns: bool,
 ) -> dict[str, Any]:
-    """Real daemons. `task_spec` must be importable by the daemons (we put the repo on PYTHONPATH);
-    `sync` is their [sync] table (the anti-entropy knobs); `netns`: this process runs in its own network
-    namespace (_overhead.enter_private_netns), so the loopback counters are the daemons' wire bytes."""
+    """Real daemons (see `start_cluster`); `netns`: this process runs in its own network namespace
+    (_overhead.enter_private_netns), so the loopback counters are the daemons' wire bytes."""
     from bench.convergence import _overhead
     from daemon.cli.cluster import Cluster, converged
 
-    repo = str(Path(__file__).resolve().parents[2])
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))
     group = Cluster(workdir / "cluster")
     started = time.perf_counter()
     lo_start = _overhead.loopback_sent()  # meaningful when netns: nothing else uses this loopback
-    group.up(
+    start_cluster(
+        group,
         peers,
+        node=node,
+        prototype=prototype,
         task=task_spec,
         run="bench",
         diloco=diloco,
@@ -189,12 +193,40 @@ def meshtrain_cluster(
         "payload_bytes": overhead["payload_bytes"],
         "overhead": overhead,
         "sync": sync,
+        "node": node,
+        "prototype": prototype,
         # How far from lockstep the free-running daemons were: lockstep is staleness N - 1, weight 1.
         "mean_staleness": round(float(np.mean([r["staleness"] for h in histories for r in h])), 2),
         "mean_weight": round(float(np.mean([r["weight"] for h in histories for r in h])), 4),
         "wall_s": round(wall, 1),
         "curve": curve,
     }
+
+
+def start_cluster(group: Any, peers: int, *, node: dict[str, Any], prototype: str, **create: Any) -> None:
+    """`Cluster.up` with extra [node] keys in every config and, when `prototype` is set (e.g.
+    "heartbeat_s=60"), the daemon changes of prototype/sitecustomize.py. The task plug-ins must be
+    importable by the daemons: the repo goes on their PYTHONPATH."""
+    from daemon.home import Home
+
+    repo = Path(__file__).resolve().parents[2]
+    paths = [str(repo / "bench" / "convergence" / "prototype")] if prototype else []
+    paths += [str(repo), os.environ.get("PYTHONPATH", "")]
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, paths))
+    os.environ["MESHTRAIN_PROTOTYPE"] = prototype
+    group.create(peers, **create)
+    for info in group.nodes():
+        config_file = Home(Path(info.home)).config_file
+        config = tomllib.loads(config_file.read_text())
+        config["node"].update(node)
+        config_file.write_text(tomli_w.dumps(config))
+    try:
+        for info in group.nodes():
+            group.start(info.index)
+        group.wait_connected(timeout_s=180)
+    except BaseException:
+        group.down()
+        raise
 
 
 # --------------------------------------------------------------------------------------------- single

@@ -117,6 +117,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         help="override a [sync] option of the cluster's daemons, e.g. --sync interval_s=2 (repeatable)",
     )
     parser.add_argument(
+        "--node",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="set a [node] option of the cluster's daemons, e.g. --node autonat=false (repeatable)",
+    )
+    parser.add_argument(
+        "--prototype",
+        default="",
+        metavar="SPEC",
+        help="measure proposed daemon changes (prototype/sitecustomize.py): heartbeat_s=60,discovery_s=300",
+    )
+    parser.add_argument(
         "--merge",
         action="store_true",
         help="keep the other contenders of an existing result file of the same preset and steps",
@@ -129,6 +142,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     task_options = preset["task_options"]
     overrides = {k: _value(v) for k, v in (s.split("=", 1) for s in args.set)}
     sync = {**CLUSTER_SYNC, **{k: _value(v) for k, v in (s.split("=", 1) for s in args.sync)}}
+    node = {k: _value(v) for k, v in (s.split("=", 1) for s in args.node)}
     task = training.load_task(TASK, **task_options)
     schedule = {"total_steps": steps} if preset.get("cosine") else {}  # cosine decay over the whole run
     options = {**preset["diloco"], **schedule, **overrides, "expected_peers": peers, "device": "cpu"}
@@ -168,6 +182,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     eval_every=eval_every,
                     workdir=Path(tmp),
                     sync=sync,
+                    node=node,
+                    prototype=args.prototype,
                     netns=netns,
                 )
         results[args.name] = {**result, "diloco": dataclasses.asdict(diloco)}
