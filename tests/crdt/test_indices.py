@@ -7,7 +7,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from crdt import CHUNKED_CODECS, ValidationError, decode_payload, encode_payload, payload_error_bound
+from crdt import (
+    CHUNKED_CODECS,
+    RICE_CODECS,
+    ValidationError,
+    decode_payload,
+    encode_payload,
+    payload_error_bound,
+)
 
 CODEC = "chunked-q2"
 
@@ -138,10 +145,96 @@ def test_decode_rejects(length: int, data: bytes, reason: str) -> None:
 @settings(max_examples=200, deadline=None)
 @given(length=st.integers(0, 300), blob=st.binary(max_size=120))
 def test_fuzz_decode_only_validation_error(length: int, blob: bytes) -> None:
-    for codec in CHUNKED_CODECS:
+    for codec in CHUNKED_CODECS + RICE_CODECS:
         try:
             idx, vals = decode_payload(codec, length, blob)
         except ValidationError:
             continue
         assert idx.size == vals.size and np.all(np.isfinite(vals))
         assert idx.size == 0 or (int(idx.max()) < length and bool(np.all(np.diff(idx.astype(np.int64)) > 0)))
+
+
+# -- rice-q2 ------------------------------------------------------------------------------------------------
+
+RICE = "rice-q2"
+# length 100, indices 0 1 2 50 99: gaps 0 0 0 47 48, one group, cheapest r = 4: quotients 0 0 0 2 3
+RICE_INDICES = np.array([0, 1, 2, 50, 99], np.uint32)
+RICE_VALUES = np.array([1.5, -0.5, 0.5, -1.5, 0.5], np.float32)  # scale 0.5, levels 3 -1 1 -3 1
+RICE_PINNED = bytes.fromhex(
+    "05000000" "02000000"  # n = 5, m = 2 unary bytes
+    "04"  # r = 4 for the group
+    "2702"  # unary: 1 1 1 001 0001 (least significant bit first)
+    "00f000"  # remainders, 4 bits each: 0 0 0 15 0
+    "0000003f"  # scale 0.5
+    "2702"  # q2 codes 3 1 2 0 | 2
+)
+
+
+def test_rice_decoding_is_pinned() -> None:
+    idx, vals = decode_payload(RICE, 100, RICE_PINNED)
+    np.testing.assert_array_equal(idx, RICE_INDICES)
+    np.testing.assert_array_equal(vals, RICE_VALUES)
+    assert encode_payload(RICE, 100, RICE_INDICES, RICE_VALUES) == RICE_PINNED
+
+
+def test_rice_is_sparse_q2_with_cheaper_indices() -> None:
+    """The same decoded update as sparse-q2, and far fewer bytes when top-k clusters (a dense tenth in one
+    region, a sparse remainder elsewhere, as on real updates)."""
+    rng = np.random.default_rng(5)
+    length = 200_000
+    dense = rng.choice(20_000, size=2_000, replace=False)  # 10 % of one "tensor"
+    sparse = 20_000 + rng.choice(180_000, size=1_000, replace=False)
+    idx = np.sort(np.concatenate([dense, sparse])).astype(np.uint32)
+    vals = rng.standard_normal(idx.size).astype(np.float32)
+    rice, gaps = encode_payload(RICE, length, idx, vals), encode_payload("sparse-q2", length, idx, vals)
+    r_idx, r_vals = decode_payload(RICE, length, rice)
+    g_idx, g_vals = decode_payload("sparse-q2", length, gaps)
+    np.testing.assert_array_equal(r_idx, g_idx)
+    assert r_vals.tobytes() == g_vals.tobytes()
+    value_bytes = 4 * -(-idx.size // 64) + -(-idx.size // 4)
+    index_bits = 8 * (len(rice) - 8 - value_bytes) / idx.size
+    assert index_bits < 6.5 and len(rice) < 0.8 * len(gaps), index_bits  # varint: ~9.1 bits here
+
+
+@settings(max_examples=80, deadline=None)
+@given(data=st.data(), log_length=st.integers(0, 32), count=st.integers(0, 300))
+def test_rice_property_round_trip(data: st.DataObject, log_length: int, count: int) -> None:
+    """Any strictly increasing selection, gaps from 0 to 2**32 - 2 (every Rice parameter gets used)."""
+    length = min(2**log_length, 2**32 - 1)
+    picks = data.draw(st.sets(st.integers(0, length - 1), max_size=min(count, length)))
+    idx = np.array(sorted(picks), np.uint32)
+    vals = np.linspace(-1, 1, idx.size, dtype=np.float32)
+    enc = encode_payload(RICE, length, idx, vals)
+    d_idx, d_vals = decode_payload(RICE, length, enc)
+    np.testing.assert_array_equal(d_idx, idx)
+    assert np.all(np.abs(d_vals - vals) <= payload_error_bound(RICE, vals))
+
+
+def _rice_patched(offset: int, value: bytes) -> bytes:
+    return RICE_PINNED[:offset] + value + RICE_PINNED[offset + len(value) :]
+
+
+_HUGE_QUOTIENT = (  # one gap: r = 31 and quotient 2, i.e. 2**32 or more
+    np.array([1, 1], "<u4").tobytes() + b"\x1f" + b"\x04" + bytes(4)
+    + np.array([1.0], "<f4").tobytes() + b"\x03"
+)
+
+
+@pytest.mark.parametrize(
+    ("length", "data", "reason"),
+    [
+        (100, RICE_PINNED[:8], "shorter than its Rice parameters"),
+        (100, _rice_patched(8, b"\x20"), "parameter is above 31"),
+        (100, RICE_PINNED[:-1], "must be 20 bytes"),
+        (100, _rice_patched(9, b"\x23"), "do not hold exactly 5 quotients"),  # bit 2 cleared: 4 ones
+        (100, _rice_patched(4, b"\x03")[:11] + b"\x00" + RICE_PINNED[11:], "do not hold exactly 5"),  # m = 3
+        (100, _rice_patched(13, b"\x10"), "padding bits"),
+        (40, RICE_PINNED, "gap is out of range"),
+        (60, RICE_PINNED, "index 99 out of range"),
+        (2**32 - 1, _HUGE_QUOTIENT, "gap is out of range"),
+        (100, _rice_patched(14, np.array([-0.5], "<f4").tobytes()), "scales"),
+    ],
+)
+def test_rice_decode_rejects(length: int, data: bytes, reason: str) -> None:
+    with pytest.raises(ValidationError, match=reason):
+        decode_payload(RICE, length, data)
