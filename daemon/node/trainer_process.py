@@ -88,8 +88,9 @@ class TrainerProcess:
     async def fragment_ranges(self) -> tuple[tuple[int, int], ...]:
         return await self._call("fragments")
 
-    async def run_round(self, params: np.ndarray, fragment: int) -> Any:
-        return await self._call("round", params, fragment)
+    async def run_round(self, params: np.ndarray, fragment: int, peers: int | None = None) -> Any:
+        """One DiLoCo round; ``peers``: how many peers train now (None: the configured expected_peers)."""
+        return await self._call("round", params, fragment, peers)
 
     async def evaluate(self, params: np.ndarray) -> dict[str, float]:
         return await self._call("evaluate", params)
@@ -188,7 +189,7 @@ def _child_main(conn: Connection, spec: TrainerSpec) -> None:
         },
         "init_params": lambda: _fresh_params(task, config),
         "fragments": lambda: training.fragment_ranges(task.build_model(), config.num_fragments),
-        "round": lambda params, fragment: trainer.run_round(params, fragment=fragment),
+        "round": lambda params, fragment, peers: trainer.run_round(params, fragment=fragment, peers=peers),
         "evaluate": lambda params: trainer.evaluate(params),
         "commit": save_state,
         "threads": torch.set_num_threads,

@@ -217,6 +217,8 @@ class FakeTrainer:
         self.rounds = 0
         self.commits = 0
         self.threads = 1
+        self.peers_per_round: list[int | None] = []
+        """The live peer count the node passed with each round."""
         self.round_gate: asyncio.Event | None = None
         """When set by a test, each round waits for it (then clears it): rounds in lockstep with the test."""
 
@@ -232,7 +234,8 @@ class FakeTrainer:
     async def fragment_ranges(self) -> tuple[tuple[int, int], ...]:
         return FRAGMENTS
 
-    async def run_round(self, params: np.ndarray, fragment: int) -> RoundResult:
+    async def run_round(self, params: np.ndarray, fragment: int, peers: int | None = None) -> RoundResult:
+        self.peers_per_round.append(peers)
         if self.round_gate is not None:
             await self.round_gate.wait()
             self.round_gate.clear()
