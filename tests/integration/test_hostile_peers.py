@@ -273,7 +273,7 @@ def test_an_equivocating_author_is_named_and_its_proof_kept(cluster_dir: Path) -
     assert "ConflictError" not in first["counters"]["rejected_reasons"]
     assert infos[1].peer_id in first["peers"]  # nobody was penalized for relaying
     proofs = list((Path(infos[0].home) / "store" / "evidence").glob("*.bin"))
-    assert [p.name for p in proofs] == [f"{attacker.public_key.hex()}-1.bin"]
+    assert [p.name for p in proofs] == [f"{attacker.public_key.hex()}.bin"]  # one proof per author
     group.stop(0)
     group.start(0)
     restarted = group.wait_until(
