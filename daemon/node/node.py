@@ -237,7 +237,7 @@ class Node:
     async def export_checkpoint(self, path: Path) -> dict[str, Any]:
         state = self.parts.replica.state
         state_hash, contributions = state.state_hash, state.contribution_count
-        await self.trainer.export(state.materialize(), path)
+        await self.trainer.export(state.materialize, state.genesis.length, path)
         return {"path": str(path), "state_hash": state_hash, "contributions": contributions}
 
     # -- reporting ------------------------------------------------------------------------------------

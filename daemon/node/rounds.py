@@ -156,9 +156,8 @@ class Rounds:
         base_vv = state.version_vector
         started = time.monotonic()
         peers = self.live_peers() if self.count_peers else None
-        result = await self.trainer.run_round(
-            state.materialize(), (seq - 1) % len(state.genesis.fragments), peers
-        )
+        fragment = (seq - 1) % len(state.genesis.fragments)
+        result = await self.trainer.run_round(state.materialize, state.genesis.length, fragment, peers)
         self._last_round_s = time.monotonic() - started
         state = self.replica.state  # a snapshot adopted meanwhile replaces the state object
         staleness = state.version_vector.total - base_vv.total
@@ -235,7 +234,7 @@ class Rounds:
         state = self.replica.state
         # Read before the await: contributions merged while it runs belong to the next evaluation.
         state_hash, contributions = state.state_hash, state.contribution_count
-        metrics = await self.trainer.evaluate(state.materialize())
+        metrics = await self.trainer.evaluate(state.materialize, state.genesis.length)
         self.last_eval = Evaluation.of(metrics, state_hash=state_hash, contributions=contributions)
         if self.history and self.history[-1].val_loss is None:
             self.history[-1].val_loss = self.last_eval.val_loss

@@ -24,6 +24,7 @@ import p2p
 from daemon.config import Config
 from daemon.home import Home
 from daemon.node.node import Node
+from daemon.node.trainer_process import Fill
 from training import RoundResult, StalenessPolicy
 
 # -- records ------------------------------------------------------------------------------------------
@@ -234,7 +235,8 @@ class FakeTrainer:
     async def fragment_ranges(self) -> tuple[tuple[int, int], ...]:
         return FRAGMENTS
 
-    async def run_round(self, params: np.ndarray, fragment: int, peers: int | None = None) -> RoundResult:
+    async def run_round(self, fill: Fill, size: int, fragment: int, peers: int | None = None) -> RoundResult:
+        fill(np.empty(size, np.float32))
         self.peers_per_round.append(peers)
         if self.round_gate is not None:
             await self.round_gate.wait()
@@ -259,7 +261,9 @@ class FakeTrainer:
             staleness_policy=StalenessPolicy(expected_peers=4, max_staleness=16),
         )
 
-    async def evaluate(self, params: np.ndarray) -> dict[str, float]:
+    async def evaluate(self, fill: Fill, size: int) -> dict[str, float]:
+        params = np.empty(size, np.float32)
+        fill(params)
         return {"val_loss": float(np.abs(params).mean()), "val_accuracy": 0.5}
 
     async def commit(self) -> None:
@@ -268,7 +272,9 @@ class FakeTrainer:
     async def set_threads(self, threads: int) -> None:
         self.threads = threads
 
-    async def export(self, params: np.ndarray, path: Path) -> None:
+    async def export(self, fill: Fill, size: int, path: Path) -> None:
+        params = np.empty(size, np.float32)
+        fill(params)
         path.write_bytes(params.tobytes())
 
 
