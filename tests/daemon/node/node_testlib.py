@@ -285,6 +285,15 @@ def host_for(home: Path, net: FakeNet) -> FakeHost:
     return net.hosts.get(peer_id) or net.add(peer_id)
 
 
+def node_config(**sections: dict[str, Any]) -> Config:
+    """A config for nodes of the unit tests: 3 rounds evaluated each, a fast anti-entropy period, and
+    ``sections`` merged in (``training={...}``, ``node={...}``)."""
+    base: dict[str, Any] = {"training": {"max_rounds": 3, "eval_every": 1}, "sync": {"interval_s": 0.05}}
+    for name, values in sections.items():
+        base.setdefault(name, {}).update(values)
+    return Config.from_dict(base)
+
+
 @contextlib.asynccontextmanager
 async def running_node(
     home: Path, net: FakeNet, config: Config | None = None, *, trainer: FakeTrainer | None = None
