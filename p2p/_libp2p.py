@@ -26,6 +26,7 @@ from libp2p.abc import IHost
 from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
 from libp2p.custom_types import TProtocol
 from libp2p.network.config import ConnectionConfig
+from libp2p.peer.id import ID
 from libp2p.pubsub.gossipsub import PROTOCOL_ID, PROTOCOL_ID_V11, PROTOCOL_ID_V12, GossipSub
 from libp2p.pubsub.pubsub import Pubsub
 from libp2p.pubsub.rpc_queue import DefaultMaxMessageSize, RpcQueue
@@ -82,6 +83,34 @@ NOISY_LOGGERS = (
 # the defaults when unpaced, 1000/1000 with these enlarged. Revisit when upgrading libp2p.
 RpcQueue.__init__.__defaults__ = (GOSSIP_QUEUE_SLOTS, DefaultMaxMessageSize)
 _lp_pubsub.SUBSCRIPTION_CHANNEL_SIZE = GOSSIP_QUEUE_SLOTS  # type: ignore[attr-defined]
+
+# py-libp2p 0.8.1 bug: one-way gossip loss between two connected peers. When a pubsub stream to a peer dies
+# while the peer stays connected (a stream reset, or the stream lived on a second connection that closed,
+# e.g. the relayed one DCUtR replaced), `Pubsub._handle_dead_peer` forgets the peer's topic subscriptions,
+# then reopens *our* stream with *our* hello. The peer's subscriptions are re-learned only from the peer's
+# hello, which it sends only if it saw a stream of its own die: its read side ends silently
+# (`continuously_read_stream` swallows StreamError/EOF). So we stop sending it anything, for good, while
+# requests between us keep working (seen once in CI: node 0 stopped receiving node 1's heartbeats). A
+# subscription belongs to the peer, not to the stream: while the peer is connected we keep it (libp2p still
+# forgets it on disconnect, which also runs `_handle_dead_peer`). Test: tests/p2p/test_gossip.py
+# (test_stock_pubsub_loses_a_connected_peer_after_a_stream_reset shows the bug).
+_stock_handle_dead_peer = Pubsub._handle_dead_peer
+
+
+def _handle_dead_peer_keeping_subscriptions(self: Pubsub, peer_id: ID) -> None:
+    if not self._peer_is_connected(peer_id):
+        _stock_handle_dead_peer(self, peer_id)
+        return
+    kept = [topic for topic, peers in self.peer_topics.items() if peer_id in peers]
+    count = self._peer_subscription_count.get(peer_id)
+    _stock_handle_dead_peer(self, peer_id)
+    for topic in kept:
+        self.peer_topics.setdefault(topic, set()).add(peer_id)
+    if count is not None:
+        self._peer_subscription_count[peer_id] = count
+
+
+Pubsub._handle_dead_peer = _handle_dead_peer_keeping_subscriptions  # type: ignore[method-assign]
 
 
 def quiet_libp2p_logging(level: int = logging.ERROR) -> None:

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack
 
 import pytest
+from libp2p.peer.id import ID
 
 from p2p import GossipMessage, Host, Identity
+from p2p._libp2p import _stock_handle_dead_peer
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -143,3 +146,61 @@ async def test_libp2p_raising_validator_kills_the_host() -> None:
         await wait_for(lambda: TOPIC in pubsub.topic_validators)
         await a.publish(TOPIC, b"ann:x")
         await wait_for(lambda: not b._bridge.is_open, timeout_s=10)  # b's whole libp2p stack went down
+
+
+# ---------------------------------------------------------------------------------------------- stream loss
+
+
+async def _reset_pubsub_stream(src: Host, dst: Host) -> None:
+    """Reset ``src``'s outbound pubsub stream to ``dst``; the connection between them stays up."""
+
+    async def reset() -> None:
+        pubsub = src._node._pubsub
+        assert pubsub is not None
+        await pubsub.peers[ID.from_base58(dst.peer_id)].reset()
+
+    await src._bridge.run(reset)
+
+
+async def _flows(publisher: Host, queue: asyncio.Queue[GossipMessage], tag: bytes, timeout_s: float) -> bool:
+    """Publish ``tag:<n>`` until one arrives in ``queue`` (True) or ``timeout_s`` passes (False)."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            for n in itertools.count():
+                await publisher.publish(TOPIC, b"%s:%d" % (tag, n))
+                with contextlib.suppress(TimeoutError):
+                    while True:
+                        message = await asyncio.wait_for(queue.get(), 0.2)
+                        if message.data.startswith(tag):
+                            return True
+    except TimeoutError:
+        return False
+    raise AssertionError("unreachable")
+
+
+async def test_gossip_flows_both_ways_after_a_pubsub_stream_reset() -> None:
+    """Regression for the one-way loss that p2p/_libp2p.py works around (keeping subscriptions)."""
+    async with hosts(2) as (a, b):
+        qa, qb = await _pair(a, b)
+        await _reset_pubsub_stream(b, a)
+        assert await _flows(b, qa, b"ann:b-after-reset", 15)
+        assert await _flows(a, qb, b"ann:a-after-reset", 15)
+        await _reset_pubsub_stream(a, b)
+        assert await _flows(a, qb, b"ann:a-after-second-reset", 15)
+        assert await _flows(b, qa, b"ann:b-after-second-reset", 15)
+        assert a.peer_id in b.gossip_peers(TOPIC) and b.peer_id in a.gossip_peers(TOPIC)
+
+
+async def test_stock_pubsub_loses_a_connected_peer_after_a_stream_reset() -> None:
+    """Documents the py-libp2p 0.8.1 bug (if this fails, libp2p fixed it and the workaround can go)."""
+    async with hosts(2) as (a, b):
+        qa, _ = await _pair(a, b)
+        pubsub = b._node._pubsub
+        assert pubsub is not None
+        pubsub._handle_dead_peer = functools.partial(_stock_handle_dead_peer, pubsub)  # type: ignore[method-assign]
+        old = pubsub.peers[ID.from_base58(a.peer_id)]
+        await _reset_pubsub_stream(b, a)
+        await b.publish(TOPIC, b"ann:notices-the-reset")  # b's writer fails and reopens its stream to a
+        await wait_for(lambda: pubsub.peers.get(ID.from_base58(a.peer_id)) not in (None, old))
+        assert a.peer_id not in b.gossip_peers(TOPIC)  # the bug: a's subscription is forgotten...
+        assert not await _flows(b, qa, b"ann:lost", 3)  # ...so b never sends a anything again
