@@ -345,6 +345,19 @@ class Host:
         self._node.validators.set(topic, fn)
         self._bridge.call_soon_in_trio(self._node.validators.install, topic)
 
+    def set_gossip_admission(self, predicate: Callable[[str], bool] | None) -> None:
+        """Admit gossip authored by a peer only if ``predicate(peer_id)`` (None admits every author).
+
+        For open runs, where any key may join the mesh: the daemon answers "is this peer a member of my
+        run?" (e.g. it synced with our genesis). Asked for every message from another author, before its
+        signature is checked and before it is delivered or forwarded, synchronously in the p2p (trio)
+        thread: it must be a cheap, non-blocking, read-only lookup. False (or an exception) drops the
+        message without charging the peer that forwarded it, counted in
+        ``stats()["gate"]["dropped_gossip_not_admitted"]``. The allowlist (``HostConfig.allow_peers``) is
+        checked first.
+        """
+        self._node.gate.gossip_admission = predicate
+
     def gossip_peers(self, topic: str) -> list[str]:
         """Peers known to be subscribed to ``topic`` (useful to wait for the mesh before publishing)."""
         return self._node.topic_peers(topic)

@@ -138,8 +138,8 @@ class TrioNode:
         self.config = config
         self.stats = NodeStats()
         self.discovery_stats = DiscoveryStats()
-        self.validators = GossipValidators()  # the daemon's per-topic checks (p2p/_gossip.py)
         self.gate = PeerGate(allow_peers=config.allow_peers, limits=config.peer_limits)
+        self.validators = GossipValidators(self.gate)  # author admission + per-topic checks (p2p/_gossip.py)
         self.bridge: TrioBridge[TrioNode] | None = None  # set by the Host before start
         self._handlers = handlers  # owned by the asyncio Host; read here (dict reads are atomic)
         self._gossip_sink = gossip_sink
@@ -514,8 +514,6 @@ class TrioNode:
                 log.debug("gossip message with bad author dropped topic=%s", topic)
                 continue
             if from_peer == me:  # libp2p delivers our own publishes to our own subscription
-                continue
-            if not self.gate.admit_gossip(from_peer):  # non-member author or over its rate: drop
                 continue
             self.stats.gossip_received += 1
             self.stats.bytes_received += len(msg.data)
