@@ -64,20 +64,10 @@ class HostConfig:
     """`aclose()` stops waiting for the trio thread after this long (it is a daemon thread)."""
     discovery_interval_s: float = 10.0
     """Period of the discovery loop: re-dial bootstrap if needed, re-announce the run, find and dial peers."""
-    autonat: bool = False
-    """NAT traversal (p2p/_nat.py): ask peers to dial us back (AutoNAT v1) and serve their dial-backs."""
-    autonat_confirmations: int = 1
-    """Distinct AutoNAT servers that must agree before `reachability()` flips (libp2p's default: 4)."""
-    relay_service: bool = False
-    """Serve Circuit Relay v2 (HOP) for other peers, within the relay limits of NatConfig."""
-    use_relays: bool = False
-    """Unless public: reserve a slot on connected relays, advertise /p2p-circuit addrs, dial relayed addrs."""
-    hole_punch: bool = False
-    """Upgrade relayed connections to direct ones with DCUtR (TCP simultaneous open)."""
+    nat: NatConfig = field(default_factory=NatConfig)
+    """NAT traversal: AutoNAT, relay service and use, hole punching (p2p/_nat.py)."""
     mdns: bool = False
     """Announce this node by multicast DNS and dial the peers it hears (LAN only; every interface)."""
-    max_relays: int = 2
-    """Relays to hold a reservation on at once."""
     swarm_key: bytes | None = field(default=None, repr=False)
     """32-byte private-network key (p2p/_security.py): only peers holding it can connect at all."""
     allow_peers: frozenset[str] | None = None
@@ -143,14 +133,7 @@ class Host:
             bootstrap=tuple(bootstrap),
             run_id=run_id,
             discovery_interval_s=self.config.discovery_interval_s,
-            nat=NatConfig(
-                autonat=self.config.autonat,
-                autonat_confirmations=self.config.autonat_confirmations,
-                relay_service=self.config.relay_service,
-                use_relays=self.config.use_relays,
-                hole_punch=self.config.hole_punch,
-                max_relays=self.config.max_relays,
-            ),
+            nat=self.config.nat,
             swarm_key=self.config.swarm_key,
             allow_peers=self.config.allow_peers,
             peer_limits=self.config.peer_limits,
@@ -397,19 +380,19 @@ class Host:
         return self._node.peer_connections()
 
     def nat_status(self) -> dict[str, Any]:
-        """What the daemon's status/doctor report: reachability, relayed addrs, relays, NAT counters."""
+        """What the daemon's status/doctor report about NAT traversal (a snapshot).
+
+        Keys: reachability, connections (peer -> "direct"/"relayed"), relay_addrs (ours, full), relays (peers
+        holding our reservation), autonat_verdicts (server -> reachable?), relay_service (mode, active,
+        reservations and circuits served now, limits, counters), config (the `NatConfig`), counters.
+        """
         nat = self._node.nat
+        described = nat.describe() if nat is not None else {}
         return {
             "reachability": self.reachability(),
             "connections": self.peer_connections(),
-            "relay_addrs": [f"{a}/p2p/{self.peer_id}" for a in nat.relay_addrs] if nat else [],
-            "relays": sorted(p.to_base58() for p in list(nat.reservations)) if nat else [],
-            "autonat_verdicts": {p.to_base58(): v for p, v in list(nat.verdicts.items())} if nat else {},
-            "relay_service": self.config.relay_service,
-            "use_relays": self.config.use_relays,
-            "hole_punch": self.config.hole_punch,
-            "autonat": self.config.autonat,
-            "counters": dict(nat.counters) if nat else {},
+            **described,
+            "relay_addrs": [f"{a}/p2p/{self.peer_id}" for a in described.get("relay_addrs", [])],
         }
 
     def stats(self) -> dict[str, Any]:

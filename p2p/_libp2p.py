@@ -26,6 +26,7 @@ from libp2p.abc import IHost
 from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
 from libp2p.custom_types import TProtocol
 from libp2p.network.config import ConnectionConfig
+from libp2p.network.connection.raw_connection import ConnectionType
 from libp2p.peer.id import ID
 from libp2p.pubsub.gossipsub import PROTOCOL_ID, PROTOCOL_ID_V11, PROTOCOL_ID_V12, GossipSub
 from libp2p.pubsub.pubsub import Pubsub
@@ -34,6 +35,7 @@ from libp2p.rcmgr import new_resource_manager
 from libp2p.rcmgr.connection_limits import ConnectionLimits
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
+from libp2p.security.pnet.psk_conn import PskConn
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
 from libp2p.stream_muxer.yamux.yamux import Yamux
 
@@ -111,6 +113,26 @@ def _handle_dead_peer_keeping_subscriptions(self: Pubsub, peer_id: ID) -> None:
 
 
 Pubsub._handle_dead_peer = _handle_dead_peer_keeping_subscriptions  # type: ignore[method-assign]
+
+# py-libp2p 0.8.1 bug: with a swarm key every connection's raw layer is a `PskConn`, a RawConnection subclass
+# that never calls RawConnection.__init__ and delegates only read/write/close/get_remote_address. So
+# get_transport_addresses() and get_connection_type() raise on every connection of a private network: AutoNAT
+# servers then "fail closed" and refuse every request as if it were relayed (reachability never becomes
+# known), and relayed connections cannot be told from direct ones. We delegate both to the wrapped
+# connection. Test: tests/p2p/test_nat.py (test_stock_psk_conn_hides_its_transport).
+
+
+def _psk_transport_addresses(self: PskConn) -> list[multiaddr.Multiaddr]:
+    return self._conn.get_transport_addresses()
+
+
+def _psk_connection_type(self: PskConn) -> ConnectionType:
+    return self._conn.get_connection_type()
+
+
+_stock_psk_transport_addresses = PskConn.get_transport_addresses
+PskConn.get_transport_addresses = _psk_transport_addresses  # type: ignore[method-assign]
+PskConn.get_connection_type = _psk_connection_type  # type: ignore[method-assign]
 
 
 def quiet_libp2p_logging(level: int = logging.ERROR) -> None:

@@ -235,7 +235,7 @@ class TrioNode:
             raise ValueError("refusing to dial ourselves")
         if not self.gate.admit_connection(info.peer_id.to_base58()):
             raise PeerUnreachable(f"{info.peer_id} is not an allowed member (or is banned)")
-        if is_relayed_addr(maddr):  # libp2p's swarm never dials /p2p-circuit (p2p/_nat.py, bug 3)
+        if is_relayed_addr(maddr):  # libp2p's swarm never dials /p2p-circuit (p2p/_nat.py, bug 1)
             if self.nat is None or not await self.nat.dial_relayed(info.peer_id, info.addrs):
                 raise PeerUnreachable(f"relayed dial {maddr} failed (use_relays off, or no circuit)")
             return info.peer_id.to_base58()
