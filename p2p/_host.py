@@ -64,6 +64,10 @@ class HostConfig:
     """`aclose()` stops waiting for the trio thread after this long (it is a daemon thread)."""
     discovery_interval_s: float = 10.0
     """Period of the discovery loop: re-dial bootstrap if needed, re-announce the run, find and dial peers."""
+    dial_private_addrs: bool = False
+    """Let discovery dial private, loopback and link-local addresses that peers announce (p2p/_providers.py).
+    Off for nodes on the internet (a peer could point the run at hosts inside your network); on for LAN
+    clusters and loopback tests. Bootstrap addresses and `connect()` are never filtered."""
     nat: NatConfig = field(default_factory=NatConfig)
     """NAT traversal: AutoNAT, relay service and use, hole punching (p2p/_nat.py)."""
     mdns: bool = False
@@ -133,6 +137,7 @@ class Host:
             bootstrap=tuple(bootstrap),
             run_id=run_id,
             discovery_interval_s=self.config.discovery_interval_s,
+            dial_private_addrs=self.config.dial_private_addrs,
             nat=self.config.nat,
             swarm_key=self.config.swarm_key,
             allow_peers=self.config.allow_peers,
@@ -400,7 +405,8 @@ class Host:
 
         Keys: bytes_sent, bytes_received, requests_sent, requests_received, requests_failed,
         gossip_published, gossip_received, gossip_dropped_queue_full, connected_peers, discovery_rounds,
-        discovery_round_errors, discovery_dials_ok, discovery_dials_failed, discovery_failed.
+        discovery_round_errors, discovery_dials_ok, discovery_dials_failed, discovery_refused_addrs,
+        discovery_refused_providers, discovery_failed; "gate" (p2p/_security.py counters).
         """
         out: dict[str, Any] = dict(self._node.stats.as_dict())
         out["gossip_dropped_queue_full"] = self._gossip_dropped
