@@ -18,15 +18,17 @@ from __future__ import annotations
 import logging
 import os
 import socket
+from typing import Any
 
 import libp2p.pubsub.pubsub as _lp_pubsub
 import multiaddr
 from libp2p import new_host
-from libp2p.abc import IHost
+from libp2p.abc import IHost, IRawConnection
 from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
 from libp2p.custom_types import TProtocol
 from libp2p.network.config import ConnectionConfig
 from libp2p.network.connection.raw_connection import ConnectionType
+from libp2p.network.swarm import Swarm
 from libp2p.peer.id import ID
 from libp2p.pubsub.gossipsub import PROTOCOL_ID, PROTOCOL_ID_V11, PROTOCOL_ID_V12, GossipSub
 from libp2p.pubsub.pubsub import Pubsub
@@ -133,6 +135,26 @@ def _psk_connection_type(self: PskConn) -> ConnectionType:
 _stock_psk_transport_addresses = PskConn.get_transport_addresses
 PskConn.get_transport_addresses = _psk_transport_addresses  # type: ignore[method-assign]
 PskConn.get_connection_type = _psk_connection_type  # type: ignore[method-assign]
+
+# py-libp2p 0.8.1 bug: hole punching never works in a private network. `Swarm.dial_addr_as_responder` (the
+# DCUtR dial of the side that upgrades as responder) wraps the raw connection in the swarm key, then hands it
+# to `upgrade_inbound_raw_conn`, which wraps it again: that side sends two nonces, the other side decrypts
+# garbage, the Noise handshake stalls and every punch times out (seen in tests/p2p/test_nat_netns.py with a
+# swarm key: TCP simultaneous open succeeded, then 5 s of silence, then FIN). Nothing was read or written
+# through the first wrapper, so we unwrap it and let the upgrade wrap once. Test: tests/p2p/test_nat.py
+# (test_stock_responder_dial_wraps_the_swarm_key_twice).
+_stock_upgrade_inbound_raw_conn = Swarm.upgrade_inbound_raw_conn
+
+
+async def _upgrade_inbound_wrapping_once(
+    self: Swarm, raw_conn: IRawConnection, maddr: multiaddr.Multiaddr
+) -> Any:
+    if self.psk is not None and isinstance(raw_conn, PskConn):
+        raw_conn = raw_conn._conn
+    return await _stock_upgrade_inbound_raw_conn(self, raw_conn, maddr)
+
+
+Swarm.upgrade_inbound_raw_conn = _upgrade_inbound_wrapping_once  # type: ignore[method-assign]
 
 
 def quiet_libp2p_logging(level: int = logging.ERROR) -> None:

@@ -35,6 +35,12 @@ in their modules):
    records never carried a circuit. We wrap ``get_addrs`` instead.
 5. With the transport's CLIENT role, every relayed dial first takes a reservation on the relay for the
    *dialer*, using up the relay's reservation slots; we leave that role out and reserve explicitly.
+6. DCUtR's auto-drive initiates a hole punch from *both* ends of every relayed connection, on a 2 s tick.
+   When the ticks line up (the relayed connection appears on both sides in the same tick, and the 10 s
+   unilateral-dial timeout that precedes each session keeps them lined up), both sessions dial the same
+   address pair from the same listen port at once and every punch fails (seen in
+   tests/p2p/test_nat_netns.py: no direct link in 45 s). We drive it ourselves, from one end only: the
+   peer with the smaller id (`_drive_hole_punches`); the other end answers.
 """
 
 from __future__ import annotations
@@ -73,6 +79,7 @@ log = logging.getLogger(__name__)
 
 RELAY_SERVICE_MODES = ("auto", "on", "off")
 RESERVE_TIMEOUT_S = 10.0
+HOLE_PUNCH_DRIVE_S = 2.0  # how often relayed-only peers are looked for (libp2p's auto-drive period)
 NOT_A_RELAY_RETRY_S = (10.0, 300.0)  # a peer that refused HOP is asked again after 10 s, doubling to 5 min
 MAX_TRACKED_REFUSALS = 1024  # relay refusals remembered (then forgotten wholesale: bounded memory)
 
@@ -196,7 +203,9 @@ class NatService:
                 self.host, self._protocol, RelayConfig(roles=roles, limits=cfg.relay_limits())
             )
             if cfg.hole_punch:
-                nursery.start_soon(_run_service, DCUtRProtocol(self.host))
+                dcutr = DCUtRProtocol(self.host)
+                dcutr._auto_drive_loop = lambda: self._drive_hole_punches(dcutr)  # type: ignore[method-assign]
+                nursery.start_soon(_run_service, dcutr)  # bug 6
             task_status.started()
             while True:
                 try:
@@ -213,6 +222,20 @@ class NatService:
         elif self.reservations:
             self.reservations.clear()  # publicly reachable: stop advertising relayed addrs
             self.relay_addrs = []
+
+    async def _drive_hole_punches(self, dcutr: DCUtRProtocol) -> None:
+        """Initiate DCUtR toward relayed-only peers whose id is larger than ours (bug 6)."""
+        me = self.host.get_id().to_bytes()
+        while True:
+            await trio.sleep(HOLE_PUNCH_DRIVE_S)
+            for peer_id, conns in list(self.host.get_network().connections.items()):
+                conns = conns if isinstance(conns, list) else [conns]
+                relayed_only = bool(conns) and all(conn_kind(c) == "relayed" for c in conns)
+                if relayed_only and me < peer_id.to_bytes() and peer_id not in dcutr._in_progress:
+                    try:
+                        await dcutr.initiate_hole_punch(peer_id)
+                    except Exception as exc:  # the peer went away mid-session: try the next one
+                        log.debug("hole punch failed peer=%s error=%r", peer_id, exc)
 
     # ------------------------------------------------------------------ connections
 

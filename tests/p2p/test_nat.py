@@ -27,6 +27,7 @@ from libp2p.peer.peerinfo import PeerInfo
 from libp2p.security.pnet.psk_conn import PskConn
 from libp2p.tools.anyio_service import background_trio_service
 
+import p2p._libp2p
 from p2p._autonat import AutoNAT, conn_kind
 from p2p._discovery import run_key
 from p2p._identity import Identity
@@ -211,6 +212,38 @@ def test_stock_psk_conn_hides_its_transport() -> None:
                 _stock_psk_transport_addresses(raw)  # the bug
             assert [str(x) for x in raw.get_transport_addresses()] == [str(b.get_transport_addrs()[0])]
             assert conn_kind(conn) == "direct"
+
+    _run(main)
+
+
+def test_stock_responder_dial_wraps_the_swarm_key_twice(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Upstream report draft: "Swarm.dial_addr_as_responder applies the PSK to the raw connection, then calls
+    # upgrade_inbound_raw_conn, which applies it again: in a private network the DCUtR responder sends two
+    # nonces and every hole punch stalls in the Noise handshake." Workaround: p2p/_libp2p.py unwraps one.
+    async def main() -> None:
+        async with _hosts(2, swarm_key=os.urandom(32)) as (a, b):
+            network = a.get_network()
+            handed: list[object] = []
+
+            async def capture(raw_conn: object, maddr: object) -> None:
+                handed.append(raw_conn)
+                raise RuntimeError("stop before the handshake")
+
+            network.upgrade_inbound_raw_conn = capture  # type: ignore[method-assign]
+            with pytest.raises(Exception, match="stop before"), trio.fail_after(10):
+                await network.dial_addr_as_responder(b.get_transport_addrs()[0], b.get_id())
+            (wrapped,) = handed
+            assert isinstance(wrapped, PskConn)  # the bug: wrapped already, and the upgrade wraps again
+            del network.upgrade_inbound_raw_conn  # back to the (patched) class method
+            upgraded: list[object] = []
+
+            async def stock(swarm: object, raw_conn: object, maddr: object) -> None:
+                upgraded.append(raw_conn)
+
+            monkeypatch.setattr(p2p._libp2p, "_stock_upgrade_inbound_raw_conn", stock)
+            await network.upgrade_inbound_raw_conn(wrapped, b.get_transport_addrs()[0])
+            assert upgraded == [wrapped._conn]  # ours: the stock upgrade wraps the bare connection once
+            await wrapped.close()
 
     _run(main)
 
