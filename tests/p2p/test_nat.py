@@ -24,6 +24,7 @@ from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
 from libp2p.network.exceptions import SwarmException
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
+from libp2p.relay.circuit_v2.dcutr import DCUtRProtocol
 from libp2p.security.pnet.psk_conn import PskConn
 from libp2p.tools.anyio_service import background_trio_service
 
@@ -333,3 +334,46 @@ def test_auto_relay_serves_only_while_public_within_its_limits() -> None:
             n.cancel_scope.cancel()
 
     _run(main)
+
+
+def test_hole_punches_are_driven_from_one_end_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    # libp2p's DCUtR auto-drive starts a session from both ends of a relayed connection; when their ticks
+    # line up both punch at once from the same port and fail (p2p/_nat.py, bug 6). Ours: smaller id only.
+    initiated: list[tuple[ID, ID]] = []
+
+    async def record(self: DCUtRProtocol, peer_id: ID) -> bool:
+        initiated.append((self.host.get_id(), peer_id))
+        return False
+
+    monkeypatch.setattr(DCUtRProtocol, "initiate_hole_punch", record)
+    punching = NatConfig(autonat=False, relay_service="off", use_relays=False, hole_punch=True)
+
+    async def main() -> None:
+        async with _hosts(3) as (relay, x, y), trio.open_nursery() as n:
+            await _nat(
+                n, relay, NatConfig(autonat=False, relay_service="on", use_relays=False, hole_punch=False)
+            )
+            nx, ny = await _nat(n, x, punching), await _nat(n, y, punching)
+            await _connect(x, relay)
+            await _connect(y, relay)
+            assert await ny._reserve(relay.get_id())
+            circuit = multiaddr.Multiaddr(f"{relay.get_addrs()[0]}/p2p-circuit/p2p/{y.get_id()}")
+            assert await nx.dial_relayed(y.get_id(), [circuit])
+            await _until(lambda: y.get_id().to_base58() in nx.peer_connections())
+            small, large = sorted((x.get_id(), y.get_id()), key=lambda p: p.to_bytes())
+            await _until(lambda: len(initiated) >= 3, timeout_s=20)  # three 2 s ticks on both ends
+            assert set(initiated) == {(small, large)}
+            n.cancel_scope.cancel()
+
+    _run(main)
+
+
+def test_nat_config_names_the_bad_field() -> None:
+    with pytest.raises(ValueError, match="relay_service"):
+        NatConfig(relay_service="yes")
+    with pytest.raises(ValueError, match="relay_max_reservations"):
+        NatConfig(relay_max_reservations=0)
+    with pytest.raises(ValueError, match="relay_circuit_bytes"):
+        NatConfig(relay_circuit_bytes=0)
+    assert not NatConfig(autonat=False, relay_service="off", use_relays=False, hole_punch=False).enabled
+    assert NatConfig().enabled and NatConfig().relay_service == "auto"  # internet defaults
