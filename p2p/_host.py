@@ -46,7 +46,8 @@ DEFAULT_GOSSIP_QUEUE_SIZE = 10_000  # per subscriber; at ~100 msg/s that is 100 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class HostConfig:
-    """Tunables of a Host. Defaults are safe for a LAN/loopback training cluster."""
+    """Tunables of a Host. The defaults suit a node on the internet (NAT traversal on, discovery dials only
+    global addresses); a LAN or loopback cluster sets ``dial_private_addrs``."""
 
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     """Largest request or response payload accepted or sent (checked on the header, before buffering)."""
