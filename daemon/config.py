@@ -14,9 +14,10 @@ ours name the key either way) and the hand-written type checks this module used 
 not ranges or multiaddrs).
 
 The ``[diloco]`` and ``[task]`` tables are handed to ``training`` (``DilocoConfig``, the task's
-``Config``), which validates them; this module only checks that they are tables, so training owns its
-own knobs. Command-line flags override the file (``daemon.cli.local_commands``); ``Config.with_overrides``
-builds the merged value and validates it again.
+``Config``) and ``[nat]`` to ``p2p.NatConfig``, which validate them; this module only checks that they
+are tables, so each package owns its own knobs and no field is copied from one config type to another.
+Command-line flags override the file (``daemon.cli.local_commands``); ``Config.with_overrides`` builds
+the merged value and validates it again.
 """
 
 from __future__ import annotations
@@ -110,16 +111,9 @@ class NodeConfig(_Section):
     checkpoint_quorum: Annotated[int, msgspec.Meta(ge=1)] = 1
     """For a run this node founds: how many signers must vouch for a snapshot before a joiner adopts it
     (capped at the number of signers). Above half the signers is the safe choice."""
-    autonat: bool = True
-    """Ask peers to dial us back (AutoNAT) to learn whether this node is publicly reachable."""
-    autonat_confirmations: Annotated[int, msgspec.Meta(ge=1)] = 1
-    """Peers that must agree before reachability flips to public/private (libp2p's default is 4)."""
-    relay_service: bool = False
-    """Relay traffic (Circuit Relay v2, with limits) for peers behind NAT. Turn on for public nodes."""
-    use_relays: bool = True
-    """Unless publicly reachable: reserve a slot on a relay peer and advertise a /p2p-circuit address."""
-    hole_punch: bool = True
-    """Upgrade relayed connections to direct ones by hole punching (DCUtR)."""
+    dial_private_addrs: bool = False
+    """Let discovery dial the private, loopback and link-local addresses peers announce. Off on the
+    internet (a peer could point the run at hosts inside your network); on for a LAN or one machine."""
     clip_norm: Annotated[float, msgspec.Meta(ge=0)] = 0.0
     """Robust aggregation for a run this node founds: every contribution's weighted L2 norm is clipped to
     this (deterministically, on every replica; see crdt ``Limits.clip_norm``). Written into the genesis,
@@ -274,6 +268,9 @@ class Config(_Section):
     """Keyword arguments for training.DilocoConfig (validated there)."""
     task: dict[str, Any] = msgspec.field(default_factory=dict)
     """Options of the task's Config (validated by training when the task is built)."""
+    nat: dict[str, Any] = msgspec.field(default_factory=dict)
+    """Keyword arguments for p2p.NatConfig: AutoNAT, relay service and use, hole punching (validated there
+    when the node starts)."""
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Config:

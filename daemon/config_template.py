@@ -31,13 +31,8 @@ mdns = false
 # swarm_key = "swarm.key"
 # Only these peer ids may connect (empty: anyone holding the swarm key, or anyone if there is none).
 # allow_peers = ["12D3Koo..."]
-# NAT traversal (`meshtrain doctor` explains what to do behind NAT). Learn our reachability (AutoNAT):
-autonat = true
-# Relay for peers behind NAT (public nodes): relay_service = true
-relay_service = false
-# Behind NAT: reserve a slot on a relay and advertise the relayed address; hole punch to direct.
-use_relays = true
-hole_punch = true
+# Dial the private/loopback addresses peers announce (a LAN or one machine; off on the internet).
+dial_private_addrs = false
 # Snapshots a joiner may adopt must be vouched for by checkpoint signers (fixed in the genesis when this
 # node founds the run): the founder, these peer ids, and allow_peers on a private run; quorum of them.
 # checkpoint_signers = ["12D3Koo..."]
@@ -45,6 +40,20 @@ checkpoint_quorum = 1
 # Robust aggregation, fixed in the genesis when this node founds the run: clip every contribution's
 # weighted L2 norm to this (a few times the honest update norm; see SECURITY.md). 0: off.
 clip_norm = 0.0
+
+[nat]
+# NAT traversal (`meshtrain doctor` explains what to do behind NAT; keys of p2p.NatConfig).
+# Learn whether this node is reachable from outside (AutoNAT):
+autonat = true
+# Relay for peers behind NAT: "auto" (while AutoNAT says this node is public), "on" or "off", within
+# limits (slots, circuits per peer, circuit duration and bytes).
+relay_service = "auto"
+relay_max_reservations = 32
+relay_circuit_duration_s = 1800
+relay_circuit_bytes = 134217728
+# Behind NAT: reserve a slot on a relay and advertise the relayed address; hole punch to direct.
+use_relays = true
+hole_punch = true
 
 [training]
 # Train locally (a node with training off still merges and serves the model).

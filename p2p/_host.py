@@ -46,7 +46,8 @@ DEFAULT_GOSSIP_QUEUE_SIZE = 10_000  # per subscriber; at ~100 msg/s that is 100 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class HostConfig:
-    """Tunables of a Host. Defaults are safe for a LAN/loopback training cluster."""
+    """Tunables of a Host. The defaults suit a node on the internet (NAT traversal on, discovery dials only
+    global addresses); a LAN or loopback cluster sets ``dial_private_addrs``."""
 
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     """Largest request or response payload accepted or sent (checked on the header, before buffering)."""
@@ -64,20 +65,14 @@ class HostConfig:
     """`aclose()` stops waiting for the trio thread after this long (it is a daemon thread)."""
     discovery_interval_s: float = 10.0
     """Period of the discovery loop: re-dial bootstrap if needed, re-announce the run, find and dial peers."""
-    autonat: bool = False
-    """NAT traversal (p2p/_nat.py): ask peers to dial us back (AutoNAT v1) and serve their dial-backs."""
-    autonat_confirmations: int = 1
-    """Distinct AutoNAT servers that must agree before `reachability()` flips (libp2p's default: 4)."""
-    relay_service: bool = False
-    """Serve Circuit Relay v2 (HOP) for other peers, within the relay limits of NatConfig."""
-    use_relays: bool = False
-    """Unless public: reserve a slot on connected relays, advertise /p2p-circuit addrs, dial relayed addrs."""
-    hole_punch: bool = False
-    """Upgrade relayed connections to direct ones with DCUtR (TCP simultaneous open)."""
+    dial_private_addrs: bool = False
+    """Let discovery dial private, loopback and link-local addresses that peers announce (p2p/_providers.py).
+    Off for nodes on the internet (a peer could point the run at hosts inside your network); on for LAN
+    clusters and loopback tests. Bootstrap addresses and `connect()` are never filtered."""
+    nat: NatConfig = field(default_factory=NatConfig)
+    """NAT traversal: AutoNAT, relay service and use, hole punching (p2p/_nat.py)."""
     mdns: bool = False
     """Announce this node by multicast DNS and dial the peers it hears (LAN only; every interface)."""
-    max_relays: int = 2
-    """Relays to hold a reservation on at once."""
     swarm_key: bytes | None = field(default=None, repr=False)
     """32-byte private-network key (p2p/_security.py): only peers holding it can connect at all."""
     allow_peers: frozenset[str] | None = None
@@ -143,14 +138,8 @@ class Host:
             bootstrap=tuple(bootstrap),
             run_id=run_id,
             discovery_interval_s=self.config.discovery_interval_s,
-            nat=NatConfig(
-                autonat=self.config.autonat,
-                autonat_confirmations=self.config.autonat_confirmations,
-                relay_service=self.config.relay_service,
-                use_relays=self.config.use_relays,
-                hole_punch=self.config.hole_punch,
-                max_relays=self.config.max_relays,
-            ),
+            dial_private_addrs=self.config.dial_private_addrs,
+            nat=self.config.nat,
             swarm_key=self.config.swarm_key,
             allow_peers=self.config.allow_peers,
             peer_limits=self.config.peer_limits,
@@ -345,6 +334,19 @@ class Host:
         self._node.validators.set(topic, fn)
         self._bridge.call_soon_in_trio(self._node.validators.install, topic)
 
+    def set_gossip_admission(self, predicate: Callable[[str], bool] | None) -> None:
+        """Admit gossip authored by a peer only if ``predicate(peer_id)`` (None admits every author).
+
+        For open runs, where any key may join the mesh: the daemon answers "is this peer a member of my
+        run?" (e.g. it synced with our genesis). Asked for every message from another author, before its
+        signature is checked and before it is delivered or forwarded, synchronously in the p2p (trio)
+        thread: it must be a cheap, non-blocking, read-only lookup. False (or an exception) drops the
+        message without charging the peer that forwarded it, counted in
+        ``stats()["gate"]["dropped_gossip_not_admitted"]``. The allowlist (``HostConfig.allow_peers``) is
+        checked first.
+        """
+        self._node.gate.gossip_admission = predicate
+
     def gossip_peers(self, topic: str) -> list[str]:
         """Peers known to be subscribed to ``topic`` (useful to wait for the mesh before publishing)."""
         return self._node.topic_peers(topic)
@@ -384,19 +386,19 @@ class Host:
         return self._node.peer_connections()
 
     def nat_status(self) -> dict[str, Any]:
-        """What the daemon's status/doctor report: reachability, relayed addrs, relays, NAT counters."""
+        """What the daemon's status/doctor report about NAT traversal (a snapshot).
+
+        Keys: reachability, connections (peer -> "direct"/"relayed"), relay_addrs (ours, full), relays (peers
+        holding our reservation), autonat_verdicts (server -> reachable?), relay_service (mode, active,
+        reservations and circuits served now, limits, counters), config (the `NatConfig`), counters.
+        """
         nat = self._node.nat
+        described = nat.describe() if nat is not None else {}
         return {
             "reachability": self.reachability(),
             "connections": self.peer_connections(),
-            "relay_addrs": [f"{a}/p2p/{self.peer_id}" for a in nat.relay_addrs] if nat else [],
-            "relays": sorted(p.to_base58() for p in list(nat.reservations)) if nat else [],
-            "autonat_verdicts": {p.to_base58(): v for p, v in list(nat.verdicts.items())} if nat else {},
-            "relay_service": self.config.relay_service,
-            "use_relays": self.config.use_relays,
-            "hole_punch": self.config.hole_punch,
-            "autonat": self.config.autonat,
-            "counters": dict(nat.counters) if nat else {},
+            **described,
+            "relay_addrs": [f"{a}/p2p/{self.peer_id}" for a in described.get("relay_addrs", [])],
         }
 
     def stats(self) -> dict[str, Any]:
@@ -404,7 +406,8 @@ class Host:
 
         Keys: bytes_sent, bytes_received, requests_sent, requests_received, requests_failed,
         gossip_published, gossip_received, gossip_dropped_queue_full, connected_peers, discovery_rounds,
-        discovery_round_errors, discovery_dials_ok, discovery_dials_failed, discovery_failed.
+        discovery_round_errors, discovery_dials_ok, discovery_dials_failed, discovery_refused_addrs,
+        discovery_refused_providers, discovery_failed; "gate" (p2p/_security.py counters).
         """
         out: dict[str, Any] = dict(self._node.stats.as_dict())
         out["gossip_dropped_queue_full"] = self._gossip_dropped

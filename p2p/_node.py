@@ -82,6 +82,7 @@ class NodeConfig:
     bootstrap: tuple[str, ...] = ()
     run_id: str | None = None
     discovery_interval_s: float = 10.0
+    dial_private_addrs: bool = False
     nat: NatConfig = field(default_factory=NatConfig)
     swarm_key: bytes | None = field(default=None, repr=False)
     allow_peers: frozenset[str] | None = None
@@ -138,8 +139,8 @@ class TrioNode:
         self.config = config
         self.stats = NodeStats()
         self.discovery_stats = DiscoveryStats()
-        self.validators = GossipValidators()  # the daemon's per-topic checks (p2p/_gossip.py)
         self.gate = PeerGate(allow_peers=config.allow_peers, limits=config.peer_limits)
+        self.validators = GossipValidators(self.gate)  # author admission + per-topic checks (p2p/_gossip.py)
         self.bridge: TrioBridge[TrioNode] | None = None  # set by the Host before start
         self._handlers = handlers  # owned by the asyncio Host; read here (dict reads are atomic)
         self._gossip_sink = gossip_sink
@@ -213,6 +214,7 @@ class TrioNode:
                 bootstrap=self.config.bootstrap,
                 interval_s=self.config.discovery_interval_s,
                 stats=self.discovery_stats,
+                allow_private=self.config.dial_private_addrs,
             )
         except Exception:
             self.discovery_failed = True
@@ -235,7 +237,7 @@ class TrioNode:
             raise ValueError("refusing to dial ourselves")
         if not self.gate.admit_connection(info.peer_id.to_base58()):
             raise PeerUnreachable(f"{info.peer_id} is not an allowed member (or is banned)")
-        if is_relayed_addr(maddr):  # libp2p's swarm never dials /p2p-circuit (p2p/_nat.py, bug 3)
+        if is_relayed_addr(maddr):  # libp2p's swarm never dials /p2p-circuit (p2p/_nat.py, bug 1)
             if self.nat is None or not await self.nat.dial_relayed(info.peer_id, info.addrs):
                 raise PeerUnreachable(f"relayed dial {maddr} failed (use_relays off, or no circuit)")
             return info.peer_id.to_base58()
@@ -278,14 +280,15 @@ class TrioNode:
             self._nursery.start_soon(self.disconnect, peer_id)
 
     async def dial_peer_info(self, info: PeerInfo) -> None:
-        """Dial a discovered peer: its direct addrs first, then its /p2p-circuit addrs. Raises on failure.
+        """Dial a discovered peer at exactly ``info.addrs``, direct or /p2p-circuit. Raises on failure.
 
         A peer that advertises /p2p-circuit addrs holds a relay slot because AutoNAT told it it is private:
         its direct addrs are most likely unreachable (a dropped SYN costs the whole dial timeout). The same
         holds when we are private ourselves. Then the relay goes first (our own relays too, where the peer
         most likely holds a slot as well) and DCUtR upgrades the link to direct where the NATs allow.
+        Only the given addresses are dialled, not libp2p's peerstore (it collects whatever peers announce;
+        discovery chose these, p2p/_providers.py).
         """
-        host = self._require_host()
         nat = self.nat
         circuits = [a for a in info.addrs if is_relayed_addr(a)]
         if (
@@ -295,16 +298,32 @@ class TrioNode:
             and await nat.dial_relayed(info.peer_id, circuits)
         ):
             return
-        self.forget_dial_failure(info.peer_id)
         try:
-            with trio.fail_after(self.config.dial_timeout_s):
-                await host.connect(info)
+            await self._dial_addrs(info.peer_id, [a for a in info.addrs if not is_relayed_addr(a)])
             return
-        except Exception:
-            if self.nat is None or not self.nat.config.use_relays:
+        except PeerUnreachable:
+            if nat is None or not nat.config.use_relays:
                 raise
-        if not await self.nat.dial_relayed(info.peer_id, info.addrs):
+        if not await nat.dial_relayed(info.peer_id, info.addrs):
             raise PeerUnreachable(f"{info.peer_id}: direct and relayed dials failed")
+
+    async def _dial_addrs(self, peer_id: ID, addrs: list[multiaddr.Multiaddr]) -> None:
+        """Dial ``peer_id`` at these addresses, one at a time; PeerUnreachable if none answers."""
+        network = self._require_host().get_network()
+        if network.connections.get(peer_id):
+            return
+        errors: list[str] = []
+        for addr in addrs:
+            try:
+                with trio.fail_after(self.config.dial_timeout_s):
+                    conn = await network.dial_addr(addr, peer_id)
+                    started = getattr(conn, "event_started", None)
+                    if started is not None:
+                        await started.wait()  # muxer up and stream handlers ready, as host.connect waits
+                return
+            except (trio.TooSlowError, BaseLibp2pError, OSError) as exc:
+                errors.append(f"{addr}: {exc!r}")
+        raise PeerUnreachable(f"{peer_id}: no direct address answered ({'; '.join(errors) or 'none known'})")
 
     def reachability(self) -> str:
         """AutoNAT verdict: "public", "private" or "unknown" (always "unknown" with autonat off)."""
@@ -514,8 +533,6 @@ class TrioNode:
                 log.debug("gossip message with bad author dropped topic=%s", topic)
                 continue
             if from_peer == me:  # libp2p delivers our own publishes to our own subscription
-                continue
-            if not self.gate.admit_gossip(from_peer):  # non-member author or over its rate: drop
                 continue
             self.stats.gossip_received += 1
             self.stats.bytes_received += len(msg.data)

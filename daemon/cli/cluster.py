@@ -114,6 +114,7 @@ class Cluster:
                     "run": run,
                     "listen": [f"/ip4/127.0.0.1/tcp/{info.port}"],
                     "bootstrap": [] if info.index == 0 else [infos[0].addr],
+                    "dial_private_addrs": True,  # all on loopback
                 },
                 "training": {"task": task, "shard": info.index, "num_shards": nodes, **(training or {})},
                 "sync": sync or {},

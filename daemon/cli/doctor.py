@@ -74,10 +74,16 @@ def diagnose(status: Status) -> Report:
     if reach == "public":
         findings.append("reachability: public - other peers can dial this node directly (AutoNAT confirmed).")
         share = public_listen or listen
-        if not nat.relay_service:
+        relay = nat.relay_service
+        if relay.active:
+            findings.append(
+                f"relaying for peers behind NAT: {relay.reservations} slot(s) held, "
+                f"{relay.circuits} circuit(s)."
+            )
+        else:
             advice.append(
-                "This node is publicly reachable: consider `relay_service = true` in [node] so peers behind "
-                "NAT can reach the run through it."
+                f'This node is publicly reachable but does not relay (relay_service = "{relay.mode}"): set '
+                '`relay_service = "auto"` in [nat] so peers behind NAT can reach the run through it.'
             )
     elif reach == "private":
         findings.append(
@@ -88,29 +94,31 @@ def diagnose(status: Status) -> Report:
             findings.append(
                 f"relayed through {len(nat.relays)} relay(s); peers reach it via /p2p-circuit."
             )
-        elif nat.use_relays:
+        elif nat.config.get("use_relays", True):
             findings.append("no relay reservation yet: no connected peer offers a relay slot.")
-            advice.append("Bootstrap from a public node that runs with `relay_service = true` in [node].")
+            advice.append(
+                "Bootstrap from a public node (its relay service is on by default while it is public)."
+            )
         else:
             advice.append(
-                "Set `use_relays = true` in [node]: without a relay, peers can only be dialled by this node."
+                "Set `use_relays = true` in [nat]: without a relay, peers can only be dialled by this node."
             )
         advice.append(
             "For direct connections, forward the listen TCP port on your router to this machine "
             "(or enable UPnP on the router), or run the node on a host with a public IP."
         )
-        if relayed and nat.hole_punch:
+        if relayed and nat.config.get("hole_punch", True):
             advice.append(
                 f"{len(relayed)} peer(s) are still relayed: hole punching did not succeed (symmetric NAT on "
                 "one side?). Relayed links are slower (relay limits apply); port forwarding fixes it."
             )
         elif relayed:
-            advice.append("Set `hole_punch = true` in [node] to upgrade relayed connections to direct ones.")
+            advice.append("Set `hole_punch = true` in [nat] to upgrade relayed connections to direct ones.")
     else:
         findings.append("reachability: unknown - no peer has answered an AutoNAT dial-back yet.")
         share = public_listen or relay_addrs or listen
-        if not nat.autonat:
-            advice.append("Set `autonat = true` in [node] so the node can learn whether it is reachable.")
+        if not nat.config.get("autonat", True):
+            advice.append("Set `autonat = true` in [nat] so the node can learn whether it is reachable.")
         elif not conns:
             advice.append("Not connected to anyone: check `bootstrap` in [node] and your network.")
         else:

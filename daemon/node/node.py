@@ -34,7 +34,7 @@ import msgspec
 
 import crdt
 import p2p
-from daemon.config import Config, ConfigError, NodeConfig, task_path
+from daemon.config import Config, ConfigError, task_path
 from daemon.home import Home
 from daemon.node import genesis, wire
 from daemon.node.limits import Limits
@@ -85,7 +85,7 @@ class Node:
             listen_addrs=list(config.node.listen),
             bootstrap=config.node.bootstrap,
             run_id=config.node.run,
-            config=host_config(home.path, config.node),
+            config=host_config(home.path, config),
         )
         self.limits = Limits(
             threads=config.training.threads, bandwidth_bytes_per_s=config.limits.bandwidth_bytes_per_s
@@ -318,12 +318,15 @@ class Parts(NamedTuple):
     membership: Membership
 
 
-def host_config(home: Path, node: NodeConfig) -> p2p.HostConfig:
-    """The host's configuration from ``[node]``: the run's swarm key and allowlist, NAT traversal.
+def host_config(home: Path, config: Config) -> p2p.HostConfig:
+    """The host's configuration from ``[node]`` (the run's swarm key and allowlist, mDNS, private
+    addresses) and ``[nat]`` (``p2p.NatConfig``: AutoNAT, relay service and use, hole punching).
 
     Raises:
         p2p.SwarmKeyError: the swarm key file is unusable (read once, here; it must be mode 0600).
+        ConfigError: ``[nat]`` has an unknown key or a bad value.
     """
+    node = config.node
     swarm_key = None
     if node.swarm_key:
         path = Path(node.swarm_key).expanduser()
@@ -332,15 +335,16 @@ def host_config(home: Path, node: NodeConfig) -> p2p.HostConfig:
     if swarm_key is not None or allow is not None:
         log.info("private run: swarm_key=%s allow_peers=%s", swarm_key is not None,
                  len(allow) if allow else "any")
+    try:
+        nat = p2p.NatConfig(**config.nat)
+    except (TypeError, ValueError) as exc:  # an unknown key, or a value NatConfig refuses (named)
+        raise ConfigError(f"[nat]: {exc}") from exc
     return p2p.HostConfig(
         swarm_key=swarm_key,
         allow_peers=allow,
-        autonat=node.autonat,
-        autonat_confirmations=node.autonat_confirmations,
-        relay_service=node.relay_service,
-        use_relays=node.use_relays,
-        hole_punch=node.hole_punch,
+        nat=nat,
         mdns=node.mdns,
+        dial_private_addrs=node.dial_private_addrs,
     )
 
 

@@ -108,6 +108,8 @@ class Replica:
         self.disk_full = False
         """The last write to the store failed; cleared by the next one that succeeds."""
         self._last_contribution: dict[str, float] = {}  # author -> when its latest contribution applied
+        self.on_author: Callable[[str], None] = lambda author: None
+        """Called with the author (peer id) of every contribution applied."""
         self._since_snapshot = 0
 
     @classmethod
@@ -178,6 +180,7 @@ class Replica:
         author = _peer(contribution.author)
         self.suspects.observe(author, contribution.fragment, indices, values, contribution.weight)
         self._last_contribution[author] = self._clock()
+        self.on_author(author)
 
     def authors_active_since(self, since: float) -> set[str]:
         """Authors (peer ids) whose contributions this replica applied at or after ``since`` (unix time):

@@ -128,6 +128,7 @@ class FakeHost:
         self.validators: dict[str, Callable[[str, bytes], bool]] = {}
         self.topics: dict[str, asyncio.Queue[p2p.GossipMessage]] = {}
         self.penalized: list[str] = []
+        self.admission: Callable[[str], bool] | None = None
         self.requests: list[tuple[str, str]] = []
         """(peer, protocol) of every request this host sent."""
         self.bytes_sent = 0
@@ -145,6 +146,9 @@ class FakeHost:
     def set_topic_validator(self, topic: str, validator: Callable[[str, bytes], bool]) -> None:
         self.validators[topic] = validator
 
+    def set_gossip_admission(self, predicate: Callable[[str], bool] | None) -> None:
+        self.admission = predicate
+
     def subscribe(self, topic: str) -> asyncio.Queue[p2p.GossipMessage]:
         return self.topics.setdefault(topic, asyncio.Queue())
 
@@ -152,7 +156,8 @@ class FakeHost:
         for peer in self.connected_peers():
             other = self.net.hosts[peer]
             valid = other.validators.get(topic, lambda _p, _d: True)(self.peer_id, data)
-            if topic in other.topics and valid:
+            admitted = other.admission is None or other.admission(self.peer_id)
+            if topic in other.topics and valid and admitted:
                 other.topics[topic].put_nowait(p2p.GossipMessage(self.peer_id, data))
 
     async def request(self, peer: str, protocol: str, data: bytes, *, timeout_s: float) -> bytes:

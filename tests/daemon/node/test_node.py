@@ -13,7 +13,7 @@ from node_testlib import node_config as config
 
 from daemon.config import Config, ConfigError, task_path
 from daemon.home import Home
-from daemon.node.node import Node, NodeError
+from daemon.node.node import Node, NodeError, host_config
 from daemon.node.store import Store
 from daemon.status import TrainingState
 
@@ -159,3 +159,12 @@ def test_a_relative_plug_in_file_is_found_from_the_home_dir(tmp_path: Path) -> N
     assert task_path("/abs/mine.py:Mine", tmp_path) == "/abs/mine.py:Mine"
     assert task_path("pkg.mod:factory", tmp_path) == "pkg.mod:factory"
     assert task_path("digits", tmp_path) == "digits"
+
+
+def test_nat_settings_are_p2p_s_and_a_bad_one_is_a_config_error(tmp_path: Path) -> None:
+    config = Config.from_dict({"nat": {"relay_service": "on", "relay_max_reservations": 4}})
+    assert host_config(tmp_path, config).nat.relay_max_reservations == 4
+    for bad, fragment in (({"relay_service": "yes"}, "nat.relay_service must be one of"),
+                          ({"relay_servise": "on"}, "relay_servise")):
+        with pytest.raises(ConfigError, match=fragment):
+            host_config(tmp_path, Config.from_dict({"nat": bad}))

@@ -205,3 +205,21 @@ async def test_rounds_count_the_peers_that_train_now(tmp_path: Path) -> None:
     assert trainers[0].peers_per_round[0] == 1  # alone at first
     assert trainers[0].peers_per_round[-1] == 3 and trainers[1].peers_per_round[-1] == 3
     assert set(trainers[2].peers_per_round) == {None}  # configured: the trainer uses expected_peers
+
+
+async def test_gossip_from_peers_outside_the_run_is_dropped_until_they_sync(tmp_path: Path) -> None:
+    net = FakeNet()
+    home = tmp_path / "node"
+    node_host = host_for(home, net)
+    stranger = net.add("12D3KooWstranger")
+    net.link(node_host.peer_id, stranger.peer_id)
+    beat = wire.Heartbeat(round=1, contributions=0, training="running", reachability="unknown",
+                          task="stdlib-lm", device="cpu", throughput_bps=0).encode()
+    async with running_node(home, net, config()) as v:
+        await stranger.publish(wire.heartbeat_topic("default"), beat)  # dropped at the gate, synchronously
+        assert v.parts.membership.heartbeats == {} and not v.parts.sync.is_member(stranger.peer_id)
+        empty = crdt.Digest(crdt.VersionVector(), "00" * 32, 0).encode()
+        request = wire.SyncRequest(genesis=v.status().genesis, digest=empty)
+        await stranger.request(node_host.peer_id, wire.SYNC_PROTOCOL, request.encode(), timeout_s=5)
+        await stranger.publish(wire.heartbeat_topic("default"), beat)
+        await until(lambda: stranger.peer_id in v.status().peer_info)  # it showed our genesis: admitted
