@@ -282,6 +282,10 @@ class RoundRecord(msgspec.Struct, kw_only=True):
     residual_norm: float
     """L2 norm of the error-feedback residual carried to the next round."""
     round_s: float
+    spans_s: dict[str, float] = msgspec.field(default_factory=dict)
+    """Where the round's time went: materialize (the merged model into the training process's block),
+    train (the training process: inner steps, outer step, compression), sign, accept (verify, apply,
+    log with fsync), commit (the trainer saves its state), announce. All but train are the daemon's."""
     val_loss: float | None = None
     val_accuracy: float | None = None
     val_bpb: float | None = None

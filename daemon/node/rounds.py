@@ -157,7 +157,10 @@ class Rounds:
         started = time.monotonic()
         peers = self.live_peers() if self.count_peers else None
         fragment = (seq - 1) % len(state.genesis.fragments)
-        result = await self.trainer.run_round(state.materialize, state.genesis.length, fragment, peers)
+        clock = _Stopwatch()
+        fill = clock.timed("materialize", state.materialize)
+        result = await self.trainer.run_round(fill, state.genesis.length, fragment, peers)
+        clock.spans["train"] = time.monotonic() - started - clock.spans["materialize"]
         self._last_round_s = time.monotonic() - started
         state = self.replica.state  # a snapshot adopted meanwhile replaces the state object
         staleness = state.version_vector.total - base_vv.total
@@ -171,6 +174,7 @@ class Rounds:
             length = state.genesis.fragment_length(result.fragment)
             result = byzantine_round(training.byzantine, result, length)
         self.timing("round", time.monotonic() - started)
+        clock.start("sign")
         contribution = crdt.make_contribution(
             self.signer,
             genesis_id=state.genesis.id,
@@ -181,17 +185,21 @@ class Rounds:
             weight=weight,
             base_version=base_vv.digest(),
         )
-        merge_started = time.perf_counter()
+        clock.start("accept")
         try:
             self.replica.accept(contribution)
         except DiskFull:
             # Never logged, never announced: this seq is signed again by a later round, safely. The
             # training process keeps what the round did to its residuals (error feedback loses them).
             return
-        self.timing("merge", time.perf_counter() - merge_started)
+        self.timing("merge", clock.stop())
+        clock.start("commit")
         await self.trainer.commit()
+        clock.start("announce")
         await self.announce(contribution)
-        self._record(seq, result, staleness=staleness, weight=weight, round_s=time.monotonic() - started)
+        clock.stop()
+        self._record(seq, result, staleness=staleness, weight=weight, round_s=time.monotonic() - started,
+                     spans=clock.spans)
         if seq % training.eval_every == 0:
             await self.evaluate()
         if training.slowdown > 1.0:
@@ -205,7 +213,9 @@ class Rounds:
         others.discard(p2p.peer_id_from_public_key(self.signer.public_key))
         return 1 + len(others)
 
-    def _record(self, seq: int, result: Any, *, staleness: int, weight: float, round_s: float) -> None:
+    def _record(
+        self, seq: int, result: Any, *, staleness: int, weight: float, round_s: float, spans: dict[str, float]
+    ) -> None:
         stats = self.host.stats()
         contributions = self.replica.state.contribution_count
         self.history.append(
@@ -223,6 +233,7 @@ class Rounds:
                 weight=weight,
                 residual_norm=float(result.residual_norm),
                 round_s=round(round_s, 4),
+                spans_s={name: round(seconds, 5) for name, seconds in spans.items()},
             )
         )
         del self.history[:-HISTORY_LIMIT]
@@ -240,3 +251,35 @@ class Rounds:
             self.history[-1].val_loss = self.last_eval.val_loss
             self.history[-1].val_accuracy = self.last_eval.val_accuracy
             self.history[-1].val_bpb = self.last_eval.val_bpb
+
+
+class _Stopwatch:
+    """Where a round's time goes: named spans, one running at a time (``timed`` wraps a callable)."""
+
+    def __init__(self) -> None:
+        self.spans: dict[str, float] = {"materialize": 0.0}
+        self._name: str | None = None
+        self._since = 0.0
+
+    def start(self, name: str) -> None:
+        self.stop()
+        self._name, self._since = name, time.perf_counter()
+
+    def stop(self) -> float:
+        """End the running span; returns its length."""
+        if self._name is None:
+            return 0.0
+        elapsed = time.perf_counter() - self._since
+        self.spans[self._name] = self.spans.get(self._name, 0.0) + elapsed
+        self._name = None
+        return elapsed
+
+    def timed(self, name: str, fn: Callable[[Any], object]) -> Callable[[Any], object]:
+        def run(arg: Any) -> object:
+            self.start(name)
+            try:
+                return fn(arg)
+            finally:
+                self.stop()
+
+        return run

@@ -31,6 +31,8 @@ async def test_a_founder_trains_its_rounds_and_reports_them(tmp_path: Path) -> N
         }
         assert status.round == 3 and status.contributions == 3 and status.clip_norm == 0.5
         assert [r.round for r in node.parts.rounds.history] == [1, 2, 3]
+        spans = node.parts.rounds.history[-1].spans_s  # where a round's time goes (bench_model_scale)
+        assert set(spans) == {"materialize", "train", "sign", "accept", "commit", "announce"}
         assert status.initial_eval.contributions == 0 and status.eval.contributions == 3
         assert node.trainer.commits == 3  # the trainer saved its state after each durable contribution
         result = await node.export_checkpoint(tmp_path / "model.safetensors")
