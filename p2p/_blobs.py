@@ -57,6 +57,7 @@ from p2p._errors import (
     TransferFailed,
 )
 from p2p._framing import Frame, FrameDecoder, FrameKind
+from p2p._node import parse_peer_id
 from p2p._reqresp import finish_stream, open_stream, read_frame, remote_error, write_frame
 from p2p._transfer import MAX_MANIFEST_BYTES, BlobRequest, FetchPlan, Manifest, Op, Verdict, chunk_digest
 
@@ -160,7 +161,7 @@ class _Fetch:
 
     # -- the decision: complete, or every peer gone
 
-    async def run(self, peers: Sequence[str]) -> bytes | Path:
+    async def run(self, peers: Sequence[str]) -> bytearray | Path:
         unique = list(dict.fromkeys(peers))
         async with trio.open_nursery() as nursery:
             for peer in unique:
@@ -229,7 +230,7 @@ class _Fetch:
         ok = False
         try:
             with trio.fail_after(self.limits.chunk_timeout_s):
-                stream = await open_stream(self.node.host, _peer_id(peer), BLOB_PROTOCOL)
+                stream = await open_stream(self.node.host, parse_peer_id(peer), BLOB_PROTOCOL)
                 decoder = FrameDecoder(max_message_bytes=MAX_MANIFEST_BYTES, expected=_ANSWERS)
                 await write_frame(stream, FrameKind.REQUEST, BlobRequest(Op.OPEN, self.blob_id).encode())
                 manifest = self._acceptable(Manifest.decode((await _answer(stream, decoder)).payload))
@@ -366,12 +367,6 @@ async def _answer(stream: INetStream, decoder: FrameDecoder) -> Frame:
     return frame
 
 
-def _peer_id(peer: str) -> Any:
-    from p2p._node import parse_peer_id  # a cycle at import time: _node imports the serving side
-
-    return parse_peer_id(peer)
-
-
 def _check_disk_space(dest: Path, size: int) -> None:
     """Refuse a blob that cannot fit: the part file's existing bytes count as already there."""
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -404,7 +399,7 @@ async def fetch_blob(
     limits: BlobLimits,
     progress: BlobProgress,
     stats: FetchStats,
-) -> bytes | Path:
+) -> bytearray | Path:
     """See `Host.fetch_blob` (the public entry point, which documents the arguments). Trio thread."""
     progress.blob_id = blob_id
     fetch = _Fetch(

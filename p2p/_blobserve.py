@@ -66,8 +66,9 @@ class BlobLimits:
     snapshot fetched at once with room to spare."""
     max_sessions: int = 64
     """Sessions in total. A session holds a stream and a small decoder; its chunks count against max_reads."""
-    max_reads_per_peer: int = 2
-    """Chunks of one peer held at once (read from disk, not yet written): one going out, one prefetched."""
+    max_reads_per_peer: int = 3
+    """Chunks of one peer held at once (read from disk, not yet written): one going out, two read ahead
+    (a disk read and its thread hand-off must not make the stream wait)."""
     max_reads: int = 16
     """Chunks held at once in total: 16 x 4 MiB = 64 MiB at the default chunk size."""
     idle_timeout_s: float = 60.0
@@ -77,9 +78,9 @@ class BlobLimits:
     chunk_timeout_s: float = 30.0
     """Fetching: a peer that does not open its session, answer OPEN, or deliver the chunk we wait for within
     this long is dropped as stalled (4 MiB in 30 s is 140 KB/s, a poor link; a dead one never answers)."""
-    fetch_depth: int = 3
-    """Fetching: chunks asked of one peer and not yet stored. Two keep the stream busy while one is
-    verified; the third covers the store. Memory: peers x depth x chunk size (12 MiB per peer)."""
+    fetch_depth: int = 4
+    """Fetching: chunks asked of one peer and not yet stored: enough that the server always has the next
+    ones queued while we verify and store. Memory: peers x depth x chunk size (16 MiB per peer)."""
     max_memory_bytes: int = 512 * 1024 * 1024
     """Fetching without ``dest``: the largest blob assembled in memory (bigger ones need a file)."""
 
@@ -227,10 +228,12 @@ class BlobServer:
             await write_frame(stream, FrameKind.ERROR, encode_error_payload("NotServed", "not served here"))
             return True
         await write_frame(stream, FrameKind.RESPONSE, source.manifest.encode())
-        send, receive = trio.open_memory_channel[_Out](0)
+        # Read-ahead is bounded by the read tokens, not by the channel: a chunk takes its tokens before
+        # its disk read and gives them back once written (or dropped by the drain below).
+        send, receive = trio.open_memory_channel[_Out](self.limits.max_reads_per_peer)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._read_chunks, stream, decoder, source, reads, send)
-            async with receive:
+            try:
                 async for out in receive:
                     if out.error is not None:
                         self.counters["blob_serve_errors"] += 1
@@ -243,8 +246,21 @@ class BlobServer:
                         self._release(reads)
                     self.counters["blob_chunks_served"] += 1
                     self.counters["blob_bytes_served"] += len(out.data)
-            nursery.cancel_scope.cancel()  # the reader may wait on the next request: the session is over
+            finally:  # no await from here on: the reader cannot slip another chunk in between
+                nursery.cancel_scope.cancel()  # the reader may wait on the next request: the session is over
+                self._drain(receive, reads)
+                receive.close()  # a send after this fails, and the reader keeps its tokens to release them
         return True
+
+    def _drain(self, receive: trio.MemoryReceiveChannel[_Out], reads: trio.Semaphore) -> None:
+        """Give back the tokens of chunks read but never written."""
+        while True:
+            try:
+                out = receive.receive_nowait()
+            except (trio.WouldBlock, trio.EndOfChannel):
+                return
+            if out.error is None:
+                self._release(reads)
 
     async def _read_chunks(
         self,

@@ -10,13 +10,16 @@ the manifest is the whole resume state: `open` re-reads the part file left by an
 the sparse file, found with ``SEEK_DATA``) are skipped without being read. `finish` fsyncs and renames the
 part file into place, so ``dest`` only ever appears complete.
 
-Without a destination the pieces are kept and joined once at the end: one copy of the blob, where a
-preallocated buffer would cost two (into the buffer, then out to ``bytes``).
+Without a destination the blob is assembled in a bytearray that grows at the *frontier* (see below):
+chunk ``i`` is appended once chunks ``0..i`` have arrived (later ones wait in a dict). Each byte is copied
+once, while the transfer goes on, and the bytearray itself is the result. Rejected: joining the pieces at
+the end (a 64 MiB join took 15-21 ms here, all of it after the last byte arrived) and a preallocated
+buffer (12 ms of memset before the first byte, then a copy into it anyway).
 
 Whole-blob check (``verify_whole``, used when the fetcher pinned `Manifest.digest`): every chunk already
 matched its digest, so the whole-blob digest only adds something when the caller knows it in advance and the
 manifest's chunk digests might lie. It is computed along the way rather than by reading the file again at
-the end: a *frontier* hasher takes chunk ``i`` as soon as chunks ``0..i`` are stored (the chunk completing
+the end: the *frontier* hasher takes chunk ``i`` as soon as chunks ``0..i`` are stored (the chunk completing
 the prefix is hashed from memory, later ones already on disk are read back); chunks arrive mostly in order
 (lowest index first), so at the end little or nothing is left to read.
 
@@ -41,17 +44,18 @@ _IOV_MAX = 1024  # Linux's limit on the pieces of one pwritev
 
 
 class BlobSink:
-    """Verified chunks of one manifest -> bytes (``dest`` None) or a file at ``dest`` (trio side)."""
+    """Verified chunks of one manifest -> a bytearray (``dest`` None) or a file at ``dest`` (trio side)."""
 
     def __init__(self, manifest: Manifest, dest: Path | None, *, verify_whole: bool) -> None:
         self.manifest = manifest
         self.dest = dest
         self.part = dest.with_name(dest.name + PART_SUFFIX) if dest is not None else None
-        self._pieces: dict[int, tuple[bytes, ...]] = {}  # memory mode: every chunk; file mode: unhashed ones
+        self._buffer = bytearray() if dest is None else None  # memory mode: chunks 0.._frontier-1
+        self._pending: dict[int, tuple[bytes, ...]] = {}  # stored past the frontier, kept in memory
         self._fd: int | None = None
         self._stored: set[int] = set()
         self._whole = new_blob_hasher() if verify_whole else None
-        self._frontier = 0  # chunks 0.._frontier-1 are in the whole-blob hash
+        self._frontier = 0  # chunks 0.._frontier-1 are in the buffer (memory) and the whole-blob hash
         self._lock = trio.Lock()  # one store at a time in file mode: the frontier hasher is sequential
         self.bytes_resumed = 0
 
@@ -81,10 +85,9 @@ class BlobSink:
         return set(self._stored)
 
     async def store(self, index: int, pieces: tuple[bytes, ...]) -> None:
-        """Keep a verified chunk (and advance the whole-blob hash as far as the stored prefix reaches)."""
-        if self._fd is None and self._whole is None:  # memory, nothing to hash: no thread, no lock
-            self._pieces[index] = pieces
-            self._stored.add(index)
+        """Keep a verified chunk (and advance the buffer and the whole-blob hash as far as they reach)."""
+        if self._fd is None and self._whole is None:  # memory, nothing to hash: a copy, no thread, no lock
+            self._store_sync(index, pieces)
             return
         async with self._lock:
             await trio.to_thread.run_sync(self._store_sync, index, pieces)
@@ -92,28 +95,29 @@ class BlobSink:
     def _store_sync(self, index: int, pieces: tuple[bytes, ...]) -> None:
         if self._fd is not None:
             _pwrite_all(self._fd, pieces, self.manifest.chunk_range(index)[0])
-        if self._fd is None or (self._whole is not None and index == self._frontier):
-            self._pieces[index] = pieces  # file mode: only until the frontier hashes it, just below
         self._stored.add(index)
+        if self._buffer is not None or (self._whole is not None and index == self._frontier):
+            self._pending[index] = pieces  # file mode: only until the frontier hashes it, just below
         self._advance_frontier()
 
     def _advance_frontier(self) -> None:
-        if self._whole is None:
+        if self._buffer is None and self._whole is None:
             return
         while self._frontier in self._stored:
-            pieces = (
-                self._pieces[self._frontier] if self._fd is None else self._pieces.pop(self._frontier, None)
-            )
+            pieces = self._pending.pop(self._frontier, None)
             if pieces is None:  # file mode, stored earlier: read it back
                 assert self._fd is not None
                 offset, length = self.manifest.chunk_range(self._frontier)
                 pieces = (os.pread(self._fd, length, offset),)
             for piece in pieces:
-                self._whole.update(piece)
+                if self._buffer is not None:
+                    self._buffer += piece
+                if self._whole is not None:
+                    self._whole.update(piece)
             self._frontier += 1
 
-    async def finish(self) -> bytes | Path:
-        """Check the whole-blob digest (if asked to); return the bytes, or fsync and rename the part file.
+    async def finish(self) -> bytearray | Path:
+        """Check the whole-blob digest (if asked to); return the blob, or fsync and rename the part file.
 
         Raises IntegrityError if the chunks, each matching its digest, do not add up to the manifest's
         whole-blob digest (a manifest whose chunk digests lie).
@@ -121,13 +125,14 @@ class BlobSink:
         async with self._lock:
             return await trio.to_thread.run_sync(self._finish_sync)
 
-    def _finish_sync(self) -> bytes | Path:
+    def _finish_sync(self) -> bytearray | Path:
         assert len(self._stored) == self.manifest.chunk_count  # internal: called once every chunk is in
+        self._advance_frontier()
         if self._whole is not None:
-            self._advance_frontier()
             check_blob(self.manifest, self._whole.digest())
-        if self._fd is None:
-            return b"".join(p for i in range(self.manifest.chunk_count) for p in self._pieces[i])
+        if self._buffer is not None:
+            assert len(self._buffer) == self.manifest.size  # internal: the frontier reached the end
+            return self._buffer
         assert self.part is not None and self.dest is not None
         os.fsync(self._fd)
         self.close()
