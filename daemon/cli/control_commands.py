@@ -198,6 +198,8 @@ def checkpoint(path: Path, if_unwritable: str, download: bool, home: Path | None
     """Export the merged model to a safetensors file (PATH relative to your working dir)."""
     if path.suffix != ".safetensors":
         raise click.BadParameter("must end in .safetensors", param_hint="PATH")
+    if not path.absolute().parent.is_dir():
+        raise click.BadParameter(f"no directory {path.absolute().parent}", param_hint="PATH")
     if download:
         result = call(home, lambda c: c.download_checkpoint(path), as_json=as_json)
     else:
@@ -207,9 +209,12 @@ def checkpoint(path: Path, if_unwritable: str, download: bool, home: Path | None
         echo_json(msgspec.to_builtins(result))
         return
     if result.relocated_from:
-        console.print(f"[yellow]{result.reason}[/]: wrote into the daemon's home instead")
+        console.print(f"[yellow]the daemon could not write {result.relocated_from}[/]: {result.reason}",
+                      highlight=False)
+    where = " (in the daemon's home instead)" if result.relocated_from else ""
     console.print(
-        f"wrote {result.path} (state {result.state_hash[:16]}, {result.contributions} contributions)"
+        f"wrote {result.path}{where}: state {result.state_hash[:16]}, {result.contributions} contributions",
+        highlight=False,
     )
 
 

@@ -7,6 +7,7 @@ the node and its control site run in the test's loop.
 
 from __future__ import annotations
 
+import asyncio
 import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -14,8 +15,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from click.testing import CliRunner, Result
 from node_testlib import FakeNet, FakeTrainer, running_node, until
 
+from daemon.cli.main import main
 from daemon.config import Config
 from daemon.node.node import Node
 from daemon.service.api import open_control_site
@@ -60,3 +63,8 @@ async def served_node(tmp_path: Path) -> AsyncIterator[Served]:
                 yield served
             finally:
                 await runner.cleanup()
+
+
+async def invoke(*args: str, env: dict[str, str] | None = None) -> Result:
+    """``meshtrain ARGS`` in a worker thread (the node it talks to runs in this loop)."""
+    return await asyncio.to_thread(CliRunner().invoke, main, list(args), env=env)
