@@ -117,7 +117,10 @@ def call(home_path: Path | None, request: Callable[[ControlClient], T], *, as_js
     try:
         return request(client_for(home))
     except ConfigError as exc:
-        fail(str(exc), as_json=as_json)
+        hint = ""
+        if "Permission denied" in str(exc) and socket_override() is None:
+            hint = f" (another user's home: name its socket instead, e.g. --socket {SYSTEM_SOCKET})"
+        fail(f"{exc}{hint}", as_json=as_json)
     except DaemonNotRunning as exc:
         fail(f"{exc}. {not_running_hint(home, chosen=home_path is not None)}", EXIT_NOT_RUNNING,
              as_json=as_json)

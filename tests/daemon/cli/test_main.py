@@ -12,6 +12,7 @@ from click.testing import CliRunner
 
 from daemon.cli import common
 from daemon.cli.main import EXIT_NOT_RUNNING, main
+from daemon.config import ConfigError
 
 
 def test_init_writes_config_and_identity(tmp_path: Path) -> None:
@@ -109,3 +110,15 @@ def test_a_system_service_is_named_not_a_second_daemon(
 def test_logs_follow_is_not_json(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["logs", "-f", "--json", "--home", str(tmp_path)])
     assert result.exit_code == 2 and "--follow" in result.output
+
+
+def test_another_users_home_points_to_its_socket(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A member of the service's group cannot read its home (0700; root reads anything, so the error is
+    injected) but may use its socket: the error says so."""
+
+    def unreadable(self: object, config: object = None) -> Path:
+        raise ConfigError(f"{tmp_path}/config.toml: cannot read the config file: Permission denied")
+
+    monkeypatch.setattr("daemon.home.Home.socket_path", unreadable)
+    result = CliRunner().invoke(main, ["--home", str(tmp_path), "status"])
+    assert result.exit_code == 1 and "--socket /run/meshtrain/control.sock" in result.output
