@@ -165,7 +165,8 @@ class Node:
                                                       reject=sync.reject)
             rounds = Rounds(self.trainer, replica, signer=self.signer, host=self.host,
                                           settings=lambda: self.config.training, announce=sync.announce,
-                                          timing=self._timing)
+                                          timing=self._timing,
+                                          count_peers="expected_peers" not in self.config.diloco)
             self._parts = Parts(replica, sync, rounds, membership)
             self.host.set_request_handler(wire.GENESIS_PROTOCOL, self._serve_genesis)
             sync.install()
@@ -236,7 +237,7 @@ class Node:
     async def export_checkpoint(self, path: Path) -> dict[str, Any]:
         state = self.parts.replica.state
         state_hash, contributions = state.state_hash, state.contribution_count
-        await self.trainer.export(state.materialize(), path)
+        await self.trainer.export(state.materialize, state.genesis.length, path)
         return {"path": str(path), "state_hash": state_hash, "contributions": contributions}
 
     # -- reporting ------------------------------------------------------------------------------------

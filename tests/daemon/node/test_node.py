@@ -9,19 +9,13 @@ from pathlib import Path
 
 import pytest
 from node_testlib import FakeNet, FakeTrainer, host_for, running_node, until
+from node_testlib import node_config as config
 
 from daemon.config import Config, ConfigError, task_path
 from daemon.home import Home
 from daemon.node.node import Node, NodeError
 from daemon.node.store import Store
 from daemon.status import TrainingState
-
-
-def config(**sections: dict) -> Config:
-    base: dict = {"training": {"max_rounds": 3, "eval_every": 1}, "sync": {"interval_s": 0.05}}
-    for name, values in sections.items():
-        base.setdefault(name, {}).update(values)
-    return Config.from_dict(base)
 
 
 async def test_a_founder_trains_its_rounds_and_reports_them(tmp_path: Path) -> None:
@@ -112,39 +106,6 @@ async def test_a_home_of_another_run_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="belongs to run 'default', not 'another'"):
         async with running_node(tmp_path, FakeNet(), config(node={"run": "another"})):
             pass
-
-
-async def test_pause_resume_and_start_more_rounds(tmp_path: Path) -> None:
-    trainer = FakeTrainer()
-    async with running_node(tmp_path, FakeNet(), config(training={"max_rounds": 1}), trainer=trainer) as node:
-        rounds = node.parts.rounds
-        await until(lambda: node.training_state is TrainingState.DONE)
-        rounds.pause()
-        assert rounds.start(2) == 3  # also resumes
-        await until(lambda: node.status().round == 3 and node.training_state is TrainingState.DONE)
-        rounds.pause()
-        rounds.start(0)
-        trainer.round_gate = gate = asyncio.Event()
-        rounds.pause()
-        gate.set()  # the round in flight finishes; the next one waits for resume
-        await until(lambda: node.training_state is TrainingState.PAUSED)
-        paused_at = node.status().round
-        rounds.resume()
-        gate.set()
-        await until(lambda: node.status().round > paused_at)
-
-
-async def test_a_leaving_node_says_goodbye(tmp_path: Path) -> None:
-    net = FakeNet()
-    a_home, b_home = tmp_path / "a", tmp_path / "b"
-    net.link(host_for(a_home, net).peer_id, host_for(b_home, net).peer_id)
-    join = config(node={"bootstrap": [host_for(a_home, net).addr]}, training={"enabled": False})
-    async with running_node(a_home, net, config()) as a:
-        async with running_node(b_home, net, join) as b:
-            b_id = b.host.peer_id
-            await until(lambda: b_id in a.status().peer_info)  # a heartbeat made b a known member
-        info = a.status().peer_info[b_id]
-        assert info.training == "leaving"
 
 
 async def test_a_full_disk_pauses_training_and_pulls_and_the_node_keeps_serving(
