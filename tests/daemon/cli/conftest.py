@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,9 +29,11 @@ ROUNDS = 2
 class SafetensorsTrainer(FakeTrainer):
     """Exports a real safetensors file (one tensor, "weight"), as the training process does."""
 
-    async def export(self, params: np.ndarray, path: Path) -> None:
+    async def export(self, fill: Callable[[np.ndarray], object], size: int, path: Path) -> None:
         from safetensors.numpy import save_file
 
+        params = np.empty(size, np.float32)
+        fill(params)
         save_file({"weight": params}, str(path))
 
 
