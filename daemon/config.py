@@ -46,6 +46,7 @@ __all__ = [
     "TrainingConfig",
     "default_home",
     "load_config",
+    "load_config_sources",
     "parse_listen",
     "task_path",
 ]
@@ -153,6 +154,9 @@ class TrainingConfig(_Section):
     slowdown: Annotated[float, msgspec.Meta(ge=1)] = 1.0
     """Run this many times slower than the hardware allows (idles after each round): to share a machine,
     or to test that a slow peer does not stall the others."""
+    init_from: str = ""
+    """A founder's genesis takes its parameters from this safetensors file (absolute, as ``meshtrain init
+    --from-checkpoint`` writes it). Empty: the task's fresh initialization. A joiner ignores it."""
     byzantine: str = ""
     """TEST ONLY: make this node a Byzantine attacker. "flip10" negates its updates and scales them by 10
     before signing them (validly, with its own key). Used by tests/integration/test_byzantine.py to show
@@ -187,7 +191,11 @@ class SyncConfig(_Section):
 
 class ApiConfig(_Section):
     socket: str = "control.sock"
-    """Control socket path, relative to the home dir. Mode 0600."""
+    """Control socket path, relative to the home dir or absolute (a system service's
+    ``/run/meshtrain/control.sock``). Mode 0600, or 0660 with ``socket_group``."""
+    socket_group: str = ""
+    """Group given the control socket (mode 0660): its members drive the node without being its user.
+    Empty: only the daemon's own user (mode 0600)."""
     tcp_listen: str = ""
     """host:port of an optional TCP control listener (same API; every request must carry
     ``Authorization: Bearer <token>``). Empty: none. Loopback only unless ``tcp_allow_remote``."""
@@ -351,11 +359,18 @@ def _value_at(data: Any, keys: list[tuple[str, str]]) -> Any:
 def load_config(home: Path) -> Config:
     """Read ``home/config.toml``; a missing file means all defaults. Raises ConfigError naming the file
     and the key (an unreadable file, a directory in its place and invalid TOML included)."""
+    return load_config_sources(home)[0]
+
+
+def load_config_sources(home: Path) -> tuple[Config, dict[str, str]]:
+    """``load_config`` and where each value came from: ``{"node.run": "file", ...}``, every key of every
+    table ("file" where config.toml sets it, "default" otherwise; ``[task]`` and ``[diloco]`` list only
+    the keys the file sets). ``meshtrain config show`` adds the flags and environment on top."""
     path = home / CONFIG_FILE
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        return Config()
+        text = ""
     except UnicodeDecodeError as exc:  # found by fuzzing: must be a named config error, not a crash
         raise ConfigError(f"{path}: not UTF-8 text: {exc.reason} at byte {exc.start}") from exc
     except OSError as exc:  # a directory, no permission, an I/O error
@@ -365,9 +380,15 @@ def load_config(home: Path) -> Config:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
     try:
-        return Config.from_dict(data)
+        config = Config.from_dict(data)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from exc
+    sources = {
+        f"{section}.{key}": "file" if key in data.get(section, {}) else "default"
+        for section, table in config.to_dict().items()
+        for key in table
+    }
+    return config, sources
 
 
 def task_path(task: str, base: Path) -> str:

@@ -29,6 +29,7 @@ from p2p._errors import (
 )
 from p2p._host import GossipMessage, Host, HostConfig
 from p2p._identity import Identity, load_or_create_identity, peer_id_from_public_key, public_key_from_peer_id
+from p2p._libp2p import check_tcp_ports_free
 from p2p._nat import NatConfig
 from p2p._reqresp import RequestLimits
 from p2p._security import (
@@ -67,6 +68,7 @@ __all__ = [
     "RequestTimeout",
     "SwarmKeyError",
     "TransferFailed",
+    "check_tcp_ports_free",
     "generate_swarm_key",
     "load_or_create_identity",
     "load_swarm_key",

@@ -1,8 +1,10 @@
 """`meshtrain doctor`: read a running node's status and explain its connectivity in plain words.
 
 Pure: `diagnose(status) -> Report` takes the node's status (`daemon.status.Status`) and says
-what a user behind NAT should do (reachability, relays, port forwarding, which addresses to hand to peers).
-The CLI prints `Report.lines` or, with --json, `Report.as_dict()`.
+what a user behind NAT should do (reachability, relays, port forwarding, which addresses to hand to peers),
+whether its relay service helps anyone, and what stops it outright: a full disk, a genesis it refused
+(`status.join.refused`, with each peer's reason). The CLI prints `Report.lines` or, with --json,
+`Report.as_dict()`; the checks that need no daemon are `daemon.cli.checkup`'s.
 """
 
 from __future__ import annotations
@@ -133,10 +135,39 @@ def diagnose(status: Status) -> Report:
     if not listen:
         advice.append("The node reports no listen address: is it running?")
 
-    if reach == "private" and not relay_addrs:
+    _relay_service(status, findings, advice)
+    blocked = _blockers(status, findings, advice)
+    if blocked or (reach == "private" and not relay_addrs):
         verdict = "problem"
     elif reach == "public" or (reach == "private" and not relayed):
         verdict = "ok"
     else:
         verdict = "warn"
     return Report(verdict=verdict, findings=findings, advice=advice, share_addrs=list(share))
+
+
+def _relay_service(status: Status, findings: list[str], advice: list[str]) -> None:
+    """A relay service forced on (``[nat] relay_service = "on"``) helps only if peers can dial this node."""
+    relay = status.nat.relay_service
+    if relay.mode == "on" and status.reachability != "public":
+        findings.append(f"relay service: on, but this node's reachability is {status.reachability}.")
+        advice.append('A relay helps only when peers can dial it: set relay_service = "auto" in [nat], or '
+                      "make the node reachable (port forward, public IP).")
+
+
+def _blockers(status: Status, findings: list[str], advice: list[str]) -> bool:
+    """What keeps the node from taking part at all: a full disk, refused genesis offers."""
+    blocked = False
+    if status.disk_full:
+        blocked = True
+        findings.append(f"disk full: the store in {status.home} could not log a contribution; new ones are "
+                        "refused until there is room.")
+        advice.append(f"Free space on the disk of {status.home}; the node resumes by itself.")
+    if status.join.refused:
+        findings.append(f"refused the genesis of {len(status.join.refused)} peer(s):")
+        findings += [f"  {peer}: {why}" for peer, why in sorted(status.join.refused.items())]
+        if status.genesis is None:
+            blocked = True
+            advice.append("No acceptable genesis yet: the run name, task, [task] options and [node] genesis "
+                          "must match the run's; `meshtrain init --join <invite>` writes matching ones.")
+    return blocked
