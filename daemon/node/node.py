@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import msgspec
+import numpy as np
 
 import crdt
 import p2p
@@ -43,7 +44,7 @@ from daemon.node.replica import Replica
 from daemon.node.rounds import Rounds
 from daemon.node.store import Store
 from daemon.node.sync import Sync
-from daemon.node.trainer_process import TrainerProcess, TrainerSpec
+from daemon.node.trainer_process import TrainerError, TrainerProcess, TrainerSpec
 from daemon.status import (
     ConfigStatus,
     Counters,
@@ -206,11 +207,29 @@ class Node:
                 )
             return stored
         if not self.config.node.bootstrap:
-            params = await self.trainer.initial_params()
-            return genesis.found_genesis(self.config, self.signer.public_key, params, fragments)
+            return genesis.found_genesis(self.config, self.signer.public_key, await self._founding_params(),
+                                         fragments)
         self._phase = TrainingState.FETCHING_GENESIS
         return await genesis.fetch_genesis(self.host, self.config, fragments, counters=self.counters,
                                            join=self.join)
+
+    async def _founding_params(self) -> np.ndarray:
+        """A founder's parameters: the task's fresh initialization, or ``[training] init_from``'s weights.
+
+        Raises:
+            ConfigError: ``init_from`` is not a checkpoint of the task's model (the message says why).
+        """
+        init_from = self.config.training.init_from
+        if not init_from:
+            return await self.trainer.initial_params()
+        path = Path(init_from).expanduser()
+        path = path if path.is_absolute() else self.home.path / path
+        try:
+            params = await self.trainer.params_from_checkpoint(path)
+        except TrainerError as exc:
+            raise ConfigError(f"[training] init_from: {str(exc).strip().splitlines()[-1]}") from exc
+        log.info("founding parameters from checkpoint=%s params=%d", path, params.size)
+        return params
 
     async def _serve_genesis(self, peer: str, data: bytes) -> bytes:
         request = wire.GenesisRequest.decode(data)

@@ -94,6 +94,15 @@ class TrainerProcess:
         """The task's freshly initialized flat parameters (used once, by the node that founds a run)."""
         return await self._call("init_params")
 
+    async def params_from_checkpoint(self, path: Path) -> np.ndarray:
+        """The flat parameters of a safetensors checkpoint of the task's model (used once, by a founder).
+
+        Raises:
+            TrainerError: the file is not a checkpoint of this model (a tensor missing, extra, or of
+                another shape or dtype: the message names it).
+        """
+        return await self._call("checkpoint_params", path)
+
     async def fragment_ranges(self) -> tuple[tuple[int, int], ...]:
         return await self._call("fragments")
 
@@ -218,6 +227,7 @@ def _child_main(conn: Connection, spec: TrainerSpec) -> None:
             "device": training.resolve_device(config.device).type,
         },
         "init_params": lambda: _fresh_params(task, config),
+        "checkpoint_params": lambda path: _checkpoint_params(task, path),
         "fragments": lambda: training.fragment_ranges(task.build_model(), config.num_fragments),
         "round": lambda name, size, fragment, peers: trainer.run_round(
             params(name, size), fragment=fragment, peers=peers
@@ -262,6 +272,27 @@ def _fresh_params(task: Any, config: Any) -> np.ndarray:
 
     torch.manual_seed(config.seed)
     return training.flatten_params(task.build_model())
+
+
+def _checkpoint_params(task: Any, path: Path) -> np.ndarray:
+    from safetensors.torch import load_file
+
+    import training
+
+    model = task.build_model()
+    expected = model.state_dict()
+    tensors = load_file(str(path))
+    problems = [f"missing {name}" for name in expected if name not in tensors]
+    problems += [f"unexpected {name}" for name in tensors if name not in expected]
+    for name, tensor in tensors.items():
+        want = expected.get(name)
+        if want is not None and (tensor.shape != want.shape or tensor.dtype != want.dtype):
+            problems.append(f"{name} is {tensor.dtype} {tuple(tensor.shape)}, the model has "
+                            f"{want.dtype} {tuple(want.shape)}")
+    if problems:
+        raise ValueError(f"{path} is not a checkpoint of this task's model: " + "; ".join(problems[:8]))
+    model.load_state_dict(tensors, strict=True)
+    return training.flatten_params(model)
 
 
 def _export(task: Any, params: np.ndarray, path: Path) -> None:

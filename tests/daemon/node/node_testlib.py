@@ -24,7 +24,7 @@ import p2p
 from daemon.config import Config
 from daemon.home import Home
 from daemon.node.node import Node
-from daemon.node.trainer_process import Fill
+from daemon.node.trainer_process import Fill, TrainerError
 from training import RoundResult, StalenessPolicy
 
 # -- records ------------------------------------------------------------------------------------------
@@ -239,6 +239,13 @@ class FakeTrainer:
 
     async def fragment_ranges(self) -> tuple[tuple[int, int], ...]:
         return FRAGMENTS
+
+    async def params_from_checkpoint(self, path: Path) -> np.ndarray:
+        """What `export` wrote (raw float32 here; the real trainer reads safetensors)."""
+        params = np.frombuffer(path.read_bytes(), dtype=np.float32)
+        if params.size != PARAMS:
+            raise TrainerError(f"{path} is not a checkpoint of this task's model")
+        return params.copy()
 
     async def run_round(self, fill: Fill, size: int, fragment: int, peers: int | None = None) -> RoundResult:
         fill(np.empty(size, np.float32))

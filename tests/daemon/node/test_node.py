@@ -7,8 +7,9 @@ import asyncio
 import errno
 from pathlib import Path
 
+import numpy as np
 import pytest
-from node_testlib import FakeNet, FakeTrainer, host_for, running_node, until
+from node_testlib import PARAMS, FakeNet, FakeTrainer, host_for, running_node, until
 from node_testlib import node_config as config
 
 from daemon.config import Config, ConfigError, task_path
@@ -170,3 +171,16 @@ def test_nat_settings_are_p2p_s_and_a_bad_one_is_a_config_error(tmp_path: Path) 
                           ({"relay_servise": "on"}, "relay_servise")):
         with pytest.raises(ConfigError, match=fragment):
             host_config(tmp_path, Config.from_dict({"nat": bad}))
+
+
+async def test_a_founder_takes_its_parameters_from_a_checkpoint(tmp_path: Path) -> None:
+    weights = np.arange(PARAMS, dtype=np.float32)
+    (tmp_path / "model.bin").write_bytes(weights.tobytes())
+    founder = config(training={"init_from": str(tmp_path / "model.bin")})
+    async with running_node(tmp_path / "a", FakeNet(), founder) as node:
+        assert np.array_equal(node.parts.replica.state.genesis.params, weights)
+    (tmp_path / "short.bin").write_bytes(weights[:5].tobytes())
+    with pytest.raises(ConfigError, match=r"\[training\] init_from: .* not a checkpoint of this task"):
+        short = config(training={"init_from": str(tmp_path / "short.bin")})
+        async with running_node(tmp_path / "b", FakeNet(), short):
+            pass
