@@ -37,7 +37,7 @@ async def main(config: dict[str, Any]) -> None:
         swarm_key=bytes.fromhex(config["swarm_key"]) if config.get("swarm_key") else None,
         discovery_interval_s=config.get("discovery_interval_s", 2.0),
         dial_private_addrs=True,  # the namespaces use 10.200.0.0/16
-        max_message_bytes=64 * 1024 * 1024,
+        requests=p2p.RequestLimits(max_request_bytes=64 * 1024 * 1024),  # the echo test sends MiBs
     )
     host = p2p.Host(
         p2p.Identity.generate(),

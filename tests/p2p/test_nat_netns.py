@@ -229,13 +229,17 @@ class Run:
     ) -> None:
         self.topo = Topology(symmetric=symmetric)
         self.nodes: list[Node] = []
-        self.topo.build()
-        common = {"swarm_key": swarm_key, "run_id": "natnet"}
-        self.pub = self._start("pub", self.topo.pub, {**common, "nat": {**FAST_NAT, **pub_nat}}, tmp_path)
-        boot = [f"/ip4/10.200.0.1/tcp/{PORT}/p2p/{self.pub.peer_id}"]
-        nated = {**common, "bootstrap": boot, "nat": FAST_NAT}
-        self.a = self._start("A", self.topo.h1, {**nated, "listen": f"/ip4/10.200.1.2/tcp/{PORT}"}, tmp_path)
-        self.b = self._start("B", self.topo.h2, {**nated, "listen": f"/ip4/10.200.2.2/tcp/{PORT}"}, tmp_path)
+        try:  # a node that fails to start must not leave the namespaces behind
+            self.topo.build()
+            common = {"swarm_key": swarm_key, "run_id": "natnet"}
+            self.pub = self._start("pub", self.topo.pub, {**common, "nat": {**FAST_NAT, **pub_nat}}, tmp_path)
+            boot = [f"/ip4/10.200.0.1/tcp/{PORT}/p2p/{self.pub.peer_id}"]
+            nated = {**common, "bootstrap": boot, "nat": FAST_NAT}
+            self.a = self._start("A", self.topo.h1, {**nated, "listen": f"/ip4/10.200.1.2/tcp/{PORT}"}, tmp_path)
+            self.b = self._start("B", self.topo.h2, {**nated, "listen": f"/ip4/10.200.2.2/tcp/{PORT}"}, tmp_path)
+        except BaseException:
+            self.close()
+            raise
 
     def _start(self, name: str, ns: str, config: dict[str, Any], tmp_path: Path) -> Node:
         config.setdefault("listen", f"/ip4/10.200.0.1/tcp/{PORT}")
