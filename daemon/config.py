@@ -14,9 +14,10 @@ ours name the key either way) and the hand-written type checks this module used 
 not ranges or multiaddrs).
 
 The ``[diloco]`` and ``[task]`` tables are handed to ``training`` (``DilocoConfig``, the task's
-``Config``), which validates them; this module only checks that they are tables, so training owns its
-own knobs. Command-line flags override the file (``daemon.cli.local_commands``); ``Config.with_overrides``
-builds the merged value and validates it again.
+``Config``) and ``[nat]`` to ``p2p.NatConfig``, which validate them; this module only checks that they
+are tables, so each package owns its own knobs and no field is copied from one config type to another.
+Command-line flags override the file (``daemon.cli.local_commands``); ``Config.with_overrides`` builds
+the merged value and validates it again.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ __all__ = [
     "TrainingConfig",
     "default_home",
     "load_config",
+    "load_config_sources",
     "parse_listen",
     "task_path",
 ]
@@ -110,16 +112,9 @@ class NodeConfig(_Section):
     checkpoint_quorum: Annotated[int, msgspec.Meta(ge=1)] = 1
     """For a run this node founds: how many signers must vouch for a snapshot before a joiner adopts it
     (capped at the number of signers). Above half the signers is the safe choice."""
-    autonat: bool = True
-    """Ask peers to dial us back (AutoNAT) to learn whether this node is publicly reachable."""
-    autonat_confirmations: Annotated[int, msgspec.Meta(ge=1)] = 1
-    """Peers that must agree before reachability flips to public/private (libp2p's default is 4)."""
-    relay_service: bool = False
-    """Relay traffic (Circuit Relay v2, with limits) for peers behind NAT. Turn on for public nodes."""
-    use_relays: bool = True
-    """Unless publicly reachable: reserve a slot on a relay peer and advertise a /p2p-circuit address."""
-    hole_punch: bool = True
-    """Upgrade relayed connections to direct ones by hole punching (DCUtR)."""
+    dial_private_addrs: bool = False
+    """Let discovery dial the private, loopback and link-local addresses peers announce. Off on the
+    internet (a peer could point the run at hosts inside your network); on for a LAN or one machine."""
     clip_norm: Annotated[float, msgspec.Meta(ge=0)] = 0.0
     """Robust aggregation for a run this node founds: every contribution's weighted L2 norm is clipped to
     this (deterministically, on every replica; see crdt ``Limits.clip_norm``). Written into the genesis,
@@ -159,6 +154,9 @@ class TrainingConfig(_Section):
     slowdown: Annotated[float, msgspec.Meta(ge=1)] = 1.0
     """Run this many times slower than the hardware allows (idles after each round): to share a machine,
     or to test that a slow peer does not stall the others."""
+    init_from: str = ""
+    """A founder's genesis takes its parameters from this safetensors file (absolute, as ``meshtrain init
+    --from-checkpoint`` writes it). Empty: the task's fresh initialization. A joiner ignores it."""
     byzantine: str = ""
     """TEST ONLY: make this node a Byzantine attacker. "flip10" negates its updates and scales them by 10
     before signing them (validly, with its own key). Used by tests/integration/test_byzantine.py to show
@@ -193,7 +191,11 @@ class SyncConfig(_Section):
 
 class ApiConfig(_Section):
     socket: str = "control.sock"
-    """Control socket path, relative to the home dir. Mode 0600."""
+    """Control socket path, relative to the home dir or absolute (a system service's
+    ``/run/meshtrain/control.sock``). Mode 0600, or 0660 with ``socket_group``."""
+    socket_group: str = ""
+    """Group given the control socket (mode 0660): its members drive the node without being its user.
+    Empty: only the daemon's own user (mode 0600)."""
     tcp_listen: str = ""
     """host:port of an optional TCP control listener (same API; every request must carry
     ``Authorization: Bearer <token>``). Empty: none. Loopback only unless ``tcp_allow_remote``."""
@@ -274,6 +276,9 @@ class Config(_Section):
     """Keyword arguments for training.DilocoConfig (validated there)."""
     task: dict[str, Any] = msgspec.field(default_factory=dict)
     """Options of the task's Config (validated by training when the task is built)."""
+    nat: dict[str, Any] = msgspec.field(default_factory=dict)
+    """Keyword arguments for p2p.NatConfig: AutoNAT, relay service and use, hole punching (validated there
+    when the node starts)."""
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Config:
@@ -354,11 +359,18 @@ def _value_at(data: Any, keys: list[tuple[str, str]]) -> Any:
 def load_config(home: Path) -> Config:
     """Read ``home/config.toml``; a missing file means all defaults. Raises ConfigError naming the file
     and the key (an unreadable file, a directory in its place and invalid TOML included)."""
+    return load_config_sources(home)[0]
+
+
+def load_config_sources(home: Path) -> tuple[Config, dict[str, str]]:
+    """``load_config`` and where each value came from: ``{"node.run": "file", ...}``, every key of every
+    table ("file" where config.toml sets it, "default" otherwise; ``[task]`` and ``[diloco]`` list only
+    the keys the file sets). ``meshtrain config show`` adds the flags and environment on top."""
     path = home / CONFIG_FILE
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        return Config()
+        text = ""
     except UnicodeDecodeError as exc:  # found by fuzzing: must be a named config error, not a crash
         raise ConfigError(f"{path}: not UTF-8 text: {exc.reason} at byte {exc.start}") from exc
     except OSError as exc:  # a directory, no permission, an I/O error
@@ -368,9 +380,15 @@ def load_config(home: Path) -> Config:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
     try:
-        return Config.from_dict(data)
+        config = Config.from_dict(data)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from exc
+    sources = {
+        f"{section}.{key}": "file" if key in data.get(section, {}) else "default"
+        for section, table in config.to_dict().items()
+        for key in table
+    }
+    return config, sources
 
 
 def task_path(task: str, base: Path) -> str:

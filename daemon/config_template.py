@@ -4,6 +4,8 @@ what it does (the keys themselves are defined and validated in ``daemon.config``
 from __future__ import annotations
 
 import tomllib
+from collections.abc import Mapping
+from typing import Any
 
 import tomli_w
 
@@ -31,13 +33,8 @@ mdns = false
 # swarm_key = "swarm.key"
 # Only these peer ids may connect (empty: anyone holding the swarm key, or anyone if there is none).
 # allow_peers = ["12D3Koo..."]
-# NAT traversal (`meshtrain doctor` explains what to do behind NAT). Learn our reachability (AutoNAT):
-autonat = true
-# Relay for peers behind NAT (public nodes): relay_service = true
-relay_service = false
-# Behind NAT: reserve a slot on a relay and advertise the relayed address; hole punch to direct.
-use_relays = true
-hole_punch = true
+# Dial the private/loopback addresses peers announce (a LAN or one machine; off on the internet).
+dial_private_addrs = false
 # Snapshots a joiner may adopt must be vouched for by checkpoint signers (fixed in the genesis when this
 # node founds the run): the founder, these peer ids, and allow_peers on a private run; quorum of them.
 # checkpoint_signers = ["12D3Koo..."]
@@ -45,6 +42,20 @@ checkpoint_quorum = 1
 # Robust aggregation, fixed in the genesis when this node founds the run: clip every contribution's
 # weighted L2 norm to this (a few times the honest update norm; see SECURITY.md). 0: off.
 clip_norm = 0.0
+
+[nat]
+# NAT traversal (`meshtrain doctor` explains what to do behind NAT; keys of p2p.NatConfig).
+# Learn whether this node is reachable from outside (AutoNAT):
+autonat = true
+# Relay for peers behind NAT: "auto" (while AutoNAT says this node is public), "on" or "off", within
+# limits (slots, circuits per peer, circuit duration and bytes).
+relay_service = "auto"
+relay_max_reservations = 32
+relay_circuit_duration_s = 1800
+relay_circuit_bytes = 134217728
+# Behind NAT: reserve a slot on a relay and advertise the relayed address; hole punch to direct.
+use_relays = true
+hole_punch = true
 
 [training]
 # Train locally (a node with training off still merges and serves the model).
@@ -63,6 +74,8 @@ shard = -1
 num_shards = 4
 # Train this many times slower than the hardware allows (idle between rounds), e.g. 2.0 on a shared desktop.
 slowdown = 1.0
+# A founder's genesis takes its parameters from this safetensors file (`meshtrain init --from-checkpoint`).
+init_from = {init_from}
 
 [sync]
 # Anti-entropy period in seconds, and the most contributions shipped per response.
@@ -77,8 +90,10 @@ snapshot_every = 256
 member_ttl_s = 3600.0
 
 [api]
-# Control socket (mode 0600), relative to the home dir.
+# Control socket (mode 0600), relative to the home dir or absolute ("/run/meshtrain/control.sock").
 socket = "control.sock"
+# Group given the socket (mode 0660): its members may drive this node without being its user.
+socket_group = ""
 # Optional TCP control listener, e.g. "127.0.0.1:8466" (loopback only unless tcp_allow_remote = true).
 # Every request must send "Authorization: Bearer <the token in token_file>" (made 0600 by `meshtrain init`).
 tcp_listen = ""
@@ -102,16 +117,17 @@ listen = "127.0.0.1:9464"
 enabled = false
 listen = "127.0.0.1:8465"
 
-[task]
-# Options of the task's model and data, e.g. for stdlib-lm (`meshtrain task options stdlib-lm` lists them):
-# n_layer = 4
-# n_embd = 128
-
+{task_section}
 [diloco]
 # Passed to training.DilocoConfig, e.g.:
 # inner_steps = 20
 # codec = "sparse-q8"    # or dense-f32, dense-bf16, sparse-f32, sparse-q4, sparse-q2, dct-q8
 # topk_density = 0.02
+"""
+TASK_COMMENT = """\
+# Options of the task's model and data (`meshtrain task options NAME` lists them), e.g. for stdlib-lm:
+# n_layer = 4
+# n_embd = 128
 """
 
 
@@ -123,6 +139,8 @@ def render_config(
     task: str = TrainingConfig().task,
     max_rounds: int = 0,
     genesis: str = "",
+    task_options: Mapping[str, Any] | None = None,
+    init_from: str = "",
 ) -> str:
     """The commented config file that ``meshtrain init`` writes.
 
@@ -131,7 +149,8 @@ def render_config(
             before rendering, so a value can never break the TOML.
     """
     node = {"run": run, "listen": list(listen), "bootstrap": list(bootstrap), "genesis": genesis}
-    Config.from_dict({"node": node, "training": {"task": task, "max_rounds": max_rounds}})
+    training = {"task": task, "max_rounds": max_rounds, "init_from": init_from}
+    Config.from_dict({"node": node, "training": training, "task": dict(task_options or {})})
     text = CONFIG_TEMPLATE.format(
         run=_toml_string(run),
         listen=_toml_list(listen),
@@ -139,9 +158,16 @@ def render_config(
         task=_toml_string(task),
         genesis=_toml_string(genesis),
         max_rounds=max_rounds,
+        init_from=_toml_string(init_from),
+        task_section="[task]\n" + TASK_COMMENT + _toml_table("task", task_options or {}),
     )
     Config.from_dict(tomllib.loads(text))  # what init writes must load
     return text
+
+
+def _toml_table(name: str, table: Mapping[str, Any]) -> str:
+    """The keys of a table (and its sub-tables, headed ``[name.sub]``), without its own header."""
+    return tomli_w.dumps({name: dict(table)}).removeprefix(f"[{name}]\n")
 
 
 def _toml_list(items: tuple[str, ...]) -> str:

@@ -36,6 +36,7 @@ __all__ = [
     "LimitsStatus",
     "NatStatus",
     "PeerInfo",
+    "RelayService",
     "RoundRecord",
     "Status",
     "TrainingState",
@@ -140,19 +141,35 @@ class PeerInfo(_Record):
     """Seconds since the heartbeat arrived."""
 
 
+class RelayService(_Record):
+    """The Circuit Relay v2 service this node offers peers behind NAT."""
+
+    mode: str = "off"
+    """``[nat] relay_service``: "auto" (relay while AutoNAT says public), "on" or "off"."""
+    active: bool = False
+    """Relaying now."""
+    reservations: int = 0
+    """Peers holding a relay slot on this node now."""
+    circuits: int = 0
+    """Relayed connections through this node now."""
+    limits: dict[str, int] = msgspec.field(default_factory=dict)
+    counters: dict[str, int] = msgspec.field(default_factory=dict)
+
+
 class NatStatus(_Record):
     """NAT traversal as the host sees it (``p2p.Host.nat_status``)."""
 
     reachability: str = "unknown"
     connections: dict[str, str] = msgspec.field(default_factory=dict)
     relay_addrs: list[str] = msgspec.field(default_factory=list)
+    """This node's relayed addresses (give them to peers when it is not reachable directly)."""
     relays: list[str] = msgspec.field(default_factory=list)
+    """Relays holding a slot for this node."""
     autonat_verdicts: dict[str, bool] = msgspec.field(default_factory=dict)
     """AutoNAT server -> whether its dial-back reached us."""
-    relay_service: bool = False
-    use_relays: bool = False
-    hole_punch: bool = False
-    autonat: bool = False
+    relay_service: RelayService = msgspec.field(default_factory=RelayService)
+    config: dict[str, Any] = msgspec.field(default_factory=dict)
+    """The ``[nat]`` settings in effect (``p2p.NatConfig``)."""
     counters: dict[str, int] = msgspec.field(default_factory=dict)
 
 
@@ -265,6 +282,10 @@ class RoundRecord(msgspec.Struct, kw_only=True):
     residual_norm: float
     """L2 norm of the error-feedback residual carried to the next round."""
     round_s: float
+    spans_s: dict[str, float] = msgspec.field(default_factory=dict)
+    """Where the round's time went: materialize (the merged model into the training process's block),
+    train (the training process: inner steps, outer step, compression), sign, accept (verify, apply,
+    log with fsync), commit (the trainer saves its state), announce. All but train are the daemon's."""
     val_loss: float | None = None
     val_accuracy: float | None = None
     val_bpb: float | None = None

@@ -1,93 +1,84 @@
-"""Bulk transfer, asyncio side: serve blobs and fetch them in parallel from several peers.
+"""Fetching a blob from several peers at once (trio side): sessions, verification, progress, blame.
 
 Theory of operation
 -------------------
-The protocol (`/meshtrain/blob/1`, wire format in `p2p/_transfer.py`) rides on `Host.request`: every
-exchange is one yamux stream carrying one request frame and one response frame, so a dead peer costs only
-the chunks it had in flight, and chunks from different peers never share a stream.
+`fetch_blob` runs in the Host's trio thread (one bridge crossing per fetch, not per chunk). It opens one
+`/meshtrain/blob/2` session per candidate peer (wire format in `p2p/_transfer.py`, serving side in
+`p2p/_blobserve.py`):
 
-Fetch (`fetch_blob`):
+1. OPEN: every peer is asked for the manifest at once. A manifest is acceptable if it matches what the
+   caller pinned (``root``: the manifest's own hash, which authenticates every chunk digest; ``digest``:
+   the whole blob's hash; ``size``), and is within bounds (``max_bytes``; the free disk space with
+   ``dest``; `BlobLimits.max_memory_bytes` without). The first acceptable manifest defines the fetch;
+   a peer whose manifest differs is dropped. Each peer starts pulling as soon as its own answer agrees.
+2. READ: each session keeps up to ``fetch_depth`` chunks requested-but-not-stored (so the stream never idles
+   between chunks and memory stays bounded by peers x depth x chunk size). `FetchPlan` decides which chunk
+   each peer asks for next (lowest index first; duplicates only in the endgame). Every chunk is hashed in a
+   worker thread and checked against the manifest before it is kept; the `BlobSink` writes it (to
+   ``<dest>.part``, or into a preallocated buffer) and hashes the whole blob along the way.
+3. A peer is dropped, with its reason in `BlobProgress.dropped` and `TransferFailed.peer_errors`, when it is
+   unreachable, refuses (NotServed, Busy), stalls (no chunk within ``chunk_timeout_s`` of asking) or lies
+   (a chunk that fails its digest, a manifest that is malformed or not the pinned one). Its chunks go back
+   to the pool and the others finish.
+4. When every chunk is in, the whole-blob digest is checked; with ``dest`` the part file is fsynced and
+   renamed into place. After a failure, cancellation or crash the part file stays: the next `fetch_blob`
+   to the same ``dest`` re-verifies it and fetches only the missing chunks.
 
-1. Ask every candidate peer for the blob's manifest at once. The first acceptable manifest (digest and size
-   match what the caller pinned, if anything) defines the fetch; a peer whose manifest disagrees is dropped.
-   Peers start pulling chunks as soon as their own manifest answer agrees: a slow peer does not hold back
-   the others.
-2. Each peer runs ``max_in_flight_per_peer`` workers (2 by default: one request on the wire while the
-   other's response is verified and stored). `FetchPlan` decides which chunk each worker asks for; every
-   chunk is blake2b-checked (in a worker thread: 4 MiB of hashing would otherwise stall the event loop)
-   before it is kept. A peer that fails (unreachable, timeout, corrupt chunk) is dropped with a logged
-   reason and its in-flight chunks go back to the pool for the others. A ``RateLimited`` refusal (the
-   serving peer's per-peer request budget, p2p/_security.py) is not a failure: the worker backs off and
-   retries.
-3. When every chunk is in, the whole blob is hashed once more against the manifest digest. With ``dest``,
-   chunks are written at their offsets into ``<dest>.part`` (memory stays bounded by peers x in-flight x
-   chunk size), then fsynced and renamed to ``dest``; a later call after a failure re-verifies the part
-   file and fetches only the chunks that are missing or wrong.
+Trust: pin ``root`` when you can (a signed announcement can carry it). With only ``digest`` pinned, a
+manifest whose chunk digests lie is caught at the end (IntegrityError, the part file is discarded); with
+nothing pinned the first manifest is trusted and the checks only prove the peers agree with it.
 
 Failure: `TransferFailed` (every peer dropped, or the deadline passed) with each peer's reason;
-`BlobNotFound` (a TransferFailed) when no peer produced a manifest at all.
+`BlobNotFound` (a TransferFailed) when no peer produced an acceptable manifest at all.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import inspect
 import logging
-import os
-from collections.abc import Awaitable, Callable, Sequence
+import math
+import shutil
+import time
+from collections import deque
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from p2p._errors import BlobNotFound, P2PError, ProtocolViolation, RemoteError, TransferFailed
-from p2p._transfer import (
-    DEFAULT_CHUNK_BYTES,
-    BlobRequest,
-    BlobSource,
-    FetchPlan,
-    Manifest,
-    Op,
-    Verdict,
-    blob_digest,
-    check_blob,
-    chunk_digest,
-    scan_verified_chunks,
+import trio
+from libp2p.abc import INetStream
+
+from p2p._blobserve import BLOB_PROTOCOL, BlobLimits
+from p2p._blobsink import BlobSink
+from p2p._errors import (
+    BlobNotFound,
+    IntegrityError,
+    P2PError,
+    ProtocolViolation,
+    RemoteError,
+    TransferFailed,
 )
+from p2p._framing import Frame, FrameDecoder, FrameKind
+from p2p._node import parse_peer_id
+from p2p._reqresp import finish_stream, open_stream, read_frame, remote_error, write_frame
+from p2p._transfer import MAX_MANIFEST_BYTES, BlobRequest, FetchPlan, Manifest, Op, Verdict, chunk_digest
 
 if TYPE_CHECKING:
-    from p2p._host import Host
+    from p2p._node import TrioNode
 
-__all__ = ["BLOB_PROTOCOL", "BlobProvider", "BlobStats", "fetch_blob", "serve_blobs"]
+__all__ = ["BlobProgress", "FetchStats", "fetch_blob"]
 
 log = logging.getLogger(__name__)
 
-BLOB_PROTOCOL = "/meshtrain/blob/1"
-DEFAULT_MAX_BLOB_BYTES = 8 * 1024**3  # the fetcher's bound on a manifest's size (a peer must not make us
-# write 1 TiB); snapshots of the models meshtrain trains are well under 1 GiB
-RATE_LIMIT_BACKOFF_S = 0.2  # a refused request waits this long before the chunk is asked again
-HASH_BUFFER_BYTES = DEFAULT_CHUNK_BYTES  # read size when re-hashing a file
 
-BlobProvider = Callable[[bytes], "BlobSource | Awaitable[BlobSource | None] | None"]
-
-
-class NotServed(LookupError):
-    """Raised by the serving side for an unknown blob id; the fetcher sees RemoteError('NotServed')."""
-
-
-class BlobStats:
-    """Counters of one Host's blob traffic (asyncio loop only)."""
+class FetchStats:
+    """Counters of one Host's fetches (written in the trio thread; int reads are atomic)."""
 
     __slots__ = (
         "blob_bytes_fetched",
-        "blob_bytes_served",
-        "blob_chunk_failures",
         "blob_chunks_fetched",
-        "blob_chunks_served",
         "blob_corrupt_chunks",
         "blob_fetches_failed",
         "blob_fetches_ok",
         "blob_peers_dropped",
-        "blob_rate_limited",
     )
 
     def __init__(self) -> None:
@@ -98,87 +89,44 @@ class BlobStats:
         return {name: getattr(self, name) for name in self.__slots__}
 
 
-# ---------------------------------------------------------------------------------------------- serving
+class BlobProgress:
+    """Live state of one fetch, for a status page. Written in the trio thread; read it with `as_dict`.
 
+    Pass one to `Host.fetch_blob(progress=...)` to watch a fetch, or read `Host.blob_fetches()`.
+    """
 
-def serve_blobs(host: Host, provider: BlobProvider, stats: BlobStats) -> None:
-    """Answer `/meshtrain/blob/1` requests from ``provider(blob_id) -> BlobSource | None`` (sync or async)."""
+    def __init__(self) -> None:
+        self.blob_id = b""
+        self.state = "starting"  # -> fetching -> verifying -> done | failed
+        self.bytes_total = 0
+        self.bytes_done = 0  # verified and stored, resumed bytes included
+        self.bytes_resumed = 0  # found already verified in the part file
+        self.chunks_total = 0
+        self.chunks_done = 0
+        self.sources: set[str] = set()  # peers pulling chunks right now
+        self.dropped: dict[str, str] = {}  # peer -> why it was dropped
+        self.started_at = time.monotonic()
+        self.finished_at: float | None = None
 
-    async def handle(peer_id: str, data: bytes) -> bytes:
-        request = BlobRequest.decode(data)
-        source = provider(request.blob_id)
-        if inspect.isawaitable(source):
-            source = await source
-        if source is None:
-            raise NotServed(f"blob {request.blob_id[:64]!r} is not served here")
-        if request.op is Op.MANIFEST:
-            return source.manifest.encode()
-        if source.reads_block:
-            chunk = await asyncio.to_thread(source.read, request.offset, request.length)
-        else:
-            chunk = source.read(request.offset, request.length)
-        stats.blob_chunks_served += 1
-        stats.blob_bytes_served += len(chunk)
-        return chunk
+    @property
+    def rate_bytes_per_s(self) -> float:
+        """Bytes fetched over the network (not resumed ones) per second since the start."""
+        elapsed = (self.finished_at or time.monotonic()) - self.started_at
+        return (self.bytes_done - self.bytes_resumed) / elapsed if elapsed > 0 else 0.0
 
-    host.set_request_handler(BLOB_PROTOCOL, handle)
-
-
-# ---------------------------------------------------------------------------------------------- fetching
-
-
-class _Sink:
-    """Where verified chunks go: a list (return bytes) or a part file (return its final Path)."""
-
-    def __init__(self, manifest: Manifest, dest: Path | None) -> None:
-        self.manifest = manifest
-        self.dest = dest
-        self.part = dest.with_name(dest.name + ".part") if dest is not None else None
-        self.chunks: list[bytes | None] = [None] * manifest.chunk_count
-        self.fd: int | None = None
-
-    def open_and_scan(self) -> set[int]:
-        """(Thread) open the part file, truncate it to size, return the chunks it already holds."""
-        if self.part is None:
-            return set()
-        self.part.parent.mkdir(parents=True, exist_ok=True)
-        self.fd = os.open(self.part, os.O_RDWR | os.O_CREAT, 0o600)
-        fd = self.fd
-        available = os.fstat(fd).st_size
-        have = scan_verified_chunks(self.manifest, lambda off, n: os.pread(fd, n, off), available)
-        os.ftruncate(fd, self.manifest.size)
-        return have
-
-    async def store(self, index: int, data: bytes) -> None:
-        offset, _ = self.manifest.chunk_range(index)
-        if self.fd is None:
-            self.chunks[index] = data
-            return
-        fd = self.fd
-        await asyncio.to_thread(os.pwrite, fd, data, offset)
-
-    def finish(self) -> bytes | Path:
-        """(Thread) verify the whole blob; return bytes, or fsync and rename the part file into place."""
-        if self.fd is None:
-            data = b"".join(c for c in self.chunks if c is not None)
-            check_blob(self.manifest, blob_digest(data))
-            return data
-        import hashlib
-
-        whole = hashlib.blake2b(digest_size=len(self.manifest.digest))
-        for offset in range(0, self.manifest.size, HASH_BUFFER_BYTES):
-            whole.update(os.pread(self.fd, min(HASH_BUFFER_BYTES, self.manifest.size - offset), offset))
-        check_blob(self.manifest, whole.digest())
-        os.fsync(self.fd)
-        self.close()
-        assert self.part is not None and self.dest is not None
-        os.replace(self.part, self.dest)
-        return self.dest
-
-    def close(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "blob_id": self.blob_id.decode("utf-8", "replace"),
+            "state": self.state,
+            "bytes_done": self.bytes_done,
+            "bytes_total": self.bytes_total,
+            "bytes_resumed": self.bytes_resumed,
+            "chunks_done": self.chunks_done,
+            "chunks_total": self.chunks_total,
+            "rate_bytes_per_s": round(self.rate_bytes_per_s),
+            "sources": sorted(list(self.sources)),
+            "dropped": dict(self.dropped),
+        }
 
 
 class _Fetch:
@@ -186,228 +134,316 @@ class _Fetch:
 
     def __init__(
         self,
-        host: Host,
+        node: TrioNode,
         blob_id: bytes,
         *,
-        digest: bytes | None,
-        size: int | None,
+        pins: tuple[bytes | None, bytes | None, int | None],
+        max_bytes: int | None,
         dest: Path | None,
-        chunk_timeout_s: float,
-        max_in_flight_per_peer: int,
-        max_blob_bytes: int,
-        stats: BlobStats,
+        limits: BlobLimits,
+        progress: BlobProgress,
+        stats: FetchStats,
     ) -> None:
-        self.host = host
+        self.node = node
         self.blob_id = blob_id
-        self.digest, self.size, self.dest = digest, size, dest
-        self.chunk_timeout_s = chunk_timeout_s
-        self.max_in_flight_per_peer = max_in_flight_per_peer
-        self.max_blob_bytes = max_blob_bytes
+        self.root, self.digest, self.size = pins
+        self.max_bytes = max_bytes
+        self.dest = dest
+        self.limits = limits
+        self.progress = progress
         self.stats = stats
         self.plan: FetchPlan | None = None
-        self.sink: _Sink | None = None
-        self.manifest_errors: dict[str, str] = {}
-        self.changed = asyncio.Condition()
-        self.ready = asyncio.Event()  # set once the plan exists and the part file is scanned
+        self.sink: BlobSink | None = None
+        self.failed: dict[str, str] = {}  # peers dropped before or while joining the plan
         self.storing = 0  # accepted chunks whose write to the sink is still in flight
-
-    async def run(self, peers: Sequence[str]) -> bytes | Path:
-        unique = list(dict.fromkeys(peers))
-        try:
-            async with asyncio.TaskGroup() as tg:
-                for peer in unique:
-                    tg.create_task(self._peer(peer))
-                tg.create_task(self._supervise(len(unique)))
-        except* _Done:
-            pass
-        assert self.plan is not None and self.sink is not None
-        return await asyncio.to_thread(self.sink.finish)
+        self._adopt_lock = trio.Lock()
+        self._changed = trio.Event()
 
     # -- the decision: complete, or every peer gone
 
-    async def _supervise(self, n_peers: int) -> None:
-        def settled() -> bool:
-            if self.plan is not None and self.plan.complete:
-                # Complete means every chunk accepted; wait until the last writes have landed too, or the
-                # cancellation that ends the fetch would race them and finish() would hash a gap.
-                return self.storing == 0
-            answered = len(self.manifest_errors) + (len(self.plan.peers) if self.plan else 0)
-            return answered == n_peers and (self.plan is None or not self.plan.active_peers())
+    async def run(self, peers: Sequence[str]) -> bytearray | Path:
+        unique = list(dict.fromkeys(peers))
+        async with trio.open_nursery() as nursery:
+            for peer in unique:
+                nursery.start_soon(self._peer, peer)
+            while not self._settled(len(unique)):
+                await self._wait_change()
+            nursery.cancel_scope.cancel()
+        if self.plan is None or self.sink is None:
+            raise BlobNotFound(f"no peer offered blob {self.blob_id[:64]!r}", peer_errors=self.peer_errors())
+        if not self.plan.complete:
+            raise self._failure(f"every peer failed while fetching blob {self.blob_id[:64]!r}")
+        self.progress.state = "verifying"
+        try:
+            return await self.sink.finish()
+        except IntegrityError as exc:  # the adopted manifest lied about its chunks: nothing in it is kept
+            self.sink.discard()
+            sources = ", ".join(sorted(self.plan.peers))
+            raise IntegrityError(f"{exc} (manifest from {sources}); the part file was discarded") from exc
 
-        async with self.changed:
-            await self.changed.wait_for(settled)
-        if self.plan is not None and self.plan.complete:
-            raise _Done
-        errors = {**self.manifest_errors, **(self.plan.peer_errors() if self.plan else {})}
-        if self.plan is None:
-            raise BlobNotFound(f"no peer offered blob {self.blob_id[:64]!r}", peer_errors=errors)
-        raise TransferFailed(
-            f"every peer failed while fetching blob {self.blob_id[:64]!r}",
-            peer_errors=errors,
-            chunks_done=len(self.plan.done),
-            chunks_total=self.plan.manifest.chunk_count,
+    def _settled(self, n_peers: int) -> bool:
+        plan = self.plan
+        if plan is not None and plan.complete:
+            # Complete means every chunk accepted; wait until the last writes have landed too, or the
+            # cancellation that ends the fetch would race them and finish() would hash a gap.
+            return self.storing == 0
+        joined = len(plan.peers) if plan is not None else 0
+        active = len(plan.active_peers()) if plan is not None else 0
+        return n_peers - len(self.failed) - joined == 0 and active == 0
+
+    def _failure(self, message: str) -> TransferFailed:
+        plan = self.plan
+        return TransferFailed(
+            message,
+            peer_errors=self.peer_errors(),
+            chunks_done=len(plan.done) if plan else 0,
+            chunks_total=plan.manifest.chunk_count if plan else 0,
         )
 
-    async def _notify(self) -> None:
-        async with self.changed:
-            self.changed.notify_all()
+    def peer_errors(self) -> dict[str, str]:
+        return {**self.failed, **(self.plan.peer_errors() if self.plan else {})}
 
-    # -- one peer: manifest, then workers
+    async def _wait_change(self) -> None:
+        await self._changed.wait()
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    def _drop(self, peer: str, reason: str, *, in_plan: bool) -> None:
+        if in_plan and self.plan is not None:
+            self.plan.on_failure(peer, None, reason)
+            reason = self.plan.peers[peer].error or reason
+        else:
+            self.failed[peer] = reason
+        if peer not in self.progress.dropped:
+            self.stats.blob_peers_dropped += in_plan
+            self.progress.dropped[peer] = reason
+            log.info("blob peer dropped peer=%s blob=%r reason=%s", peer, self.blob_id[:64], reason)
+        self.progress.sources.discard(peer)
+        self._notify()
+
+    # -- one peer: open, manifest, then pull chunks
 
     async def _peer(self, peer: str) -> None:
+        stream: INetStream | None = None
+        ok = False
         try:
-            manifest = await self._manifest(peer)
-        except (P2PError, ValueError) as exc:
-            self.manifest_errors[peer] = _reason(exc)
-            log.info("blob peer skipped peer=%s blob=%r reason=%s", peer, self.blob_id[:64], _reason(exc))
-            await self._notify()
-            return
-        if self.sink is None:  # the first acceptable manifest defines the fetch (set before any await)
-            self.sink = _Sink(manifest, self.dest)
-            have = await asyncio.to_thread(self.sink.open_and_scan)
-            self.plan = FetchPlan(manifest, have=have, max_in_flight_per_peer=self.max_in_flight_per_peer)
-            self.ready.set()
-        await self.ready.wait()
-        plan = self.plan
-        assert plan is not None
-        if manifest != plan.manifest:
-            self.manifest_errors[peer] = "its manifest disagrees with the first one accepted"
-            await self._notify()
-            return
-        plan.add_peer(peer)
-        async with asyncio.TaskGroup() as tg:
-            for _ in range(self.max_in_flight_per_peer):
-                tg.create_task(self._worker(peer, plan))
-        error = plan.peers[peer].error
-        if error is not None:
-            self.stats.blob_peers_dropped += 1
-            log.warning("blob peer dropped peer=%s blob=%r reason=%s", peer, self.blob_id[:64], error)
-        await self._notify()
+            with trio.fail_after(self.limits.chunk_timeout_s):
+                stream = await open_stream(self.node.host, parse_peer_id(peer), BLOB_PROTOCOL)
+                decoder = FrameDecoder(max_message_bytes=MAX_MANIFEST_BYTES, expected=_ANSWERS)
+                await write_frame(stream, FrameKind.REQUEST, BlobRequest(Op.OPEN, self.blob_id).encode())
+                manifest = self._acceptable(Manifest.decode((await _answer(stream, decoder)).payload))
+            plan = await self._join(peer, manifest)
+        except (P2PError, ValueError, trio.TooSlowError) as exc:
+            self._drop(peer, _reason(exc, self.limits.chunk_timeout_s), in_plan=False)
+        else:
+            decoder = FrameDecoder(max_message_bytes=manifest.chunk_size, expected=_ANSWERS)
+            await self._pull(stream, decoder, peer, plan)
+            ok = plan.peers[peer].error is None
+        finally:
+            if stream is not None:
+                await finish_stream(stream, ok=ok)
 
-    async def _manifest(self, peer: str) -> Manifest:
-        request = BlobRequest(Op.MANIFEST, self.blob_id).encode()
-        manifest = Manifest.decode(
-            await self.host.request(peer, BLOB_PROTOCOL, request, timeout_s=self.chunk_timeout_s)
-        )
+    def _acceptable(self, manifest: Manifest) -> Manifest:
+        if self.root is not None and manifest.root != self.root:
+            raise ProtocolViolation(f"manifest root {manifest.root.hex()[:16]}.. is not the one pinned")
         if self.digest is not None and manifest.digest != self.digest:
             raise ProtocolViolation(f"manifest digest {manifest.digest.hex()[:16]}.. is not the one pinned")
         if self.size is not None and manifest.size != self.size:
             raise ProtocolViolation(f"manifest size {manifest.size} != expected {self.size}")
-        if manifest.size > self.max_blob_bytes:
-            raise ProtocolViolation(f"blob of {manifest.size} bytes > max_blob_bytes={self.max_blob_bytes}")
+        limit = self.limits.max_memory_bytes if self.dest is None else self.max_bytes
+        if limit is not None and manifest.size > limit:
+            raise ProtocolViolation(f"blob of {manifest.size} bytes > the {limit}-byte limit of this fetch")
         return manifest
 
-    async def _worker(self, peer: str, plan: FetchPlan) -> None:
-        assert self.sink is not None
-        while True:
+    async def _join(self, peer: str, manifest: Manifest) -> FetchPlan:
+        async with self._adopt_lock:  # the first acceptable manifest that fits defines the fetch
+            if self.plan is None:
+                await self._adopt(manifest)
+        plan = self.plan
+        assert plan is not None  # internal: _adopt set it or raised
+        if manifest != plan.manifest:
+            raise ProtocolViolation("its manifest disagrees with the one this fetch adopted")
+        plan.add_peer(peer)
+        self.progress.sources.add(peer)
+        return plan
+
+    async def _adopt(self, manifest: Manifest) -> None:
+        if self.dest is not None:  # a peer announcing more than the disk holds is dropped, not obeyed
+            await trio.to_thread.run_sync(_check_disk_space, self.dest, manifest.size)
+        self.sink = BlobSink(manifest, self.dest, verify_whole=self.digest is not None)
+        have = await self.sink.open()
+        self.plan = FetchPlan(manifest, have=have, max_in_flight_per_peer=self.limits.fetch_depth)
+        progress = self.progress
+        progress.bytes_total, progress.chunks_total = manifest.size, manifest.chunk_count
+        progress.bytes_resumed = progress.bytes_done = self.sink.bytes_resumed
+        progress.chunks_done = len(have)
+        progress.state = "fetching"
+        self._notify()
+
+    async def _pull(self, stream: INetStream, decoder: FrameDecoder, peer: str, plan: FetchPlan) -> None:
+        """One session's requester and receiver; returns once the plan is complete or the peer dropped.
+
+        Verification and storage run in their own nursery, outside the session's: ending the session (the
+        plan completed, or the peer was dropped) never cancels a chunk that is being stored.
+        """
+        asked: deque[int] = deque()
+        async with trio.open_nursery() as storing, trio.open_nursery() as session:
+            scope = session.cancel_scope
+            session.start_soon(self._guard, peer, scope, self._request_chunks, stream, peer, plan, asked)
+            session.start_soon(
+                self._guard, peer, scope, self._receive_chunks, stream, decoder, peer, plan, asked, storing
+            )
+
+    async def _guard(self, peer: str, scope: trio.CancelScope, fn: Any, *args: Any) -> None:
+        """Run one side of a session; a failure drops the peer and ends the session (not the fetch)."""
+        try:
+            await fn(*args)
+        except (P2PError, ValueError, trio.TooSlowError) as exc:
+            self._drop(peer, _reason(exc, self.limits.chunk_timeout_s), in_plan=True)
+        scope.cancel()
+
+    async def _request_chunks(
+        self, stream: INetStream, peer: str, plan: FetchPlan, asked: deque[int]
+    ) -> None:
+        while plan.peers[peer].error is None and not plan.complete:
             index = plan.next_chunk(peer)
             if index is None:
-                if plan.complete or plan.peers[peer].error is not None:
-                    return
-                async with self.changed:  # wait for a chunk to come back to the pool (or the end)
-                    await self.changed.wait()
+                await self._wait_change()
                 continue
-            offset, length = plan.manifest.chunk_range(index)
-            request = BlobRequest(Op.READ, self.blob_id, offset, length).encode()
+            asked.append(index)
+            self._notify()
+            await write_frame(stream, FrameKind.REQUEST, BlobRequest(Op.READ, index=index).encode())
+
+    async def _receive_chunks(
+        self,
+        stream: INetStream,
+        decoder: FrameDecoder,
+        peer: str,
+        plan: FetchPlan,
+        asked: deque[int],
+        storing: trio.Nursery,
+    ) -> None:
+        while plan.peers[peer].error is None and not plan.complete:
+            if not asked:
+                await self._wait_change()
+                continue
+            with trio.fail_after(self.limits.chunk_timeout_s):  # a stall: no chunk this long after asking
+                frame = await _answer(stream, decoder)
+            storing.start_soon(self._verify_and_store, peer, plan, asked.popleft(), frame.pieces)
+
+    async def _verify_and_store(
+        self, peer: str, plan: FetchPlan, index: int, pieces: tuple[bytes, ...]
+    ) -> None:
+        size = sum(len(p) for p in pieces)
+        digest = await trio.to_thread.run_sync(chunk_digest, *pieces)
+        verdict = plan.on_data(peer, index, size=size, digest=digest)
+        if verdict is Verdict.ACCEPTED:
+            assert self.sink is not None  # internal: set with the plan
+            self.storing += 1
             try:
-                data = await self.host.request(peer, BLOB_PROTOCOL, request, timeout_s=self.chunk_timeout_s)
-            except RemoteError as exc:
-                if exc.error_type == "RateLimited":
-                    self.stats.blob_rate_limited += 1
-                    plan.give_back(peer, index)
-                    await self._notify()
-                    await asyncio.sleep(RATE_LIMIT_BACKOFF_S)
-                    continue
-                self._fail(plan, peer, index, exc)
-            except P2PError as exc:
-                self._fail(plan, peer, index, exc)
-            else:
-                digest = await asyncio.to_thread(chunk_digest, data)
-                verdict = plan.on_data(peer, index, data, digest=digest)
-                if verdict is Verdict.ACCEPTED:
-                    self.storing += 1
-                    try:
-                        await self.sink.store(index, data)
-                    finally:
-                        self.storing -= 1
-                    self.stats.blob_chunks_fetched += 1
-                    self.stats.blob_bytes_fetched += length
-                elif verdict is Verdict.CORRUPT:
-                    self.stats.blob_corrupt_chunks += 1
-            await self._notify()
-
-    def _fail(self, plan: FetchPlan, peer: str, index: int, exc: P2PError) -> None:
-        self.stats.blob_chunk_failures += 1
-        plan.on_failure(peer, index, f"chunk {index}: {_reason(exc)}")
+                await self.sink.store(index, pieces)
+            finally:
+                self.storing -= 1
+            self.stats.blob_chunks_fetched += 1
+            self.stats.blob_bytes_fetched += size
+            self.progress.chunks_done += 1
+            self.progress.bytes_done += size
+        elif verdict is Verdict.CORRUPT:
+            self.stats.blob_corrupt_chunks += 1
+            self._drop(peer, plan.peers[peer].error or "corrupt chunk", in_plan=True)
+        self._notify()
 
 
-class _Done(Exception):
-    """Internal: ends the fetch's task group once every chunk is in."""
+_ANSWERS = frozenset({FrameKind.RESPONSE, FrameKind.ERROR})
 
 
-def _reason(exc: BaseException) -> str:
+async def _answer(stream: INetStream, decoder: FrameDecoder) -> Frame:
+    """The next RESPONSE frame; an ERROR frame raises its RemoteError."""
+    frame = await read_frame(stream, decoder)
+    if frame.kind is FrameKind.ERROR:
+        raise remote_error(frame.payload)
+    return frame
+
+
+def _check_disk_space(dest: Path, size: int) -> None:
+    """Refuse a blob that cannot fit: the part file's existing bytes count as already there."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(dest.name + ".part")
+    have = part.stat().st_blocks * 512 if part.exists() else 0
+    free = shutil.disk_usage(dest.parent).free
+    if size - have > free:
+        raise ProtocolViolation(f"blob of {size} bytes does not fit on disk ({free} bytes free)")
+
+
+def _reason(exc: BaseException, chunk_timeout_s: float) -> str:
+    if isinstance(exc, trio.TooSlowError):
+        return f"stalled: no answer within {chunk_timeout_s} s"
     if isinstance(exc, RemoteError) and exc.error_type == "NotServed":
         return "not served there"
     return f"{type(exc).__name__}: {exc}"
 
 
 async def fetch_blob(
-    host: Host,
+    node: TrioNode,
     blob_id: bytes,
     *,
     peers: Sequence[str],
-    stats: BlobStats,
-    digest: bytes | None = None,
-    size: int | None = None,
-    dest: Path | None = None,
-    timeout_s: float = 600.0,
-    chunk_timeout_s: float = 30.0,
-    max_in_flight_per_peer: int = 2,
-    max_blob_bytes: int = DEFAULT_MAX_BLOB_BYTES,
-) -> bytes | Path:
-    """See `Host.fetch_blob` (the public entry point, which documents the arguments)."""
-    if not peers:
-        raise BlobNotFound(f"no peers given for blob {blob_id[:64]!r}", peer_errors={})
+    root: bytes | None,
+    digest: bytes | None,
+    size: int | None,
+    max_bytes: int | None,
+    dest: Path | None,
+    timeout_s: float | None,
+    limits: BlobLimits,
+    progress: BlobProgress,
+    stats: FetchStats,
+) -> bytearray | Path:
+    """See `Host.fetch_blob` (the public entry point, which documents the arguments). Trio thread."""
+    progress.blob_id = blob_id
     fetch = _Fetch(
-        host,
+        node,
         blob_id,
-        digest=digest,
-        size=size,
-        dest=Path(dest) if dest is not None else None,
-        chunk_timeout_s=chunk_timeout_s,
-        max_in_flight_per_peer=max_in_flight_per_peer,
-        max_blob_bytes=max_blob_bytes,
+        pins=(root, digest, size),
+        max_bytes=max_bytes,
+        dest=dest,
+        limits=limits,
+        progress=progress,
         stats=stats,
     )
     try:
-        async with asyncio.timeout(timeout_s):
-            result = await fetch.run(peers)
-    except TimeoutError as exc:
+        if not peers:
+            raise BlobNotFound(f"no peers given for blob {blob_id[:64]!r}", peer_errors={})
+        with trio.move_on_after(math.inf if timeout_s is None else timeout_s) as scope:
+            try:
+                result = await fetch.run(peers)
+            except BaseExceptionGroup as group:  # a local failure (an OSError of the part file): unwrap
+                raise _first(group) from None
+        if scope.cancelled_caught:
+            raise fetch._failure(f"fetch of blob {blob_id[:64]!r} timed out after {timeout_s} s")
+    except BaseException:
         stats.blob_fetches_failed += 1
-        plan = fetch.plan
-        raise TransferFailed(
-            f"fetch of blob {blob_id[:64]!r} timed out after {timeout_s} s",
-            peer_errors={**fetch.manifest_errors, **(plan.peer_errors() if plan else {})},
-            chunks_done=len(plan.done) if plan else 0,
-            chunks_total=plan.manifest.chunk_count if plan else 0,
-        ) from exc
-    except BaseException as exc:
-        stats.blob_fetches_failed += 1
-        if isinstance(exc, BaseExceptionGroup):  # TaskGroups wrap our TransferFailed (or an OSError of the
-            failed = exc.subgroup(TransferFailed)  # part file): hand the caller the error itself
-            raise _first(failed if failed is not None else exc) from None
+        progress.state = "failed"
         raise
     finally:
+        progress.finished_at = time.monotonic()
+        progress.sources.clear()
         if fetch.sink is not None:
-            with contextlib.suppress(OSError):
-                fetch.sink.close()
+            fetch.sink.close()
     stats.blob_fetches_ok += 1
+    progress.state = "done"
     return result
 
 
 def _first(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    for exc in group.exceptions:
+    """The error that ended the fetch: the first leaf of a (nested) group that is not a cancellation."""
+    leaves: list[BaseException] = []
+    pending: list[BaseException] = [group]
+    while pending:
+        exc = pending.pop(0)
         if isinstance(exc, BaseExceptionGroup):
-            return _first(exc)
-        return exc
-    raise AssertionError("empty exception group")
+            pending[:0] = exc.exceptions
+        else:
+            leaves.append(exc)
+    return next((e for e in leaves if not isinstance(e, trio.Cancelled)), leaves[0])

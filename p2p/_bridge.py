@@ -142,7 +142,7 @@ class TrioBridge(Generic[S]):
         def deliver(result: outcome.Outcome[T]) -> None:  # asyncio thread
             if fut.done():
                 return
-            if isinstance(result, outcome.Error) and isinstance(result.error, trio.Cancelled):
+            if isinstance(result, outcome.Error) and _only_cancelled(result.error):
                 fut.set_exception(HostClosed(f"{self._name} shut down during the call"))
             elif isinstance(result, outcome.Error):
                 fut.set_exception(result.error)
@@ -260,3 +260,11 @@ class TrioBridge(Generic[S]):
         assert self._ready is not None
         if not self._ready.done():
             self._ready.set_result(service)
+
+
+def _only_cancelled(exc: BaseException) -> bool:
+    """A trio cancellation, alone or as every leaf of the group a nursery wraps it in."""
+    if isinstance(exc, BaseExceptionGroup):
+        _, rest = exc.split(trio.Cancelled)
+        return rest is None
+    return isinstance(exc, trio.Cancelled)

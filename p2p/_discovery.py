@@ -4,7 +4,10 @@ Theory of operation
 -------------------
 Every node of a training run derives the same DHT key from the run id (a sha2-256 multihash of
 ``"meshtrain/run/<run_id>"``), announces itself as a *provider* of that key, and periodically asks the DHT
-for the key's providers and dials the ones it is not connected to. A node needs only one reachable
+for the key's providers and dials some of the ones it is not connected to: what answers can make us dial
+is bounded (per answer, per round, by address range, by age, with backoff) by the `ProviderBook`
+(p2p/_providers.py), and only the addresses it picked are dialled (not whatever libp2p's peerstore
+collected for that peer). A node needs only one reachable
 bootstrap peer: the bootstrap peer's routing table points the newcomer at the rest, and the newcomer's
 provider record lands on the peers closest to the key. Each round also re-announces (provider records
 expire, peers come and go) and feeds every connected peer into the routing table, because py-libp2p 0.8.1
@@ -38,6 +41,7 @@ from libp2p.peer.peerinfo import PeerInfo
 from libp2p.tools.anyio_service import background_trio_service
 
 from p2p._errors import P2PError
+from p2p._providers import ProviderBook
 
 if TYPE_CHECKING:
     from p2p._node import TrioNode
@@ -46,27 +50,39 @@ __all__ = ["DiscoveryStats", "run_discovery", "run_key"]
 
 log = logging.getLogger(__name__)
 
-MAX_PROVIDERS_PER_ROUND = 64  # a training run has tens of peers; the DHT returns duplicates anyway
 PEER_QUERY_TIMEOUT_S = 5.0  # ADD_PROVIDER + GET_PROVIDERS to one connected peer (LAN: ~50 ms, notes §3)
 PROVIDE_WALK_TIMEOUT_S = 30.0  # libp2p's background provide walk (its own per-peer timeout is 10 s)
+# The walk dials the closest peers that *other peers* name (bounded by the DHT's k per walk), so it runs
+# rarely: provider records live for hours, and ADD_PROVIDER to every connected peer happens every round.
+PROVIDE_WALK_INTERVAL_S = 300.0
 ROUND_TIMEOUT_S = 60.0  # backstop for a whole round: queries (5 s) + parallel dials (dial timeouts)
 
 
 class DiscoveryStats:
     """Counters written by the discovery task only (trio thread)."""
 
-    __slots__ = ("dials_failed", "dials_ok", "providing", "round_errors", "rounds", "run_peers")
+    __slots__ = (
+        "dials_failed",
+        "dials_ok",
+        "providing",
+        "refused_addrs",
+        "refused_providers",
+        "round_errors",
+        "rounds",
+        "run_peers",
+    )
 
     def __init__(self) -> None:
         self.rounds = 0
         self.round_errors = 0
         self.dials_ok = 0
         self.dials_failed = 0
-        # Peer ids (base58) seen as providers of our run key. Replaced (never mutated) by the trio thread,
-        # so the asyncio side can read it without a lock.
+        self.refused_addrs = 0  # provider addresses not dialable (private ranges, other kinds)
+        self.refused_providers = 0  # new providers over the per-answer bound
+        # Peer ids (base58) of the providers of our run key seen recently (p2p/_providers.py). Replaced
+        # (never mutated) by the trio thread, so the asyncio side can read it without a lock.
         self.run_peers: frozenset[str] = frozenset()
         self.providing = False  # a background provide walk is running
-
 
     def as_dict(self) -> dict[str, int]:
         skip = ("run_peers", "providing")
@@ -86,12 +102,18 @@ async def run_discovery(
     bootstrap: tuple[str, ...],
     interval_s: float,
     stats: DiscoveryStats,
+    allow_private: bool,
 ) -> None:
-    """Connect to ``bootstrap`` and, if ``run_id`` is set, find and dial the run's other peers forever."""
+    """Connect to ``bootstrap`` and, if ``run_id`` is set, find and dial the run's other peers forever.
+
+    ``allow_private``: dial addresses in private/loopback ranges that peers announce (p2p/_providers.py).
+    """
     host = node.host
     dht = KadDHT(host, DHTMode.SERVER, enable_random_walk=False) if run_id is not None else None
     key = run_key(run_id) if run_id is not None else ""
     bootstrap_ids = {_peer_of(addr) for addr in bootstrap}
+    book = ProviderBook(allow_private=allow_private)
+    last_walk = -PROVIDE_WALK_INTERVAL_S
     async with trio.open_nursery() as nursery:
         if dht is not None:
             await nursery.start(_run_service, dht)
@@ -102,12 +124,14 @@ async def run_discovery(
                 for addr in bootstrap:
                     await _dial(node, addr, stats)
             if dht is not None:
-                if not stats.providing and node.host.get_connected_peers():
+                due = trio.current_time() - last_walk >= PROVIDE_WALK_INTERVAL_S
+                if due and not stats.providing and node.host.get_connected_peers():
                     stats.providing = True
+                    last_walk = trio.current_time()
                     nursery.start_soon(_provide_walk, dht, key, stats)
                 try:
                     with trio.fail_after(ROUND_TIMEOUT_S):  # a backstop: each step has its own bound
-                        await _dht_round(node, dht, key, stats)
+                        await _dht_round(node, dht, key, stats, book)
                 except Exception as exc:  # TooSlowError or libp2p errors: a bad round must not end discovery
                     stats.round_errors += 1
                     log.debug("discovery round failed run=%s error=%r", run_id, exc)
@@ -120,7 +144,9 @@ async def _run_service(dht: KadDHT, *, task_status: trio.TaskStatus[None] = trio
         await trio.sleep_forever()
 
 
-async def _dht_round(node: TrioNode, dht: KadDHT, key: str, stats: DiscoveryStats) -> None:
+async def _dht_round(
+    node: TrioNode, dht: KadDHT, key: str, stats: DiscoveryStats, book: ProviderBook
+) -> None:
     """Announce, ask, dial: each step bounded on its own, so one unreachable peer cannot eat the round.
 
     Why not just ``dht.provide()`` + ``dht.find_providers()`` (py-libp2p 0.8.1, see tests/p2p/test_nat.py):
@@ -134,8 +160,9 @@ async def _dht_round(node: TrioNode, dht: KadDHT, key: str, stats: DiscoveryStat
       ``QUERY_TIMEOUT``, which used to be our whole round budget (every round timed out half-way).
 
     So: ADD_PROVIDER straight to every connected peer (the bootstrap node is one, and it serves
-    GET_PROVIDERS), the full network ``provide`` walk in the background (bounded, one at a time),
-    GET_PROVIDERS to every connected peer in parallel (each bounded), then dial new providers in parallel.
+    GET_PROVIDERS), the full network ``provide`` walk in the background (bounded, one at a time, rarely),
+    GET_PROVIDERS to every connected peer in parallel (each bounded), then dial what the provider book
+    plans (p2p/_providers.py) in parallel.
     """
     me = node.host.get_id()
     store = dht.provider_store
@@ -143,9 +170,7 @@ async def _dht_round(node: TrioNode, dht: KadDHT, key: str, stats: DiscoveryStat
     for peer in connected:
         await dht.add_peer(peer)
     raw_key = bytes.fromhex(key)
-    found: dict[ID, PeerInfo] = {}
-    for info in store.get_providers(raw_key):
-        found.setdefault(info.peer_id, info)
+    book.observe(me, [i for i in store.get_providers(raw_key) if i.peer_id != me])  # stored on us
 
     async def ask(peer: ID) -> None:
         with trio.move_on_after(PEER_QUERY_TIMEOUT_S):
@@ -156,34 +181,25 @@ async def _dht_round(node: TrioNode, dht: KadDHT, key: str, stats: DiscoveryStat
             except Exception as exc:
                 log.debug("get_providers failed peer=%s error=%r", peer, exc)
                 return
-            for info in providers:
-                if info.peer_id not in found or (info.addrs and not found[info.peer_id].addrs):
-                    found[info.peer_id] = info
+            book.observe(peer, [i for i in providers if i.peer_id != me])
 
     async with trio.open_nursery() as nursery:
         for peer in connected:
             nursery.start_soon(ask, peer)
-    others = {pid: info for pid, info in found.items() if pid != me}
-    log.debug(
-        "run providers=%s",
-        {pid.to_base58()[-8:]: [str(a) for a in info.addrs] for pid, info in others.items()},
-    )
-    stats.run_peers = stats.run_peers | {pid.to_base58() for pid in others}
-    now_connected = set(node.host.get_connected_peers())
-    todo = [info for pid, info in others.items() if pid not in now_connected]
-    if not todo:
-        return
+    stats.run_peers = book.members()
+    stats.refused_addrs, stats.refused_providers = book.refused_addrs, book.refused_providers
+    todo = book.plan(connected=set(node.host.get_connected_peers()), relay_fallback=node.nat is not None)
 
     async def dial(info: PeerInfo) -> None:
-        if not info.addrs and node.nat is None:  # with NAT traversal on, a relay may still reach it
-            return
         try:
             await node.dial_peer_info(info)  # relayed first when it advertises circuits (p2p/_node.py)
-        except Exception as exc:  # stale provider record or unreachable peer: try again next round
+        except Exception as exc:  # stale provider record or unreachable peer: backed off, retried later
             stats.dials_failed += 1
+            book.dialed(info, ok=False)
             log.debug("discovery dial failed peer=%s error=%r", info.peer_id, exc)
         else:
             stats.dials_ok += 1
+            book.dialed(info, ok=True)
             log.info("discovered peer=%s", info.peer_id)
 
     async with trio.open_nursery() as nursery:

@@ -1,8 +1,8 @@
 """The p2p exception tree.
 
 Every error that leaves the `p2p` package is one of these; libp2p's and trio's own exceptions are converted
-at the boundary (`p2p/_host.py`, `p2p/_reqresp.py`) and chained with ``from`` so the original traceback
-survives for debugging, while callers only ever need to catch `P2PError` subclasses.
+at the boundary (`p2p/_node.py`, `p2p/_reqresp.py`, `p2p/_blobs.py`) and chained with ``from`` so the
+original traceback survives for debugging, while callers only ever need to catch `P2PError` subclasses.
 
     P2PError
     ├── HostClosed            the Host is not running (never started, closing, or closed)
@@ -10,6 +10,7 @@ survives for debugging, while callers only ever need to catch `P2PError` subclas
     │   └── ProtocolNotSupported   the peer is reachable but does not speak that protocol
     ├── RequestTimeout        the whole request (dial + send + remote handler + receive) exceeded timeout_s
     ├── RemoteError           the remote handler raised; `.error_type` and `.remote_message` describe it
+    │   └── Busy              the remote refused at once: too many requests in flight there; retry later
     ├── ProtocolViolation     the peer sent bytes that break our framing (bad kind, oversized frame, EOF)
     │   ├── MessageTooLarge   a frame is larger than the configured `max_message_bytes`
     │   └── IntegrityError    transferred bytes do not match their blake2b digest
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 __all__ = [
     "BlobNotFound",
+    "Busy",
     "DiscoveryError",
     "HostClosed",
     "IntegrityError",
@@ -72,6 +74,11 @@ class RemoteError(P2PError):
         super().__init__(f"remote handler failed: {error_type}: {remote_message}")
         self.error_type = error_type
         self.remote_message = remote_message
+
+
+class Busy(RemoteError):
+    """The remote refused the request before reading it: too many requests (from us, or in total) are in
+    flight there. Nothing ran; retrying after a pause is safe."""
 
 
 class ProtocolViolation(P2PError):

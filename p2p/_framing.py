@@ -17,11 +17,17 @@ There is no stream reuse, so no request ids are needed: yamux streams are cheap 
 Why our own framing rather than libp2p's varint-prefixed helpers or its `request_response` module: we need
 an explicit size bound *before* buffering (a peer must not make us allocate 4 GiB by announcing it), a
 distinct error frame so a handler failure is not confused with a dropped connection, and a decoder that can be
-tested without sockets (h11 style). A u32 length bounds a frame at 4 GiB; the configured
-`max_message_bytes` bound is far smaller and is checked on the header, before any payload is buffered.
+tested without sockets (h11 style). A u32 length bounds a frame at 4 GiB; the receiver's bound
+(``max_message_bytes``: per protocol for requests, per call for responses, see `p2p/_reqresp.py`) is far
+smaller and is checked on the header, before any payload is buffered.
 
-`FrameDecoder` is fed arbitrary byte chunks (as the transport delivers them) and yields complete frames. It
-keeps the payload chunks in a list and joins once, so a 64 MiB frame costs one copy, not a quadratic rebuild.
+`FrameDecoder` is fed arbitrary byte chunks (as the transport delivers them) and yields complete frames. A
+frame keeps its payload as the list of pieces the transport delivered (a ``bytes`` piece that lies wholly
+inside the frame is kept as is, not copied): `Frame.payload` joins them once, and bulk readers use
+`Frame.pieces` directly (hash them one by one, ``pwritev`` them) so a chunk is never joined at all.
+
+Bulk data (genesis files, snapshots) does not travel in one frame: it moves as a blob (`p2p/_blobs.py`),
+chunk by chunk, so the frame bounds stay in the tens of MiB.
 """
 
 from __future__ import annotations
@@ -33,9 +39,9 @@ from dataclasses import dataclass
 from p2p._errors import MessageTooLarge, ProtocolViolation
 
 __all__ = [
-    "DEFAULT_MAX_MESSAGE_BYTES",
     "ERROR_MESSAGE_MAX_CHARS",
     "HEADER",
+    "MAX_FRAME_BYTES",
     "Frame",
     "FrameDecoder",
     "FrameKind",
@@ -45,7 +51,7 @@ __all__ = [
 ]
 
 HEADER = struct.Struct(">BI")  # kind u8, payload length u32
-DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024  # model updates are 1-100 MB; 256 MiB leaves headroom
+MAX_FRAME_BYTES = 2**32 - 1  # what the u32 length can say; receivers always bound it far lower
 ERROR_MESSAGE_MAX_CHARS = 1024  # a remote error message is diagnostics, not data: bound what we ship
 
 
@@ -58,7 +64,16 @@ class FrameKind(enum.IntEnum):
 @dataclass(frozen=True, slots=True)
 class Frame:
     kind: FrameKind
-    payload: bytes
+    pieces: tuple[bytes, ...]  # the payload, as delivered
+
+    @property
+    def payload(self) -> bytes:
+        """The payload as one bytes object (joined on every access: read it once)."""
+        return self.pieces[0] if len(self.pieces) == 1 else b"".join(self.pieces)
+
+    @property
+    def size(self) -> int:
+        return sum(len(p) for p in self.pieces)
 
 
 def encode_header(kind: FrameKind, length: int, *, max_message_bytes: int) -> bytes:
@@ -68,9 +83,7 @@ def encode_header(kind: FrameKind, length: int, *, max_message_bytes: int) -> by
     return HEADER.pack(kind, length)
 
 
-def encode_frame(
-    kind: FrameKind, payload: bytes, *, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
-) -> bytes:
+def encode_frame(kind: FrameKind, payload: bytes, *, max_message_bytes: int = MAX_FRAME_BYTES) -> bytes:
     """Header + payload as one bytes object (for small frames; big ones send header and payload apart)."""
     return encode_header(kind, len(payload), max_message_bytes=max_message_bytes) + payload
 
@@ -117,7 +130,7 @@ class FrameDecoder:
         """True when a frame has been started but not completed (EOF now would be a truncation)."""
         return bool(self._header) or self._kind is not None
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
         view = memoryview(data)
         while view:
             if self._kind is None:
@@ -139,12 +152,12 @@ class FrameDecoder:
                 self._kind, self._length, self._have = kind, length, 0
             else:
                 take = min(len(view), self._length - self._have)
-                self._chunks.append(bytes(view[:take]))
+                whole = take == len(data) and type(data) is bytes  # the transport's own bytes: keep them
+                self._chunks.append(data if whole else bytes(view[:take]))
                 self._have += take
                 view = view[take:]
             if self._kind is not None and self._have == self._length:
-                payload = self._chunks[0] if len(self._chunks) == 1 else b"".join(self._chunks)
-                self._pending.append(Frame(self._kind, payload))
+                self._pending.append(Frame(self._kind, tuple(self._chunks)))
                 self._kind, self._chunks, self._have, self._length = None, [], 0, 0
 
     def next_frame(self) -> Frame | None:

@@ -17,23 +17,26 @@ Several Hosts may live in one process (tests do this): each has its own trio thr
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from p2p._blobs import BlobProvider, BlobStats, fetch_blob, serve_blobs
+from p2p._blobs import BlobProgress, FetchStats, fetch_blob
+from p2p._blobserve import BlobLimits, BlobSource
 from p2p._bridge import TrioBridge
 from p2p._errors import P2PError
-from p2p._framing import DEFAULT_MAX_MESSAGE_BYTES
 from p2p._gossip import GossipValidator
 from p2p._identity import Identity
 from p2p._libp2p import DIAL_TIMEOUT_S
 from p2p._nat import NatConfig
 from p2p._node import GOSSIP_MAX_BYTES_LIMIT, NodeConfig, TrioNode
+from p2p._reqresp import HandlerSpec, RequestHandler, RequestLimits
 from p2p._security import SWARM_KEY_BYTES, PeerLimits
+from p2p._transfer import Manifest
 
 __all__ = ["DEFAULT_LISTEN_ADDRS", "GossipMessage", "Host", "HostConfig"]
 
@@ -46,16 +49,17 @@ DEFAULT_GOSSIP_QUEUE_SIZE = 10_000  # per subscriber; at ~100 msg/s that is 100 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class HostConfig:
-    """Tunables of a Host. Defaults are safe for a LAN/loopback training cluster."""
+    """Tunables of a Host. The defaults suit a node on the internet (NAT traversal on, discovery dials only
+    global addresses); a LAN or loopback cluster sets ``dial_private_addrs``."""
 
-    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
-    """Largest request or response payload accepted or sent (checked on the header, before buffering)."""
+    requests: RequestLimits = field(default_factory=RequestLimits)
+    """Request/response bounds: sizes, requests in flight per peer and in total, timeouts."""
+    blobs: BlobLimits = field(default_factory=BlobLimits)
+    """Blob serving and fetching bounds: sessions, chunk reads, stall deadline, pipelining depth."""
     gossip_max_bytes: int = DEFAULT_GOSSIP_MAX_BYTES
     """Largest gossip payload `publish()` accepts; at most 1 MiB minus envelope headroom."""
     gossip_queue_size: int = DEFAULT_GOSSIP_QUEUE_SIZE
     """Capacity of each `subscribe()` queue; overflow is dropped and counted."""
-    handler_timeout_s: float = 600.0
-    """Server side: a whole inbound request (read, handler, write) is abandoned after this long."""
     dial_timeout_s: float = DIAL_TIMEOUT_S
     """`connect()` gives up after this long."""
     start_timeout_s: float = 30.0
@@ -64,20 +68,14 @@ class HostConfig:
     """`aclose()` stops waiting for the trio thread after this long (it is a daemon thread)."""
     discovery_interval_s: float = 10.0
     """Period of the discovery loop: re-dial bootstrap if needed, re-announce the run, find and dial peers."""
-    autonat: bool = False
-    """NAT traversal (p2p/_nat.py): ask peers to dial us back (AutoNAT v1) and serve their dial-backs."""
-    autonat_confirmations: int = 1
-    """Distinct AutoNAT servers that must agree before `reachability()` flips (libp2p's default: 4)."""
-    relay_service: bool = False
-    """Serve Circuit Relay v2 (HOP) for other peers, within the relay limits of NatConfig."""
-    use_relays: bool = False
-    """Unless public: reserve a slot on connected relays, advertise /p2p-circuit addrs, dial relayed addrs."""
-    hole_punch: bool = False
-    """Upgrade relayed connections to direct ones with DCUtR (TCP simultaneous open)."""
+    dial_private_addrs: bool = False
+    """Let discovery dial private, loopback and link-local addresses that peers announce (p2p/_providers.py).
+    Off for nodes on the internet (a peer could point the run at hosts inside your network); on for LAN
+    clusters and loopback tests. Bootstrap addresses and `connect()` are never filtered."""
+    nat: NatConfig = field(default_factory=NatConfig)
+    """NAT traversal: AutoNAT, relay service and use, hole punching (p2p/_nat.py)."""
     mdns: bool = False
     """Announce this node by multicast DNS and dial the peers it hears (LAN only; every interface)."""
-    max_relays: int = 2
-    """Relays to hold a reservation on at once."""
     swarm_key: bytes | None = field(default=None, repr=False)
     """32-byte private-network key (p2p/_security.py): only peers holding it can connect at all."""
     allow_peers: frozenset[str] | None = None
@@ -88,8 +86,6 @@ class HostConfig:
     def __post_init__(self) -> None:
         if not 0 < self.gossip_max_bytes <= GOSSIP_MAX_BYTES_LIMIT:
             raise ValueError(f"gossip_max_bytes must be in 1..{GOSSIP_MAX_BYTES_LIMIT}")
-        if self.max_message_bytes <= 0 or self.max_message_bytes >= 2**32:
-            raise ValueError("max_message_bytes must be in 1..2**32-1 (u32 frame length)")
         if self.gossip_queue_size <= 0:
             raise ValueError("gossip_queue_size must be positive")
         if self.swarm_key is not None and len(self.swarm_key) != SWARM_KEY_BYTES:
@@ -102,9 +98,6 @@ class GossipMessage:
 
     from_peer: str
     data: bytes = field(repr=False)
-
-
-RequestHandler = Callable[[str, bytes], Awaitable[bytes]]
 
 
 class Host:
@@ -130,27 +123,22 @@ class Host:
         """
         self.identity = identity
         self.config = config or HostConfig()
-        self._handlers: dict[str, RequestHandler] = {}
+        self._handlers: dict[str, HandlerSpec] = {}
         self._subscribers: dict[str, list[asyncio.Queue[GossipMessage]]] = {}
         self._gossip_dropped = 0
-        self._blob_stats = BlobStats()
+        self._fetch_stats = FetchStats()
+        self._fetches: list[BlobProgress] = []
         node_config = NodeConfig(
             listen_addrs=tuple(listen_addrs),
-            max_message_bytes=self.config.max_message_bytes,
             gossip_max_bytes=self.config.gossip_max_bytes,
-            handler_timeout_s=self.config.handler_timeout_s,
+            requests=self.config.requests,
+            blobs=self.config.blobs,
             dial_timeout_s=self.config.dial_timeout_s,
             bootstrap=tuple(bootstrap),
             run_id=run_id,
             discovery_interval_s=self.config.discovery_interval_s,
-            nat=NatConfig(
-                autonat=self.config.autonat,
-                autonat_confirmations=self.config.autonat_confirmations,
-                relay_service=self.config.relay_service,
-                use_relays=self.config.use_relays,
-                hole_punch=self.config.hole_punch,
-                max_relays=self.config.max_relays,
-            ),
+            dial_private_addrs=self.config.dial_private_addrs,
+            nat=self.config.nat,
             swarm_key=self.config.swarm_key,
             allow_peers=self.config.allow_peers,
             peer_limits=self.config.peer_limits,
@@ -229,89 +217,150 @@ class Host:
 
     # ------------------------------------------------------------------ request/response
 
-    def set_request_handler(self, protocol: str, handler: RequestHandler) -> None:
+    def set_request_handler(
+        self, protocol: str, handler: RequestHandler, *, max_request_bytes: int | None = None
+    ) -> None:
         """Serve ``protocol``: ``await handler(peer_id, request) -> response`` on this asyncio loop.
 
         An exception in the handler is sent back as RemoteError(type name, message); it never kills the Host.
+        ``max_request_bytes`` bounds this protocol's requests (default ``config.requests.max_request_bytes``);
+        a bigger one is refused on its header with MessageTooLarge. Requests in flight are bounded per peer
+        and in total (``config.requests``): the excess is refused at once, the requester sees `p2p.Busy`.
         Replacing a handler is allowed; may be called before or after start().
         """
         if not protocol.startswith("/"):
             raise ValueError(f"protocol ids start with '/': {protocol!r}")
+        if max_request_bytes is not None and not 0 < max_request_bytes < 2**32:
+            raise ValueError("max_request_bytes must be in 1..2**32-1 (u32 frame length)")
         new = protocol not in self._handlers
-        self._handlers[protocol] = handler
+        self._handlers[protocol] = HandlerSpec(handler, max_request_bytes)
         if new and self._bridge.is_open:
             self._bridge.call_soon_in_trio(self._node.register_protocol, protocol)
 
-    async def request(self, peer_id: str, protocol: str, data: bytes, *, timeout_s: float) -> bytes:
+    async def request(
+        self,
+        peer_id: str,
+        protocol: str,
+        data: bytes,
+        *,
+        timeout_s: float,
+        max_response_bytes: int | None = None,
+    ) -> bytes:
         """Send one request and wait for its response.
+
+        ``max_response_bytes`` bounds the response (default ``config.requests.max_response_bytes``, 64 MiB);
+        bulk data belongs in blobs (`serve_file` / `fetch_blob`).
 
         Raises:
             RequestTimeout: no response within ``timeout_s`` (dial + transfer + remote handler).
+            Busy: the peer refused at once (too many requests in flight there); retry later.
             RemoteError: the remote handler raised.
             PeerUnreachable / ProtocolNotSupported: no connection/stream could be made.
-            MessageTooLarge: ``data`` (or the response) exceeds ``max_message_bytes``.
+            MessageTooLarge: ``data`` exceeds ``config.requests.max_request_bytes``, or the response exceeds
+                ``max_response_bytes``.
             HostClosed: the Host is not running.
         """
         payload = data if type(data) is bytes else bytes(data)  # no 64 MB copy on the loop for plain bytes
-        return await self._bridge.run(self._node.request, peer_id, protocol, payload, timeout_s)
+        return await self._bridge.run(
+            self._node.request, peer_id, protocol, payload, timeout_s, max_response_bytes
+        )
 
-    # ------------------------------------------------------------------ bulk transfer (p2p/_blobs.py)
+    # ------------------------------------------------------------------ blobs (p2p/_blobs.py, _blobserve.py)
 
-    def serve_blobs(self, provider: BlobProvider) -> None:
-        """Serve blobs over `/meshtrain/blob/1`: ``provider(blob_id: bytes) -> BlobSource | None``.
+    async def serve_file(
+        self, blob_id: bytes, path: str | Path, *, manifest: Manifest | None = None
+    ) -> Manifest:
+        """Serve the file at ``path`` as blob ``blob_id`` over `/meshtrain/blob/2`; returns its manifest.
 
-        The provider (sync, or async returning the same) runs on this loop for every manifest and chunk
-        request, so it must be a cheap lookup (e.g. a dict of prepared `BlobSource`s); None answers "not
-        served here". Build sources ahead of time (``await asyncio.to_thread(BlobSource.from_file, path)``):
-        they hash the blob once. Calling it again replaces the provider.
+        The file is hashed once, here, in a worker thread (skipped when ``manifest`` is one computed earlier
+        for this same file, e.g. stored beside it), then chunks are read from disk on demand (os.pread in a
+        worker thread): the file is never held in memory. The file must not change while served: write
+        each new version to a new file and serve it under a new id (a changed file is refused, not served).
+        Serving again under the same id replaces the previous source.
         """
-        serve_blobs(self, provider, self._blob_stats)
+        source = await asyncio.to_thread(BlobSource.from_file, path, manifest=manifest)
+        self._node.blobs.add(blob_id, source)
+        return source.manifest
+
+    def serve_blob(self, blob_id: bytes, source: BlobSource) -> Manifest:
+        """Serve an in-memory blob (``BlobSource.from_bytes(data)``) as ``blob_id``; returns its manifest."""
+        self._node.blobs.add(blob_id, source)
+        return source.manifest
+
+    def unserve_blob(self, blob_id: bytes) -> None:
+        """Stop offering ``blob_id`` (sessions already open finish the chunks they asked for)."""
+        self._node.blobs.remove(blob_id)
+
+    def served_blobs(self) -> dict[bytes, Manifest]:
+        return self._node.blobs.served()
 
     async def fetch_blob(
         self,
         blob_id: bytes,
         *,
         peers: list[str] | tuple[str, ...],
+        root: bytes | None = None,
         digest: bytes | None = None,
         size: int | None = None,
+        max_bytes: int | None = None,
         dest: str | Path | None = None,
-        timeout_s: float = 600.0,
-        chunk_timeout_s: float = 30.0,
-        max_in_flight_per_peer: int = 2,
-    ) -> bytes | Path:
-        """Fetch a blob from ``peers`` in parallel, verified chunk by chunk and as a whole (blake2b-256).
+        progress: BlobProgress | None = None,
+        timeout_s: float | None = None,
+    ) -> bytearray | Path:
+        """Fetch a blob from ``peers`` at once, verified chunk by chunk (BLAKE3) and as a whole.
 
         Args:
-            blob_id: the id the serving peers' provider knows the blob by.
+            blob_id: the id the serving peers registered the blob under.
             peers: connected peers that may hold it; chunks are pulled from all of them at once, and a peer
-                that fails (unreachable, chunk timeout, corrupt chunk) is dropped while the others go on.
-            digest: blake2b-256 of the whole blob, if known in advance (e.g. from a signed announcement):
-                manifests that disagree are refused before any chunk is fetched. Without it the first
-                manifest that arrives is trusted, and the whole-blob check only proves self-consistency.
-            size: expected size in bytes, if known (same role as ``digest``).
-            dest: write to this path (via ``<dest>.part``, fsynced, renamed) and return it; memory stays
-                bounded by peers x max_in_flight_per_peer x chunk size. Re-calling after a failure resumes:
-                chunks already in the part file are re-verified and not fetched again. None: return bytes.
-            timeout_s: deadline of the whole fetch; chunk_timeout_s: of each single request.
+                that fails (unreachable, refuses, stalls past ``config.blobs.chunk_timeout_s``, sends a bad
+                chunk or manifest) is dropped with a reason while the others go on.
+            root: `Manifest.root` if known in advance (e.g. from a signed announcement): a manifest that is
+                not exactly this one is refused, so every chunk digest is trusted from the first byte.
+            digest: `Manifest.digest` (BLAKE3-256 of the whole blob) if known; checked on the manifest and
+                again on the reassembled bytes. Without root or digest the first manifest is trusted.
+            size: expected size in bytes, if known. max_bytes: refuse manifests announcing more.
+            dest: write to this path (through ``<dest>.part``, fsynced, renamed) and return it; memory stays
+                at peers x ``config.blobs.fetch_depth`` x chunk size whatever the blob's size, and a blob
+                that does not fit on the disk is refused. After a failure, a cancellation or a restart,
+                calling again with the same ``dest`` re-verifies the part file and fetches only the missing
+                chunks. None: return the blob as a bytearray, assembled as it arrives (no final copy; at most
+                ``config.blobs.max_memory_bytes``).
+            progress: a `BlobProgress` to update as the fetch goes (also listed by `blob_fetches()`).
+            timeout_s: deadline of the whole fetch (None: none; stalled peers are dropped anyway).
 
         Raises:
             BlobNotFound: no peer produced an acceptable manifest (``.peer_errors`` says why per peer).
             TransferFailed: every peer was dropped, or the deadline passed (``.peer_errors``,
                 ``.chunks_done``/``.chunks_total``).
-            IntegrityError: the reassembled blob does not match the manifest digest.
+            IntegrityError: the verified chunks do not add up to the manifest's whole-blob digest.
+            OSError: the destination could not be written.
         """
-        return await fetch_blob(
-            self,
-            blob_id,
-            peers=peers,
-            stats=self._blob_stats,
-            digest=digest,
-            size=size,
-            dest=Path(dest) if dest is not None else None,
-            timeout_s=timeout_s,
-            chunk_timeout_s=chunk_timeout_s,
-            max_in_flight_per_peer=max_in_flight_per_peer,
-        )
+        progress = progress if progress is not None else BlobProgress()
+        self._fetches.append(progress)
+        try:
+            return await self._bridge.run(
+                functools.partial(
+                    fetch_blob,
+                    self._node,
+                    blob_id,
+                    peers=list(peers),
+                    root=root,
+                    digest=digest,
+                    size=size,
+                    max_bytes=max_bytes,
+                    dest=Path(dest) if dest is not None else None,
+                    timeout_s=timeout_s,
+                    limits=self.config.blobs,
+                    progress=progress,
+                    stats=self._fetch_stats,
+                )
+            )
+        finally:
+            self._fetches.remove(progress)
+
+    def blob_fetches(self) -> list[dict[str, Any]]:
+        """`BlobProgress.as_dict()` of every fetch in progress: bytes done/total, rate, sources, dropped."""
+        return [p.as_dict() for p in list(self._fetches)]
 
     # ------------------------------------------------------------------ gossip
 
@@ -344,6 +393,19 @@ class Host:
         """
         self._node.validators.set(topic, fn)
         self._bridge.call_soon_in_trio(self._node.validators.install, topic)
+
+    def set_gossip_admission(self, predicate: Callable[[str], bool] | None) -> None:
+        """Admit gossip authored by a peer only if ``predicate(peer_id)`` (None admits every author).
+
+        For open runs, where any key may join the mesh: the daemon answers "is this peer a member of my
+        run?" (e.g. it synced with our genesis). Asked for every message from another author, before its
+        signature is checked and before it is delivered or forwarded, synchronously in the p2p (trio)
+        thread: it must be a cheap, non-blocking, read-only lookup. False (or an exception) drops the
+        message without charging the peer that forwarded it, counted in
+        ``stats()["gate"]["dropped_gossip_not_admitted"]``. The allowlist (``HostConfig.allow_peers``) is
+        checked first.
+        """
+        self._node.gate.gossip_admission = predicate
 
     def gossip_peers(self, topic: str) -> list[str]:
         """Peers known to be subscribed to ``topic`` (useful to wait for the mesh before publishing)."""
@@ -384,31 +446,35 @@ class Host:
         return self._node.peer_connections()
 
     def nat_status(self) -> dict[str, Any]:
-        """What the daemon's status/doctor report: reachability, relayed addrs, relays, NAT counters."""
+        """What the daemon's status/doctor report about NAT traversal (a snapshot).
+
+        Keys: reachability, connections (peer -> "direct"/"relayed"), relay_addrs (ours, full), relays (peers
+        holding our reservation), autonat_verdicts (server -> reachable?), relay_service (mode, active,
+        reservations and circuits served now, limits, counters), config (the `NatConfig`), counters.
+        """
         nat = self._node.nat
+        described = nat.describe() if nat is not None else {}
         return {
             "reachability": self.reachability(),
             "connections": self.peer_connections(),
-            "relay_addrs": [f"{a}/p2p/{self.peer_id}" for a in nat.relay_addrs] if nat else [],
-            "relays": sorted(p.to_base58() for p in list(nat.reservations)) if nat else [],
-            "autonat_verdicts": {p.to_base58(): v for p, v in list(nat.verdicts.items())} if nat else {},
-            "relay_service": self.config.relay_service,
-            "use_relays": self.config.use_relays,
-            "hole_punch": self.config.hole_punch,
-            "autonat": self.config.autonat,
-            "counters": dict(nat.counters) if nat else {},
+            **described,
+            "relay_addrs": [f"{a}/p2p/{self.peer_id}" for a in described.get("relay_addrs", [])],
         }
 
     def stats(self) -> dict[str, Any]:
         """Counters since start: payload bytes of requests/responses/gossip, request and gossip counts.
 
         Keys: bytes_sent, bytes_received, requests_sent, requests_received, requests_failed,
-        gossip_published, gossip_received, gossip_dropped_queue_full, connected_peers, discovery_rounds,
-        discovery_round_errors, discovery_dials_ok, discovery_dials_failed, discovery_failed.
+        requests_refused_busy, requests_timed_out, blob_* (fetching and serving), gossip_published,
+        gossip_received, gossip_dropped_queue_full, connected_peers, discovery_rounds,
+        discovery_round_errors, discovery_dials_ok, discovery_dials_failed, discovery_refused_addrs,
+        discovery_refused_providers, discovery_failed; "gate" (p2p/_security.py counters).
         """
         out: dict[str, Any] = dict(self._node.stats.as_dict())
         out["gossip_dropped_queue_full"] = self._gossip_dropped
-        out.update(self._blob_stats.as_dict())
+        out.update(self._fetch_stats.as_dict())
+        out.update(self._node.blobs.counters)
+        out.update(self._node.requests.counters)
         out.update(self._node.validators.as_dict())
         out.update(self._node.discovery_stats.as_dict())
         out["discovery_failed"] = self._node.discovery_failed
@@ -423,4 +489,3 @@ def _describe(exc: BaseException) -> str:
     if isinstance(exc, BaseExceptionGroup):
         return "; ".join(_describe(e) for e in exc.exceptions)
     return f"{type(exc).__name__}: {exc}"
-

@@ -18,14 +18,18 @@ from __future__ import annotations
 import logging
 import os
 import socket
+from typing import Any
 
 import libp2p.pubsub.pubsub as _lp_pubsub
 import multiaddr
 from libp2p import new_host
-from libp2p.abc import IHost
+from libp2p.abc import IHost, IRawConnection
 from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
 from libp2p.custom_types import TProtocol
 from libp2p.network.config import ConnectionConfig
+from libp2p.network.connection.raw_connection import ConnectionType
+from libp2p.network.swarm import Swarm
+from libp2p.peer.id import ID
 from libp2p.pubsub.gossipsub import PROTOCOL_ID, PROTOCOL_ID_V11, PROTOCOL_ID_V12, GossipSub
 from libp2p.pubsub.pubsub import Pubsub
 from libp2p.pubsub.rpc_queue import DefaultMaxMessageSize, RpcQueue
@@ -33,6 +37,7 @@ from libp2p.rcmgr import new_resource_manager
 from libp2p.rcmgr.connection_limits import ConnectionLimits
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
+from libp2p.security.pnet.psk_conn import PskConn
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
 from libp2p.stream_muxer.yamux.yamux import Yamux
 
@@ -82,6 +87,74 @@ NOISY_LOGGERS = (
 # the defaults when unpaced, 1000/1000 with these enlarged. Revisit when upgrading libp2p.
 RpcQueue.__init__.__defaults__ = (GOSSIP_QUEUE_SLOTS, DefaultMaxMessageSize)
 _lp_pubsub.SUBSCRIPTION_CHANNEL_SIZE = GOSSIP_QUEUE_SLOTS  # type: ignore[attr-defined]
+
+# py-libp2p 0.8.1 bug: one-way gossip loss between two connected peers. When a pubsub stream to a peer dies
+# while the peer stays connected (a stream reset, or the stream lived on a second connection that closed,
+# e.g. the relayed one DCUtR replaced), `Pubsub._handle_dead_peer` forgets the peer's topic subscriptions,
+# then reopens *our* stream with *our* hello. The peer's subscriptions are re-learned only from the peer's
+# hello, which it sends only if it saw a stream of its own die: its read side ends silently
+# (`continuously_read_stream` swallows StreamError/EOF). So we stop sending it anything, for good, while
+# requests between us keep working (seen once in CI: node 0 stopped receiving node 1's heartbeats). A
+# subscription belongs to the peer, not to the stream: while the peer is connected we keep it (libp2p still
+# forgets it on disconnect, which also runs `_handle_dead_peer`). Test: tests/p2p/test_gossip.py
+# (test_stock_pubsub_loses_a_connected_peer_after_a_stream_reset shows the bug).
+_stock_handle_dead_peer = Pubsub._handle_dead_peer
+
+
+def _handle_dead_peer_keeping_subscriptions(self: Pubsub, peer_id: ID) -> None:
+    if not self._peer_is_connected(peer_id):
+        _stock_handle_dead_peer(self, peer_id)
+        return
+    kept = [topic for topic, peers in self.peer_topics.items() if peer_id in peers]
+    count = self._peer_subscription_count.get(peer_id)
+    _stock_handle_dead_peer(self, peer_id)
+    for topic in kept:
+        self.peer_topics.setdefault(topic, set()).add(peer_id)
+    if count is not None:
+        self._peer_subscription_count[peer_id] = count
+
+
+Pubsub._handle_dead_peer = _handle_dead_peer_keeping_subscriptions  # type: ignore[method-assign]
+
+# py-libp2p 0.8.1 bug: with a swarm key every connection's raw layer is a `PskConn`, a RawConnection subclass
+# that never calls RawConnection.__init__ and delegates only read/write/close/get_remote_address. So
+# get_transport_addresses() and get_connection_type() raise on every connection of a private network: AutoNAT
+# servers then "fail closed" and refuse every request as if it were relayed (reachability never becomes
+# known), and relayed connections cannot be told from direct ones. We delegate both to the wrapped
+# connection. Test: tests/p2p/test_nat.py (test_stock_psk_conn_hides_its_transport).
+
+
+def _psk_transport_addresses(self: PskConn) -> list[multiaddr.Multiaddr]:
+    return self._conn.get_transport_addresses()
+
+
+def _psk_connection_type(self: PskConn) -> ConnectionType:
+    return self._conn.get_connection_type()
+
+
+_stock_psk_transport_addresses = PskConn.get_transport_addresses
+PskConn.get_transport_addresses = _psk_transport_addresses  # type: ignore[method-assign]
+PskConn.get_connection_type = _psk_connection_type  # type: ignore[method-assign]
+
+# py-libp2p 0.8.1 bug: hole punching never works in a private network. `Swarm.dial_addr_as_responder` (the
+# DCUtR dial of the side that upgrades as responder) wraps the raw connection in the swarm key, then hands it
+# to `upgrade_inbound_raw_conn`, which wraps it again: that side sends two nonces, the other side decrypts
+# garbage, the Noise handshake stalls and every punch times out (seen in tests/p2p/test_nat_netns.py with a
+# swarm key: TCP simultaneous open succeeded, then 5 s of silence, then FIN). Nothing was read or written
+# through the first wrapper, so we unwrap it and let the upgrade wrap once. Test: tests/p2p/test_nat.py
+# (test_stock_responder_dial_wraps_the_swarm_key_twice).
+_stock_upgrade_inbound_raw_conn = Swarm.upgrade_inbound_raw_conn
+
+
+async def _upgrade_inbound_wrapping_once(
+    self: Swarm, raw_conn: IRawConnection, maddr: multiaddr.Multiaddr
+) -> Any:
+    if self.psk is not None and isinstance(raw_conn, PskConn):
+        raw_conn = raw_conn._conn
+    return await _stock_upgrade_inbound_raw_conn(self, raw_conn, maddr)
+
+
+Swarm.upgrade_inbound_raw_conn = _upgrade_inbound_wrapping_once  # type: ignore[method-assign]
 
 
 def quiet_libp2p_logging(level: int = logging.ERROR) -> None:

@@ -1,48 +1,51 @@
-"""NAT traversal (trio side): AutoNAT v1, Circuit Relay v2 and DCUtR hole punching on one libp2p host.
+"""NAT traversal (trio side): AutoNAT, Circuit Relay v2 (service and client) and DCUtR on one libp2p host.
 
 Theory of operation
 -------------------
 A node behind a NAT can dial out but cannot be dialled. Three protocols fix that, all from py-libp2p 0.8.1:
 
-* **AutoNAT v1** (``/libp2p/autonat/1.0.0``) tells a node whether it is publicly reachable: it asks
-  connected peers to dial it back. Every node with ``autonat`` on also *serves* dial-backs. Verdicts:
-  OK = reachable, E_DIAL_ERROR = not reachable; refusals (relayed connection, address not on the
-  requester's observed IP) carry no information and are ignored. The status flips to ``public``/``private``
-  once ``confirmations`` distinct servers agree (py-libp2p's default is 4, the spec's "more than three";
-  a training run often has only one or two public peers, so ours defaults to 1 and is configurable: a lying
-  server can only make us reserve a relay slot we did not need, or skip one we did).
-* **Circuit Relay v2**: a node with ``relay_service`` serves HOP (limits in `RelayLimits` below). A node with
-  ``use_relays`` whose reachability is not ``public`` reserves a slot on up to ``max_relays`` connected relays
-  and advertises ``<relay addr>/p2p/<relay>/p2p-circuit/p2p/<me>`` (through the host's addrs factory, so
-  identify and the DHT provider records carry it). Peers that cannot dial us directly dial that address.
+* **AutoNAT v1** (p2p/_autonat.py) tells a node whether it is publicly reachable ("public"/"private").
+* **Circuit Relay v2**: a public node relays (p2p/_relay.py; by default while AutoNAT says it is public,
+  within limits). A node with ``use_relays`` that AutoNAT finds private (or that runs without AutoNAT)
+  reserves a slot on up to ``max_relays`` connected relays and advertises
+  ``<relay addr>/p2p/<relay>/p2p-circuit/p2p/<me>`` (through the host's addrs, so identify and the DHT
+  provider records carry it). Peers that cannot dial us directly dial that address (`dial_relayed`).
 * **DCUtR** (``/libp2p/dcutr``): over a relayed connection both sides exchange their predicted public
   addresses (the relay-observed WAN IP with our *listen* port, since hole-punch dials leave from the listen
   port with SO_REUSEPORT) and dial each other at the same time (TCP simultaneous open). When it works, the
   direct connection replaces the relayed one; py-libp2p's service drives this for every relayed peer.
 
-py-libp2p 0.8.1 bugs worked around here (see tests/p2p/test_nat.py):
+All knobs live in one exported type, `NatConfig` (``HostConfig.nat``), whose defaults suit a node on the
+internet: AutoNAT, relay use, hole punching on; relay service "auto".
 
-1. AutoNAT's server dials back with ``host.connect()``, which returns at once when a connection to the peer
-   exists - and the requester is always connected (it just opened the stream). So every dial-back
-   "succeeds" and a node behind NAT is told it is public. We serve our own handler that makes a fresh
-   transport dial plus Noise handshake (proving the peer id) outside the swarm, then closes it.
-2. AutoNAT's client advertises ``host.get_addrs()``: behind NAT those are private addresses that never match
-   the server's observed IP, so every server refuses and the status stays UNKNOWN forever. We add the
-   predicted public address (observed WAN IP + listen port), which is what a dial-back must test.
-3. The swarm drops every ``/p2p-circuit`` address in ``dial_peer`` ("this node has no relay transport"),
-   even when one exists, so ``host.connect()`` can never dial a relayed address. We dial those through
-   `CircuitV2Transport.dial` ourselves (`dial_relayed`) and tag the connection as relayed.
-4. Outbound relayed connections are not tagged as relayed (only inbound ones are), so DCUtR's auto-drive
+py-libp2p 0.8.1 bugs worked around here (see tests/p2p/test_nat.py; AutoNAT's and the relay's own bugs are
+in their modules):
+
+1. The swarm drops every ``/p2p-circuit`` address in ``dial_peer`` ("this node has no relay transport"),
+   even when one exists, so ``host.connect()`` can never dial a relayed address. We dial those through the
+   circuit transport ourselves (`dial_relayed`).
+2. `CircuitV2Transport.dial` upgrades the relayed stream with ``host.upgrade_outbound_connection``, which
+   skips the swarm key, while the receiving side's upgrade (``upgrade_inbound_raw_conn``) applies it: with a
+   swarm key no relayed connection ever completes. We open the circuit, wrap it like the swarm wraps its
+   own connections, then upgrade.
+3. Outbound relayed connections are not tagged as relayed (only inbound ones are), so DCUtR's auto-drive
    never sees them; we tag them (``set_transport_info``) after the dial.
-5. ``BasicHost.get_addrs`` mangles every ``/p2p-circuit`` address an ``addrs_factory`` returns into a
+4. ``BasicHost.get_addrs`` mangles every ``/p2p-circuit`` address an ``addrs_factory`` returns into a
    direct address of the relay with our peer id (`_install_addrs_factory`), so identify and DHT provider
    records never carried a circuit. We wrap ``get_addrs`` instead.
-6. Kademlia ``find_providers`` answers from the local store whenever it is non-empty, and ``provide``
-   puts our own record there: a node never asks the network again (worked around in p2p/_discovery.py).
+5. With the transport's CLIENT role, every relayed dial first takes a reservation on the relay for the
+   *dialer*, using up the relay's reservation slots; we leave that role out and reserve explicitly.
+6. DCUtR's auto-drive initiates a hole punch from *both* ends of every relayed connection, on a 2 s tick.
+   When the ticks line up (the relayed connection appears on both sides in the same tick, and the 10 s
+   unilateral-dial timeout that precedes each session keeps them lined up), both sessions dial the same
+   address pair from the same listen port at once and every punch fails (seen in
+   tests/p2p/test_nat_netns.py: no direct link in 45 s). We drive it ourselves, from one end only: the
+   peer with the smaller id (`_drive_hole_punches`); the other end answers.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -52,11 +55,10 @@ from typing import TYPE_CHECKING, Any
 
 import multiaddr
 import trio
-from libp2p.abc import INetStream
-from libp2p.host.autonat.autonat import AUTONAT_PROTOCOL_ID, AutoNATService, _addr_ip, _is_relayed_stream
-from libp2p.host.autonat.pb.autonat_pb2 import Message
+from libp2p.host.autonat.autonat import AUTONAT_PROTOCOL_ID
 from libp2p.network.connection.raw_connection import ConnectionType
 from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import PeerInfo
 from libp2p.relay.circuit_v2.config import RelayConfig, RelayRole
 from libp2p.relay.circuit_v2.dcutr import DCUtRProtocol
 from libp2p.relay.circuit_v2.protocol import PROTOCOL_ID as HOP_PROTOCOL_ID
@@ -64,41 +66,73 @@ from libp2p.relay.circuit_v2.protocol import CircuitV2Protocol
 from libp2p.relay.circuit_v2.resources import RelayLimits
 from libp2p.relay.circuit_v2.transport import CircuitV2Transport
 from libp2p.tools.anyio_service import background_trio_service
-from libp2p.utils.varint import encode_varint_prefixed, read_varint_prefixed_bytes_limited
+
+from p2p._autonat import AutoNAT, conn_kind, protect
+from p2p._relay import RelayService
 
 if TYPE_CHECKING:
     from libp2p.abc import IHost
 
-__all__ = ["NatConfig", "NatService", "is_relayed_addr"]
+__all__ = ["RELAY_SERVICE_MODES", "NatConfig", "NatService", "is_relayed_addr"]
 
 log = logging.getLogger(__name__)
 
-AUTONAT_MAX_MSG_BYTES = 64 * 1024
-AUTONAT_QUERY_TIMEOUT_S = 15.0
-DIAL_BACK_TIMEOUT_S = 5.0
+RELAY_SERVICE_MODES = ("auto", "on", "off")
 RESERVE_TIMEOUT_S = 10.0
-NOT_A_RELAY_RETRY_S = 300.0  # a peer that refused HOP is asked again after this long
+HOLE_PUNCH_DRIVE_S = 2.0  # how often relayed-only peers are looked for (libp2p's auto-drive period)
+NOT_A_RELAY_RETRY_S = (10.0, 300.0)  # a peer that refused HOP is asked again after 10 s, doubling to 5 min
+MAX_TRACKED_REFUSALS = 1024  # relay refusals remembered (then forgotten wholesale: bounded memory)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class NatConfig:
-    """What NAT traversal a node does (see the module docstring). All off by default: opt in per host."""
+    """NAT traversal of a Host (``HostConfig.nat``; see p2p/_nat.py). Defaults suit a node on the internet."""
 
-    autonat: bool = False
-    relay_service: bool = False
-    use_relays: bool = False
-    hole_punch: bool = False
+    autonat: bool = True
+    """Ask connected peers to dial us back (AutoNAT v1) to learn our reachability; serve their dial-backs."""
     autonat_confirmations: int = 1
+    """Distinct AutoNAT servers that must agree before reachability flips (libp2p's default: 4)."""
+    relay_service: str = "auto"
+    """Relay (Circuit Relay v2) for peers behind NAT: "auto" (while AutoNAT says public), "on" or "off"."""
+    relay_max_reservations: int = 32
+    """Peers holding a relay slot on us at once; more are refused (go-libp2p: 128, for nodes of any run)."""
+    relay_max_circuits: int = 8
+    """Relayed connections at once to one peer holding a slot (go-libp2p: 16)."""
+    relay_circuit_duration_s: int = 1800
+    """A relayed connection is cut after this long (then redialled; hole punching usually replaced it)."""
+    relay_circuit_bytes: int = 128 * 1024 * 1024
+    """... or after this many bytes, both directions together (a few sync rounds of a small model)."""
+    use_relays: bool = True
+    """When AutoNAT says private (or AutoNAT is off): reserve relay slots, advertise and dial /p2p-circuit."""
+    hole_punch: bool = True
+    """Upgrade relayed connections to direct ones with DCUtR (TCP simultaneous open)."""
     max_relays: int = 2
+    """Relays to hold a reservation on at once."""
     interval_s: float = 5.0
-    relay_max_circuits: int = 16
-    relay_max_reservations: int = 64
-    relay_circuit_duration_s: int = 3600
-    relay_circuit_bytes: int = 256 * 1024 * 1024
+    """Period of the NAT round (AutoNAT queries, relay reservations)."""
+
+    def __post_init__(self) -> None:
+        if self.relay_service not in RELAY_SERVICE_MODES:
+            modes = ", ".join(RELAY_SERVICE_MODES)
+            raise ValueError(f"nat.relay_service must be one of {modes}, got {self.relay_service!r}")
+        for name in ("autonat_confirmations", "relay_max_reservations", "relay_max_circuits", "max_relays"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"nat.{name} must be >= 1")
+        for name in ("relay_circuit_duration_s", "relay_circuit_bytes", "interval_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"nat.{name} must be positive")
 
     @property
     def enabled(self) -> bool:
-        return self.autonat or self.relay_service or self.use_relays or self.hole_punch
+        return self.autonat or self.relay_service != "off" or self.use_relays or self.hole_punch
+
+    def relay_limits(self) -> RelayLimits:
+        return RelayLimits(
+            duration=self.relay_circuit_duration_s,
+            data=self.relay_circuit_bytes,
+            max_circuit_conns=self.relay_max_circuits,
+            max_reservations=self.relay_max_reservations,
+        )
 
 
 def is_relayed_addr(addr: object) -> bool:
@@ -106,65 +140,102 @@ def is_relayed_addr(addr: object) -> bool:
 
 
 class NatService:
-    """Runs AutoNAT, relay (service and client) and DCUtR for one host; owned by the node's nursery."""
+    """Runs AutoNAT, the relay service and client, and DCUtR for one host; owned by the node's nursery."""
 
     def __init__(self, host: IHost, config: NatConfig) -> None:
         self.host = host
         self.config = config
-        self.status = "unknown"  # "public" | "private" | "unknown"
-        self.verdicts: dict[ID, bool] = {}  # autonat server -> reachable?
+        self.autonat = AutoNAT(host, confirmations=config.autonat_confirmations)
+        self._protocol = CircuitV2Protocol(host, limits=config.relay_limits(), allow_hop=False)
+        self.relay = RelayService(
+            host,
+            self._protocol,
+            mode=config.relay_service,
+            circuit_duration_s=config.relay_circuit_duration_s,
+            reachability=lambda: self.status,
+        )
         self.relay_addrs: list[str] = []  # our advertised /p2p-circuit addrs (without /p2p/<me>)
         self.reservations: dict[ID, str] = {}  # relay -> circuit addr
-        self.not_relays: dict[ID, float] = {}  # peer -> monotonic time it refused HOP
+        self._refused: dict[ID, tuple[float, float]] = {}  # peer -> (retry after, current backoff)
         self.counters = {
-            "autonat_queries": 0,
             "relay_dials_ok": 0,
             "relay_dials_failed": 0,
             "reservations": 0,
+            "reservations_refused": 0,
         }
         self._transport: CircuitV2Transport | None = None
-        self._dcutr: DCUtRProtocol | None = None
         self._nursery: trio.Nursery | None = None
+
+    @property
+    def status(self) -> str:
+        """AutoNAT's verdict: "public", "private" or "unknown"."""
+        return self.autonat.status
+
+    @property
+    def needs_relay(self) -> bool:
+        return self.config.use_relays and (
+            self.status == "private" or (self.status == "unknown" and not self.config.autonat)
+        )
+
+    def describe(self) -> dict[str, Any]:
+        """The NAT part of `Host.nat_status()` (config, relay service state and limits, counters)."""
+        return {
+            "relay_addrs": list(self.relay_addrs),
+            "relays": sorted(p.to_base58() for p in list(self.reservations)),
+            "autonat_verdicts": {p.to_base58(): v for p, v in self.autonat.verdicts().items()},
+            "relay_service": self.relay.describe(),
+            "config": dataclasses.asdict(self.config),
+            "counters": {**self.counters, **self.autonat.counters},
+        }
 
     # ------------------------------------------------------------------ lifecycle
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         cfg = self.config
-        limits = RelayLimits(
-            duration=cfg.relay_circuit_duration_s,
-            data=cfg.relay_circuit_bytes,
-            max_circuit_conns=cfg.relay_max_circuits,
-            max_reservations=cfg.relay_max_reservations,
-        )
-        roles = RelayRole.STOP | RelayRole.CLIENT | (RelayRole.HOP if cfg.relay_service else RelayRole(0))
-        protocol = CircuitV2Protocol(self.host, limits=limits, allow_hop=cfg.relay_service)
         if cfg.autonat:
-            self.host.set_stream_handler(AUTONAT_PROTOCOL_ID, self._serve_autonat)
+            self.host.set_stream_handler(AUTONAT_PROTOCOL_ID, self.autonat.serve)
         self._install_addrs_factory()
-        async with background_trio_service(protocol), trio.open_nursery() as nursery:
+        async with background_trio_service(self._protocol), trio.open_nursery() as nursery:
+            self.relay.register()  # the protocol (allow_hop=False) registered only STOP
             self._nursery = nursery
-            self._transport = CircuitV2Transport(self.host, protocol, RelayConfig(roles=roles, limits=limits))
+            roles = RelayRole.STOP  # bug 5: no CLIENT role
+            self._transport = CircuitV2Transport(
+                self.host, self._protocol, RelayConfig(roles=roles, limits=cfg.relay_limits())
+            )
             if cfg.hole_punch:
-                self._dcutr = DCUtRProtocol(self.host)
-                nursery.start_soon(_run_service, self._dcutr)
+                dcutr = DCUtRProtocol(self.host)
+                dcutr._auto_drive_loop = lambda: self._drive_hole_punches(dcutr)  # type: ignore[method-assign]
+                nursery.start_soon(_run_service, dcutr)  # bug 6
             task_status.started()
             while True:
                 try:
                     await self._round()
-                except (
-                    Exception
-                ) as exc:  # one bad round (a peer vanished mid-query) must not end NAT traversal
+                except Exception as exc:  # a bad round (a peer vanished mid-query) must not end NAT traversal
                     log.debug("nat round failed error=%r", exc)
                 await trio.sleep(cfg.interval_s)
 
     async def _round(self) -> None:
         if self.config.autonat:
-            await self._autonat_round()
-        if self.config.use_relays and self.status != "public":
+            await self.autonat.round()
+        if self.needs_relay:
             await self._reserve_round()
-        elif self.reservations and self.status == "public":
+        elif self.reservations:
             self.reservations.clear()  # publicly reachable: stop advertising relayed addrs
             self.relay_addrs = []
+
+    async def _drive_hole_punches(self, dcutr: DCUtRProtocol) -> None:
+        """Initiate DCUtR toward relayed-only peers whose id is larger than ours (bug 6)."""
+        me = self.host.get_id().to_bytes()
+        while True:
+            await trio.sleep(HOLE_PUNCH_DRIVE_S)
+            for peer_id, conns in list(self.host.get_network().connections.items()):
+                conns = conns if isinstance(conns, list) else [conns]
+                relayed_only = bool(conns) and all(conn_kind(c) == "relayed" for c in conns)
+                if relayed_only and me < peer_id.to_bytes() and peer_id not in dcutr._in_progress:
+                    try:
+                        await dcutr.initiate_hole_punch(peer_id)
+                    except Exception as exc:  # the peer went away mid-session: try the next one
+                        log.debug("hole punch failed peer=%s error=%r", peer_id, exc)
 
     # ------------------------------------------------------------------ connections
 
@@ -174,15 +245,14 @@ class NatService:
         network = self.host.get_network()
         for peer_id, conns in list(getattr(network, "connections", {}).items()):
             conns = conns if isinstance(conns, list) else [conns]
-            kinds = {_conn_kind(c) for c in conns}
+            kinds = {conn_kind(c) for c in conns}
             if kinds:
                 out[peer_id.to_base58()] = "direct" if "direct" in kinds else "relayed"
         return out
 
     async def dial_relayed(self, peer_id: ID, addrs: Sequence[multiaddr.Multiaddr]) -> bool:
-        """Dial ``peer_id`` through one of its ``/p2p-circuit`` addrs (bug 3 in the module docstring)."""
-        transport = self._transport
-        if transport is None:
+        """Dial ``peer_id`` through one of its ``/p2p-circuit`` addrs (bugs 1-3 in the module docstring)."""
+        if self._transport is None:
             return False
         # No /p2p-circuit addr known (DHT provider records may carry none): try the relays we hold a
         # reservation on; in a run that shares a bootstrap relay, the peer most likely holds one there too.
@@ -198,24 +268,31 @@ class NatService:
                 addr = addr.encapsulate(multiaddr.Multiaddr(f"/p2p/{peer_id.to_base58()}"))
             try:
                 with trio.fail_after(RESERVE_TIMEOUT_S):
-                    conn = await transport.dial(addr)
+                    conn = await self._dial_circuit(self._transport, addr, peer_id)
             except Exception as exc:
                 self.counters["relay_dials_failed"] += 1
                 log.debug("relayed dial failed peer=%s addr=%s error=%r", peer_id, addr, exc)
                 continue
-            with suppress(
-                Exception
-            ):  # bug 4: tag it so peer_connections() and DCUtR's auto-drive see "relayed"
-                conn.set_transport_info([addr], ConnectionType.RELAYED)  # type: ignore[attr-defined]
+            with suppress(Exception):  # bug 3: tag it so peer_connections() and DCUtR's auto-drive see it
+                conn.set_transport_info([addr], ConnectionType.RELAYED)
             self.counters["relay_dials_ok"] += 1
             log.info("connected via relay peer=%s addr=%s", peer_id, addr)
             return True
         return False
 
+    async def _dial_circuit(
+        self, transport: CircuitV2Transport, addr: multiaddr.Multiaddr, peer_id: ID
+    ) -> Any:
+        """`CircuitV2Transport.dial` with the swarm key applied before the upgrade (bug 2)."""
+        relay_addr, _dest = transport.parse_circuit_ma(addr)
+        relay = PeerInfo(ID.from_base58(str(relay_addr.get_peer_id())), [relay_addr])
+        raw = await transport.dial_peer_info(dest_info=PeerInfo(peer_id, [addr]), relay_info=relay)
+        return await self.host.upgrade_outbound_connection(protect(self.host, raw), peer_id)
+
     # ------------------------------------------------------------------ relay client
 
     def _install_addrs_factory(self) -> None:
-        """Append our relayed addrs to what the host advertises (identify, DHT provider records; bug 5).
+        """Append our relayed addrs to what the host advertises (identify, DHT provider records; bug 4).
 
         Not through libp2p's ``addrs_factory``: ``BasicHost.get_addrs`` strips "any existing /p2p/ component"
         from the factory's output by decapsulating at the *first* /p2p/, which turns
@@ -241,159 +318,41 @@ class NatService:
         for peer_id, conns in list(network.connections.items()):
             if len(self.reservations) >= self.config.max_relays:
                 break
-            if peer_id in self.reservations or now - self.not_relays.get(peer_id, -1e9) < NOT_A_RELAY_RETRY_S:
+            if peer_id in self.reservations or now < self._refused.get(peer_id, (0.0, 0.0))[0]:
                 continue
             conns = conns if isinstance(conns, list) else [conns]
-            direct = [c for c in conns if _conn_kind(c) == "direct"]
-            if not direct:
-                continue
-            relay_addr = _remote_addr(direct[0])
+            direct = [c for c in conns if conn_kind(c) == "direct"]
+            relay_addr = _remote_addr(direct[0]) if direct else None
             if relay_addr is None:
                 continue
-            try:
-                with trio.fail_after(RESERVE_TIMEOUT_S):
-                    stream = await self.host.new_stream(peer_id, [HOP_PROTOCOL_ID])
-                    try:
-                        ok = await self._transport.reserve(stream, peer_id, self._nursery)
-                    finally:
-                        with suppress(Exception):
-                            await stream.close()
-            except Exception as exc:
-                log.debug("peer is not a relay for us peer=%s error=%r", peer_id, exc)
-                ok = False
-            if not ok:
-                self.not_relays[peer_id] = now
-                continue
-            circuit = f"{relay_addr}/p2p/{peer_id.to_base58()}/p2p-circuit"
-            self.reservations[peer_id] = circuit
-            self.counters["reservations"] += 1
-            log.info("relay reservation ok relay=%s addr=%s", peer_id, circuit)
+            if await self._reserve(peer_id):
+                circuit = f"{relay_addr}/p2p/{peer_id.to_base58()}/p2p-circuit"
+                self.reservations[peer_id] = circuit
+                self._refused.pop(peer_id, None)
+                self.counters["reservations"] += 1
+                log.info("relay reservation ok relay=%s addr=%s", peer_id, circuit)
+            else:
+                self.counters["reservations_refused"] += 1
+                backoff = min(NOT_A_RELAY_RETRY_S[1], 2 * self._refused.get(peer_id, (0.0, 0.0))[1])
+                backoff = max(backoff, NOT_A_RELAY_RETRY_S[0])
+                if len(self._refused) >= MAX_TRACKED_REFUSALS:
+                    self._refused.clear()
+                self._refused[peer_id] = (now + backoff, backoff)
         self.relay_addrs = sorted(set(self.reservations.values()))
 
-    # ------------------------------------------------------------------ AutoNAT client
-
-    def _predicted_public_addrs(self) -> list[multiaddr.Multiaddr]:
-        """Observed WAN IPs (even from a single observer) with our TCP listen ports (bug 2)."""
-        manager = getattr(self.host, "_observed_addr_manager", None)
-        if manager is None:
-            return []
-        ports = {int(a.value_for_protocol("tcp")) for a in self.host.get_transport_addrs() if _has(a, "tcp")}
-        out: list[multiaddr.Multiaddr] = []
-        with suppress(Exception):
-            for obs in manager.addrs(min_observers=1):
-                if is_relayed_addr(obs) or not _has(obs, "ip4"):
-                    continue
-                ip = obs.value_for_protocol("ip4")
-                out.extend(multiaddr.Multiaddr(f"/ip4/{ip}/tcp/{port}") for port in sorted(ports))
-        return out
-
-    async def _autonat_round(self) -> None:
-        network = self.host.get_network()
-        addrs = [a for a in self.host.get_transport_addrs() if not is_relayed_addr(a)]
-        addrs += self._predicted_public_addrs()
-        raw = list(dict.fromkeys(a.to_bytes() for a in addrs))
-        for peer_id, conns in list(network.connections.items()):
-            conns = conns if isinstance(conns, list) else [conns]
-            if not any(_conn_kind(c) == "direct" for c in conns):
-                continue  # servers refuse requests over relayed connections
-            verdict = await self._query(peer_id, raw)
-            if verdict is not None:
-                self.verdicts[peer_id] = verdict
-        ok = sum(self.verdicts.values())
-        bad = len(self.verdicts) - ok
-        need = self.config.autonat_confirmations
-        if ok >= need and ok >= bad:
-            self.status = "public"
-        elif bad >= need and bad > ok:
-            self.status = "private"
-
-    async def _query(self, peer_id: ID, raw_addrs: list[bytes]) -> bool | None:
-        request = Message()
-        request.type = Message.DIAL
-        request.dial.peer.id = self.host.get_id().to_bytes()
-        request.dial.peer.addrs.extend(raw_addrs)
-        self.counters["autonat_queries"] += 1
-        stream: INetStream | None = None
+    async def _reserve(self, peer_id: ID) -> bool:
+        assert self._transport is not None and self._nursery is not None
         try:
-            with trio.fail_after(AUTONAT_QUERY_TIMEOUT_S):
-                stream = await self.host.new_stream(peer_id, [AUTONAT_PROTOCOL_ID])
-                await stream.write(encode_varint_prefixed(request.SerializeToString()))
-                data = await read_varint_prefixed_bytes_limited(stream, AUTONAT_MAX_MSG_BYTES)
-        except Exception as exc:  # peer without autonat, or it went away: no verdict
-            log.debug("autonat query failed peer=%s error=%r", peer_id, exc)
-            return None
-        finally:
-            if stream is not None:
-                with suppress(Exception):
-                    await stream.close()
-        response = Message()
-        response.ParseFromString(data)
-        status = response.dialResponse.status
-        if status == Message.OK:
-            return True
-        if status == Message.E_DIAL_ERROR:
-            return False
-        return None  # refused / bad request / internal error: says nothing about us
-
-    # ------------------------------------------------------------------ AutoNAT server
-
-    async def _serve_autonat(self, stream: INetStream) -> None:
-        """Our AutoNAT v1 server: a real, fresh dial-back (bug 1 in the module docstring)."""
-        try:
-            with trio.fail_after(AUTONAT_QUERY_TIMEOUT_S):
-                data = await read_varint_prefixed_bytes_limited(stream, AUTONAT_MAX_MSG_BYTES)
-                request = Message()
-                request.ParseFromString(data)
-                response = Message()
-                response.type = Message.DIAL_RESPONSE
-                observed = AutoNATService._observed_ip(stream)
-                if request.type != Message.DIAL:
-                    response.dialResponse.status = Message.E_BAD_REQUEST
-                elif _is_relayed_stream(stream) or observed is None:
-                    response.dialResponse.status = Message.E_DIAL_REFUSED
-                else:
-                    peer_id = stream.muxed_conn.peer_id
-                    candidates = [
-                        multiaddr.Multiaddr(a)
-                        for a in AutoNATService._filter_by_observed_ip(
-                            list(request.dial.peer.addrs), observed
-                        )
-                    ]
-                    candidates = [a for a in candidates if _addr_ip(a) == observed and not is_relayed_addr(a)]
-                    if not candidates:
-                        response.dialResponse.status = Message.E_DIAL_REFUSED
-                    else:
-                        reached = await self._dial_back(peer_id, candidates[:4])
-                        if reached is None:
-                            response.dialResponse.status = Message.E_DIAL_ERROR
-                        else:
-                            response.dialResponse.status = Message.OK
-                            response.dialResponse.addr = reached.to_bytes()
-                await stream.write(encode_varint_prefixed(response.SerializeToString()))
-        except Exception as exc:
-            log.debug("autonat request failed error=%r", exc)
-        finally:
-            with suppress(Exception):
-                await stream.close()
-
-    async def _dial_back(self, peer_id: ID, addrs: list[multiaddr.Multiaddr]) -> multiaddr.Multiaddr | None:
-        """A fresh TCP dial + Noise handshake to ``peer_id``, not registered in the swarm, then closed."""
-        network: Any = self.host.get_network()
-        for addr in addrs:
-            raw = None
-            try:
-                with trio.fail_after(DIAL_BACK_TIMEOUT_S):
-                    transport = network.transport_manager.transport_for_dialing(addr)
-                    raw = await transport.dial(addr)
-                    secured = await network.upgrader.upgrade_security(raw, True, peer_id)
-                    await secured.close()
-                return addr
-            except Exception as exc:
-                log.debug("autonat dial-back failed peer=%s addr=%s error=%r", peer_id, addr, exc)
-                if raw is not None:
+            with trio.fail_after(RESERVE_TIMEOUT_S):
+                stream = await self.host.new_stream(peer_id, [HOP_PROTOCOL_ID])
+                try:
+                    return bool(await self._transport.reserve(stream, peer_id, self._nursery))
+                finally:
                     with suppress(Exception):
-                        await raw.close()
-        return None
+                        await stream.close()
+        except Exception as exc:  # no HOP protocol, or it went away
+            log.debug("peer is not a relay for us peer=%s error=%r", peer_id, exc)
+            return False
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -404,26 +363,14 @@ async def _run_service(service: Any) -> None:
         await trio.sleep_forever()
 
 
-def _conn_kind(conn: Any) -> str:
-    with suppress(Exception):
-        if any(is_relayed_addr(a) for a in conn.get_transport_addresses()):
-            return "relayed"
-        if conn.get_connection_type() == ConnectionType.RELAYED:
-            return "relayed"
-    return "direct"
-
-
 def _remote_addr(conn: Any) -> str | None:
     """The relay's address as we reach it (ip4/tcp of a direct connection), or None."""
     with suppress(Exception):
         for addr in conn.get_transport_addresses():
-            if _has(addr, "ip4") and _has(addr, "tcp") and not is_relayed_addr(addr):
+            names = {p.name for p in addr.protocols()}
+            if {"ip4", "tcp"} <= names and not is_relayed_addr(addr):
                 return f"/ip4/{addr.value_for_protocol('ip4')}/tcp/{addr.value_for_protocol('tcp')}"
     with suppress(Exception):
-        host, port = conn.muxed_conn.secured_conn.get_remote_address()  # type: ignore[attr-defined]
+        host, port = conn.muxed_conn.secured_conn.get_remote_address()
         return f"/ip4/{host}/tcp/{port}"
     return None
-
-
-def _has(addr: multiaddr.Multiaddr, proto: str) -> bool:
-    return any(p.name == proto for p in addr.protocols())

@@ -13,14 +13,17 @@ Membership has two independent layers (use either or both):
   the handshake); a failed handshake is not closed promptly by libp2p, so the dialer's own timeout ends it.
 * **Allowlist** of peer ids: a connection from a peer not on the list is closed as soon as libp2p reports
   it (a notifee), its requests are refused before their payload is read, and gossip *authored* by it is
-  dropped even when a member forwards it. Noise proves the remote peer id, so the list cannot be spoofed.
+  neither verified, delivered nor forwarded, even when a member forwards it (p2p/_gossip.py). Noise
+  proves the remote peer id, so the list cannot be spoofed.
+* **Gossip admission** (open runs): the daemon knows which authors belong to its run; its predicate
+  (``Host.set_gossip_admission``) is asked, with the same effect, for every author the allowlist admits.
 
 Resource limits (per remote peer, token buckets on the monotonic clock): requests served and gossip
-messages delivered. A peer over its rate has the excess refused (requests get an ERROR frame
-``RateLimited``, gossip is dropped) and collects a penalty; ``ban_after_penalties`` penalties within
-``ban_window_s`` ban it for ``ban_s``: it is disconnected and every connection attempt is closed until the
-ban expires. The daemon may add penalties for application-level misbehaviour (invalid records) through
-``Host.penalize``.
+messages verified per author. A peer over its rate has the excess refused (requests get an ERROR frame
+``RateLimited``, gossip is dropped before forwarding); each request refusal is a penalty, and
+``ban_after_penalties`` penalties within ``ban_window_s`` ban the peer for ``ban_s``: it is disconnected and
+every connection attempt is closed until the ban expires. The daemon may add penalties for
+application-level misbehaviour (invalid records) through ``Host.penalize``.
 
 The key file format is the one go-ipfs/kubo uses for ``swarm.key``::
 
@@ -174,12 +177,16 @@ class PeerGate:
         self._gossip: dict[str, _Bucket] = {}
         self._penalties: dict[str, list[float]] = {}
         self._banned_until: dict[str, float] = {}
+        self.gossip_admission: Callable[[str], bool] | None = None
+        """Open runs: the daemon's membership test for gossip authors (sync, cheap; None admits all)."""
         self.counters: dict[str, int] = {
             "refused_connections": 0,
             "refused_requests_not_member": 0,
             "refused_requests_rate": 0,
             "refused_requests_banned": 0,
             "dropped_gossip_not_member": 0,
+            "dropped_gossip_banned": 0,
+            "dropped_gossip_not_admitted": 0,
             "dropped_gossip_rate": 0,
             "penalties": 0,
             "bans": 0,
@@ -221,19 +228,40 @@ class PeerGate:
             return "RateLimited"
         return None
 
-    def admit_gossip(self, author: str) -> bool:
+    def refuse_gossip_author(self, author: str) -> str | None:
+        """Why gossip claiming ``author`` is refused before its signature is even checked, or None.
+
+        "not_member": not on the allowlist (a member that forwards it is faulty: the caller penalizes it);
+        "banned"; "not_admitted": the admission hook (`Host.set_gossip_admission`) said no, or raised.
+        Pure lookups: this runs on the libp2p read path for every message (p2p/_gossip.py).
+        """
         if not self.is_member(author):
             self.counters["dropped_gossip_not_member"] += 1
-            return False
-        if self.is_banned(author) or not self._take(
-            self._gossip, author, self.limits.gossip_rate_per_s, self.limits.gossip_burst
-        ):
-            # Dropped, not penalized: gossip is best effort (anti-entropy repairs what it misses), and a
-            # fast-training honest peer can outrun the budget in a burst. Banning it for that partitioned
-            # a soak cluster; a real flooder is held to the budget all the same.
-            self.counters["dropped_gossip_rate"] += 1
-            return False
-        return True
+            return "not_member"
+        if self.is_banned(author):
+            self.counters["dropped_gossip_banned"] += 1
+            return "banned"
+        admission = self.gossip_admission
+        if admission is not None:
+            try:
+                admitted = bool(admission(author))
+            except Exception:  # a daemon bug must not reach libp2p's read loop; refusing is the safe side
+                log.warning("gossip admission hook raised author=%s", author, exc_info=True)
+                admitted = False
+            if not admitted:
+                self.counters["dropped_gossip_not_admitted"] += 1
+                return "not_admitted"
+        return None
+
+    def admit_gossip_rate(self, author: str) -> bool:
+        """Take one token from ``author``'s gossip budget (call only for signature-checked messages)."""
+        if self._take(self._gossip, author, self.limits.gossip_rate_per_s, self.limits.gossip_burst):
+            return True
+        # Dropped, not penalized: gossip is best effort (anti-entropy repairs what it misses), and a
+        # fast-training honest peer can outrun the budget in a burst. Banning it for that partitioned
+        # a soak cluster; a real flooder is held to the budget all the same.
+        self.counters["dropped_gossip_rate"] += 1
+        return False
 
     def penalize(self, peer: str) -> bool:
         """Count one penalty; True if it got the peer banned just now (the caller disconnects it)."""

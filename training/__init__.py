@@ -2,7 +2,8 @@
 
 Public API:
 
-* tasks: load_task / Task, describe_task_options, check_task / Problem, task_skeleton; StdlibLMTask
+* tasks: load_task / Task, check_task_options, describe_task_options, check_task / Problem,
+  task_skeleton; StdlibLMTask
   (the stdlib corpus, batches and byte-level evaluation, to subclass with another model);
 * options: build_config (a TOML table into a Config dataclass, errors naming the key), coerce,
   describe_options / OptionInfo;
@@ -28,7 +29,7 @@ from training._params import flatten_params, fragment_ranges, load_flat_params, 
 from training._skeleton import task_skeleton
 from training._staleness import StalenessPolicy
 from training._stdlib_lm import StdlibLMTask
-from training._task import Task, describe_task_options, load_task
+from training._task import Task, check_task_options, describe_task_options, load_task
 
 __all__ = [
     "CODECS",
@@ -48,6 +49,7 @@ __all__ = [
     "build_config",
     "build_inner_optimizer",
     "check_task",
+    "check_task_options",
     "coerce",
     "compress",
     "data_seed",

@@ -109,9 +109,12 @@ class DilocoConfig:
 
     @property
     def staleness_policy(self) -> StalenessPolicy:
+        return self.staleness_policy_for(self.expected_peers)
+
+    def staleness_policy_for(self, peers: int) -> StalenessPolicy:
+        """The staleness rule with ``peers`` training peers (the daemon passes the live count)."""
         return StalenessPolicy(
-            expected_peers=self.expected_peers,
-            max_staleness=self.max_staleness or default_max_staleness(self.expected_peers),
+            expected_peers=peers, max_staleness=self.max_staleness or default_max_staleness(peers)
         )
 
     def __post_init__(self) -> None:

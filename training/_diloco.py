@@ -145,10 +145,14 @@ class PeerTrainer:
                 f"got {global_params.dtype} {global_params.shape}"
             )
 
-    def run_round(self, global_params: np.ndarray, *, fragment: int) -> RoundResult:
+    def run_round(
+        self, global_params: np.ndarray, *, fragment: int, peers: int | None = None
+    ) -> RoundResult:
         """Train H inner steps from θ = global_params and return the update for `fragment`.
 
-        `global_params` is only read (a read-only shared-memory view works) and never copied.
+        `global_params` is only read (a read-only shared-memory view works) and never copied. `peers`: how
+        many peers train now (the daemon counts them live); it sets the outer step's 1/N and the staleness
+        rule. None: the configured `expected_peers`.
 
         Raises:
             ConfigError: wrong vector shape/dtype or fragment index.
@@ -159,7 +163,10 @@ class PeerTrainer:
         self._check_params(global_params)
         if not 0 <= fragment < len(self.fragments):
             raise ConfigError(f"fragment must be in [0, {len(self.fragments)}), got {fragment}")
+        if peers is not None and peers < 1:
+            raise ConfigError(f"peers must be >= 1, got {peers}")
         c = self.config
+        n = peers or c.expected_peers
         load_flat_params(self.model, global_params)
         try:
             train_loss = inner_loop(
@@ -182,7 +189,7 @@ class PeerTrainer:
         momentum = self.momentum[start:stop] if c.outer_momentum else None
         u = outer_update(
             delta, momentum, outer_lr=c.outer_lr, outer_momentum=c.outer_momentum,
-            expected_peers=c.expected_peers,
+            expected_peers=n,
         )  # the update, in place (momentum is committed here: nothing below fails on finite input)
         residual = self.residual[start:stop]
         if c.residual_decay != 1.0:
@@ -199,7 +206,7 @@ class PeerTrainer:
             fragment=fragment, codec=c.codec, payload=payload, weight=1.0, train_loss=train_loss,
             update_norm=float(np.linalg.norm(values)), residual_norm=float(np.linalg.norm(u)),
             density=len(kept) / (stop - start), payload_bytes=len(payload),
-            staleness_policy=c.staleness_policy,
+            staleness_policy=c.staleness_policy_for(n),
         )
 
     def evaluate(self, global_params: np.ndarray) -> dict[str, float]:

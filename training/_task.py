@@ -147,6 +147,21 @@ def load_task(name: str, **options: Any) -> Task:
     return task
 
 
+def check_task_options(name: str, options: dict[str, Any]) -> bool:
+    """Validate ``options`` against the task's `Config` without building the task (no model, no data).
+    Returns False when the factory has no `Config` (then only the task itself can judge them).
+
+    Raises:
+        TaskNotFoundError: see `resolve_factory`.
+        ConfigError: an option the Config doesn't know, can't convert or rejects (names the key).
+    """
+    config_cls = task_config_class(resolve_factory(name))
+    if config_cls is None:
+        return False
+    build_config(config_cls, options, section=TASK_SECTION)
+    return True
+
+
 def describe_task_options(name: str) -> list[OptionInfo]:
     """(key, type, default, doc) rows of the task's options; [] for a factory without a `Config`.
 

@@ -27,7 +27,7 @@ from typing import Any
 
 import tomli_w
 
-from daemon.cli.client import ControlClient, DaemonNotRunning, RequestFailed
+from daemon.cli.client import ControlClient, ControlError, process_alive
 from daemon.home import Home
 from daemon.status import parse_status
 
@@ -114,6 +114,7 @@ class Cluster:
                     "run": run,
                     "listen": [f"/ip4/127.0.0.1/tcp/{info.port}"],
                     "bootstrap": [] if info.index == 0 else [infos[0].addr],
+                    "dial_private_addrs": True,  # all on loopback
                 },
                 "training": {"task": task, "shard": info.index, "num_shards": nodes, **(training or {})},
                 "sync": sync or {},
@@ -157,7 +158,7 @@ class Cluster:
             raise ClusterError(f"node {index} is not running")
         os.kill(pid, sig)
         deadline = time.monotonic() + timeout_s
-        while _alive(pid):
+        while process_alive(pid):
             if time.monotonic() > deadline:
                 raise ClusterError(f"node {index} (pid {pid}) did not exit within {timeout_s:.0f} s")
             time.sleep(0.05)
@@ -184,11 +185,11 @@ class Cluster:
                 os.kill(pid, signal.SIGTERM)
                 running[pid] = home
         deadline = time.monotonic() + grace_s
-        while (alive := [pid for pid in running if _alive(pid)]) and time.monotonic() < deadline:
+        while (alive := [pid for pid in running if process_alive(pid)]) and time.monotonic() < deadline:
             time.sleep(0.05)
         for pid in alive:
             os.kill(pid, signal.SIGKILL)
-            while _alive(pid):
+            while process_alive(pid):
                 time.sleep(0.05)
             _clear_leftovers(running[pid])
 
@@ -215,7 +216,7 @@ class Cluster:
         for info in self.nodes():
             try:
                 status = self.client(info.index).get("/v1/status")
-            except (DaemonNotRunning, RequestFailed, TimeoutError) as exc:
+            except ControlError as exc:
                 status = {"peer_id": info.peer_id, "home": info.home, "error": str(exc)}
             result.append({"index": info.index, **status})
         return result
@@ -260,7 +261,7 @@ class Cluster:
             pid = int(home.pid_file.read_text().strip())
         except (FileNotFoundError, ValueError):
             return None
-        return pid if _alive(pid) else None
+        return pid if process_alive(pid) else None
 
 
 def converged(statuses: list[dict[str, Any]], *, contributions: int | None = None) -> bool:
@@ -301,18 +302,3 @@ def _free_port() -> int:
                 continue
             return port
     raise ClusterError("no free TCP port below the ephemeral range")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie child of ours (the harness started it) is dead but still signalable: reap it.
-    try:
-        done, _ = os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        return True
-    return done == 0

@@ -7,9 +7,10 @@ from pathlib import Path
 from typing import Any
 
 import click
+from rich.console import Console
 
 from daemon.cli import render
-from daemon.cli.client import DaemonNotRunning, RequestFailed
+from daemon.cli.client import ControlError
 from daemon.cli.cluster import Cluster, ClusterError
 from daemon.cli.common import console, echo_json, fail, json_option
 
@@ -105,7 +106,7 @@ def cluster_partition(directory: Path, groups: tuple[str, ...], as_json: bool) -
         Cluster(directory).partition(parsed)
     except ValueError:
         fail("groups are comma-separated node indices, e.g. `0,1 2,3`", as_json=as_json)
-    except (ClusterError, DaemonNotRunning, RequestFailed) as exc:
+    except (ClusterError, ControlError) as exc:
         fail(str(exc), as_json=as_json)
     _done(as_json, {"partitioned": [list(map(int, g.split(","))) for g in groups]})
 
@@ -117,7 +118,7 @@ def cluster_heal(directory: Path, as_json: bool) -> None:
     """Undo `cluster partition`."""
     try:
         Cluster(directory).heal()
-    except (ClusterError, DaemonNotRunning, RequestFailed) as exc:
+    except (ClusterError, ControlError) as exc:
         fail(str(exc), as_json=as_json)
     _done(as_json, {"healed": True})
 
@@ -127,14 +128,19 @@ def cluster_heal(directory: Path, as_json: bool) -> None:
 @click.option("--nodes", type=click.IntRange(1, 16), default=4, show_default=True)
 @click.option("--task", default="stdlib-lm", show_default=True)
 @click.option("--rounds", type=click.IntRange(min=1), default=12, show_default=True, help="Rounds per node.")
-def cluster_demo(directory: Path, nodes: int, task: str, rounds: int) -> None:
-    """Start a cluster, train with a live table, then plot the loss curve and print a summary."""
+@json_option
+def cluster_demo(directory: Path, nodes: int, task: str, rounds: int, as_json: bool) -> None:
+    """Start a cluster, train with a live table, then plot the loss curve and print a summary (--json:
+    the progress goes to stderr, the summary to stdout)."""
     from daemon.cli.demo import run_demo
 
+    shown = Console(stderr=True) if as_json else console
     try:
-        run_demo(Cluster(directory), nodes=nodes, task=task, rounds=rounds, console=console)
+        summary = run_demo(Cluster(directory), nodes=nodes, task=task, rounds=rounds, console=shown)
     except ClusterError as exc:
-        fail(str(exc))
+        fail(str(exc), as_json=as_json)
+    if as_json:
+        echo_json(summary)
 
 
 def _print_cluster(group: Cluster, as_json: bool) -> None:

@@ -4,15 +4,30 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import click
+import msgspec
 
 from daemon.cli import render
-from daemon.cli.common import call, console, echo_json, home_of, home_option, json_option
-from daemon.status import parse_status
+from daemon.cli.client import ControlClient, ControlError, IfUnwritable
+from daemon.cli.common import (
+    call,
+    client_for,
+    console,
+    echo_json,
+    fail,
+    home_of,
+    home_option,
+    json_option,
+    not_running_hint,
+)
+from daemon.config import ConfigError
+from daemon.status import to_json
 
-__all__ = ["checkpoint", "connect", "doctor", "limits", "logs", "peers", "status", "train"]
+__all__ = ["checkpoint", "connect", "doctor", "invite", "limits", "logs", "peers", "status", "stop", "train"]
+
+FOLLOW_POLL_S = 1.0  # `logs -f`: the ring buffer is polled; a second is what a person watching needs
 
 
 @click.command()
@@ -20,26 +35,47 @@ __all__ = ["checkpoint", "connect", "doctor", "limits", "logs", "peers", "status
 @json_option
 def status(home: Path | None, as_json: bool) -> None:
     """Show the node's peers, training progress and model state."""
-    data = call(home_of(home), "GET", "/v1/status", as_json=as_json)
+    result = call(home, ControlClient.status, as_json=as_json)
     if as_json:
-        echo_json(data)
-        return
-    console.print(render.status_panel(parse_status(data)))
+        echo_json(to_json(result))
+    else:
+        console.print(render.status_panel(result))
 
 
 @click.command()
 @home_option
 @json_option
 def doctor(home: Path | None, as_json: bool) -> None:
-    """Explain this node's connectivity (NAT, relays, what to forward, which address to share)."""
+    """Check this node: config, identity, ports, disk, torch and CUDA, clock, the last run's log; with
+    its daemon running, also its connectivity (NAT, relays, what to forward, which address to share),
+    its disk and the genesis offers it refused."""
+    from daemon.cli.checkup import Check, local_checks, worst
     from daemon.cli.doctor import diagnose
 
-    report = diagnose(parse_status(call(home_of(home), "GET", "/v1/status", as_json=as_json)))
+    node_home = home_of(home)
+    status = None
+    try:
+        status = client_for(node_home).status()
+        daemon = Check("daemon", "ok", f"running: pid {status.pid}, peer id {status.peer_id}")
+    except (ControlError, ConfigError) as exc:
+        hint = not_running_hint(node_home, chosen=home is not None)
+        daemon = Check("daemon", "warn", f"{exc}. {hint}")
+    checks = [daemon, *local_checks(node_home, daemon_running=status is not None)]
+    report = diagnose(status) if status is not None else None
+    verdict = worst([c.verdict for c in checks] + ([report.verdict] if report else []))
     if as_json:
-        echo_json(report.as_dict())
+        echo_json({"verdict": verdict, "checks": [c.as_dict() for c in checks],
+                   "connectivity": report.as_dict() if report else None})
         return
-    for line in report.lines:
-        click.echo(line)
+    click.echo(f"verdict: {verdict}")
+    for check in checks:
+        click.echo(f"{check.verdict:>7}  {check.name}: {check.detail}")
+        for line in check.lines:
+            click.echo(f"         | {line}")
+    if report is not None:
+        click.echo("\nconnectivity")
+        for line in report.lines:
+            click.echo(f"  {line}" if line else "")
 
 
 @click.command()
@@ -48,10 +84,9 @@ def doctor(home: Path | None, as_json: bool) -> None:
 def peers(home: Path | None, as_json: bool) -> None:
     """List connected peers (human output: with their contributions to the model)."""
     if as_json:
-        echo_json(call(home_of(home), "GET", "/v1/peers", as_json=as_json))
+        echo_json({"peers": call(home, ControlClient.peers, as_json=as_json)})
     else:
-        data = call(home_of(home), "GET", "/v1/status", as_json=as_json)
-        console.print(render.peers_table(parse_status(data)))
+        console.print(render.peers_table(call(home, ControlClient.status, as_json=as_json)))
 
 
 @click.command()
@@ -66,20 +101,13 @@ def peers(home: Path | None, as_json: bool) -> None:
 @json_option
 def limits(threads: int | None, bandwidth: str | None, home: Path | None, as_json: bool) -> None:
     """Show or change runtime limits (training threads, sync bandwidth cap) without a restart."""
-    body: dict[str, Any] = {}
-    if threads is not None:
-        body["threads"] = threads
+    rate = None
     if bandwidth is not None:
         try:
-            body["bandwidth_bytes_per_s"] = render.parse_rate(bandwidth)
+            rate = render.parse_rate(bandwidth)
         except ValueError as exc:
             raise click.BadParameter(str(exc), param_hint="--bandwidth") from exc
-    node_home = home_of(home)
-    data = (
-        call(node_home, "POST", "/v1/limits", body, as_json=as_json)
-        if body
-        else call(node_home, "GET", "/v1/limits", as_json=as_json)
-    )
+    data = call(home, lambda c: c.limits(threads=threads, bandwidth_bytes_per_s=rate), as_json=as_json)
     if as_json:
         echo_json(data)
     else:
@@ -88,22 +116,22 @@ def limits(threads: int | None, bandwidth: str | None, home: Path | None, as_jso
 
 @click.command()
 @click.option("-n", "--lines", type=click.IntRange(1, 5000), default=50, show_default=True)
-@click.option("-f", "--follow", is_flag=True, help="Keep printing new lines until Ctrl-C.")
+@click.option("-f", "--follow", is_flag=True, help="Keep printing new lines until Ctrl-C (not with --json).")
 @home_option
 @json_option
 def logs(lines: int, follow: bool, home: Path | None, as_json: bool) -> None:
     """Print the daemon's recent log lines (from its in-memory ring buffer)."""
-    node_home = home_of(home)
-    data = call(node_home, "GET", f"/v1/logs?lines={lines}", as_json=as_json)
+    if follow and as_json:
+        raise click.UsageError("--follow prints lines as they come; with --json, poll `logs -n N --json`")
+    shown = call(home, lambda c: c.logs(lines), as_json=as_json)
     if as_json:
-        echo_json(data)
+        echo_json({"lines": shown})
         return
-    shown: list[str] = data["lines"]
     for line in shown:
         console.print(render.log_line(line), highlight=False, markup=False)
     while follow:
-        time.sleep(1.0)
-        fresh = call(node_home, "GET", "/v1/logs?lines=5000", as_json=False)["lines"]
+        time.sleep(FOLLOW_POLL_S)
+        fresh = call(home, lambda c: c.logs(5000), as_json=False)
         # New lines are those after the last one we printed (lines carry millisecond timestamps).
         start = len(fresh) - fresh[::-1].index(shown[-1]) if shown and shown[-1] in fresh else 0
         for line in fresh[start:]:
@@ -117,11 +145,11 @@ def logs(lines: int, follow: bool, home: Path | None, as_json: bool) -> None:
 @json_option
 def connect(addr: str, home: Path | None, as_json: bool) -> None:
     """Connect to a peer by multiaddr (ending in /p2p/<peer id>)."""
-    data = call(home_of(home), "POST", "/v1/connect", {"addr": addr}, as_json=as_json)
+    peer = call(home, lambda c: c.connect(addr), as_json=as_json)
     if as_json:
-        echo_json(data)
+        echo_json({"peer_id": peer})
     else:
-        console.print(f"connected to [cyan]{data['peer_id']}[/]")
+        console.print(f"connected to [cyan]{peer}[/]")
 
 
 @click.command()
@@ -139,12 +167,15 @@ def train(action: str, rounds: int, home: Path | None, as_json: bool) -> None:
     restarts; it also resumes a paused node."""
     if rounds and action != "start":
         raise click.UsageError("--rounds applies to `train start` only")
-    body = {"rounds": rounds} if action == "start" else None
-    data = call(home_of(home), "POST", f"/v1/train/{action}", body, as_json=as_json)
+    result: dict[str, Any] = {"training": action}
+    if action == "start":
+        result["until_round"] = call(home, lambda c: c.start(rounds), as_json=as_json)
+    else:
+        call(home, ControlClient.pause if action == "pause" else ControlClient.resume, as_json=as_json)
     if as_json:
-        echo_json(data)
+        echo_json(result)
     elif action == "start":
-        until = data["until_round"]
+        until = result["until_round"]
         console.print(f"training: started, {f'until local round {until}' if until else 'until stopped'}")
     else:
         console.print(f"training: {action}")
@@ -152,14 +183,80 @@ def train(action: str, rounds: int, home: Path | None, as_json: bool) -> None:
 
 @click.command()
 @click.argument("path", type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "--if-unwritable", type=click.Choice(["home", "refuse"]), default="home", show_default=True,
+    help="Where the daemon cannot write PATH (a system service): write into its home's checkpoints/ "
+    "instead, or refuse.",
+)
+@click.option(
+    "--download", is_flag=True,
+    help="Stream the model over the control socket and write PATH as yourself (any daemon, any user).",
+)
 @home_option
 @json_option
-def checkpoint(path: Path, home: Path | None, as_json: bool) -> None:
-    """Export the merged model to a safetensors file."""
-    data = call(home_of(home), "POST", "/v1/checkpoint", {"path": str(path.resolve())}, as_json=as_json)
-    if as_json:
-        echo_json(data)
+def checkpoint(path: Path, if_unwritable: str, download: bool, home: Path | None, as_json: bool) -> None:
+    """Export the merged model to a safetensors file (PATH relative to your working dir)."""
+    if path.suffix != ".safetensors":
+        raise click.BadParameter("must end in .safetensors", param_hint="PATH")
+    if not path.absolute().parent.is_dir():
+        raise click.BadParameter(f"no directory {path.absolute().parent}", param_hint="PATH")
+    if download:
+        result = call(home, lambda c: c.download_checkpoint(path), as_json=as_json)
     else:
-        console.print(
-            f"wrote {data['path']} (state {data['state_hash'][:16]}, {data['contributions']} contributions)"
-        )
+        mode = cast(IfUnwritable, if_unwritable)
+        result = call(home, lambda c: c.checkpoint(path, if_unwritable=mode), as_json=as_json)
+    if as_json:
+        echo_json(msgspec.to_builtins(result))
+        return
+    if result.relocated_from:
+        console.print(f"[yellow]the daemon could not write {result.relocated_from}[/]: {result.reason}",
+                      highlight=False)
+    where = " (in the daemon's home instead)" if result.relocated_from else ""
+    console.print(
+        f"wrote {result.path}{where}: state {result.state_hash[:16]}, {result.contributions} contributions",
+        highlight=False,
+    )
+
+
+@click.command()
+@click.option("--no-wait", is_flag=True, help="Return at once instead of waiting for the daemon to exit.")
+@home_option
+@json_option
+def stop(no_wait: bool, home: Path | None, as_json: bool) -> None:
+    """Ask the daemon to drain and exit, as SIGTERM does (a system service: `systemctl stop` instead,
+    or systemd restarts it only if it failed)."""
+    exited = call(home, lambda c: c.stop(wait_s=None if no_wait else 45.0), as_json=as_json)
+    if not no_wait and not exited:
+        fail("the daemon was asked to stop but is still running after 45 s", as_json=as_json)
+    if as_json:
+        echo_json({"stopping": True, "exited": exited})
+    else:
+        console.print("stopped" if exited else "stopping")
+
+
+@click.command()
+@click.option("--include-loopback", is_flag=True, help="Also offer 127.0.0.1 (a joiner on this machine).")
+@click.option(
+    "--addr", "extra", multiple=True, metavar="MULTIADDR",
+    help="Offer this address first, e.g. a DNS name or a forwarded port: /dns4/host.example/tcp/4001.",
+)
+@home_option
+@json_option
+def invite(include_loopback: bool, extra: tuple[str, ...], home: Path | None, as_json: bool) -> None:
+    """Print a token that lets another machine join this run: `meshtrain init --join TOKEN` there.
+
+    It carries the run, its genesis id, the task and its options, and this node's addresses and peer
+    id; never the swarm key of a private run (hand that over separately, over a secure channel)."""
+    from daemon.cli.invite import InviteError, encode_invite, invite_from_node
+
+    info = call(home, ControlClient.invite, as_json=as_json)
+    try:
+        token = encode_invite(invite_from_node(info, include_loopback=include_loopback, extra_addrs=extra))
+    except InviteError as exc:
+        fail(str(exc), as_json=as_json)
+    if as_json:
+        echo_json({"token": token} | {key: info[key] for key in ("run", "genesis", "task", "private")})
+        return
+    click.echo(token)
+    note = " It is a private run: send the swarm key separately." if info["private"] else ""
+    click.echo(f"On the new machine: meshtrain init --join <the token above>.{note}", err=True)

@@ -31,10 +31,11 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import msgspec
+import numpy as np
 
 import crdt
 import p2p
-from daemon.config import Config, ConfigError, NodeConfig, task_path
+from daemon.config import Config, ConfigError, task_path
 from daemon.home import Home
 from daemon.node import genesis, wire
 from daemon.node.limits import Limits
@@ -43,7 +44,7 @@ from daemon.node.replica import Replica
 from daemon.node.rounds import Rounds
 from daemon.node.store import Store
 from daemon.node.sync import Sync
-from daemon.node.trainer_process import TrainerProcess, TrainerSpec
+from daemon.node.trainer_process import TrainerError, TrainerProcess, TrainerSpec
 from daemon.status import (
     ConfigStatus,
     Counters,
@@ -85,7 +86,7 @@ class Node:
             listen_addrs=list(config.node.listen),
             bootstrap=config.node.bootstrap,
             run_id=config.node.run,
-            config=host_config(home.path, config.node),
+            config=host_config(home.path, config),
         )
         self.limits = Limits(
             threads=config.training.threads, bandwidth_bytes_per_s=config.limits.bandwidth_bytes_per_s
@@ -165,7 +166,8 @@ class Node:
                                                       reject=sync.reject)
             rounds = Rounds(self.trainer, replica, signer=self.signer, host=self.host,
                                           settings=lambda: self.config.training, announce=sync.announce,
-                                          timing=self._timing)
+                                          timing=self._timing,
+                                          count_peers="expected_peers" not in self.config.diloco)
             self._parts = Parts(replica, sync, rounds, membership)
             self.host.set_request_handler(wire.GENESIS_PROTOCOL, self._serve_genesis)
             sync.install()
@@ -205,11 +207,29 @@ class Node:
                 )
             return stored
         if not self.config.node.bootstrap:
-            params = await self.trainer.initial_params()
-            return genesis.found_genesis(self.config, self.signer.public_key, params, fragments)
+            return genesis.found_genesis(self.config, self.signer.public_key, await self._founding_params(),
+                                         fragments)
         self._phase = TrainingState.FETCHING_GENESIS
         return await genesis.fetch_genesis(self.host, self.config, fragments, counters=self.counters,
                                            join=self.join)
+
+    async def _founding_params(self) -> np.ndarray:
+        """A founder's parameters: the task's fresh initialization, or ``[training] init_from``'s weights.
+
+        Raises:
+            ConfigError: ``init_from`` is not a checkpoint of the task's model (the message says why).
+        """
+        init_from = self.config.training.init_from
+        if not init_from:
+            return await self.trainer.initial_params()
+        path = Path(init_from).expanduser()
+        path = path if path.is_absolute() else self.home.path / path
+        try:
+            params = await self.trainer.params_from_checkpoint(path)
+        except TrainerError as exc:
+            raise ConfigError(f"[training] init_from: {str(exc).strip().splitlines()[-1]}") from exc
+        log.info("founding parameters from checkpoint=%s params=%d", path, params.size)
+        return params
 
     async def _serve_genesis(self, peer: str, data: bytes) -> bytes:
         request = wire.GenesisRequest.decode(data)
@@ -236,7 +256,7 @@ class Node:
     async def export_checkpoint(self, path: Path) -> dict[str, Any]:
         state = self.parts.replica.state
         state_hash, contributions = state.state_hash, state.contribution_count
-        await self.trainer.export(state.materialize(), path)
+        await self.trainer.export(state.materialize, state.genesis.length, path)
         return {"path": str(path), "state_hash": state_hash, "contributions": contributions}
 
     # -- reporting ------------------------------------------------------------------------------------
@@ -317,12 +337,15 @@ class Parts(NamedTuple):
     membership: Membership
 
 
-def host_config(home: Path, node: NodeConfig) -> p2p.HostConfig:
-    """The host's configuration from ``[node]``: the run's swarm key and allowlist, NAT traversal.
+def host_config(home: Path, config: Config) -> p2p.HostConfig:
+    """The host's configuration from ``[node]`` (the run's swarm key and allowlist, mDNS, private
+    addresses) and ``[nat]`` (``p2p.NatConfig``: AutoNAT, relay service and use, hole punching).
 
     Raises:
         p2p.SwarmKeyError: the swarm key file is unusable (read once, here; it must be mode 0600).
+        ConfigError: ``[nat]`` has an unknown key or a bad value.
     """
+    node = config.node
     swarm_key = None
     if node.swarm_key:
         path = Path(node.swarm_key).expanduser()
@@ -331,15 +354,16 @@ def host_config(home: Path, node: NodeConfig) -> p2p.HostConfig:
     if swarm_key is not None or allow is not None:
         log.info("private run: swarm_key=%s allow_peers=%s", swarm_key is not None,
                  len(allow) if allow else "any")
+    try:
+        nat = p2p.NatConfig(**config.nat)
+    except (TypeError, ValueError) as exc:  # an unknown key, or a value NatConfig refuses (named)
+        raise ConfigError(f"[nat]: {exc}") from exc
     return p2p.HostConfig(
         swarm_key=swarm_key,
         allow_peers=allow,
-        autonat=node.autonat,
-        autonat_confirmations=node.autonat_confirmations,
-        relay_service=node.relay_service,
-        use_relays=node.use_relays,
-        hole_punch=node.hole_punch,
+        nat=nat,
         mdns=node.mdns,
+        dial_private_addrs=node.dial_private_addrs,
     )
 
 

@@ -107,6 +107,9 @@ class Replica:
         """Called after the model changed (a contribution applied, a snapshot adopted)."""
         self.disk_full = False
         """The last write to the store failed; cleared by the next one that succeeds."""
+        self._last_contribution: dict[str, float] = {}  # author -> when its latest contribution applied
+        self.on_author: Callable[[str], None] = lambda author: None
+        """Called with the author (peer id) of every contribution applied."""
         self._since_snapshot = 0
 
     @classmethod
@@ -174,8 +177,15 @@ class Replica:
         self.counters.reject(type(reason).__name__)
 
     def _observe(self, contribution: crdt.Contribution, indices: np.ndarray, values: np.ndarray) -> None:
-        self.suspects.observe(_peer(contribution.author), contribution.fragment, indices, values,
-                              contribution.weight)
+        author = _peer(contribution.author)
+        self.suspects.observe(author, contribution.fragment, indices, values, contribution.weight)
+        self._last_contribution[author] = self._clock()
+        self.on_author(author)
+
+    def authors_active_since(self, since: float) -> set[str]:
+        """Authors (peer ids) whose contributions this replica applied at or after ``since`` (unix time):
+        the peers training now, as this node sees them."""
+        return {author for author, seen in self._last_contribution.items() if seen >= since}
 
     def _note_equivocation(self, conflict: crdt.ConflictError) -> None:
         """Two validly signed records for one (author, seq): keep both as a proof and name the author; the

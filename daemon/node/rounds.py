@@ -40,6 +40,8 @@ log = logging.getLogger(__name__)
 
 HISTORY_LIMIT = 10_000  # per-round telemetry records kept in memory for status and plots
 EVAL_DEBOUNCE_S = 0.5  # after the model changes, wait a little: a pull usually brings a batch
+#: A peer counts as training if a contribution of it arrived within this long, or three of our rounds.
+LIVE_WINDOW_S = 120.0
 DISK_RECHECK_S = 5.0  # how often a node whose disk is full looks for room again
 
 
@@ -56,6 +58,7 @@ class Rounds:
         settings: Callable[[], TrainingConfig],
         announce: Callable[[crdt.Contribution], Awaitable[None]],
         timing: Callable[[str, float], None],
+        count_peers: bool = True,
     ) -> None:
         self.trainer = trainer
         self.replica = replica
@@ -65,6 +68,9 @@ class Rounds:
         """The ``[training]`` section, re-read every round (SIGHUP may change it)."""
         self.announce = announce
         self.timing = timing
+        self.count_peers = count_peers
+        """Pass the live count of training peers to each round (False: ``[diloco] expected_peers`` is set)."""
+        self._last_round_s = 0.0
         self.state = TrainingState.RUNNING if settings().enabled else TrainingState.DISABLED
         self.history: list[RoundRecord] = []
         self.last_eval = Evaluation()
@@ -149,7 +155,13 @@ class Rounds:
         seq = self.rounds_done + 1
         base_vv = state.version_vector
         started = time.monotonic()
-        result = await self.trainer.run_round(state.materialize(), (seq - 1) % len(state.genesis.fragments))
+        peers = self.live_peers() if self.count_peers else None
+        fragment = (seq - 1) % len(state.genesis.fragments)
+        clock = _Stopwatch()
+        fill = clock.timed("materialize", state.materialize)
+        result = await self.trainer.run_round(fill, state.genesis.length, fragment, peers)
+        clock.spans["train"] = time.monotonic() - started - clock.spans["materialize"]
+        self._last_round_s = time.monotonic() - started
         state = self.replica.state  # a snapshot adopted meanwhile replaces the state object
         staleness = state.version_vector.total - base_vv.total
         weight = result.weight * result.staleness_policy.weight(staleness)
@@ -162,6 +174,7 @@ class Rounds:
             length = state.genesis.fragment_length(result.fragment)
             result = byzantine_round(training.byzantine, result, length)
         self.timing("round", time.monotonic() - started)
+        clock.start("sign")
         contribution = crdt.make_contribution(
             self.signer,
             genesis_id=state.genesis.id,
@@ -172,23 +185,37 @@ class Rounds:
             weight=weight,
             base_version=base_vv.digest(),
         )
-        merge_started = time.perf_counter()
+        clock.start("accept")
         try:
             self.replica.accept(contribution)
         except DiskFull:
             # Never logged, never announced: this seq is signed again by a later round, safely. The
             # training process keeps what the round did to its residuals (error feedback loses them).
             return
-        self.timing("merge", time.perf_counter() - merge_started)
+        self.timing("merge", clock.stop())
+        clock.start("commit")
         await self.trainer.commit()
+        clock.start("announce")
         await self.announce(contribution)
-        self._record(seq, result, staleness=staleness, weight=weight, round_s=time.monotonic() - started)
+        clock.stop()
+        self._record(seq, result, staleness=staleness, weight=weight, round_s=time.monotonic() - started,
+                     spans=clock.spans)
         if seq % training.eval_every == 0:
             await self.evaluate()
         if training.slowdown > 1.0:
             await asyncio.sleep((training.slowdown - 1.0) * (time.monotonic() - started))
 
-    def _record(self, seq: int, result: Any, *, staleness: int, weight: float, round_s: float) -> None:
+    def live_peers(self) -> int:
+        """Peers training now, this node included: DiLoCo's N (the outer step's 1/N and the staleness
+        bound), from the authors whose contributions arrived lately, not a configured constant."""
+        window = max(LIVE_WINDOW_S, 3 * self._last_round_s)
+        others = self.replica.authors_active_since(time.time() - window)
+        others.discard(p2p.peer_id_from_public_key(self.signer.public_key))
+        return 1 + len(others)
+
+    def _record(
+        self, seq: int, result: Any, *, staleness: int, weight: float, round_s: float, spans: dict[str, float]
+    ) -> None:
         stats = self.host.stats()
         contributions = self.replica.state.contribution_count
         self.history.append(
@@ -206,6 +233,7 @@ class Rounds:
                 weight=weight,
                 residual_norm=float(result.residual_norm),
                 round_s=round(round_s, 4),
+                spans_s={name: round(seconds, 5) for name, seconds in spans.items()},
             )
         )
         del self.history[:-HISTORY_LIMIT]
@@ -217,9 +245,41 @@ class Rounds:
         state = self.replica.state
         # Read before the await: contributions merged while it runs belong to the next evaluation.
         state_hash, contributions = state.state_hash, state.contribution_count
-        metrics = await self.trainer.evaluate(state.materialize())
+        metrics = await self.trainer.evaluate(state.materialize, state.genesis.length)
         self.last_eval = Evaluation.of(metrics, state_hash=state_hash, contributions=contributions)
         if self.history and self.history[-1].val_loss is None:
             self.history[-1].val_loss = self.last_eval.val_loss
             self.history[-1].val_accuracy = self.last_eval.val_accuracy
             self.history[-1].val_bpb = self.last_eval.val_bpb
+
+
+class _Stopwatch:
+    """Where a round's time goes: named spans, one running at a time (``timed`` wraps a callable)."""
+
+    def __init__(self) -> None:
+        self.spans: dict[str, float] = {"materialize": 0.0}
+        self._name: str | None = None
+        self._since = 0.0
+
+    def start(self, name: str) -> None:
+        self.stop()
+        self._name, self._since = name, time.perf_counter()
+
+    def stop(self) -> float:
+        """End the running span; returns its length."""
+        if self._name is None:
+            return 0.0
+        elapsed = time.perf_counter() - self._since
+        self.spans[self._name] = self.spans.get(self._name, 0.0) + elapsed
+        self._name = None
+        return elapsed
+
+    def timed(self, name: str, fn: Callable[[Any], object]) -> Callable[[Any], object]:
+        def run(arg: Any) -> object:
+            self.start(name)
+            try:
+                return fn(arg)
+            finally:
+                self.stop()
+
+        return run

@@ -71,6 +71,9 @@ class Sync:
         self._rng = rng or random.Random()
         self._wakeup = asyncio.Event()
         self._outbox: asyncio.Queue[crdt.Checkpoint] = asyncio.Queue()  # checkpoints we signed, to publish
+        self.members: set[str] = {p2p.peer_id_from_public_key(a) for a in replica.state.version_vector}
+        """Peers known to be of this run: authors of our records, and peers that synced with our genesis.
+        Gossip authored by anyone else is dropped before it is verified or forwarded (Host's admission)."""
         self._announcements: asyncio.Queue[p2p.GossipMessage] = asyncio.Queue()
         self._checkpoints: asyncio.Queue[p2p.GossipMessage] = asyncio.Queue()
 
@@ -94,6 +97,12 @@ class Sync:
         self.host.set_topic_validator(checkpoint, wire.valid_gossip(self.replica.attestations.decode))
         self._checkpoints = self.host.subscribe(checkpoint)
         self.replica.on_checkpoint = self._outbox.put_nowait
+        self.replica.on_author = self.members.add
+        self.host.set_gossip_admission(self.is_member)
+
+    def is_member(self, peer: str) -> bool:
+        """Cheap and read-only: asked by the p2p thread for every gossip message's author."""
+        return peer in self.members
 
     # -- refusing input --------------------------------------------------------------------------------
 
@@ -155,6 +164,7 @@ class Sync:
             raise wire.ForeignRun(f"this node serves genesis {genesis[:16]}, not {request.genesis[:16]}")
         if peer in self.machine.blocked:
             raise wire.Partitioned("partitioned away (fault injection)")
+        self.members.add(peer)
 
     def _compare(self, peer: str, remote: crdt.Digest) -> None:
         state = self.replica.state
@@ -284,6 +294,7 @@ class Sync:
                 self.reject(peer, exc)
             self.machine.failed(peer, foreign=foreign)
             return None
+        self.members.add(peer)  # it answered with our genesis's records
         self.replica.note_vector(peer, remote.version_vector)
         self._compare(peer, remote)
         progressed = False

@@ -2,9 +2,13 @@
 
 Why a process: the daemon's asyncio loop and the libp2p trio thread share one GIL; a training step that
 holds it for tens of milliseconds would stall networking. The child owns torch, the model, the inner
-optimizer and the error-feedback residuals; the parent sends it the merged global parameters and gets
-back an encoded update. Messages go over a ``multiprocessing`` pipe (pickled numpy arrays: one copy of
-the parameters per round, small next to the compute).
+optimizer and the error-feedback residuals; the parent hands it the merged global parameters and gets
+back an encoded update. Commands and updates go over a ``multiprocessing`` pipe; the parameters do not:
+the parent materializes the merged model straight into one shared-memory block (``fill``, e.g.
+``crdt.ModelState.materialize(out=...)``, block by block) and the child reads it in place, read-only.
+Rejected: pickling the parameters through the pipe each round (at 85M parameters that was a 340 MB
+float32 array plus float64 temporaries of twice that in the parent, and another 340 MB in the child, every
+round and every evaluation).
 
 The protocol is strictly request/response, one request in flight, so the parent needs no correlation ids.
 Blocking pipe calls run on a single worker thread so the event loop never blocks.
@@ -22,8 +26,10 @@ import logging
 import multiprocessing
 import os
 import traceback
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from multiprocessing import resource_tracker, shared_memory
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -34,6 +40,8 @@ __all__ = ["TrainerError", "TrainerProcess", "TrainerSpec"]
 
 log = logging.getLogger(__name__)
 
+#: Writes the merged model's float32 parameters into the buffer it is given.
+Fill = Callable[[np.ndarray], object]
 START_TIMEOUT_S = 120.0  # importing torch and building a task on a loaded 2-core box
 STOP_TIMEOUT_S = 10.0
 
@@ -64,6 +72,7 @@ class TrainerProcess:
 
     def __init__(self, spec: TrainerSpec) -> None:
         self._spec = spec
+        self._shm: shared_memory.SharedMemory | None = None  # the parameters handed to the child
         self._ctx = multiprocessing.get_context("spawn")
         self._conn: Connection | None = None
         self._proc: multiprocessing.process.BaseProcess | None = None
@@ -85,14 +94,25 @@ class TrainerProcess:
         """The task's freshly initialized flat parameters (used once, by the node that founds a run)."""
         return await self._call("init_params")
 
+    async def params_from_checkpoint(self, path: Path) -> np.ndarray:
+        """The flat parameters of a safetensors checkpoint of the task's model (used once, by a founder).
+
+        Raises:
+            TrainerError: the file is not a checkpoint of this model (a tensor missing, extra, or of
+                another shape or dtype: the message names it).
+        """
+        return await self._call("checkpoint_params", path)
+
     async def fragment_ranges(self) -> tuple[tuple[int, int], ...]:
         return await self._call("fragments")
 
-    async def run_round(self, params: np.ndarray, fragment: int) -> Any:
-        return await self._call("round", params, fragment)
+    async def run_round(self, fill: Fill, size: int, fragment: int, peers: int | None = None) -> Any:
+        """One DiLoCo round from the parameters ``fill`` writes (``size`` float32 values); ``peers``: how
+        many peers train now (None: the configured expected_peers)."""
+        return await self._call_with_params("round", fill, size, fragment, peers)
 
-    async def evaluate(self, params: np.ndarray) -> dict[str, float]:
-        return await self._call("evaluate", params)
+    async def evaluate(self, fill: Fill, size: int) -> dict[str, float]:
+        return await self._call_with_params("evaluate", fill, size)
 
     async def commit(self) -> None:
         await self._call("commit")
@@ -100,19 +120,38 @@ class TrainerProcess:
     async def set_threads(self, threads: int) -> None:
         await self._call("threads", threads)
 
-    async def export(self, params: np.ndarray, path: Path) -> None:
-        """Write ``params`` as a safetensors checkpoint with the model's own tensor names."""
-        await self._call("export", params, path)
+    async def export(self, fill: Fill, size: int, path: Path) -> None:
+        """Write the parameters ``fill`` writes as a safetensors checkpoint with the model's own names."""
+        await self._call_with_params("export", fill, size, path)
 
     async def _call(self, command: str, *args: Any) -> Any:
         async with self._lock:
-            if self._conn is None:
-                raise TrainerError("training process is not running")
-            loop = asyncio.get_running_loop()
-            status, value = await loop.run_in_executor(self._executor, _roundtrip, self._conn, command, args)
+            return await self._send(command, args)
+
+    async def _call_with_params(self, command: str, fill: Fill, size: int, *args: Any) -> Any:
+        """``command`` with the shared parameters block filled first; the lock keeps them unchanged until
+        the child answers (a round reads them again at its end, for the pseudo-gradient)."""
+        async with self._lock:
+            if self._shm is None or self._shm.size < 4 * size:
+                self._release_params()
+                self._shm = shared_memory.SharedMemory(create=True, size=4 * size)
+            fill(np.ndarray((size,), dtype=np.float32, buffer=self._shm.buf))
+            return await self._send(command, (self._shm.name, size, *args))
+
+    async def _send(self, command: str, args: tuple[Any, ...]) -> Any:
+        if self._conn is None:
+            raise TrainerError("training process is not running")
+        loop = asyncio.get_running_loop()
+        status, value = await loop.run_in_executor(self._executor, _roundtrip, self._conn, command, args)
         if status != "ok":
             raise TrainerError(f"training process failed on {command!r}:\n{value}")
         return value
+
+    def _release_params(self) -> None:
+        if self._shm is not None:
+            self._shm.close()
+            self._shm.unlink()
+            self._shm = None
 
     async def aclose(self) -> None:
         """Ask the child to exit, then make sure it has."""
@@ -130,6 +169,7 @@ class TrainerProcess:
             await loop.run_in_executor(None, proc.join)
         conn.close()
         self._executor.shutdown(wait=False, cancel_futures=True)
+        self._release_params()
 
 
 def _roundtrip(conn: Connection, command: str, args: tuple[Any, ...]) -> tuple[str, Any]:
@@ -187,13 +227,31 @@ def _child_main(conn: Connection, spec: TrainerSpec) -> None:
             "device": training.resolve_device(config.device).type,
         },
         "init_params": lambda: _fresh_params(task, config),
+        "checkpoint_params": lambda path: _checkpoint_params(task, path),
         "fragments": lambda: training.fragment_ranges(task.build_model(), config.num_fragments),
-        "round": lambda params, fragment: trainer.run_round(params, fragment=fragment),
-        "evaluate": lambda params: trainer.evaluate(params),
+        "round": lambda name, size, fragment, peers: trainer.run_round(
+            params(name, size), fragment=fragment, peers=peers
+        ),
+        "evaluate": lambda name, size: trainer.evaluate(params(name, size)),
         "commit": save_state,
         "threads": torch.set_num_threads,
-        "export": lambda params, path: _export(task, params, path),
+        "export": lambda name, size, path: _export(task, params(name, size), path),
     }
+    attached: dict[str, shared_memory.SharedMemory] = {}
+
+    def params(name: str, size: int) -> np.ndarray:
+        """The parent's parameters block, read in place (never copied) and read-only."""
+        if name not in attached:
+            for shm in attached.values():
+                shm.close()
+            attached.clear()
+            attached[name] = shared_memory.SharedMemory(name=name)
+            # Python 3.11's resource tracker would unlink the parent's block when this process exits.
+            resource_tracker.unregister(attached[name]._name, "shared_memory")  # type: ignore[attr-defined]
+        view = np.ndarray((size,), dtype=np.float32, buffer=attached[name].buf)
+        view.flags.writeable = False
+        return view
+
     while True:
         try:
             command, args = conn.recv()
@@ -214,6 +272,27 @@ def _fresh_params(task: Any, config: Any) -> np.ndarray:
 
     torch.manual_seed(config.seed)
     return training.flatten_params(task.build_model())
+
+
+def _checkpoint_params(task: Any, path: Path) -> np.ndarray:
+    from safetensors.torch import load_file
+
+    import training
+
+    model = task.build_model()
+    expected = model.state_dict()
+    tensors = load_file(str(path))
+    problems = [f"missing {name}" for name in expected if name not in tensors]
+    problems += [f"unexpected {name}" for name in tensors if name not in expected]
+    for name, tensor in tensors.items():
+        want = expected.get(name)
+        if want is not None and (tensor.shape != want.shape or tensor.dtype != want.dtype):
+            problems.append(f"{name} is {tensor.dtype} {tuple(tensor.shape)}, the model has "
+                            f"{want.dtype} {tuple(want.shape)}")
+    if problems:
+        raise ValueError(f"{path} is not a checkpoint of this task's model: " + "; ".join(problems[:8]))
+    model.load_state_dict(tensors, strict=True)
+    return training.flatten_params(model)
 
 
 def _export(task: Any, params: np.ndarray, path: Path) -> None:

@@ -11,19 +11,36 @@ longer the access control, so every request must carry ``Authorization: Bearer <
 before any handler runs. Rejected: TLS and per-user tokens in the daemon (a reverse proxy or SSH port
 forwarding does that better), and a token on the Unix socket (it would add nothing to mode 0600).
 
+The socket may live outside the home (``[api] socket`` absolute, e.g. ``/run/meshtrain/control.sock``
+under systemd) and be shared with a group (``[api] socket_group``: mode 0660, that group), so that its
+members drive a system service without sudo; the group is then the access control.
+
+Checkpoints are written by the daemon, which under systemd has its own view of the file system (a
+private /tmp, no /home): ``POST /v1/checkpoint`` checks that the daemon sees the caller's directory (the
+client sends its device and inode) and may write there; if not, it writes into ``<home>/checkpoints/``
+and says so, or refuses naming that directory (``if_unwritable``). ``GET /v1/checkpoint`` streams the
+file instead, for a caller that writes it itself (the Python API's ``state_dict``). ``POST /v1/stop``
+drains and exits like SIGTERM, through the hook the service passes in (``on_stop``).
+
 Errors are JSON ``{"error": "..."}`` with a 4xx status for a bad request and 503 while the node is
 still loading its state.
 """
 
 from __future__ import annotations
 
+import asyncio
+import grp
 import os
+import secrets
+import stat
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
 import p2p
+from daemon.config import ConfigError
 from daemon.node.node import Node, NodeError
 from daemon.service.auth import bearer_auth
 from daemon.service.logs import RingBufferHandler
@@ -33,8 +50,15 @@ __all__ = ["create_app", "open_control_site", "open_tcp_control_site"]
 
 NODE = web.AppKey("node", Node)
 LOGS = web.AppKey("logs", RingBufferHandler)
+ON_STOP = web.AppKey("on_stop", Callable[[], None])
 DEFAULT_LOG_LINES = 100
 MAX_LOG_LINES = 5000  # the ring's capacity (daemon.service.logs.RING_CAPACITY)
+CHECKPOINT_DIR = "checkpoints"  # under the home: where the daemon can always write a checkpoint
+CHECKPOINT_SUFFIX = ".safetensors"
+STREAM_CHUNK = 1 << 20  # bytes per read of a streamed checkpoint: 1 MiB keeps the loop responsive
+IF_UNWRITABLE = ("home", "refuse")
+SOCKET_MODE = 0o600
+GROUP_SOCKET_MODE = 0o660  # [api] socket_group: the group's members may connect too
 routes = web.RouteTableDef()
 
 
@@ -116,12 +140,99 @@ async def train(request: web.Request) -> web.Response:
 @routes.post("/v1/checkpoint")
 async def checkpoint(request: web.Request) -> web.Response:
     body = await _json_body(request)
-    path = body.get("path")
-    if not isinstance(path, str) or not path.endswith(".safetensors"):
+    path, dir_id = body.get("path"), body.get("dir_id")
+    if_unwritable = body.get("if_unwritable", "home")
+    if not isinstance(path, str) or not path.endswith(CHECKPOINT_SUFFIX):
         return _error(400, 'body must be {"path": "/absolute/path/model.safetensors"}')
     if not os.path.isabs(path):
         return _error(400, "path must be absolute (the daemon's working dir is not yours)")
-    return web.json_response(await request.app[NODE].export_checkpoint(Path(path)))
+    if dir_id is not None and not (
+        isinstance(dir_id, list) and len(dir_id) == 2 and all(type(x) is int for x in dir_id)
+    ):
+        return _error(400, "dir_id must be [st_dev, st_ino] of the path's directory")
+    if if_unwritable not in IF_UNWRITABLE:
+        return _error(400, f"if_unwritable must be one of {', '.join(IF_UNWRITABLE)}")
+    node = request.app[NODE]
+    target = Path(path)
+    reason = _cannot_write(target.parent, dir_id)
+    extra: dict[str, str] = {}
+    if reason is not None:
+        fallback = node.home.path / CHECKPOINT_DIR
+        if if_unwritable == "refuse":
+            return _error(409, f"{reason}; the daemon can write into {fallback}/")
+        fallback.mkdir(mode=0o700, exist_ok=True)
+        target, extra = fallback / target.name, {"relocated_from": path, "reason": reason}
+    return web.json_response(await node.export_checkpoint(target) | extra)
+
+
+def _cannot_write(directory: Path, dir_id: list[int] | None) -> str | None:
+    """Why the daemon cannot write a file into ``directory`` as the caller sees it (None: it can)."""
+    try:
+        st = directory.stat()
+    except OSError as exc:
+        return f"the daemon cannot see {directory} ({exc.strerror}; a service's own view of the disk?)"
+    if not stat.S_ISDIR(st.st_mode):
+        return f"{directory} is not a directory"
+    if dir_id is not None and [st.st_dev, st.st_ino] != dir_id:
+        return (f"{directory} is another directory for the daemon than for you (a service's private "
+                "/tmp or home?)")
+    if not os.access(directory, os.W_OK):
+        return f"the daemon's user may not write to {directory}"
+    return None
+
+
+@routes.get("/v1/checkpoint")
+async def download_checkpoint(request: web.Request) -> web.StreamResponse:
+    """The merged model as safetensors bytes: exported to a private file in the home, streamed, removed."""
+    node = request.app[NODE]
+    directory = node.home.path / CHECKPOINT_DIR
+    directory.mkdir(mode=0o700, exist_ok=True)
+    temp = directory / f".download-{secrets.token_hex(8)}{CHECKPOINT_SUFFIX}"
+    try:
+        info = await node.export_checkpoint(temp)
+        response = web.StreamResponse(headers={
+            "Content-Type": "application/octet-stream",
+            "X-Meshtrain-State-Hash": str(info["state_hash"]),
+            "X-Meshtrain-Contributions": str(info["contributions"]),
+        })
+        response.content_length = temp.stat().st_size
+        await response.prepare(request)
+        with temp.open("rb") as f:
+            while chunk := await asyncio.to_thread(f.read, STREAM_CHUNK):
+                await response.write(chunk)
+        await response.write_eof()
+        return response
+    finally:
+        temp.unlink(missing_ok=True)
+
+
+@routes.get("/v1/invite")
+async def invite(request: web.Request) -> web.Response:
+    """What a joiner needs (``meshtrain invite`` turns it into a token). Never the swarm key."""
+    node = request.app[NODE]
+    status = node.status()
+    if status.genesis is None:
+        return _error(503, "the node has no genesis yet (still loading, or fetching it from its peers)")
+    return web.json_response({
+        "run": status.run,
+        "genesis": status.genesis,
+        "task": node.config.training.task,
+        "task_options": node.config.task,
+        "peer_id": status.peer_id,
+        "listen_addrs": status.listen_addrs,
+        "relay_addrs": status.nat.relay_addrs,
+        "private": bool(node.config.node.swarm_key),
+    })
+
+
+@routes.post("/v1/stop")
+async def stop(request: web.Request) -> web.Response:
+    """Drain and exit like SIGTERM (the reply goes out first: the control socket closes in the drain)."""
+    on_stop = request.app.get(ON_STOP)
+    if on_stop is None:
+        return _error(501, "this daemon cannot be stopped over its API (send it SIGTERM)")
+    asyncio.get_running_loop().call_soon(on_stop)
+    return web.json_response({"stopping": True, "pid": os.getpid()})
 
 
 @routes.post("/v1/faults")
@@ -164,42 +275,84 @@ async def _not_loaded(request: web.Request, handler: Any) -> web.StreamResponse:
 
 
 def create_app(
-    node: Node, *, logs: RingBufferHandler | None = None, token: str | None = None
+    node: Node,
+    *,
+    logs: RingBufferHandler | None = None,
+    token: str | None = None,
+    on_stop: Callable[[], None] | None = None,
 ) -> web.Application:
-    """The control app; with ``token``, every request must carry it as a bearer token."""
+    """The control app; with ``token``, every request must carry it as a bearer token; ``on_stop``
+    (the service's stop event's ``set``) serves ``POST /v1/stop``."""
     app = web.Application(middlewares=[*([bearer_auth(token)] if token is not None else []), _not_loaded])
     app[NODE] = node
     if logs is not None:
         app[LOGS] = logs
+    if on_stop is not None:
+        app[ON_STOP] = on_stop
     app.add_routes(routes)
     return app
 
 
 async def open_control_site(
-    node: Node, socket_path: Path, *, logs: RingBufferHandler | None = None
+    node: Node,
+    socket_path: Path,
+    *,
+    logs: RingBufferHandler | None = None,
+    group: str = "",
+    on_stop: Callable[[], None] | None = None,
 ) -> web.AppRunner:
-    """Serve the API on ``socket_path`` (mode 0600); the caller owns the runner and cleans it up."""
-    runner = web.AppRunner(create_app(node, logs=logs), access_log=None)
+    """Serve the API on ``socket_path``: mode 0600, or 0660 and owned by ``group`` (``[api]
+    socket_group``) when one is named. The caller owns the runner and cleans it up.
+
+    Raises:
+        ConfigError: ``group`` does not exist or this user may not give the socket to it, or the
+            socket's directory does not exist (both name the key to fix).
+    """
+    gid = _group_id(group) if group else None
+    if not socket_path.parent.is_dir():
+        raise ConfigError(f"api.socket: the directory {socket_path.parent} does not exist")
+    runner = web.AppRunner(create_app(node, logs=logs, on_stop=on_stop), access_log=None)
     await runner.setup()
     socket_path.unlink(missing_ok=True)
-    old_umask = os.umask(0o177)  # the socket is created 0600, with no window where it is wider
+    mode = SOCKET_MODE if gid is None else GROUP_SOCKET_MODE
+    old_umask = os.umask(0o777 & ~mode)  # created with its final mode, with no window where it is wider
     try:
         await web.UnixSite(runner, str(socket_path)).start()
     finally:
         os.umask(old_umask)
-    os.chmod(socket_path, 0o600)
+    try:
+        if gid is not None:
+            os.chown(socket_path, -1, gid)
+        os.chmod(socket_path, mode)
+    except OSError as exc:
+        await runner.cleanup()
+        raise ConfigError(
+            f"api.socket_group: cannot give {socket_path} to group {group!r}: {exc.strerror}"
+        ) from exc
     return runner
 
 
+def _group_id(group: str) -> int:
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise ConfigError(f"api.socket_group: no group {group!r} on this machine") from None
+
+
 async def open_tcp_control_site(
-    node: Node, listen: str, token: str, *, logs: RingBufferHandler | None = None
+    node: Node,
+    listen: str,
+    token: str,
+    *,
+    logs: RingBufferHandler | None = None,
+    on_stop: Callable[[], None] | None = None,
 ) -> web.AppRunner:
     """Serve the API on TCP ``listen`` ("host:port", already validated by the config), every request
     authenticated by ``token``; the caller owns the runner and cleans it up."""
     if len(token) < 16:
         raise ValueError("the API token must be at least 16 characters")
     host, _, port = listen.rpartition(":")
-    runner = web.AppRunner(create_app(node, logs=logs, token=token), access_log=None)
+    runner = web.AppRunner(create_app(node, logs=logs, token=token, on_stop=on_stop), access_log=None)
     await runner.setup()
     await web.TCPSite(runner, host.strip("[]"), int(port)).start()
     return runner

@@ -103,10 +103,14 @@ async def _run(
     loop.add_signal_handler(signal.SIGHUP, on_hup)
 
     async def on_ready() -> None:
-        runners.append(await open_control_site(node, home.socket_path(config), logs=ring))
+        runners.append(await open_control_site(
+            node, home.socket_path(config), logs=ring, group=config.api.socket_group, on_stop=stop.set
+        ))
         if config.api.tcp_listen:  # opt-in, bearer token required (daemon/api.py, SECURITY.md)
             token = load_or_create_token(home.path / config.api.token_file)
-            runners.append(await open_tcp_control_site(node, config.api.tcp_listen, token, logs=ring))
+            runners.append(
+                await open_tcp_control_site(node, config.api.tcp_listen, token, logs=ring, on_stop=stop.set)
+            )
             log.info("control API on tcp listen=%s (bearer token required)", config.api.tcp_listen)
         runners.extend(
             await open_http_sites(

@@ -103,7 +103,7 @@ def seeds(target: str) -> list[bytes]:
     state.apply(contribution)
     snapshot = b"".join(state.snapshot_parts())
     digest = state.digest().encode()
-    blob = _transfer.BlobSource.from_bytes(
+    manifest = _transfer.Manifest.build(
         bytes(2 * _transfer.MIN_CHUNK_BYTES + 10), chunk_size=_transfer.MIN_CHUNK_BYTES
     )
     return {
@@ -146,9 +146,10 @@ def seeds(target: str) -> list[bytes]:
             _framing.encode_frame(_framing.FrameKind.REQUEST, b"hello")
             + _framing.encode_frame(_framing.FrameKind.ERROR, _framing.encode_error_payload("Oops", "why"))
         ],
-        "blob-manifest": [blob.manifest.encode()],
+        "blob-manifest": [manifest.encode()],
         "blob-request": [
-            _transfer.BlobRequest(op=_transfer.Op.READ, blob_id=b"snapshot", offset=100, length=100).encode()
+            _transfer.BlobRequest(op=_transfer.Op.OPEN, blob_id=b"snapshot").encode(),
+            _transfer.BlobRequest(op=_transfer.Op.READ, index=100).encode(),
         ],
         "swarm-key": [f"/key/swarm/psk/1.0.0/\n/base16/\n{'ab' * 32}\n".encode()],
         "equivocation-proof": [msgpack.packb([contribution.encode(), other.encode()])],

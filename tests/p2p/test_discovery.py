@@ -7,12 +7,12 @@ from contextlib import AsyncExitStack
 
 import pytest
 
-from p2p import Host, HostConfig, Identity
+from p2p import Host, HostConfig, Identity, NatConfig
 from p2p._discovery import run_key
 
 pytestmark = pytest.mark.timeout(40)
 
-FAST = HostConfig(discovery_interval_s=0.3)
+FAST = HostConfig(discovery_interval_s=0.3, dial_private_addrs=True)  # loopback addresses
 
 
 def test_run_key_is_a_stable_multihash() -> None:
@@ -64,3 +64,23 @@ async def test_bootstrap_retries_until_the_peer_appears() -> None:
             async with asyncio.timeout(10):
                 while seed.peer_id not in late.connected_peers():
                     await asyncio.sleep(0.05)
+
+
+async def test_announced_loopback_addresses_are_not_dialed_by_default() -> None:
+    no_nat = NatConfig(autonat=False, relay_service="off", use_relays=False, hole_punch=False)  # no relays
+    internet = HostConfig(discovery_interval_s=0.3, nat=no_nat)  # dial_private_addrs=False, the default
+    async with AsyncExitStack() as stack:
+        a = await stack.enter_async_context(Host(Identity.generate(), run_id="r1", config=internet))
+        boot = [a.listen_addrs()[0]]  # an explicit bootstrap address is dialled, loopback or not
+        b, c = [
+            await stack.enter_async_context(
+                Host(Identity.generate(), bootstrap=boot, run_id="r1", config=internet)
+            )
+            for _ in range(2)
+        ]
+        async with asyncio.timeout(20):
+            while min(h.stats()["discovery_refused_addrs"] for h in (b, c)) < 1:
+                await asyncio.sleep(0.05)
+        assert a.peer_id in b.connected_peers() and a.peer_id in c.connected_peers()
+        for h in (b, c):  # discovery dialled the bootstrap address and nothing else
+            assert h.stats()["discovery_dials_ok"] == 1 and h.stats()["discovery_dials_failed"] == 0

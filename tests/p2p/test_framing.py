@@ -70,7 +70,21 @@ def test_bytes_wanted_and_truncation_state() -> None:
     decoder.feed(wire[3:7])
     assert decoder.bytes_wanted == 4 and decoder.next_frame() is None
     decoder.feed(wire[7:])
-    assert decoder.next_frame() == Frame(FrameKind.RESPONSE, b"abcdef")
+    assert decoder.next_frame() == Frame(FrameKind.RESPONSE, (b"ab", b"cdef"))
+
+
+def test_pieces_are_kept_as_delivered_not_copied() -> None:
+    """Bulk readers hash and write a chunk piece by piece; a piece wholly inside a frame is not copied."""
+    payload = [b"x" * 1000, b"y" * 3000, b"z" * 96]
+    decoder = FrameDecoder(max_message_bytes=1 << 20, expected=RESPONSES)
+    decoder.feed(HEADER.pack(FrameKind.RESPONSE, 4096))
+    for piece in payload:
+        decoder.feed(piece)
+    frame = decoder.next_frame()
+    assert frame is not None and frame.size == 4096 and frame.payload == b"".join(payload)
+    assert all(kept is sent for kept, sent in zip(frame.pieces, payload, strict=True))
+    empty = decode_all(encode_frame(FrameKind.RESPONSE, b""), chunk=5)[0]
+    assert empty.pieces == () and empty.payload == b"" and empty.size == 0
 
 
 def test_error_payload_is_truncated_and_tolerant() -> None:

@@ -46,6 +46,7 @@ async def test_connect_and_request(pair: tuple[Host, Host]) -> None:
 
 async def test_16_mb_payload(pair: tuple[Host, Host]) -> None:
     a, b = pair
+    b.set_request_handler(ECHO, echo_reversed, max_request_bytes=16 * 1024 * 1024)  # default: 4 MiB
     await a.connect(b.listen_addrs()[0])
     payload = bytes(range(256)) * (16 * 1024 * 1024 // 256)
     response = await a.request(b.peer_id, ECHO, payload, timeout_s=20)
@@ -113,19 +114,19 @@ async def test_unreachable_and_unsupported(pair: tuple[Host, Host]) -> None:
 
 
 async def test_message_size_bound() -> None:
-    config = p2p.HostConfig(max_message_bytes=1000)
+    config = p2p.HostConfig(requests=p2p.RequestLimits(max_request_bytes=1000, max_response_bytes=1000))
     async with Host(Identity.generate(), config=config) as a, Host(Identity.generate(), config=config) as b:
         b.set_request_handler(ECHO, echo_reversed)
         await a.connect(b.listen_addrs()[0])
-        with pytest.raises(p2p.MessageTooLarge):
-            await a.request(b.peer_id, ECHO, b"x" * 1001, timeout_s=5)
-    # the receiving side enforces its own, smaller bound on the header
-    async with Host(Identity.generate()) as a, Host(Identity.generate(), config=config) as b:
-        b.set_request_handler(ECHO, echo_reversed)
-        await a.connect(b.listen_addrs()[0])
-        with pytest.raises(p2p.RemoteError) as info:
+        with pytest.raises(p2p.RemoteError) as info:  # the server's bound, checked on the header
             await a.request(b.peer_id, ECHO, b"x" * 1001, timeout_s=5)
         assert info.value.error_type == "MessageTooLarge"
+        b.set_request_handler(ECHO, echo_reversed, max_request_bytes=2000)
+        with pytest.raises(p2p.MessageTooLarge):  # the client's bound on the response
+            await a.request(b.peer_id, ECHO, b"x" * 1001, timeout_s=5)
+        assert await a.request(b.peer_id, ECHO, b"x" * 1001, timeout_s=5, max_response_bytes=1001)
+    with pytest.raises(ValueError):
+        b.set_request_handler(ECHO, echo_reversed, max_request_bytes=0)
 
 
 async def wait_for(predicate, timeout_s: float = 10.0) -> None:  # type: ignore[no-untyped-def]

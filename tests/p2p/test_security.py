@@ -101,8 +101,16 @@ def test_gate_allowlist_and_bounded_memory() -> None:
     gate = PeerGate(allow_peers=frozenset({"member"}), limits=PeerLimits(gossip_burst=1))
     assert gate.admit_connection("member") and not gate.admit_connection("outsider")
     assert gate.admit_request("outsider") == "NotMember"
-    assert not gate.admit_gossip("outsider") and gate.admit_gossip("member")
-    assert not gate.admit_gossip("member")  # burst of 1 spent
+    assert gate.refuse_gossip_author("outsider") == "not_member"
+    assert gate.refuse_gossip_author("member") is None and gate.admit_gossip_rate("member")
+    assert not gate.admit_gossip_rate("member")  # burst of 1 spent
+    gate.gossip_admission = {"member"}.__contains__
+    assert gate.refuse_gossip_author("member") is None
+    gate.gossip_admission = lambda peer: 1 / 0 > 0  # a buggy hook refuses, never raises into libp2p
+    assert gate.refuse_gossip_author("member") == "not_admitted"
+    counters = gate.stats()
+    assert counters["dropped_gossip_not_member"] == 1 and counters["dropped_gossip_not_admitted"] == 1
+    assert counters["dropped_gossip_rate"] == 1
     open_gate = PeerGate(limits=PeerLimits(ban_after_penalties=10**6))
     for i in range(3 * MAX_TRACKED_PEERS):  # a peer-id flood
         open_gate.admit_request(f"p{i}")

@@ -290,3 +290,20 @@ def test_residual_decay_scales_the_carried_residual(digits: training.Task) -> No
     (carried, u_one), (carried_half, u_half) = runs[1.0], runs[0.5]
     np.testing.assert_array_equal(carried, carried_half)
     np.testing.assert_allclose(u_one - u_half, 0.5 * carried, atol=1e-6)
+
+
+def test_live_peer_count_sets_the_outer_step_and_the_staleness_rule(digits: training.Task) -> None:
+    """`run_round(peers=N)` divides the outer step by the N the daemon counts now, whatever the config."""
+    cfg = _cfg(codec="dense-f32", outer_momentum=0.0, expected_peers=1)
+    theta = training.flatten_params(digits.build_model())
+    results = {}
+    for peers in (None, 4):
+        torch.manual_seed(0)
+        trainer = training.PeerTrainer(digits, cfg)
+        results[peers] = trainer.run_round(theta, fragment=0, peers=peers)
+    one, four = (crdt.decode_payload("dense-f32", len(theta), results[k].payload)[1] for k in (None, 4))
+    np.testing.assert_allclose(four * 4, one, rtol=1e-5, atol=1e-8)
+    assert results[None].staleness_policy.expected_peers == 1
+    assert results[4].staleness_policy.expected_peers == 4 and results[4].staleness_policy.max_staleness == 16
+    with pytest.raises(training.ConfigError, match="peers"):
+        trainer.run_round(theta, fragment=0, peers=0)

@@ -24,6 +24,7 @@ import p2p
 from daemon.config import Config
 from daemon.home import Home
 from daemon.node.node import Node
+from daemon.node.trainer_process import Fill, TrainerError
 from training import RoundResult, StalenessPolicy
 
 # -- records ------------------------------------------------------------------------------------------
@@ -127,6 +128,7 @@ class FakeHost:
         self.validators: dict[str, Callable[[str, bytes], bool]] = {}
         self.topics: dict[str, asyncio.Queue[p2p.GossipMessage]] = {}
         self.penalized: list[str] = []
+        self.admission: Callable[[str], bool] | None = None
         self.requests: list[tuple[str, str]] = []
         """(peer, protocol) of every request this host sent."""
         self.bytes_sent = 0
@@ -144,6 +146,9 @@ class FakeHost:
     def set_topic_validator(self, topic: str, validator: Callable[[str, bytes], bool]) -> None:
         self.validators[topic] = validator
 
+    def set_gossip_admission(self, predicate: Callable[[str], bool] | None) -> None:
+        self.admission = predicate
+
     def subscribe(self, topic: str) -> asyncio.Queue[p2p.GossipMessage]:
         return self.topics.setdefault(topic, asyncio.Queue())
 
@@ -151,7 +156,8 @@ class FakeHost:
         for peer in self.connected_peers():
             other = self.net.hosts[peer]
             valid = other.validators.get(topic, lambda _p, _d: True)(self.peer_id, data)
-            if topic in other.topics and valid:
+            admitted = other.admission is None or other.admission(self.peer_id)
+            if topic in other.topics and valid and admitted:
                 other.topics[topic].put_nowait(p2p.GossipMessage(self.peer_id, data))
 
     async def request(self, peer: str, protocol: str, data: bytes, *, timeout_s: float) -> bytes:
@@ -217,6 +223,8 @@ class FakeTrainer:
         self.rounds = 0
         self.commits = 0
         self.threads = 1
+        self.peers_per_round: list[int | None] = []
+        """The live peer count the node passed with each round."""
         self.round_gate: asyncio.Event | None = None
         """When set by a test, each round waits for it (then clears it): rounds in lockstep with the test."""
 
@@ -232,7 +240,16 @@ class FakeTrainer:
     async def fragment_ranges(self) -> tuple[tuple[int, int], ...]:
         return FRAGMENTS
 
-    async def run_round(self, params: np.ndarray, fragment: int) -> RoundResult:
+    async def params_from_checkpoint(self, path: Path) -> np.ndarray:
+        """What `export` wrote (raw float32 here; the real trainer reads safetensors)."""
+        params = np.frombuffer(path.read_bytes(), dtype=np.float32)
+        if params.size != PARAMS:
+            raise TrainerError(f"{path} is not a checkpoint of this task's model")
+        return params.copy()
+
+    async def run_round(self, fill: Fill, size: int, fragment: int, peers: int | None = None) -> RoundResult:
+        fill(np.empty(size, np.float32))
+        self.peers_per_round.append(peers)
         if self.round_gate is not None:
             await self.round_gate.wait()
             self.round_gate.clear()
@@ -256,7 +273,9 @@ class FakeTrainer:
             staleness_policy=StalenessPolicy(expected_peers=4, max_staleness=16),
         )
 
-    async def evaluate(self, params: np.ndarray) -> dict[str, float]:
+    async def evaluate(self, fill: Fill, size: int) -> dict[str, float]:
+        params = np.empty(size, np.float32)
+        fill(params)
         return {"val_loss": float(np.abs(params).mean()), "val_accuracy": 0.5}
 
     async def commit(self) -> None:
@@ -265,7 +284,9 @@ class FakeTrainer:
     async def set_threads(self, threads: int) -> None:
         self.threads = threads
 
-    async def export(self, params: np.ndarray, path: Path) -> None:
+    async def export(self, fill: Fill, size: int, path: Path) -> None:
+        params = np.empty(size, np.float32)
+        fill(params)
         path.write_bytes(params.tobytes())
 
 
@@ -274,6 +295,15 @@ def host_for(home: Path, net: FakeNet) -> FakeHost:
     home.mkdir(parents=True, exist_ok=True)
     peer_id = p2p.load_or_create_identity(home / "identity.key").peer_id
     return net.hosts.get(peer_id) or net.add(peer_id)
+
+
+def node_config(**sections: dict[str, Any]) -> Config:
+    """A config for nodes of the unit tests: 3 rounds evaluated each, a fast anti-entropy period, and
+    ``sections`` merged in (``training={...}``, ``node={...}``)."""
+    base: dict[str, Any] = {"training": {"max_rounds": 3, "eval_every": 1}, "sync": {"interval_s": 0.05}}
+    for name, values in sections.items():
+        base.setdefault(name, {}).update(values)
+    return Config.from_dict(base)
 
 
 @contextlib.asynccontextmanager

@@ -7,21 +7,16 @@ import asyncio
 import errno
 from pathlib import Path
 
+import numpy as np
 import pytest
-from node_testlib import FakeNet, FakeTrainer, host_for, running_node, until
+from node_testlib import PARAMS, FakeNet, FakeTrainer, host_for, running_node, until
+from node_testlib import node_config as config
 
 from daemon.config import Config, ConfigError, task_path
 from daemon.home import Home
-from daemon.node.node import Node, NodeError
+from daemon.node.node import Node, NodeError, host_config
 from daemon.node.store import Store
 from daemon.status import TrainingState
-
-
-def config(**sections: dict) -> Config:
-    base: dict = {"training": {"max_rounds": 3, "eval_every": 1}, "sync": {"interval_s": 0.05}}
-    for name, values in sections.items():
-        base.setdefault(name, {}).update(values)
-    return Config.from_dict(base)
 
 
 async def test_a_founder_trains_its_rounds_and_reports_them(tmp_path: Path) -> None:
@@ -37,6 +32,8 @@ async def test_a_founder_trains_its_rounds_and_reports_them(tmp_path: Path) -> N
         }
         assert status.round == 3 and status.contributions == 3 and status.clip_norm == 0.5
         assert [r.round for r in node.parts.rounds.history] == [1, 2, 3]
+        spans = node.parts.rounds.history[-1].spans_s  # where a round's time goes (bench_model_scale)
+        assert set(spans) == {"materialize", "train", "sign", "accept", "commit", "announce"}
         assert status.initial_eval.contributions == 0 and status.eval.contributions == 3
         assert node.trainer.commits == 3  # the trainer saved its state after each durable contribution
         result = await node.export_checkpoint(tmp_path / "model.safetensors")
@@ -114,39 +111,6 @@ async def test_a_home_of_another_run_is_a_config_error(tmp_path: Path) -> None:
             pass
 
 
-async def test_pause_resume_and_start_more_rounds(tmp_path: Path) -> None:
-    trainer = FakeTrainer()
-    async with running_node(tmp_path, FakeNet(), config(training={"max_rounds": 1}), trainer=trainer) as node:
-        rounds = node.parts.rounds
-        await until(lambda: node.training_state is TrainingState.DONE)
-        rounds.pause()
-        assert rounds.start(2) == 3  # also resumes
-        await until(lambda: node.status().round == 3 and node.training_state is TrainingState.DONE)
-        rounds.pause()
-        rounds.start(0)
-        trainer.round_gate = gate = asyncio.Event()
-        rounds.pause()
-        gate.set()  # the round in flight finishes; the next one waits for resume
-        await until(lambda: node.training_state is TrainingState.PAUSED)
-        paused_at = node.status().round
-        rounds.resume()
-        gate.set()
-        await until(lambda: node.status().round > paused_at)
-
-
-async def test_a_leaving_node_says_goodbye(tmp_path: Path) -> None:
-    net = FakeNet()
-    a_home, b_home = tmp_path / "a", tmp_path / "b"
-    net.link(host_for(a_home, net).peer_id, host_for(b_home, net).peer_id)
-    join = config(node={"bootstrap": [host_for(a_home, net).addr]}, training={"enabled": False})
-    async with running_node(a_home, net, config()) as a:
-        async with running_node(b_home, net, join) as b:
-            b_id = b.host.peer_id
-            await until(lambda: b_id in a.status().peer_info)  # a heartbeat made b a known member
-        info = a.status().peer_info[b_id]
-        assert info.training == "leaving"
-
-
 async def test_a_full_disk_pauses_training_and_pulls_and_the_node_keeps_serving(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -198,3 +162,25 @@ def test_a_relative_plug_in_file_is_found_from_the_home_dir(tmp_path: Path) -> N
     assert task_path("/abs/mine.py:Mine", tmp_path) == "/abs/mine.py:Mine"
     assert task_path("pkg.mod:factory", tmp_path) == "pkg.mod:factory"
     assert task_path("digits", tmp_path) == "digits"
+
+
+def test_nat_settings_are_p2p_s_and_a_bad_one_is_a_config_error(tmp_path: Path) -> None:
+    config = Config.from_dict({"nat": {"relay_service": "on", "relay_max_reservations": 4}})
+    assert host_config(tmp_path, config).nat.relay_max_reservations == 4
+    for bad, fragment in (({"relay_service": "yes"}, "nat.relay_service must be one of"),
+                          ({"relay_servise": "on"}, "relay_servise")):
+        with pytest.raises(ConfigError, match=fragment):
+            host_config(tmp_path, Config.from_dict({"nat": bad}))
+
+
+async def test_a_founder_takes_its_parameters_from_a_checkpoint(tmp_path: Path) -> None:
+    weights = np.arange(PARAMS, dtype=np.float32)
+    (tmp_path / "model.bin").write_bytes(weights.tobytes())
+    founder = config(training={"init_from": str(tmp_path / "model.bin")})
+    async with running_node(tmp_path / "a", FakeNet(), founder) as node:
+        assert np.array_equal(node.parts.replica.state.genesis.params, weights)
+    (tmp_path / "short.bin").write_bytes(weights[:5].tobytes())
+    with pytest.raises(ConfigError, match=r"\[training\] init_from: .* not a checkpoint of this task"):
+        short = config(training={"init_from": str(tmp_path / "short.bin")})
+        async with running_node(tmp_path / "b", FakeNet(), short):
+            pass

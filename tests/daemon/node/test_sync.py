@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 from collections.abc import Iterator
 from pathlib import Path
 
-from node_testlib import FakeNet, Handler, host_for, running_node, signer, until
+from node_testlib import FakeNet, FakeTrainer, Handler, host_for, running_node, signer, until
 
 import crdt
 from daemon.config import Config
@@ -175,3 +176,50 @@ async def test_an_equivocation_relayed_by_an_honest_peer_is_the_authors_fault(tm
         assert status.equivocators[author] == [1] and author in status.suspects
         assert victim.penalized == []  # neither relayer is blamed
         assert "ConflictError" not in status.counters.rejected_reasons
+
+
+async def test_rounds_count_the_peers_that_train_now(tmp_path: Path) -> None:
+    """DiLoCo's N comes from the authors whose contributions arrive, not from a constant: three training
+    nodes pass N = 3 once they hear each other; [diloco] expected_peers fixes it instead."""
+    net = FakeNet()
+    homes = [tmp_path / name for name in "abc"]
+    peers = [host_for(home, net).peer_id for home in homes]
+    for a, b in itertools.combinations(peers, 2):
+        net.link(a, b)
+    trains = config(enabled=True, max_rounds=6)
+    join = trains.with_overrides("node", bootstrap=(net.hosts[peers[0]].addr,))
+    fixed = join.with_overrides("diloco", expected_peers=5)
+    trainers = [FakeTrainer(seed=i) for i in range(3)]
+    for trainer in trainers:
+        trainer.round_gate = asyncio.Event()
+    async with (
+        running_node(homes[0], net, trains, trainer=trainers[0]) as a,
+        running_node(homes[1], net, join, trainer=trainers[1]) as b,
+        running_node(homes[2], net, fixed, trainer=trainers[2]) as c,
+    ):
+        for done in range(1, 7):  # rounds in lockstep: each waits until everyone's last one arrived
+            await until(lambda n=done: all(len(t.peers_per_round) == n for t in trainers))
+            for trainer in trainers:
+                trainer.round_gate.set()
+            await until(lambda n=done: all(x.status().contributions == 3 * n for x in (a, b, c)))
+    assert trainers[0].peers_per_round[0] == 1  # alone at first
+    assert trainers[0].peers_per_round[-1] == 3 and trainers[1].peers_per_round[-1] == 3
+    assert set(trainers[2].peers_per_round) == {None}  # configured: the trainer uses expected_peers
+
+
+async def test_gossip_from_peers_outside_the_run_is_dropped_until_they_sync(tmp_path: Path) -> None:
+    net = FakeNet()
+    home = tmp_path / "node"
+    node_host = host_for(home, net)
+    stranger = net.add("12D3KooWstranger")
+    net.link(node_host.peer_id, stranger.peer_id)
+    beat = wire.Heartbeat(round=1, contributions=0, training="running", reachability="unknown",
+                          task="stdlib-lm", device="cpu", throughput_bps=0).encode()
+    async with running_node(home, net, config()) as v:
+        await stranger.publish(wire.heartbeat_topic("default"), beat)  # dropped at the gate, synchronously
+        assert v.parts.membership.heartbeats == {} and not v.parts.sync.is_member(stranger.peer_id)
+        empty = crdt.Digest(crdt.VersionVector(), "00" * 32, 0).encode()
+        request = wire.SyncRequest(genesis=v.status().genesis, digest=empty)
+        await stranger.request(node_host.peer_id, wire.SYNC_PROTOCOL, request.encode(), timeout_s=5)
+        await stranger.publish(wire.heartbeat_topic("default"), beat)
+        await until(lambda: stranger.peer_id in v.status().peer_info)  # it showed our genesis: admitted

@@ -1,0 +1,176 @@
+"""Where the verified chunks of one fetch go: memory, or ``<dest>.part`` on disk.
+
+Theory of operation
+-------------------
+With a destination path, chunks are written at their offsets into ``<dest>.part`` with ``os.pwritev`` in a
+worker thread (a chunk arrives as the pieces the transport delivered; they are written as they are, never
+joined), so memory stays bounded by the chunks in flight whatever the blob's size. The part file plus
+the manifest is the whole resume state: `open` re-reads the part file left by an earlier, interrupted fetch
+(this process or a previous one) and keeps every chunk whose digest matches; holes (never-written ranges of
+the sparse file, found with ``SEEK_DATA``) are skipped without being read. `finish` fsyncs and renames the
+part file into place, so ``dest`` only ever appears complete.
+
+Without a destination the blob is assembled in a bytearray that grows at the *frontier* (see below):
+chunk ``i`` is appended once chunks ``0..i`` have arrived (later ones wait in a dict). Each byte is copied
+once, while the transfer goes on, and the bytearray itself is the result. Rejected: joining the pieces at
+the end (a 64 MiB join took 15-21 ms here, all of it after the last byte arrived) and a preallocated
+buffer (12 ms of memset before the first byte, then a copy into it anyway).
+
+Whole-blob check (``verify_whole``, used when the fetcher pinned `Manifest.digest`): every chunk already
+matched its digest, so the whole-blob digest only adds something when the caller knows it in advance and the
+manifest's chunk digests might lie. It is computed along the way rather than by reading the file again at
+the end: the *frontier* hasher takes chunk ``i`` as soon as chunks ``0..i`` are stored (the chunk completing
+the prefix is hashed from memory, later ones already on disk are read back); chunks arrive mostly in order
+(lowest index first), so at the end little or nothing is left to read.
+
+Rejected alternatives: a side file listing the verified chunks (it can disagree with the data after a crash;
+re-verifying the data is the only state that cannot lie); mmap of the part file (SIGBUS on a full disk).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+import trio
+
+from p2p._transfer import Manifest, check_blob, chunk_digest, new_blob_hasher
+
+__all__ = ["PART_SUFFIX", "BlobSink"]
+
+PART_SUFFIX = ".part"
+_IOV_MAX = 1024  # Linux's limit on the pieces of one pwritev
+
+
+class BlobSink:
+    """Verified chunks of one manifest -> a bytearray (``dest`` None) or a file at ``dest`` (trio side)."""
+
+    def __init__(self, manifest: Manifest, dest: Path | None, *, verify_whole: bool) -> None:
+        self.manifest = manifest
+        self.dest = dest
+        self.part = dest.with_name(dest.name + PART_SUFFIX) if dest is not None else None
+        self._buffer = bytearray() if dest is None else None  # memory mode: chunks 0.._frontier-1
+        self._pending: dict[int, tuple[bytes, ...]] = {}  # stored past the frontier, kept in memory
+        self._fd: int | None = None
+        self._stored: set[int] = set()
+        self._whole = new_blob_hasher() if verify_whole else None
+        self._frontier = 0  # chunks 0.._frontier-1 are in the buffer (memory) and the whole-blob hash
+        self._lock = trio.Lock()  # one store at a time in file mode: the frontier hasher is sequential
+        self.bytes_resumed = 0
+
+    async def open(self) -> set[int]:
+        """Prepare the destination; return the chunks an earlier fetch already left in the part file."""
+        if self.part is None:
+            return set()
+        return await trio.to_thread.run_sync(self._open_sync)
+
+    def _open_sync(self) -> set[int]:
+        assert self.part is not None
+        self.part.parent.mkdir(parents=True, exist_ok=True)
+        self._fd = fd = os.open(self.part, os.O_RDWR | os.O_CREAT, 0o600)
+        available = os.fstat(fd).st_size
+        for index in range(self.manifest.chunk_count):
+            offset, length = self.manifest.chunk_range(index)
+            if offset + length > available or _is_hole(fd, offset, length):
+                continue
+            data = os.pread(fd, length, offset)
+            if chunk_digest(data) == self.manifest.chunk_digests[index]:
+                self._stored.add(index)
+                self.bytes_resumed += length
+                if self._whole is not None and index == self._frontier:
+                    self._whole.update(data)
+                    self._frontier += 1
+        os.ftruncate(fd, self.manifest.size)
+        return set(self._stored)
+
+    async def store(self, index: int, pieces: tuple[bytes, ...]) -> None:
+        """Keep a verified chunk (and advance the buffer and the whole-blob hash as far as they reach)."""
+        if self._fd is None and self._whole is None:  # memory, nothing to hash: a copy, no thread, no lock
+            self._store_sync(index, pieces)
+            return
+        async with self._lock:
+            await trio.to_thread.run_sync(self._store_sync, index, pieces)
+
+    def _store_sync(self, index: int, pieces: tuple[bytes, ...]) -> None:
+        if self._fd is not None:
+            _pwrite_all(self._fd, pieces, self.manifest.chunk_range(index)[0])
+        self._stored.add(index)
+        if self._buffer is not None or (self._whole is not None and index == self._frontier):
+            self._pending[index] = pieces  # file mode: only until the frontier hashes it, just below
+        self._advance_frontier()
+
+    def _advance_frontier(self) -> None:
+        if self._buffer is None and self._whole is None:
+            return
+        while self._frontier in self._stored:
+            pieces = self._pending.pop(self._frontier, None)
+            if pieces is None:  # file mode, stored earlier: read it back
+                assert self._fd is not None
+                offset, length = self.manifest.chunk_range(self._frontier)
+                pieces = (os.pread(self._fd, length, offset),)
+            for piece in pieces:
+                if self._buffer is not None:
+                    self._buffer += piece
+                if self._whole is not None:
+                    self._whole.update(piece)
+            self._frontier += 1
+
+    async def finish(self) -> bytearray | Path:
+        """Check the whole-blob digest (if asked to); return the blob, or fsync and rename the part file.
+
+        Raises IntegrityError if the chunks, each matching its digest, do not add up to the manifest's
+        whole-blob digest (a manifest whose chunk digests lie).
+        """
+        async with self._lock:
+            return await trio.to_thread.run_sync(self._finish_sync)
+
+    def _finish_sync(self) -> bytearray | Path:
+        assert len(self._stored) == self.manifest.chunk_count  # internal: called once every chunk is in
+        self._advance_frontier()
+        if self._whole is not None:
+            check_blob(self.manifest, self._whole.digest())
+        if self._buffer is not None:
+            assert len(self._buffer) == self.manifest.size  # internal: the frontier reached the end
+            return self._buffer
+        assert self.part is not None and self.dest is not None
+        os.fsync(self._fd)
+        self.close()
+        os.replace(self.part, self.dest)
+        return self.dest
+
+    def discard(self) -> None:
+        """Drop the part file (its chunks match a manifest that turned out to lie)."""
+        self.close()
+        if self.part is not None:
+            self.part.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        """Release the part file (kept on disk for a later resume). Idempotent."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def _is_hole(fd: int, offset: int, length: int) -> bool:
+    """True if [offset, offset+length) of a sparse file was never written (no need to read and hash it)."""
+    try:
+        return os.lseek(fd, offset, os.SEEK_DATA) >= offset + length
+    except OSError as exc:
+        # ENXIO: no data at or after offset. Anything else (no SEEK_DATA support): read it to find out.
+        return exc.errno == errno.ENXIO
+
+
+def _pwrite_all(fd: int, pieces: tuple[bytes, ...], offset: int) -> None:
+    """``os.pwritev`` until every byte is written (a regular file may take fewer: ENOSPC comes next)."""
+    views = [memoryview(p) for p in pieces if p]
+    while views:
+        written = os.pwritev(fd, views[:_IOV_MAX], offset)
+        if written == 0:
+            raise OSError(errno.ENOSPC, "pwritev wrote nothing")
+        offset += written
+        while views and written >= len(views[0]):
+            written -= len(views[0])
+            views.pop(0)
+        if views and written:
+            views[0] = views[0][written:]

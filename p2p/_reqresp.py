@@ -1,0 +1,431 @@
+"""Request/response over libp2p streams, trio side: one stream per request, bounded at both ends.
+
+Theory of operation
+-------------------
+A request opens one yamux stream, sends one REQUEST frame and reads one RESPONSE or ERROR frame
+(`p2p/_framing.py`); both sides then close. The serving side runs the asyncio handler through
+`TrioBridge.call_asyncio`. Everything here runs in the Host's trio thread and raises `p2p` errors.
+
+What one remote peer with throwaway keys can make a server hold, and the bound on each:
+
+* **requests in flight**: at most ``max_in_flight_per_peer`` per peer and ``max_in_flight`` in total. One
+  more is refused at once with an ERROR frame ``Busy`` (the client sees `p2p.Busy`), before its payload is
+  read: a flood is not queued, and costs us one header. Refused, not queued, because a queue is memory the
+  flooder chooses; refused, not penalized, because the total bound is also hit by honest peers under load.
+* **request bytes**: the frame header is checked against the protocol's ``max_request_bytes`` before any
+  payload is buffered (MessageTooLarge goes back as an ERROR frame).
+* **time**: the whole request frame must arrive within ``request_read_timeout_s`` (a slowloris holds a slot
+  for that long at most), and the whole exchange ends after ``handler_timeout_s``.
+
+Memory held for inbound requests is therefore at most ``max_in_flight x max_request_bytes`` plus what our
+own handlers allocate. A client bounds what it accepts with ``max_response_bytes`` (per call).
+
+Rate limits and membership (`p2p/_security.py`'s PeerGate) are checked first, so a non-member or a banned
+peer never occupies an in-flight slot.
+
+A frame goes out in two writes (its header with the first 1 MiB, then the rest as one memoryview that
+yamux frames without a copy on our side) and reads ask for up to 4 MiB, so the decoder never holds more
+than the frame itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+import trio
+from libp2p.abc import IHost, INetStream
+from libp2p.custom_types import TProtocol
+from libp2p.exceptions import BaseLibp2pError
+from libp2p.network.stream.exceptions import StreamEOF
+from libp2p.peer.id import ID
+from libp2p.protocol_muxer.exceptions import ProtocolNotSupportedError
+
+from p2p._errors import (
+    Busy,
+    MessageTooLarge,
+    P2PError,
+    PeerUnreachable,
+    ProtocolNotSupported,
+    ProtocolViolation,
+    RemoteError,
+    RequestTimeout,
+)
+from p2p._framing import (
+    MAX_FRAME_BYTES,
+    Frame,
+    FrameDecoder,
+    FrameKind,
+    decode_error_payload,
+    encode_error_payload,
+    encode_header,
+)
+
+if TYPE_CHECKING:
+    from p2p._security import PeerGate
+
+__all__ = [
+    "HandlerSpec",
+    "InFlight",
+    "RequestLimits",
+    "RequestServer",
+    "finish_stream",
+    "open_stream",
+    "read_frame",
+    "remote_error",
+    "request",
+    "write_frame",
+]
+
+log = logging.getLogger(__name__)
+
+WRITE_SLICE_BYTES = 1024 * 1024  # header + this much go out as one yamux frame (p2p/_speedups.py)
+READ_SLICE_BYTES = 4 * 1024 * 1024  # read size: fewer calls through libp2p's layers per MiB
+REFUSAL_WRITE_TIMEOUT_S = 1.0  # a refusal is one small frame; a peer that does not take it is not waited for
+
+RequestHandler = Callable[[str, bytes], Awaitable[bytes]]
+
+
+class ByteCounters(Protocol):
+    bytes_sent: int
+    bytes_received: int
+    requests_sent: int
+    requests_received: int
+    requests_failed: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RequestLimits:
+    """Bounds of request/response traffic (`HostConfig.requests`). Defaults suit the daemon's protocols."""
+
+    max_request_bytes: int = 4 * 1024 * 1024
+    """Largest request accepted, unless its protocol sets its own (`Host.set_request_handler`). The
+    daemon's largest request is a sync digest, capped at 4 MiB by daemon/wire.py (a version vector of
+    ~100k authors); bulk data travels as blobs."""
+    max_response_bytes: int = 64 * 1024 * 1024
+    """Largest response a `Host.request` accepts unless the call sets its own. A sync response carries at
+    most 64 contributions of one sparse payload each: a few tens of MiB at the very most."""
+    max_in_flight_per_peer: int = 8
+    """Inbound requests served at once for one peer. The daemon sends a peer at most ~3 at a time (a sync
+    pull, a goodbye, a genesis/snapshot request); 8 leaves room without letting one peer take the host."""
+    max_in_flight: int = 32
+    """Inbound requests served at once in total: with 4 MiB requests, at most 128 MiB of request buffers."""
+    request_read_timeout_s: float = 10.0
+    """The request frame must have arrived this long after the stream opened (4 MiB at 400 KB/s)."""
+    handler_timeout_s: float = 60.0
+    """A whole inbound exchange (read, handler, write) is abandoned after this long: twice the daemon's
+    30 s request timeout, after which the requester has given up anyway."""
+
+    def __post_init__(self) -> None:
+        for name in ("max_request_bytes", "max_response_bytes"):
+            if not 0 < getattr(self, name) <= MAX_FRAME_BYTES:
+                raise ValueError(f"{name} must be in 1..{MAX_FRAME_BYTES} (u32 frame length)")
+        if min(self.max_in_flight_per_peer, self.max_in_flight) < 1:
+            raise ValueError("max_in_flight_per_peer and max_in_flight must be >= 1")
+        if min(self.request_read_timeout_s, self.handler_timeout_s) <= 0:
+            raise ValueError("timeouts must be positive")
+
+
+@dataclass(frozen=True, slots=True)
+class HandlerSpec:
+    """A registered request handler and its protocol's request bound (None: the Host's default)."""
+
+    handler: RequestHandler
+    max_request_bytes: int | None = None
+
+
+class InFlight:
+    """Counts work in flight per peer and in total; `try_enter` refuses over either bound (trio thread)."""
+
+    def __init__(self, *, per_peer: int, total: int) -> None:
+        self.per_peer = per_peer
+        self.total = total
+        self._by_peer: dict[str, int] = {}
+        self.count = 0
+
+    def try_enter(self, peer: str) -> bool:
+        held = self._by_peer.get(peer, 0)
+        if held >= self.per_peer or self.count >= self.total:
+            return False
+        self._by_peer[peer] = held + 1
+        self.count += 1
+        return True
+
+    def leave(self, peer: str) -> None:
+        held = self._by_peer.pop(peer)  # entries live only while a peer has work in flight: bounded
+        if held > 1:
+            self._by_peer[peer] = held - 1
+        self.count -= 1
+
+    def of(self, peer: str) -> int:
+        return self._by_peer.get(peer, 0)
+
+
+# ---------------------------------------------------------------------------------------------- stream I/O
+
+
+async def open_stream(host: IHost, pid: ID, protocol: str) -> INetStream:
+    """A new stream to ``pid`` speaking ``protocol``. Raises PeerUnreachable / ProtocolNotSupported."""
+    try:
+        return await host.new_stream(pid, [TProtocol(protocol)])
+    except BaseLibp2pError as exc:
+        # 0.8.1 folds the peer's "na" answers into a plain MultiselectClientError's message
+        # ("protocols not supported: ..."), wrapped in StreamFailure; no typed cause survives.
+        if _caused_by(exc, ProtocolNotSupportedError) or "not supported" in _chain_text(exc):
+            raise ProtocolNotSupported(f"{pid} does not speak {protocol}") from exc
+        raise PeerUnreachable(f"cannot open {protocol} stream to {pid}: {exc}") from exc
+    except OSError as exc:
+        raise PeerUnreachable(f"cannot open {protocol} stream to {pid}: {exc}") from exc
+
+
+async def write_frame(
+    stream: INetStream,
+    kind: FrameKind,
+    payload: bytes | bytearray | memoryview,
+    stats: ByteCounters | None = None,
+) -> None:
+    """One frame in (at most) two stream writes: the header with the first slice of the payload (5 bytes
+    alone would cost a yamux frame, a Noise message and a syscall of their own), then the rest as one
+    memoryview, which yamux cuts into frames itself without a copy on our side."""
+    view = memoryview(payload).cast("B")
+    header = encode_header(kind, len(view), max_message_bytes=MAX_FRAME_BYTES)
+    first = WRITE_SLICE_BYTES - len(header)
+    try:
+        await stream.write(header + view[:first])
+        if len(view) > first:
+            await stream.write(view[first:])
+    except (BaseLibp2pError, OSError) as exc:
+        raise PeerUnreachable(f"stream write failed: {exc}") from exc
+    if stats is not None:
+        stats.bytes_sent += len(view)
+
+
+async def read_frame(stream: INetStream, decoder: FrameDecoder, stats: ByteCounters | None = None) -> Frame:
+    """The next whole frame. Raises PeerUnreachable (EOF before a frame) or ProtocolViolation."""
+    while (frame := decoder.next_frame()) is None:
+        try:
+            chunk = await stream.read(min(decoder.bytes_wanted, READ_SLICE_BYTES))
+        except StreamEOF as exc:
+            if decoder.in_frame:
+                raise ProtocolViolation("stream ended in the middle of a frame") from exc
+            raise PeerUnreachable("stream closed before a frame arrived") from exc
+        except (BaseLibp2pError, OSError) as exc:
+            raise PeerUnreachable(f"stream read failed: {exc}") from exc
+        if not chunk:
+            raise PeerUnreachable("stream closed before a complete frame arrived")
+        decoder.feed(chunk)
+    if stats is not None:
+        stats.bytes_received += frame.size
+    return frame
+
+
+async def finish_stream(stream: INetStream, *, ok: bool) -> None:
+    """Close (half-close on yamux) after a clean exchange, reset otherwise; never raises or blocks long."""
+    with trio.CancelScope(shield=True), trio.move_on_after(1.0):
+        try:
+            if ok:
+                await stream.close()
+            else:
+                await stream.reset()
+        except Exception as exc:  # the stream is dead either way; nothing left to do with it
+            log.debug("stream cleanup failed error=%r", exc)
+
+
+def remote_error(payload: bytes) -> RemoteError:
+    """The exception an ERROR frame stands for (`Busy` is its own type: callers retry it later)."""
+    error_type, message = decode_error_payload(payload)
+    if error_type == "Busy":
+        return Busy(error_type, message)
+    return RemoteError(error_type, message)
+
+
+# ---------------------------------------------------------------------------------------------- client
+
+
+async def request(
+    host: IHost,
+    pid: ID,
+    protocol: str,
+    data: bytes,
+    *,
+    timeout_s: float,
+    max_response_bytes: int,
+    stats: ByteCounters,
+) -> bytes:
+    """One request/response exchange (see `Host.request` for the errors).
+
+    The request size is the server's to bound (per protocol); a refusal comes back as an early ERROR frame.
+    """
+    if len(data) > MAX_FRAME_BYTES:
+        raise MessageTooLarge(f"request of {len(data)} bytes does not fit in one frame")
+    stats.requests_sent += 1
+    try:
+        with trio.move_on_after(timeout_s) as scope:
+            return await _exchange(host, pid, protocol, data, max_response_bytes, stats)
+    except P2PError as exc:
+        stats.requests_failed += 1
+        if scope.cancel_called and not isinstance(exc, RemoteError):
+            raise RequestTimeout(f"request {protocol} to {pid} timed out after {timeout_s} s") from exc
+        raise
+    stats.requests_failed += 1
+    raise RequestTimeout(f"request {protocol} to {pid} timed out after {timeout_s} s")
+
+
+async def _exchange(
+    host: IHost, pid: ID, protocol: str, data: bytes, max_response_bytes: int, stats: ByteCounters
+) -> bytes:
+    stream = await open_stream(host, pid, protocol)
+    decoder = FrameDecoder(
+        max_message_bytes=max_response_bytes, expected=frozenset({FrameKind.RESPONSE, FrameKind.ERROR})
+    )
+    sent = False
+
+    async def send() -> None:
+        nonlocal sent
+        with contextlib.suppress(P2PError):  # a broken stream shows up in the read below as well
+            await write_frame(stream, FrameKind.REQUEST, data, stats)
+            sent = True
+
+    # Read while writing: a server may answer before it has read the request (Busy, MessageTooLarge on the
+    # header) and stop reading; then its answer ends our write instead of the write waiting on the window.
+    answer: Frame | P2PError | None = None
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(send)
+            try:
+                answer = await read_frame(stream, decoder, stats)
+            except P2PError as exc:
+                answer = exc
+            nursery.cancel_scope.cancel()  # the writer, if the answer came early
+    finally:
+        await finish_stream(stream, ok=sent and isinstance(answer, Frame))
+    assert answer is not None  # internal: the nursery ended without an exception, so the read finished
+    if isinstance(answer, P2PError):
+        raise answer
+    if answer.kind is FrameKind.ERROR:
+        raise remote_error(answer.payload)
+    return answer.payload
+
+
+# ---------------------------------------------------------------------------------------------- server
+
+
+class RequestServer:
+    """Serves inbound request streams within `RequestLimits` (see the module docstring)."""
+
+    def __init__(
+        self,
+        limits: RequestLimits,
+        *,
+        handlers: Mapping[str, HandlerSpec],
+        gate: PeerGate,
+        stats: ByteCounters,
+        run_handler: Callable[[RequestHandler, str, bytes], Awaitable[bytes]],
+        disconnect: Callable[[str], Awaitable[None]],
+    ) -> None:
+        self.limits = limits
+        self._handlers = handlers  # owned by the asyncio Host; read here (dict reads are atomic)
+        self._gate = gate
+        self._stats = stats
+        self._run_handler = run_handler
+        self._disconnect = disconnect
+        self.in_flight = InFlight(per_peer=limits.max_in_flight_per_peer, total=limits.max_in_flight)
+        self.counters = {"requests_refused_busy": 0, "requests_timed_out": 0}
+
+    async def serve(self, stream: INetStream, protocol: str) -> None:
+        """The libp2p stream handler of every request protocol."""
+        peer_id = stream.muxed_conn.peer_id.to_base58()
+        refusal = self._gate.admit_request(peer_id)
+        if refusal is None and not self.in_flight.try_enter(peer_id):
+            refusal = "Busy"
+            self.counters["requests_refused_busy"] += 1
+        if refusal is not None:
+            await self._refuse(stream, peer_id, protocol, refusal)
+            return
+        ok = False
+        try:
+            with trio.move_on_after(self.limits.handler_timeout_s) as scope:
+                ok = await self._serve_one(stream, protocol, peer_id)
+            if scope.cancelled_caught:
+                self.counters["requests_timed_out"] += 1
+        except P2PError as exc:  # the peer went away or broke framing: nothing to answer
+            log.debug("request stream failed peer=%s protocol=%s error=%r", peer_id, protocol, exc)
+        finally:
+            self.in_flight.leave(peer_id)
+            await finish_stream(stream, ok=ok)
+
+    async def _refuse(self, stream: INetStream, peer_id: str, protocol: str, refusal: str) -> None:
+        """Answer ``refusal`` without reading the payload: a flood costs us one header each."""
+        log.debug("request refused peer=%s protocol=%s reason=%s", peer_id, protocol, refusal)
+        ok = False
+        with trio.move_on_after(REFUSAL_WRITE_TIMEOUT_S):
+            try:
+                payload = encode_error_payload(refusal, f"{protocol} refused: {refusal}")
+                await write_frame(stream, FrameKind.ERROR, payload, self._stats)
+                ok = True
+            except P2PError:
+                pass
+        await finish_stream(stream, ok=ok)
+        if self._gate.is_banned(peer_id) or not self._gate.is_member(peer_id):
+            await self._disconnect(peer_id)
+
+    async def _serve_one(self, stream: INetStream, protocol: str, peer_id: str) -> bool:
+        spec = self._handlers.get(protocol)
+        max_bytes = self.limits.max_request_bytes
+        if spec is not None and spec.max_request_bytes is not None:
+            max_bytes = spec.max_request_bytes
+        decoder = FrameDecoder(max_message_bytes=max_bytes, expected=frozenset({FrameKind.REQUEST}))
+        try:
+            with trio.fail_after(self.limits.request_read_timeout_s):
+                frame = await read_frame(stream, decoder, self._stats)
+        except MessageTooLarge as exc:
+            await write_frame(
+                stream, FrameKind.ERROR, encode_error_payload("MessageTooLarge", str(exc)), self._stats
+            )
+            return True
+        except trio.TooSlowError:
+            self.counters["requests_timed_out"] += 1
+            log.debug("request not received in time peer=%s protocol=%s", peer_id, protocol)
+            return False
+        self._stats.requests_received += 1
+        try:
+            if spec is None:
+                raise ProtocolNotSupported(f"no handler for {protocol}")
+            response = await self._run_handler(spec.handler, peer_id, frame.payload)
+            if not isinstance(response, bytes | bytearray | memoryview):
+                raise TypeError(f"request handler returned {type(response).__name__}, not bytes")
+            if memoryview(response).nbytes > MAX_FRAME_BYTES:
+                raise MessageTooLarge(f"response of {memoryview(response).nbytes} bytes > one frame")
+        except Exception as exc:  # the handler's failure is reported to the requester, and logged once here
+            log.warning("request handler failed peer=%s protocol=%s", peer_id, protocol, exc_info=True)
+            payload = encode_error_payload(type(exc).__name__, str(exc))
+            await write_frame(stream, FrameKind.ERROR, payload, self._stats)
+            return True
+        await write_frame(stream, FrameKind.RESPONSE, response, self._stats)
+        return True
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def _caused_by(exc: BaseException, kind: type[BaseException]) -> bool:
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        if isinstance(cur, kind):
+            return True
+        seen.add(id(cur))
+        cur = cur.__cause__ or cur.__context__
+    return False
+
+
+def _chain_text(exc: BaseException) -> str:
+    parts: list[str] = []
+    cur: BaseException | None = exc
+    while cur is not None and len(parts) < 10:
+        parts.append(str(cur))
+        cur = cur.__cause__ or cur.__context__
+    return " | ".join(parts)

@@ -1,0 +1,100 @@
+"""p2p/_blobsink.py without a network: resume scans, sparse holes, short pwritev, the frontier hash."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import random
+from pathlib import Path
+
+import pytest
+import trio
+
+from p2p import IntegrityError
+from p2p._blobsink import BlobSink
+from p2p._transfer import MIN_CHUNK_BYTES, Manifest
+
+CHUNK = MIN_CHUNK_BYTES
+DATA = random.Random(5).randbytes(6 * CHUNK + 100)  # 7 chunks
+MANIFEST = Manifest.build(DATA, chunk_size=CHUNK)
+
+
+def pieces(index: int, n: int = 3) -> tuple[bytes, ...]:
+    """Chunk ``index`` cut in ``n`` pieces, as the transport might deliver it."""
+    offset, length = MANIFEST.chunk_range(index)
+    chunk = DATA[offset : offset + length]
+    cuts = [0, *sorted(random.Random(index).sample(range(1, length), n - 1)), length]
+    return tuple(chunk[a:b] for a, b in itertools.pairwise(cuts))
+
+
+def run(sink: BlobSink, order: list[int]) -> tuple[set[int], bytes | Path]:
+    async def main() -> tuple[set[int], bytes | Path]:
+        have = await sink.open()
+        for index in order:
+            if index not in have:
+                await sink.store(index, pieces(index))
+        return have, await sink.finish()
+
+    return trio.run(main)
+
+
+@pytest.mark.parametrize("verify_whole", [False, True])
+def test_memory_sink_joins_pieces_in_index_order(verify_whole: bool) -> None:
+    have, data = run(BlobSink(MANIFEST, None, verify_whole=verify_whole), [3, 0, 6, 1, 2, 5, 4])
+    assert have == set() and data == DATA
+
+
+@pytest.mark.parametrize("verify_whole", [False, True])
+def test_file_sink_writes_in_any_order_and_renames(tmp_path: Path, verify_whole: bool) -> None:
+    dest = tmp_path / "d" / "blob.bin"
+    assert run(BlobSink(MANIFEST, dest, verify_whole=verify_whole), [6, 5, 0, 4, 1, 3, 2])[1] == dest
+    assert dest.read_bytes() == DATA and not (tmp_path / "d" / "blob.bin.part").exists()
+
+
+def test_resume_keeps_good_chunks_skips_holes_and_rewrites_rot(tmp_path: Path) -> None:
+    dest = tmp_path / "blob.bin"
+    part = bytearray(DATA)
+    part[CHUNK + 5] ^= 1  # chunk 1 rotted on disk
+    with (tmp_path / "blob.bin.part").open("wb") as f:
+        f.write(part[: 2 * CHUNK])  # chunks 0, 1 written
+        f.seek(4 * CHUNK)
+        f.write(part[4 * CHUNK : 5 * CHUNK])  # chunk 4 written; 2, 3 are holes; file ends inside chunk 5
+        f.write(part[5 * CHUNK : 5 * CHUNK + 10])
+    sink = BlobSink(MANIFEST, dest, verify_whole=True)
+    have, result = run(sink, list(range(7)))
+    assert have == {0, 4} and sink.bytes_resumed == 2 * CHUNK
+    assert result == dest and dest.read_bytes() == DATA  # the frontier hash read chunk 4 back from disk
+
+
+def test_a_lying_manifest_fails_the_whole_digest(tmp_path: Path) -> None:
+    lying = Manifest(MANIFEST.size, CHUNK, b"\0" * 32, MANIFEST.chunk_digests)
+    sink = BlobSink(lying, tmp_path / "blob.bin", verify_whole=True)
+    with pytest.raises(IntegrityError):
+        run(sink, list(range(7)))
+    assert (tmp_path / "blob.bin.part").exists()
+    sink.discard()
+    assert not (tmp_path / "blob.bin.part").exists() and not (tmp_path / "blob.bin").exists()
+
+
+def test_short_pwritev_is_continued(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real = os.pwritev
+    calls = []
+
+    def at_most_1000_bytes(fd: int, buffers: list[memoryview], offset: int) -> int:
+        calls.append(len(buffers))
+        budget, out = 1000, []
+        for b in buffers:
+            out.append(b[:budget])
+            budget -= len(out[-1])
+        return real(fd, [b for b in out if len(b)], offset)
+
+    monkeypatch.setattr(os, "pwritev", at_most_1000_bytes)
+    dest = tmp_path / "blob.bin"
+    run(BlobSink(MANIFEST, dest, verify_whole=False), list(range(7)))
+    assert dest.read_bytes() == DATA and len(calls) >= len(DATA) // 1000
+
+
+def test_pwritev_writing_nothing_is_a_full_disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "pwritev", lambda fd, buffers, offset: 0)
+    with pytest.raises(OSError, match="wrote nothing"):
+        run(BlobSink(MANIFEST, tmp_path / "blob.bin", verify_whole=False), [0])
