@@ -78,11 +78,12 @@ slowdown = 1.0
 init_from = {init_from}
 
 [sync]
-# Anti-entropy period in seconds, and the most contributions shipped per response.
-interval_s = 2.0
+# Anti-entropy period in seconds, and the most contributions shipped per response. Announcements trigger
+# the pulls that matter; the period only repairs what gossip missed, and costs bytes even when idle.
+interval_s = 30.0
 max_batch = 64
 # Random peers pulled from per period: keeps each node's control traffic flat as the mesh grows.
-fanout = 3
+fanout = 1
 request_timeout_s = 30.0
 # Snapshot (and compact history every known peer already has) after this many new contributions.
 snapshot_every = 256

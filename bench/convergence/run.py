@@ -15,7 +15,7 @@ run under its own lock hold), --name labels a meshtrain variant (e.g. one per H)
 Every contender sees the same total samples (peers x steps x batch) of the same task config, from the same
 init, with the same inner AdamW; see _methods.py for how each one is run and how bytes are counted. The
 "long" preset (default) is the default task at 0.28M parameters (stdlib-lm, 2 layers x 96 wide, 64-byte
-context) for 3,000 inner steps per peer, long enough for H = 30 to 100, with the inner lr decaying along
+context) for 2,400 inner steps per peer, long enough for H = 30 to 120, with the inner lr decaying along
 a cosine to a tenth over the run (every contender, stretched to its own steps); "full" is the 1,200-step
 preset of the 2026-11-23 benchmark (H = 10); "large" is 3.3M parameters (4 layers x 256) for 600 steps;
 "tiny" is for development (seconds).
@@ -45,18 +45,13 @@ RESULTS = Path(__file__).resolve().parents[1] / "results"
 TASK = "stdlib-lm"
 CLUSTER_TASK = "bench.convergence.tasks:{preset}"  # the same configs as plug-ins the daemons can load
 
-#: The anti-entropy knobs of the cluster run ([sync] table). The daemon's defaults (a pull every 2 s from
-#: 3 peers) cost more than the payloads of a 0.28M-parameter run; announcements already trigger every pull
-#: that matters, so the period only repairs what gossip missed. See _overhead.py and the README.
-CLUSTER_SYNC: dict[str, Any] = {"interval_s": 30.0, "fanout": 1}
-
 PRESETS: dict[str, dict[str, Any]] = {
-    "long": {  # the default: long enough for H of 30 to 100
+    "long": {  # the default: long enough for H of 30 to 120, all three contenders in ~25 min on 2 cores
         "task_options": {"n_layer": 2, "n_embd": 96, "n_head": 4, "block_size": 64},
         "peers": 4,
-        "steps": 3000,
-        "evals": 10,
-        "diloco": {"inner_steps": 30, "batch_size": 32, "codec": "sparse-q2", "topk_density": 1 / 64},
+        "steps": 2400,
+        "evals": 8,
+        "diloco": {"inner_steps": 30, "batch_size": 32, "codec": "rice-q2", "topk_density": 1 / 64},
         "cosine": True,
     },
     "full": {  # the 2026-11-23 benchmark (171x at +1.4 %): H = 10, sparse-q8 at 5 %
@@ -141,7 +136,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     peers, steps = preset["peers"], args.steps or preset["steps"]
     task_options = preset["task_options"]
     overrides = {k: _value(v) for k, v in (s.split("=", 1) for s in args.set)}
-    sync = {**CLUSTER_SYNC, **{k: _value(v) for k, v in (s.split("=", 1) for s in args.sync)}}
+    sync = {k: _value(v) for k, v in (s.split("=", 1) for s in args.sync)}  # over the daemon defaults
     node = {k: _value(v) for k, v in (s.split("=", 1) for s in args.node)}
     task = training.load_task(TASK, **task_options)
     schedule = {"total_steps": steps} if preset.get("cosine") else {}  # cosine decay over the whole run
