@@ -48,17 +48,11 @@ Byte layout (all integers and floats little-endian)
                 ``f = index % 64`` of block ``index // 64``). Decodes to all ``length`` entries, through
                 the exact integer synthesis of ``crdt/_dct.py`` (the same bits on every platform).
 
+Quantization of the values (scales and codes): ``crdt/_quant.py``.
+
 Index gaps (``sparse-*``, ``dct-q8``): ``n`` unsigned LEB128 varints, ``indices[0]`` then
 ``indices[i] - indices[i-1] - 1``; strict, and about 1 byte per index up to density 1/128 instead of 4
 (u32). The rules of both index codings are in ``crdt/_indices.py``.
-
-Quantization (encoder side): values are cut into chunks of ``CHUNK_SIZE`` in index order; per chunk
-``scale = float32(max|v| / QMAX)`` where QMAX is 127 (q8), 7 (q4); q2 fits its scale by least squares
-(Lloyd's algorithm for the fixed levels, from 0.7 x max/3) within ``[max/6, max/3]``, because the top-k
-values it carries are heavy tailed (3x less error than max/3). Codes are the nearest level, clipped. Error
-bound per entry, for a chunk whose largest magnitude is ``m``: q8 ``<= m/254``, q4 ``<= m/14``, q2
-``<= m/2`` (plus float32 rounding, ~1e-7 relative). An all-zero chunk gets scale 0 and decodes to zeros
-(q2 too, since level * 0 = 0).
 
 bf16 keeps float32's range with 8 significant bits: relative error ``<= 2**-8`` per entry, half the bytes
 of dense-f32, no top-k. It is the dense baseline of Streaming DiLoCo; the sparse codecs are far smaller.
@@ -74,8 +68,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from crdt import _indices
+from crdt import _indices, _quant
 from crdt._dct import DCT_BLOCK, dct_coefficients, dct_slots, dct_synthesis
+from crdt._quant import CHUNK_SIZE
 from crdt.errors import ValidationError
 
 __all__ = [
@@ -98,9 +93,6 @@ __all__ = [
 # Constants
 # ---------------------------------------------------------------------------------------------------------
 
-#: Values per quantization scale. 64 matches the block sizes of common low-bit formats (GGML q4_0 uses 32,
-#: bitsandbytes 64): small enough to track local magnitude, big enough that the scale costs 0.5 bit/value.
-CHUNK_SIZE = 64
 #: Counts are u32 on the wire, so a fragment can have at most 2**32 - 1 entries.
 MAX_LENGTH = 2**32 - 1
 #: Code format of each quantized codec.
@@ -108,16 +100,6 @@ _CODES = {
     "sparse-q8": "q8", "sparse-q4": "q4", "sparse-q2": "q2", "dct-q8": "q8", "chunked-q2": "q2",
     "rice-q2": "q2",
 }
-#: Largest |code| per code format (symmetric ranges; q8 leaves -128 unused so that negation is exact).
-_QMAX = {"q8": 127, "q4": 7, "q2": 3}
-#: q2 levels, indexed by the 2-bit code. Odd levels, no zero: see the module docstring.
-_Q2_LEVELS = np.array([-3.0, -1.0, 1.0, 3.0], dtype=np.float32)
-#: The q2 encoder's first scale, as a fraction of max/3, and its Lloyd iterations: top-k values are heavy
-#: tailed, so max/3 puts most of them on the +-1 level far above their size. On a real update at density
-#: 1/64 the relative error of the kept values was 0.37 with max/3, 0.12 from 0.7 x max/3, 0.11 after one
-#: iteration (training.codec_report); a second changes nothing measurable.
-_Q2_START = 0.7
-_Q2_ITERATIONS = 2
 #: Every codec name this module understands (the order is irrelevant; it is a set in spirit).
 CODECS: tuple[str, ...] = (
     "dense-f32", "dense-bf16", "sparse-f32", "sparse-q8", "sparse-q4", "sparse-q2", "dct-q8", "chunked-q2",
@@ -182,136 +164,39 @@ def _from_bf16_bits(bits: np.ndarray) -> np.ndarray:
     return (bits.astype(np.uint32) << np.uint32(16)).view(np.float32)
 
 
-def _n_chunks(n: int) -> int:
-    return -(-n // CHUNK_SIZE)
-
-
-def _chunk_max_abs(values: np.ndarray) -> np.ndarray:
-    """Per-chunk max |v| in float64 (the last chunk is zero-padded, which cannot raise a maximum)."""
-    n = values.size
-    padded = np.zeros(_n_chunks(n) * CHUNK_SIZE, dtype=np.float64)
-    padded[:n] = np.abs(values.astype(np.float64))
-    return padded.reshape(-1, CHUNK_SIZE).max(axis=1)
-
-
-def _expand_scales(scales: np.ndarray, n: int) -> np.ndarray:
-    return np.repeat(scales, CHUNK_SIZE)[:n]
-
-
 # ---------------------------------------------------------------------------------------------------------
-# Quantizers (encoder side: any deterministic choice works, the decoder defines the values)
+# Values: scales and codes
 # ---------------------------------------------------------------------------------------------------------
-
-
-def _q2_scales(values: np.ndarray) -> np.ndarray:
-    """float64 q2 scale per chunk: Lloyd's least-squares scale for the levels (-3, -1, 1, 3), from
-    ``_Q2_START x max/3``, kept within ``[max/6, max/3]`` (so no entry errs by more than max/2)."""
-    n = values.size
-    x = np.zeros(_n_chunks(n) * CHUNK_SIZE, dtype=np.float64)
-    x[:n] = values
-    x = x.reshape(-1, CHUNK_SIZE)
-    real = (np.arange(x.size) < n).reshape(x.shape)  # the last chunk's padding takes no level
-    m = np.abs(x).max(axis=1)
-    s = m * (_Q2_START / 3)
-    for _ in range(_Q2_ITERATIONS):
-        level = np.clip(2.0 * np.rint((x / np.where(s > 0, s, 1.0)[:, None] - 1.0) / 2.0) + 1.0, -3.0, 3.0)
-        level = np.where(real, level, 0.0)
-        fit = (x * level).sum(axis=1) / np.maximum((level * level).sum(axis=1), 1.0)
-        s = np.clip(fit, m / 6, m / 3)
-    return s
-
-
-def _quantize(fmt: str, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Return (f32 scales per chunk, int codes). For q2 the codes are 0..3 level indices."""
-    qmax = _QMAX[fmt]
-    scales = (_q2_scales(values) if fmt == "q2" else _chunk_max_abs(values) / qmax).astype(np.float32)
-    if not bool(np.all(np.isfinite(scales))):  # pragma: no cover - max|f32| / qmax is always finite
-        raise ValidationError("values too large to quantize")
-    per = _expand_scales(scales, values.size).astype(np.float64)
-    safe = np.where(per > 0, per, 1.0)
-    ratio = values.astype(np.float64) / safe
-    if fmt == "q2":
-        # nearest odd level in {-3,-1,1,3}: level = 2*rint((r-1)/2) + 1, clipped; code = (level + 3) / 2
-        level = np.clip(2.0 * np.rint((ratio - 1.0) / 2.0) + 1.0, -3.0, 3.0)
-        codes = ((level + 3.0) / 2.0).astype(np.int64)
-    else:
-        codes = np.clip(np.rint(ratio), -qmax, qmax).astype(np.int64)
-    return scales, codes
-
-
-def _pack_codes(fmt: str, codes: np.ndarray) -> bytes:
-    if fmt == "q8":
-        return codes.astype(np.int8).tobytes()
-    if fmt == "q4":
-        nib = (codes + 8).astype(np.uint8)
-        if nib.size % 2:
-            nib = np.append(nib, np.uint8(0))
-        return (nib[0::2] | (nib[1::2] << 4)).astype(np.uint8).tobytes()
-    c = codes.astype(np.uint8)
-    pad = (-c.size) % 4
-    if pad:
-        c = np.append(c, np.zeros(pad, dtype=np.uint8))
-    c = c.reshape(-1, 4)
-    return (c[:, 0] | (c[:, 1] << 2) | (c[:, 2] << 4) | (c[:, 3] << 6)).astype(np.uint8).tobytes()
-
-
-def _code_bytes(fmt: str, n: int) -> int:
-    return {"q8": n, "q4": -(-n // 2), "q2": -(-n // 4)}[fmt]
-
-
-def _unpack_levels(fmt: str, raw: np.ndarray, n: int) -> np.ndarray:
-    """Bytes -> float32 levels (code values), validating reserved codes and zero padding."""
-    if fmt == "q8":
-        codes = raw.view(np.int8)
-        if bool(np.any(codes == -128)):
-            raise ValidationError("q8 code -128 is reserved")
-        return codes.astype(np.float32)
-    if fmt == "q4":
-        nib = np.empty(raw.size * 2, dtype=np.uint8)
-        nib[0::2] = raw & 0x0F
-        nib[1::2] = raw >> 4
-        if bool(np.any(nib[n:] != 0)):
-            raise ValidationError("q4 padding nibble must be 0")
-        nib = nib[:n]
-        if bool(np.any(nib == 0)):
-            raise ValidationError("q4 nibble 0 (code -8) is reserved")
-        return nib.astype(np.float32) - np.float32(8)
-    codes = np.empty(raw.size * 4, dtype=np.uint8)
-    for k in range(4):
-        codes[k::4] = (raw >> (2 * k)) & 0x03
-    if bool(np.any(codes[n:] != 0)):
-        raise ValidationError("q2 padding bits must be 0")
-    return _Q2_LEVELS[codes[:n]]
 
 
 def _quantized_body(codec: str, length: int, idx: np.ndarray, vals: np.ndarray) -> bytes:
     """Scales then codes, checking that the decoder's values will be finite."""
     fmt = _CODES[codec]
-    scales, codes = _quantize(fmt, vals)
+    scales, codes = _quant.quantize(fmt, vals)
     # Guard the decoder's finiteness rule on the encoder side too (code * scale could round up to inf).
     if codec in TRANSFORM_CODECS:
         synthesized = dct_synthesis(length, idx, codes, scales, chunk_size=CHUNK_SIZE)
         _check_finite(synthesized, "synthesized values")
     else:
-        levels = _Q2_LEVELS[codes] if fmt == "q2" else codes.astype(np.float32)
-        _check_finite(_expand_scales(scales, vals.size) * levels, "quantized values")
-    return scales.astype(_F32).tobytes() + _pack_codes(fmt, codes)
+        levels = _quant.Q2_LEVELS[codes] if fmt == "q2" else codes.astype(np.float32)
+        _check_finite(_quant.expand_scales(scales, vals.size) * levels, "quantized values")
+    return scales.astype(_F32).tobytes() + _quant.pack_codes(fmt, codes)
 
 
 def _decode_values(codec: str, length: int, indices: np.ndarray, buf: bytes, off: int) -> np.ndarray:
     """Scales and codes at ``buf[off:]`` (their exact size was checked) -> the decoded float32 values."""
     n = indices.size
-    nc = _n_chunks(n)
+    nc = _quant.n_chunks(n)
     scales = np.frombuffer(buf, dtype=_F32, count=nc, offset=off).astype(np.float32)
     if not bool(np.all(np.isfinite(scales))) or bool(np.any(scales < 0)):
         raise ValidationError("chunk scales must be finite and >= 0")
-    levels = _unpack_levels(_CODES[codec], np.frombuffer(buf, dtype=np.uint8, offset=off + 4 * nc), n)
+    levels = _quant.unpack_levels(_CODES[codec], np.frombuffer(buf, dtype=np.uint8, offset=off + 4 * nc), n)
     if codec in TRANSFORM_CODECS:
         values = dct_synthesis(length, indices, levels.astype(np.int64), scales, chunk_size=CHUNK_SIZE)
         _check_finite(values, "synthesized values")
         return values
     with np.errstate(over="ignore"):
-        values = (levels * _expand_scales(scales, n)).astype(np.float32)  # one f32 rounding per entry
+        values = (levels * _quant.expand_scales(scales, n)).astype(np.float32)  # one f32 rounding per entry
     _check_finite(values, "decoded values")
     return values
 
@@ -445,7 +330,7 @@ def decode_payload(codec: str, length: int, data: bytes) -> tuple[np.ndarray, np
     if n > slots:
         raise ValidationError(f"sparse payload claims {n} entries for {slots} slots")
     fmt = _CODES.get(codec, "")
-    value_bytes = 4 * n if codec == "sparse-f32" else 4 * _n_chunks(n) + _code_bytes(fmt, n)
+    value_bytes = 4 * n if codec == "sparse-f32" else 4 * _quant.n_chunks(n) + _quant.code_bytes(fmt, n)
     if codec in RICE_CODECS:
         return _decode_rice(codec, length, buf, n, m, value_bytes)
     expected = 8 + m + value_bytes
@@ -493,7 +378,7 @@ def _decode_chunked(codec: str, length: int, buf: bytes) -> tuple[np.ndarray, np
         raise ValidationError(f"{codec} header: k={k} entries per chunk of {1 << bits}")
     n = _indices.chunked_entries(length, bits, k)
     positions = _indices.position_bytes(n, bits)
-    expected = _CHUNKED_HEADER + 4 * _n_chunks(n) + positions + _code_bytes(_CODES[codec], n)
+    expected = _CHUNKED_HEADER + 4 * _quant.n_chunks(n) + positions + _quant.code_bytes(_CODES[codec], n)
     if len(buf) != expected:
         raise ValidationError(f"{codec} payload with {n} entries must be {expected} bytes, got {len(buf)}")
     raw = np.frombuffer(buf, dtype=np.uint8, count=positions, offset=_CHUNKED_HEADER)
@@ -515,7 +400,7 @@ def payload_error_bound(codec: str, values: np.ndarray) -> np.ndarray:
     if codec not in _CODES:
         raise ValidationError(f"unknown codec {codec!r}")
     fmt = _CODES[codec]
-    m = _expand_scales(_chunk_max_abs(vals), vals.size)
+    m = _quant.expand_scales(_quant.chunk_max_abs(vals), vals.size)
     # q2: a scale s in [m/6, m/3] errs by at most s inside the levels and m - 3s beyond them
-    worst = m / 2 if fmt == "q2" else m / _QMAX[fmt] / 2
+    worst = m / 2 if fmt == "q2" else m / _quant.QMAX[fmt] / 2
     return worst * (1 + 1e-5) + m * 1e-6 + 1e-30
