@@ -113,7 +113,7 @@ def test_matches_centralized_diloco(digits: training.Task) -> None:
 def test_error_feedback_tracks_true_sum(codec: str) -> None:
     """Σ sent + residual == Σ true updates exactly, and Σ sent converges to Σ true (relative error)."""
     rng = np.random.default_rng(0)
-    n, rounds, density = 4000, 60, 0.02
+    n, rounds, density = 4000, 60, 2 / 64  # 2 per 64 entries: the same kept count for chunked codecs
     bias = rng.normal(size=n).astype(np.float32)  # a persistent direction, like a real pseudo-gradient
     residual = np.zeros(n, dtype=np.float32)
     true_sum = np.zeros(n, dtype=np.float64)
@@ -127,7 +127,7 @@ def test_error_feedback_tracks_true_sum(codec: str) -> None:
         sent_sum += sent
     np.testing.assert_allclose(sent_sum + residual, true_sum, atol=1e-5)
     rel = np.linalg.norm(sent_sum - true_sum) / np.linalg.norm(true_sum)
-    assert rel < 0.35, rel  # without feedback, 2% top-k keeps only a small fraction of the mass
+    assert rel < 0.35, rel  # without feedback, 3% top-k keeps only a small fraction of the mass
 
 
 def test_fragments_touch_only_their_slice(digits: training.Task) -> None:
