@@ -10,9 +10,9 @@ reaches everyone anyway, in its contributions (the version vector counts them). 
 the mesh so that a large run carries about one check a second: gossipsub costs CPU per message at every
 node.
 
-Measured on a training 4-node cluster (``python -m bench.convergence``): a heartbeat every 5 s from every
-node, forwarded through the gossip mesh, was most of the run's background bytes, as large as all the model
-payloads of a 0.28M-parameter run at 1/64 top-k; sent on change or every 60 s it is a twelfth of that.
+Measured on a training 4-node cluster (``python -m bench.convergence``, 333 s): 39 heartbeats published
+in all, where a beat every 5 s from each node would have been about 266 (each one forwarded through the
+gossip mesh to every member).
 Rejected: dropping heartbeats (the dashboard and ``meshtrain peers`` show them; a stopped or paused peer
 must be told apart from a slow one) and per-peer request/response pings (N - 1 messages each, and gossip
 reaches members that are not connected directly).
