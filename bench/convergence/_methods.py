@@ -204,9 +204,9 @@ def meshtrain_cluster(
 
 
 def start_cluster(group: Any, peers: int, *, node: dict[str, Any], prototype: str, **create: Any) -> None:
-    """`Cluster.up` with extra [node] keys in every config and, when `prototype` is set (e.g.
-    "heartbeat_s=60"), the daemon changes of prototype/sitecustomize.py. The task plug-ins must be
-    importable by the daemons: the repo goes on their PYTHONPATH."""
+    """`Cluster.up` with extra keys in every config ([node]'s, or "section.key") and, when `prototype` is
+    set (e.g. "discovery_s=300"), the daemon changes of prototype/sitecustomize.py. The task plug-ins
+    must be importable by the daemons: the repo goes on their PYTHONPATH."""
     from daemon.home import Home
 
     repo = Path(__file__).resolve().parents[2]
@@ -218,7 +218,9 @@ def start_cluster(group: Any, peers: int, *, node: dict[str, Any], prototype: st
     for info in group.nodes():
         config_file = Home(Path(info.home)).config_file
         config = tomllib.loads(config_file.read_text())
-        config["node"].update(node)
+        for key, value in node.items():  # "mdns" is [node]'s, "nat.autonat" [nat]'s
+            section, _, name = key.rpartition(".")
+            config.setdefault(section or "node", {})[name] = value
         config_file.write_text(tomli_w.dumps(config))
     try:
         for info in group.nodes():

@@ -8,7 +8,7 @@ Each variant starts 4 daemons on the "tiny" preset in a fresh network namespace,
 rounds (so every node holds the genesis and a few contributions), waits 5 s, then counts the namespace's
 loopback for IDLE_S seconds: every TCP byte the daemons send while nothing is trained (TCP payload, and
 IP bytes with headers). The variants start from the old [sync] defaults, then switch background sources
-off one at a time, cumulatively: anti-entropy (today's [sync] defaults), AutoNAT ([node] autonat) and DHT
+off one at a time, cumulatively: anti-entropy (today's [sync] defaults), AutoNAT ([nat] autonat) and DHT
 discovery (no knob yet: prototype/sitecustomize.py patches it). The membership heartbeat is sent on
 change only. Prints one JSON line per variant and writes
 bench/results/convergence_background.json.
@@ -36,8 +36,8 @@ OLD_SYNC = {"interval_s": 2.0, "fanout": 3}  # the daemon's [sync] defaults befo
 VARIANTS: list[tuple[str, dict[str, Any], dict[str, Any], str]] = [  # name, [sync], [node], prototype
     ("anti-entropy every 2 s from 3 peers (old defaults)", OLD_SYNC, {}, ""),
     ("daemon defaults", {}, {}, ""),
-    ("+ AutoNAT off", {}, {"autonat": False}, ""),
-    ("+ DHT discovery every 300 s (prototype)", {}, {"autonat": False}, "discovery_s=300"),
+    ("+ AutoNAT off", {}, {"nat.autonat": False}, ""),
+    ("+ DHT discovery every 300 s (prototype)", {}, {"nat.autonat": False}, "discovery_s=300"),
 ]
 
 

@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="set a [node] option of the cluster's daemons, e.g. --node autonat=false (repeatable)",
+        help="set a [node] option (or SECTION.KEY) of the cluster's daemons, e.g. --node nat.autonat=false",
     )
     parser.add_argument(
         "--prototype",
