@@ -3,7 +3,8 @@
 Put this directory first on the daemons' PYTHONPATH with ``MESHTRAIN_PROTOTYPE="heartbeat_s=60,
 discovery_s=300"`` and every Python process started with it patches, at interpreter start:
 
-* ``heartbeat_s``: the membership heartbeat period (``daemon.node.membership.HEARTBEAT_S``, 5 s);
+* ``heartbeat_s``: how often membership checks whether its heartbeat is due (``daemon.node.membership.
+  HEARTBEAT_S``, 5 s; it is sent on a change of state or every HEARTBEAT_REFRESH_S);
 * ``discovery_s``: the DHT discovery period (``p2p.HostConfig.discovery_interval_s``, 10 s, not exposed
   in the daemon's config).
 
