@@ -41,6 +41,7 @@ Byte layout (all integers and floats little-endian)
                 follows from the parameters); then the scales and q2 codes of ``sparse-q2``. The same
                 entries and values as ``sparse-q2``, the gaps Rice-coded (``crdt/_indices.py``): about 3.5
                 bits per index instead of 8 at density 1/64, because top-k clusters.
+``rice-q8``     the same with the scales and i8 codes of ``sparse-q8``.
 
 ``dct-q8``      DCT-domain top-k (DeMo, Peng et al. 2024). The fragment is cut into blocks of ``DCT_BLOCK``
                 = 64 entries, the last zero-padded, ``P = 64 * ceil(length / 64)`` slots in all; the
@@ -98,12 +99,12 @@ MAX_LENGTH = 2**32 - 1
 #: Code format of each quantized codec.
 _CODES = {
     "sparse-q8": "q8", "sparse-q4": "q4", "sparse-q2": "q2", "dct-q8": "q8", "chunked-q2": "q2",
-    "rice-q2": "q2",
+    "rice-q2": "q2", "rice-q8": "q8",
 }
 #: Every codec name this module understands (the order is irrelevant; it is a set in spirit).
 CODECS: tuple[str, ...] = (
     "dense-f32", "dense-bf16", "sparse-f32", "sparse-q8", "sparse-q4", "sparse-q2", "dct-q8", "chunked-q2",
-    "rice-q2",
+    "rice-q2", "rice-q8",
 )
 #: Codecs that carry every entry of the fragment (no indices; top-k does not apply).
 DENSE_CODECS: tuple[str, ...] = ("dense-f32", "dense-bf16")
@@ -112,7 +113,7 @@ TRANSFORM_CODECS: tuple[str, ...] = ("dct-q8",)
 #: Codecs whose indices are fixed-k chunk positions: the encoder's indices must hold k per chunk.
 CHUNKED_CODECS: tuple[str, ...] = ("chunked-q2",)
 #: Codecs whose index gaps are Rice-coded.
-RICE_CODECS: tuple[str, ...] = ("rice-q2",)
+RICE_CODECS: tuple[str, ...] = ("rice-q2", "rice-q8")
 #: b of the chunked codecs' chunks of 2**b entries when the encoder is not told: 64 entries, DeMo's and
 #: Psyche's chunk, 6 bits per index.
 DEFAULT_CHUNK_BITS = 6

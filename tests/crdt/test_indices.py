@@ -238,3 +238,21 @@ _HUGE_QUOTIENT = (  # one gap: r = 31 and quotient 2, i.e. 2**32 or more
 def test_rice_decode_rejects(length: int, data: bytes, reason: str) -> None:
     with pytest.raises(ValidationError, match=reason):
         decode_payload(RICE, length, data)
+
+
+RICE_Q8_PINNED = bytes.fromhex(
+    "05000000" "02000000" "04" "2702" "00f000"  # the indices of RICE_PINNED
+    "0ad7233c"  # scale float32(1.27 / 127)
+    "7fff328100"  # i8 codes 127 -1 50 -127 0
+)
+
+
+def test_rice_q8_is_sparse_q8_with_rice_gaps() -> None:
+    values = np.array([1.27, -0.01, 0.5, -1.27, 0.0], np.float32)
+    assert encode_payload("rice-q8", 100, RICE_INDICES, values) == RICE_Q8_PINNED
+    idx, vals = decode_payload("rice-q8", 100, RICE_Q8_PINNED)
+    s_idx, s_vals = decode_payload("sparse-q8", 100, encode_payload("sparse-q8", 100, RICE_INDICES, values))
+    np.testing.assert_array_equal(idx, s_idx)
+    assert vals.tobytes() == s_vals.tobytes()
+    with pytest.raises(ValidationError, match="-128 is reserved"):
+        decode_payload("rice-q8", 100, RICE_Q8_PINNED[:-1] + b"\x80")
