@@ -188,12 +188,14 @@ class StdlibLMTask:
         inner_lr 3e-3: a 0.9M-parameter model tolerates it and a short run needs it (1e-3 learns ~2x
         slower in the first few hundred steps).
 
-        Communication: top-k of 10 % of the entries with error feedback, sent as rice-q2 (2-bit values,
-        Rice-coded index gaps: ~5 bits per kept entry, a third of sparse-q8's ~16). The density is high
-        because runs this short are: with only tens of rounds, a small top-k leaves most of the early,
-        dense progress stuck in the residual. bench/convergence's long preset (0.28M params, 4 daemons,
-        80 rounds of H=30) measured it: at density 1/64 the loss was 27 % above DDP's at 1,035x fewer
-        bytes; SparseLoCo's 1-3 % pays in runs of thousands of rounds (set topk_density there).
+        Communication: top-k of 10 % of the entries with error feedback, sent as rice-q8 (sparse-q8's
+        int8 values, bit for bit, with Rice-coded index gaps: 12.5 bits per kept entry instead of 16.6 on
+        this task's updates). The density is high because runs this short are: with only tens of rounds,
+        a small top-k leaves most of the early, dense progress stuck in the residual (bench/convergence's
+        long preset, 0.28M params, 4 daemons, 80 rounds of H=30, rice-q2 at 1/64: 27 % above DDP's loss
+        at 1,035x fewer bytes). 2-bit values cost loss here too: the full preset (H=10, 5 %) measured
+        +9.6 % vs DDP with rice-q2 against +1.4 % with sparse-q8; `make demo` with rice-q2 at 10 % still
+        reached 2.486 from 5.579 in 12 rounds.
 
         Outer SGD with lr 1.0 and no momentum instead of the paper's Nesterov 0.7 / 0.9: with top-k error
         feedback the residual already carries momentum-like memory (SparseLoCo drops outer momentum too),
@@ -205,7 +207,7 @@ class StdlibLMTask:
         """
         return {
             "inner_steps": 20, "batch_size": 16, "inner_lr": 3e-3, "outer_lr": 1.0, "outer_momentum": 0.0,
-            "codec": "rice-q2", "topk_density": 0.1, "num_fragments": 1,
+            "codec": "rice-q8", "topk_density": 0.1, "num_fragments": 1,
         }
 
     def build_model(self) -> torch.nn.Module:
