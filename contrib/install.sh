@@ -102,7 +102,8 @@ if [ -e "$ROOT$HOME_DIR/config.toml" ]; then
 else
     "${as_service[@]}" "$MESHTRAIN" init --home "$ROOT$HOME_DIR" "${INIT_ARGS[@]}"
     # The control socket lives in the unit's RuntimeDirectory, open to the meshtrain group.
-    "${as_service[@]}" sed -i "s|^socket = \"control.sock\"\$|socket = \"$SOCKET\"\nsocket_group = \"meshtrain\"|" \
+    "${as_service[@]}" sed -i -e '/^socket_group = /d' \
+        -e "s|^socket = \"control.sock\"\$|socket = \"$SOCKET\"\nsocket_group = \"meshtrain\"|" \
         "$ROOT$HOME_DIR/config.toml"
 fi
 # From / so that the installed package is what loads the config, not this checkout.
