@@ -54,6 +54,7 @@ LIVE_WINDOW_S = 120.0
 DISK_RECHECK_S = 5.0  # how often a node whose disk is full looks for room again
 CATCH_UP_MAX_S = 120.0  # a round waits at most this long for what its peers already hold
 CATCH_UP_IDLE_S = 15.0  # ...and gives up sooner when nothing arrives for this long (half a sync period)
+FIRST_EXCHANGE_S = 30.0  # a joiner's first round waits this long at most for a first digest from a peer
 
 
 class Rounds:
@@ -170,7 +171,7 @@ class Rounds:
         started = time.monotonic()
         target = self.replica.peers_hold()
         if target is None and self.joining and self.rounds_done == 0:
-            while target is None and time.monotonic() - started < CATCH_UP_MAX_S:
+            while target is None and time.monotonic() - started < FIRST_EXCHANGE_S:
                 await self._changed_within(1.0)  # digests do not change the model: look again each second
                 target = self.replica.peers_hold()
         if target is None or self._lag(target) <= self.live_peers():
