@@ -235,8 +235,12 @@ class Run:
             self.pub = self._start("pub", self.topo.pub, {**common, "nat": {**FAST_NAT, **pub_nat}}, tmp_path)
             boot = [f"/ip4/10.200.0.1/tcp/{PORT}/p2p/{self.pub.peer_id}"]
             nated = {**common, "bootstrap": boot, "nat": FAST_NAT}
-            self.a = self._start("A", self.topo.h1, {**nated, "listen": f"/ip4/10.200.1.2/tcp/{PORT}"}, tmp_path)
-            self.b = self._start("B", self.topo.h2, {**nated, "listen": f"/ip4/10.200.2.2/tcp/{PORT}"}, tmp_path)
+            self.a = self._start(
+                "A", self.topo.h1, {**nated, "listen": f"/ip4/10.200.1.2/tcp/{PORT}"}, tmp_path
+            )
+            self.b = self._start(
+                "B", self.topo.h2, {**nated, "listen": f"/ip4/10.200.2.2/tcp/{PORT}"}, tmp_path
+            )
         except BaseException:
             self.close()
             raise
