@@ -3,7 +3,8 @@
 Layout (one concept per module; import the public names from ``crdt`` itself):
 
 - ``errors``      the exception tree (CrdtError > ValidationError > ...)
-- ``payload``     sparse / quantized update codecs (encode_payload, decode_payload)
+- ``payload``     sparse / quantized update codecs (encode_payload, decode_payload; index codings in
+                  ``_indices``, the exact DCT in ``_dct``)
 - ``signing``     Ed25519 Signer / verify_signature
 - ``records``     Limits, Genesis, Contribution, make_contribution, weighted_norm (the exact norm)
 - ``vv``          VersionVector, Digest (decoders capped by max_authors)
@@ -30,10 +31,13 @@ from crdt.errors import (
 from crdt.log import LOG_HEADER, MAX_RECORD_BYTES, LogScan, frame_record, scan_log, seal_blob, unseal_blob
 from crdt.payload import (
     CHUNK_SIZE,
+    CHUNKED_CODECS,
     CODECS,
     DCT_BLOCK,
+    DEFAULT_CHUNK_BITS,
     DENSE_CODECS,
     MAX_LENGTH,
+    RICE_CODECS,
     TRANSFORM_CODECS,
     dct_coefficients,
     decode_payload,
@@ -56,9 +60,11 @@ from crdt.state import QUANTUM, SCALE_BITS, ApplyOutcome, ModelState
 from crdt.vv import Digest, VersionVector
 
 __all__ = [
+    "CHUNKED_CODECS",
     "CHUNK_SIZE",
     "CODECS",
     "DCT_BLOCK",
+    "DEFAULT_CHUNK_BITS",
     "DEFAULT_LIMITS",
     "DENSE_CODECS",
     "FORMAT_VERSION",
@@ -67,6 +73,7 @@ __all__ = [
     "MAX_LENGTH",
     "MAX_RECORD_BYTES",
     "QUANTUM",
+    "RICE_CODECS",
     "SCALE_BITS",
     "SNAPSHOT_MAGIC",
     "TRANSFORM_CODECS",

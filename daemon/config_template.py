@@ -78,11 +78,12 @@ slowdown = 1.0
 init_from = {init_from}
 
 [sync]
-# Anti-entropy period in seconds, and the most contributions shipped per response.
-interval_s = 2.0
+# Anti-entropy period in seconds, and the most contributions shipped per response. Announcements trigger
+# the pulls that matter; the period only repairs what gossip missed, and costs bytes even when idle.
+interval_s = 30.0
 max_batch = 64
 # Random peers pulled from per period: keeps each node's control traffic flat as the mesh grows.
-fanout = 3
+fanout = 1
 request_timeout_s = 30.0
 # Snapshot (and compact history every known peer already has) after this many new contributions.
 snapshot_every = 256
@@ -121,10 +122,12 @@ listen = "127.0.0.1:8465"
 
 {task_section}
 [diloco]
-# Passed to training.DilocoConfig, e.g.:
+# Passed to training.DilocoConfig over the task's tuned defaults (stdlib-lm: H=20, rice-q8 at 10 %), e.g.:
 # inner_steps = 20
-# codec = "sparse-q8"    # or dense-f32, dense-bf16, sparse-f32, sparse-q4, sparse-q2, dct-q8
-# topk_density = 0.02
+# codec = "rice-q8"      # or dense-f32, dense-bf16, sparse-f32, sparse-q8, sparse-q4, sparse-q2,
+#                        # rice-q2, chunked-q2, dct-q8
+# topk_density = 0.015625
+# residual_decay = 1.0   # error feedback's beta
 """
 TASK_COMMENT = """\
 # Options of the task's model and data (`meshtrain task options NAME` lists them), e.g. for stdlib-lm:

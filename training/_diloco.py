@@ -8,7 +8,7 @@ Every peer holds the same global vector θ (crdt's materialized model). One roun
     Δ       = θ[f] - θ_local[f]                      pseudo-gradient, fragment f only
     m[f]    = μ·m[f] + Δ                             per-peer outer Nesterov momentum, per fragment
     update  = -(outer_lr / expected_peers)·(Δ + μ·m[f])
-    u       = update + r[f]                          error feedback
+    u       = update + β·r[f]                        error feedback (β = residual_decay, 1 by default)
     sent    = decode(encode(topk(u)))                exactly what every peer will add
     r[f]    = u - sent                               top-k *and* quantization error carried forward
 
@@ -191,7 +191,10 @@ class PeerTrainer:
             delta, momentum, outer_lr=c.outer_lr, outer_momentum=c.outer_momentum,
             expected_peers=n,
         )  # the update, in place (momentum is committed here: nothing below fails on finite input)
-        u += self.residual[start:stop]
+        residual = self.residual[start:stop]
+        if c.residual_decay != 1.0:
+            residual *= c.residual_decay  # in place: it is overwritten below anyway
+        u += residual
         payload, indices, values, kept = compress(u, codec=c.codec, density=c.topk_density)
         if len(indices) == len(u):  # dense codecs and dct-q8 decode every entry
             u -= values

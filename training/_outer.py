@@ -31,6 +31,7 @@ import torch
 import crdt
 
 TOPK_CHUNK = 1 << 20  # entries per top-k pass: ~12 MiB of temporaries; a multiple of crdt.DCT_BLOCK
+MAX_TOPK_CHUNK_BITS = 16  # the chunked codecs' largest chunk (crdt's limit); also divides TOPK_CHUNK
 
 
 def outer_update(
@@ -74,14 +75,44 @@ class Compressed(NamedTuple):
         return sent
 
 
-def compress(u: np.ndarray, *, codec: str, density: float) -> Compressed:
-    """Encode top-k(u) (all of u for the dense codecs, top-k of its DCT coefficients for dct-q8) and
-    decode it back; `u` minus the decoded entries is the exact error-feedback residual."""
+def chunk_bits_for(density: float) -> int:
+    """b of the chunked codecs' 2**b-entry chunks at top-k `density`: 64 entries (6 bits per index) down
+    to density 1/64, then the smallest chunk that still keeps one entry at that density."""
+    return max(crdt.DEFAULT_CHUNK_BITS, min(MAX_TOPK_CHUNK_BITS, math.ceil(math.log2(1 / density))))
+
+
+def _chunked_topk(x: np.ndarray, *, bits: int, k: int) -> np.ndarray:
+    """Sorted indices of the k largest |x| in every 2**bits-entry chunk (the last: min(k, its length))."""
+    size = 1 << bits
+    rows = -(-len(x) // size)
+    mag = np.full(rows * size, -1.0, dtype=np.float32)  # padding never beats a real |x| >= 0
+    mag[: len(x)] = np.abs(x)
+    mag = mag.reshape(rows, size)
+    if k == 1:
+        top = np.argmax(mag, axis=1)[:, None]
+    else:
+        top = np.sort(np.argpartition(mag, size - k, axis=1)[:, size - k :], axis=1)
+    sel = (top + (np.arange(rows, dtype=np.int64) * size)[:, None]).reshape(-1)
+    return sel[sel < len(x)]
+
+
+def compress(u: np.ndarray, *, codec: str, density: float, chunk_bits: int | None = None) -> Compressed:
+    """Encode top-k(u) (all of u for the dense codecs, top-k of its DCT coefficients for dct-q8, top-k per
+    2**chunk_bits entries for the chunked codecs, `chunk_bits_for(density)` unless given) and decode it
+    back; `u` minus the decoded entries is the exact error-feedback residual."""
     n = u.shape[0]
     if codec in crdt.DENSE_CODECS:
         payload = crdt.encode_payload(codec, n, None, u)
         indices, values = crdt.decode_payload(codec, n, payload)
         return Compressed(payload, indices, values, indices)
+    if codec in crdt.CHUNKED_CODECS:
+        bits = chunk_bits or chunk_bits_for(density)
+        k = min(1 << bits, max(1, round(density * (1 << bits))))
+        parts = [a + _chunked_topk(u[a : a + TOPK_CHUNK], bits=bits, k=k) for a in range(0, n, TOPK_CHUNK)]
+        kept = np.concatenate([np.zeros(0, np.int64), *parts]).astype(np.uint32)
+        payload = crdt.encode_payload(codec, n, kept, u[kept], chunk_bits=bits)
+        indices, values = crdt.decode_payload(codec, n, payload)
+        return Compressed(payload, indices, values, kept)
     transform = codec in crdt.TRANSFORM_CODECS
     k = min(-(-n // crdt.DCT_BLOCK) * crdt.DCT_BLOCK if transform else n, max(1, math.ceil(density * n)))
     parts, vals = [], []

@@ -1,4 +1,4 @@
-"""The benchmark presets' task configs as task plug-ins ("bench.convergence.tasks:full"), so real daemons
+"""The benchmark presets' task configs as task plug-ins ("bench.convergence.tasks:long"), so real daemons
 (cluster mode) train exactly the model the in-process contenders train."""
 
 from typing import Any
@@ -12,8 +12,16 @@ def _preset(name: str) -> training.Task:
     return training.load_task(TASK, **PRESETS[name]["task_options"])
 
 
+def long(**options: Any) -> training.Task:
+    return _preset("long")
+
+
 def full(**options: Any) -> training.Task:
     return _preset("full")
+
+
+def large(**options: Any) -> training.Task:
+    return _preset("large")
 
 
 def tiny(**options: Any) -> training.Task:

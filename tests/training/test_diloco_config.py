@@ -18,6 +18,7 @@ from training import ConfigError, DilocoConfig
         ({"seed": -1}, r"diloco\.seed must be >= 0"),
         ({"device": "cuda:x"}, r"diloco\.device must be 'auto', 'cpu', 'cuda' or 'cuda:N'"),
         ({"device": "gpu"}, r"diloco\.device must be"),
+        ({"residual_decay": 1.5}, r"diloco\.residual_decay must be in \[0, 1\]"),
     ],
 )
 def test_new_fields_are_validated_by_name(options: dict[str, object], message: str) -> None:

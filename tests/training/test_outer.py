@@ -77,3 +77,36 @@ def test_round_allocates_one_work_vector_and_reads_params_without_copying(
         tracemalloc.stop()
     assert round_peak / peer.dim < 6.0, round_peak / peer.dim  # measured 5.65
     assert eval_peak / peer.dim < 0.5, eval_peak / peer.dim
+
+
+def test_chunk_bits_follow_the_density() -> None:
+    assert [_outer.chunk_bits_for(d) for d in (0.5, 1 / 64, 0.01, 1 / 1000, 1e-9)] == [6, 6, 7, 10, 16]
+
+
+@pytest.mark.parametrize(("density", "bits", "k"), [(1 / 64, 6, 1), (0.05, 6, 3), (0.004, 8, 1)])
+def test_chunked_codec_keeps_the_top_k_of_every_chunk(
+    density: float, bits: int, k: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """k = round(density x chunk) of every 2**bits entries, the largest of each; the last, partial chunk
+    keeps min(k, its length); the top-k pass size (TOPK_CHUNK) changes nothing."""
+    rng = np.random.default_rng(3)
+    u = rng.normal(size=5000).astype(np.float32)
+    c = training.compress(u, codec="chunked-q2", density=density)
+    size = 1 << bits
+    chunks = -(-u.size // size)
+    assert len(c.kept) == (chunks - 1) * k + min(k, u.size - (chunks - 1) * size)
+    for start in range(0, u.size, size):
+        mine = c.kept[(c.kept >= start) & (c.kept < start + size)]
+        want = np.sort(np.argsort(-np.abs(u[start : start + size]))[:k] + start)
+        np.testing.assert_array_equal(mine, want)
+    np.testing.assert_array_equal(c.indices, c.kept)
+    idx, vals = crdt.decode_payload("chunked-q2", u.size, c.payload)
+    np.testing.assert_array_equal(idx, c.kept)
+    np.testing.assert_array_equal(vals, c.values)
+    monkeypatch.setattr(_outer, "TOPK_CHUNK", 1024)
+    assert training.compress(u, codec="chunked-q2", density=density).payload == c.payload
+
+
+def test_chunked_codec_of_an_empty_fragment() -> None:
+    c = training.compress(np.zeros(0, np.float32), codec="chunked-q2", density=0.1)
+    assert len(c.kept) == 0 and crdt.decode_payload("chunked-q2", 0, c.payload)[0].size == 0

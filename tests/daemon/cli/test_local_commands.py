@@ -41,7 +41,7 @@ def test_config_show_names_each_values_source(tmp_path: Path) -> None:
     assert values["training.max_rounds"] == {"value": 7, "source": "flag"}
     assert values["log.level"] == {"value": "DEBUG", "source": "environment"}
     assert values["api.socket"] == {"value": str(Path.cwd() / "rel.sock"), "source": "flag"}
-    assert values["sync.fanout"] == {"value": 3, "source": "default"}
+    assert values["sync.fanout"] == {"value": 1, "source": "default"}
     assert values["node.bootstrap"] == {"value": [], "source": "default"}  # an empty variable is unset
     assert values["task.hidden"] == {"value": 8, "source": "file"}
     # The global socket from the environment counts as the environment.
