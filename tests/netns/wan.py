@@ -245,5 +245,7 @@ def open_wan_cluster(
         finally:
             group.down()
             for log in sorted(group.dir.glob("node*/daemon.log")):
-                print(f"===== {log} (tail) =====")
-                print("\n".join(log.read_text(errors="replace").splitlines()[-LOG_TAIL_LINES:]))
+                lines = log.read_text(errors="replace").splitlines()
+                news = [line for line in lines if "level=info logger=daemon.node.rounds round=" not in line]
+                print(f"===== {log} (tail, without round lines: {len(lines) - len(news)} of them) =====")
+                print("\n".join(news[-LOG_TAIL_LINES:]))
