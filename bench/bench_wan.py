@@ -19,7 +19,7 @@ anti-entropy period buy anything at that latency?).
 
 The default task (stdlib-lm) is too slow for 8 daemons on 2 cores; digits (H=10) keeps a run under
 three minutes. Needs root (namespaces). Run under the shared lock:
-``flock /work/heavy.lock python bench/bench_wan.py [--rounds 6] [--scenarios loopback,wan,...]``.
+``flock /work/heavy.lock python bench/bench_wan.py [--rounds 20] [--scenarios loopback,wan,...]``.
 Prints a table, writes bench/results/wan.json.
 """
 
@@ -134,7 +134,7 @@ COLUMNS = [
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--scenarios", default=",".join(SCENARIOS))
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()

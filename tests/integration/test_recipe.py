@@ -9,8 +9,8 @@ from the token; every node trains the whole training set in an order of its own 
 distinct data seeds); six nodes train to ``max_rounds`` and discard no round as stale; all end on one
 state hash over every contribution; ``meshtrain doctor --json`` on a node reads its running daemon.
 
-The recipe runs once per module (``recipe``, ~30 s with six daemons on 2 cores); each test checks one
-promise of it.
+The recipe runs once per module (``recipe``: 49 s with six daemons on 2 shared cores, so marked slow,
+``make test-slow``); each test checks one promise of it.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import training
 from daemon.cli.cluster import Cluster, converged
 from daemon.home import Home
 
-pytestmark = pytest.mark.timeout(900)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 NODES = 6
 ROUNDS = 8
