@@ -1,10 +1,11 @@
 """Soak: a 4-node cluster trains while random nodes are SIGKILLed and restarted, 100 times by default.
 
 The kill loop does not wait for a victim to come back, nor for the survivors to train several rounds:
-as soon as at least two nodes answer and the run has gained one contribution since the last kill, a
-random answering node is killed and restarted at once. Up to three nodes are down or starting at a time,
-so kills land in every phase: mid-round, mid-sync, while another node replays its log, right after a
-start. Then training pauses everywhere and the test waits for one state hash over every contribution
+as soon as the run has gained one contribution since the last kill, a random node that answers is
+killed and restarted at once. Up to all four nodes are down or starting at a time (a restart takes ~10 s
+on 2 loaded cores; waiting for two answering nodes gave 80 kills in 420 s), so kills land in every
+phase: mid-round, mid-sync, while other nodes replay their logs, right after a start, and on the last
+node standing. Then training pauses everywhere and the test waits for one state hash over every contribution
 any node ever reported (the union of all version vectors seen: contributions lost must be zero).
 
 Marked slow: ``make test-slow`` (CI runs it too). ``MESHTRAIN_SOAK_KILLS`` sets the number of kills
@@ -29,7 +30,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 KILLS = int(os.environ.get("MESHTRAIN_SOAK_KILLS", "100"))
 SOAK_S = float(os.environ.get("MESHTRAIN_SOAK_S", "420"))
 NODES = 4
-MIN_UP = 2  # nodes answering before the next kill (the victim among them)
 DEADLINE_S = 300.0
 
 
@@ -47,18 +47,18 @@ def test_soak_random_kills_lose_nothing(cluster_dir: Path) -> None:
 
     def ready_for_a_kill(statuses: list[dict[str, Any]], after: int) -> bool:
         record(statuses)
-        return sum("error" not in s for s in statuses) >= MIN_UP and sum(seen.values()) > after
+        return any("error" not in s for s in statuses) and sum(seen.values()) > after
 
     kills = 0
     started = time.monotonic()
     while kills < KILLS:
         left = SOAK_S - (time.monotonic() - started)
-        assert left > 0, f"only {kills} kills in {SOAK_S:.0f} s"
+        assert left > 0, f"only {kills} kills in {SOAK_S:.0f} s (MESHTRAIN_SOAK_KILLS={KILLS})"
         contributed = sum(seen.values())
         statuses = group.wait_until(
             lambda s, after=contributed: ready_for_a_kill(s, after),
-            timeout_s=min(left, DEADLINE_S),
-            what="two nodes up and a new contribution since the last kill",
+            timeout_s=DEADLINE_S,
+            what="a node up and a new contribution since the last kill",
         )
         victim = rng.choice([s["index"] for s in statuses if "error" not in s])
         group.stop(victim, sig=signal.SIGKILL)
