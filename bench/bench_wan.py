@@ -5,7 +5,10 @@ network namespace of tests/netns/wan.py (userspace link emulator: delay, rate, l
 rounds per node and measures, from the moment every node is connected:
 
 * ``agree_s``: until all 8 hold all 8*R contributions under one state hash;
-* ``rounds_s``: until every node finished its R rounds (training time, with merges in between);
+* ``rounds_s``: until every node finished its R rounds (training time, with merges in between; nodes
+  start training as soon as they hold the genesis, so some rounds may precede "connected");
+* ``tail_s``: from the last node done to agreement (``agree_s - rounds_s``): what the network adds once
+  nobody computes any more;
 * ``wire_mb``: bytes the emulator carried (both directions of every access link: libp2p framing, Noise,
   DHT, gossip and sync; what an ISP would bill), and ``payload_mb``: sync payload the nodes counted;
 * ``pulls``, ``pull_failures`` (timeouts and errors of anti-entropy pulls), ``stale_skipped`` (rounds
@@ -79,6 +82,7 @@ def _run(group: Cluster, rounds: int) -> dict[str, Any]:
     return {
         "rounds_s": round(rounds_s, 1),
         "agree_s": round(agree_s, 1),
+        "tail_s": round(agree_s - rounds_s, 1),
         "payload_mb": round(sum(s["bytes_sent"] for s in final) / 1e6, 2),
         "pulls": sum(c["pulls"] for c in counters),
         "pull_failures": sum(c["pull_failures"] for c in counters),
@@ -105,7 +109,10 @@ def measure(name: str, rounds: int, workdir: Path) -> dict[str, Any]:
         finally:
             group.down()
         return {"scenario": name, **row, "wire_mb": None, "drops": None}
-    with open_wan_cluster(workdir / name, scenario["sites"], seed=7, **options) as (wan, group):
+    with open_wan_cluster(workdir / name, scenario["sites"], seed=7, show_logs=False, **options) as (
+        wan,
+        group,
+    ):
         row = {"startup_s": round(time.monotonic() - begun, 1), **_run(group, rounds)}
         links = wan.stats().values()
     wire = sum(link[d]["bytes"] for link in links for d in ("up", "down")) / 2  # each byte crosses 2 links

@@ -228,11 +228,12 @@ def open_wan_cluster(
     sites: tuple[Site, ...] | list[Site] = DEFAULT_SITES,
     *,
     seed: int = 0,
+    show_logs: bool = True,
     **create_options: Any,
 ) -> Iterator[tuple[Wan, Cluster]]:
     """A WAN with one real daemon per site (``Cluster.create`` options), started and connected. On exit
-    the daemons stop (their log tails are printed: pytest shows them when a test failed), then the WAN
-    goes."""
+    the daemons stop (with ``show_logs``, their log tails are printed: pytest shows them when a test
+    failed), then the WAN goes."""
     directory.mkdir(parents=True, exist_ok=True)
     with open_wan(sites, seed=seed, log_dir=directory) as wan:
         group = Cluster(directory / "cluster")
@@ -244,7 +245,7 @@ def open_wan_cluster(
             yield wan, group
         finally:
             group.down()
-            for log in sorted(group.dir.glob("node*/daemon.log")):
+            for log in sorted(group.dir.glob("node*/daemon.log")) if show_logs else ():
                 lines = log.read_text(errors="replace").splitlines()
                 news = [line for line in lines if "level=info logger=daemon.node.rounds round=" not in line]
                 print(f"===== {log} (tail, without round lines: {len(lines) - len(news)} of them) =====")
