@@ -22,7 +22,6 @@ the merged value and validates it again.
 
 from __future__ import annotations
 
-import os
 import re
 import tomllib
 from pathlib import Path
@@ -30,6 +29,8 @@ from typing import Annotated, Any
 
 import msgspec
 from multiaddr import Multiaddr
+
+from daemon.config_errors import explain
 
 __all__ = [
     "CONFIG_FILE",
@@ -44,7 +45,6 @@ __all__ = [
     "NodeConfig",
     "SyncConfig",
     "TrainingConfig",
-    "default_home",
     "load_config",
     "load_config_sources",
     "parse_listen",
@@ -55,6 +55,7 @@ CONFIG_FILE = "config.toml"
 EX_CONFIG = 78  # sysexits.h: configuration error (the unit's RestartPreventExitStatus)
 BYZANTINE_MODES = ("", "flip10")  # training.byzantine (test-only attacker; see daemon/node/byzantine.py)
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+LOG_FORMATS = ("logfmt", "json")  # daemon/service/logs.py renders both
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
 MAX_SYNC_BATCH = 4096  # a sync answer carries at most this many records (daemon/node/wire.py)
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")  # goes into topic names and DHT keys
@@ -221,10 +222,15 @@ class ApiConfig(_Section):
 class LogConfig(_Section):
     level: str = "INFO"
     """Log level: DEBUG, INFO, WARNING or ERROR (reloaded on SIGHUP)."""
+    format: str = "logfmt"
+    """Lines on stderr: "logfmt" (key=value) or "json" (one object per line, for log shippers). The
+    ring buffer of ``meshtrain logs`` is logfmt either way."""
 
     def __post_init__(self) -> None:
         if self.level.upper() not in LOG_LEVELS:
             raise ValueError(f"log.level must be one of {', '.join(LOG_LEVELS)}, got {self.level!r}")
+        if self.format not in LOG_FORMATS:
+            raise ValueError(f"log.format must be one of {', '.join(LOG_FORMATS)}, got {self.format!r}")
         msgspec.structs.force_setattr(self, "level", self.level.upper())
 
 
@@ -286,7 +292,7 @@ class Config(_Section):
         try:
             return msgspec.convert(data, cls)
         except (msgspec.ValidationError, ConfigError) as exc:
-            raise ConfigError(_explain(str(exc), data)) from None
+            raise ConfigError(explain(str(exc), data, Config)) from None
 
     def to_dict(self) -> dict[str, Any]:
         """The plain (TOML-ready) form; ``from_dict(to_dict())`` gives back an equal config."""
@@ -301,59 +307,6 @@ class Config(_Section):
         data = self.to_dict()
         data[section] = {**data.get(section, {}), **values}
         return Config.from_dict(data)
-
-
-_TYPE_WORDS = {
-    "int": "an integer",
-    "float": "a number",
-    "bool": "true or false",
-    "str": "a string",
-    "object": "a table",
-}
-_AT = re.compile(r"^(?P<message>.*) - at `\$(?P<path>[^`]*)`$", re.DOTALL)
-_EXPECTED = re.compile(r"^Expected `(?P<type>\w+)`(?:, got `\w+`)?(?: (?P<bound>[<>]=? ?\S+))?$")
-_UNKNOWN = re.compile(r"^Object contains unknown field `(?P<key>[^`]+)`$")
-
-
-def _explain(error: str, data: Any) -> str:
-    """A msgspec validation message, said the way the config file spells its keys."""
-    match = _AT.match(error)
-    message, path = (match["message"], match["path"]) if match else (error, "")
-    keys = re.findall(r"\.([A-Za-z_]\w*)|\[(\d+)\]", path)
-    dotted = ".".join(k or f"[{i}]" for k, i in keys).replace(".[", "[")
-    if unknown := _UNKNOWN.match(message):
-        if not dotted:
-            return f"unknown section [{unknown['key']}] (known: {', '.join(Config.__struct_fields__)})"
-        fields = _section_fields(dotted)
-        return f"[{dotted}] unknown key {unknown['key']!r} (known: {', '.join(fields)})"
-    expected = _EXPECTED.match(message)
-    if expected is None:
-        return message if not dotted or dotted in message else f"{dotted}: {message}"
-    if "." not in dotted and expected["type"] == "object":
-        return f"[{dotted}] must be a table"
-    got = _value_at(data, keys)
-    if expected["type"] == "array":
-        return f"{dotted} must be a list of strings, got {got!r}"
-    word = _TYPE_WORDS.get(expected["type"], expected["type"])
-    bound = expected["bound"]
-    if bound in ("> 0", "> 0.0"):
-        return f"{dotted} must be positive, got {got!r}"
-    return f"{dotted} must be {word}{' ' + bound if bound else ''}, got {got!r}"
-
-
-def _section_fields(section: str) -> tuple[str, ...]:
-    kind = Config.__annotations__.get(section.split(".")[0], "")
-    struct = globals().get(kind) if isinstance(kind, str) else kind
-    return getattr(struct, "__struct_fields__", ())
-
-
-def _value_at(data: Any, keys: list[tuple[str, str]]) -> Any:
-    for key, index in keys:
-        try:
-            data = data[key] if key else data[int(index)]
-        except (KeyError, IndexError, TypeError):
-            return None
-    return data
 
 
 def load_config(home: Path) -> Config:
@@ -398,11 +351,3 @@ def task_path(task: str, base: Path) -> str:
     if not sep or not module.endswith(".py") or Path(module).is_absolute():
         return task
     return f"{base / module}:{attr}"
-
-
-def default_home() -> Path:
-    """Per-user state dir (XDG), or $MESHTRAIN_HOME when set."""
-    if env := os.environ.get("MESHTRAIN_HOME"):
-        return Path(env)
-    state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
-    return Path(state) / "meshtrain"

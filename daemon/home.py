@@ -18,7 +18,7 @@ from pathlib import Path
 
 from daemon.config import CONFIG_FILE, Config, load_config
 
-__all__ = ["Home"]
+__all__ = ["Home", "default_home"]
 
 
 @dataclass(frozen=True)
@@ -57,3 +57,11 @@ class Home:
         self.path.mkdir(parents=True, exist_ok=True)
         os.chmod(self.path, 0o700)
         self.store_dir.mkdir(exist_ok=True)
+
+
+def default_home() -> Path:
+    """Per-user state dir (XDG), or $MESHTRAIN_HOME when set."""
+    if env := os.environ.get("MESHTRAIN_HOME"):
+        return Path(env)
+    state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(state) / "meshtrain"

@@ -141,8 +141,7 @@ class ControlClient:
     ) -> ControlClient:
         """The node whose home dir is ``home`` (default: ``$MESHTRAIN_HOME`` or the per-user state dir);
         its config names the socket (``[api] socket``)."""
-        from daemon.config import default_home
-        from daemon.home import Home
+        from daemon.home import Home, default_home
 
         path = Path(home).expanduser() if home is not None else default_home()
         return cls(Home(path.absolute()).socket_path(), timeout_s=timeout_s)

@@ -31,8 +31,8 @@ import click
 from rich.console import Console
 
 from daemon.cli.client import AccessDenied, ControlClient, ControlError, DaemonNotRunning
-from daemon.config import ConfigError, default_home
-from daemon.home import Home
+from daemon.config import ConfigError
+from daemon.home import Home, default_home
 
 __all__ = [
     "EXIT_FAILED",

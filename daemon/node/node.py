@@ -167,7 +167,8 @@ class Node:
             rounds = Rounds(self.trainer, replica, signer=self.signer, host=self.host,
                                           settings=lambda: self.config.training, announce=sync.announce,
                                           timing=self._timing,
-                                          count_peers="expected_peers" not in self.config.diloco)
+                                          count_peers="expected_peers" not in self.config.diloco,
+                                          joining=bool(self.config.node.bootstrap))
             self._parts = Parts(replica, sync, rounds, membership)
             self.host.set_request_handler(wire.GENESIS_PROTOCOL, self._serve_genesis)
             sync.install()

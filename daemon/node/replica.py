@@ -217,6 +217,18 @@ class Replica:
         """Record what ``peer`` holds (from its digest); the next compaction keeps what it lacks."""
         self.peer_vectors[peer] = (vector, self._clock())
 
+    def peers_hold(self) -> crdt.VersionVector | None:
+        """What the peers heard from within ``member_ttl_s`` hold together (per author, the most any of
+        them reported), or None before any peer's digest arrived."""
+        oldest = self._clock() - self.member_ttl_s
+        held = [vv for vv, heard in self.peer_vectors.values() if heard >= oldest]
+        if not held:
+            return None
+        merged = held[0]
+        for vv in held[1:]:
+            merged = merged.merge(vv)
+        return merged
+
     def _members(self) -> dict[str, crdt.VersionVector]:
         """The members compaction waits for: heard within ``member_ttl_s`` (the MAX_MEMBERS latest are
         remembered) and at most ``snapshot_every`` contributions behind us."""
@@ -292,8 +304,13 @@ class Replica:
             crdt.ValidationError: not a checkpoint of a signer of this run (count it against the sender).
         """
         checkpoint = self.attestations.decode(data)
+        before = self.attestations.attested_vector()
         if not self.attestations.add(checkpoint):
             return None
+        if self.attestations.attested_vector() != before and self.state.retained_count:
+            # Compaction waits for attestation; a node that took its last snapshot before this one arrived
+            # (an idle node, say) would otherwise keep its whole history until its next snapshot_every.
+            self.snapshot_and_compact()
         state = self.state
         if self.file_state == (checkpoint.version_vector, checkpoint.state_hash):
             self.store.write_checkpoints(self.attestations.for_state(*self.file_state))

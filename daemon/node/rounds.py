@@ -14,6 +14,15 @@ from. Their count decides the weight signed into the contribution (``training.St
 round that is too stale is dropped, never signed. The author decides once, so every replica merges the
 same numbers.
 
+Catching up: a round starts from what the node holds, so before a round the node first takes in what its
+peers already hold when that is more than a round's worth (a joiner's history, a restarted node's gap):
+otherwise everything that lands during the round counts as staleness, and a joiner's first round, started
+from the genesis while its first pulls bring in the run, was discarded outright (six daemons joined by
+invite lost one round each). The target is what the peers reported when the wait began (they keep
+training, so a moving target might never be reached); the wait ends when the node holds it, when nothing
+has arrived for `CATCH_UP_IDLE_S` (records it cannot take, say), or after `CATCH_UP_MAX_S`. A joiner's
+first round also waits for its first exchange with a peer.
+
 Between rounds (paused, done, or training off) the loop keeps the reported quality current: whenever the
 model changes it evaluates the merged model again.
 """
@@ -43,6 +52,9 @@ EVAL_DEBOUNCE_S = 0.5  # after the model changes, wait a little: a pull usually 
 #: A peer counts as training if a contribution of it arrived within this long, or three of our rounds.
 LIVE_WINDOW_S = 120.0
 DISK_RECHECK_S = 5.0  # how often a node whose disk is full looks for room again
+CATCH_UP_MAX_S = 120.0  # a round waits at most this long for what its peers already hold
+CATCH_UP_IDLE_S = 15.0  # ...and gives up sooner when nothing arrives for this long (half a sync period)
+FIRST_EXCHANGE_S = 30.0  # a joiner's first round waits this long at most for a first digest from a peer
 
 
 class Rounds:
@@ -59,6 +71,7 @@ class Rounds:
         announce: Callable[[crdt.Contribution], Awaitable[None]],
         timing: Callable[[str, float], None],
         count_peers: bool = True,
+        joining: bool = False,
     ) -> None:
         self.trainer = trainer
         self.replica = replica
@@ -70,6 +83,8 @@ class Rounds:
         self.timing = timing
         self.count_peers = count_peers
         """Pass the live count of training peers to each round (False: ``[diloco] expected_peers`` is set)."""
+        self.joining = joining
+        """The node has bootstrap peers: its first round waits for a first exchange with one of them."""
         self._last_round_s = 0.0
         self.state = TrainingState.RUNNING if settings().enabled else TrainingState.DISABLED
         self.history: list[RoundRecord] = []
@@ -147,7 +162,42 @@ class Rounds:
                 self.state = TrainingState.RUNNING
             while not self.replica.can_write():  # a round's contribution could not be logged
                 await asyncio.sleep(DISK_RECHECK_S)
+            await self._catch_up()
             await self._one_round()
+
+    async def _catch_up(self) -> None:
+        """Wait (bounded) until this node holds what its peers held when it began waiting, if that is
+        more than a round's worth of contributions (see the module docstring)."""
+        started = time.monotonic()
+        target = self.replica.peers_hold()
+        if target is None and self.joining and self.rounds_done == 0:
+            while target is None and time.monotonic() - started < FIRST_EXCHANGE_S:
+                await self._changed_within(1.0)  # digests do not change the model: look again each second
+                target = self.replica.peers_hold()
+        if target is None or self._lag(target) <= self.live_peers():
+            return
+        log.info("catching up before the round missing=%d", self._lag(target))
+        last_progress = time.monotonic()
+        while self._lag(target) and time.monotonic() - started < CATCH_UP_MAX_S:
+            if await self._changed_within(1.0):
+                last_progress = time.monotonic()
+            elif time.monotonic() - last_progress > CATCH_UP_IDLE_S:
+                break
+        log.info("caught up seconds=%.1f missing=%d", time.monotonic() - started, self._lag(target))
+
+    def _lag(self, target: crdt.VersionVector) -> int:
+        held = self.replica.state.version_vector
+        return sum(max(0, seq - held.get(author)) for author, seq in target.items())
+
+    async def _changed_within(self, timeout_s: float) -> bool:
+        """True if the model changed within ``timeout_s``."""
+        self._model_changed.clear()
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self._model_changed.wait()
+        except TimeoutError:
+            return False
+        return True
 
     async def _one_round(self) -> None:
         training = self.settings()  # re-read every round: SIGHUP may change eval_every

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from node_testlib import FakeNet, FakeTrainer, running_node, until
+from node_testlib import FakeNet, FakeTrainer, host_for, running_node, until
 from node_testlib import node_config as config
 
 from daemon.status import TrainingState
@@ -29,3 +29,24 @@ async def test_pause_resume_and_start_more_rounds(tmp_path: Path) -> None:
         rounds.resume()
         gate.set()
         await until(lambda: node.status().round > paused_at)
+
+
+async def test_a_joiner_takes_in_the_run_before_its_first_round(tmp_path: Path) -> None:
+    """Six daemons joined by invite each lost their first round: it started from the genesis while the
+    first pulls brought in the run, and all of that counted as staleness (40 > the bound of 16 here)."""
+    net = FakeNet()
+    founder = host_for(tmp_path / "a", net)
+    net.link(founder.peer_id, host_for(tmp_path / "b", net).peer_id)
+    trains = config(training={"max_rounds": 40}, sync={"interval_s": 0.05})
+    async with running_node(tmp_path / "a", net, trains) as a:
+        await until(lambda: a.status().contributions == 40)
+        trainer = FakeTrainer(seed=1)
+        trainer.round_gate = asyncio.Event()  # the first round holds here, its base state taken
+        join = trains.with_overrides("node", bootstrap=(founder.addr,))
+        join = join.with_overrides("training", max_rounds=1)
+        async with running_node(tmp_path / "b", net, join, trainer=trainer) as b:
+            await until(lambda: len(trainer.peers_per_round) == 1)
+            assert b.status().contributions == 40  # the base of its first round: the run, not the genesis
+            trainer.round_gate.set()
+            await until(lambda: b.status().round == 1 or b.status().counters.stale_rounds_skipped > 0)
+            assert b.status().counters.stale_rounds_skipped == 0

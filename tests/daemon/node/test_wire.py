@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 import msgpack
 import pytest
@@ -21,10 +22,14 @@ from daemon.node.wire import (
 def test_round_trips() -> None:
     a = Announcement(author=b"a" * 32, seq=3, fragment=1, size=100, id="ab" * 32)
     assert Announcement.decode(a.encode()) == a
-    r = SyncResponse(digest=b"d", contributions=(b"x", b"y"))
+    r = SyncResponse(digest=b"d", contributions=(b"x", b"y"), checkpoints=(b"c",))
     assert SyncResponse.decode(r.encode()) == r
-    q = SyncRequest(genesis="ab" * 32, digest=b"d")
+    q = SyncRequest(genesis="ab" * 32, digest=b"d", attested=12)
     assert SyncRequest.decode(q.encode()) == q
+    with pytest.raises(WireError, match="attested"):
+        SyncRequest.decode(msgpack.packb({"v": 1, "genesis": "ab" * 32, "digest": b"d", "attested": -1}))
+    with pytest.raises(WireError, match="checkpoints"):
+        SyncResponse.decode(dataclasses.replace(r, checkpoints=(b"c",) * 257).encode())
     h = Heartbeat(
         round=3,
         contributions=9,
