@@ -9,46 +9,42 @@ from the token; every node trains the whole training set in an order of its own 
 distinct data seeds); six nodes train to ``max_rounds`` and discard no round as stale; all end on one
 state hash over every contribution; ``meshtrain doctor --json`` on a node reads its running daemon.
 
-The recipe runs once per module (``recipe``: 49 s with six daemons on 2 shared cores, so marked slow,
-``make test-slow``); each test checks one promise of it.
+Marked slow: 49 s with six daemons on 2 shared cores (``make test-slow``). The commands run through
+cli_steps.meshtrain (the CLI in-process, as typed) and the ``daemons`` fixture (``meshtrain daemon``).
 """
 
 from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import tomllib
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import tomli_w
+from cli_steps import meshtrain, wait_for
 
 import crdt
 import p2p
 import training
-from daemon.cli.cluster import Cluster, converged
 from daemon.home import Home
+from daemon.status import Status
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 NODES = 6
 ROUNDS = 8
 DEADLINE_S = 300.0
-MESHTRAIN = Path(sys.executable).with_name("meshtrain")  # the console script `pip install` made
-LAN = {"node": {"dial_private_addrs": True}}  # what a user on a LAN (here: loopback) adds
 ANY = "/ip4/127.0.0.1/tcp/0"  # the OS picks; the invite carries the port the founder got
+LAN = {"node": {"dial_private_addrs": True}}  # what a user on a LAN (here: loopback) adds
 FAST = {"training": {"max_rounds": ROUNDS, "eval_every": 1000}, "diloco": {"inner_steps": 10}}
 
 
-def meshtrain(*args: str) -> dict[str, Any]:
-    """Run one CLI command with --json; its JSON document (failing the test, with its output, on error)."""
-    proc = subprocess.run([str(MESHTRAIN), *args, "--json"], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, f"meshtrain {args}: exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
-    return json.loads(proc.stdout)
+def cli(*args: str) -> dict[str, Any]:
+    """One command with --json, as typed; its JSON document."""
+    return json.loads(meshtrain(*args, "--json"))
 
 
 def edit_config(home: Path, changes: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -62,71 +58,27 @@ def edit_config(home: Path, changes: dict[str, dict[str, Any]]) -> dict[str, Any
     return before
 
 
-def start_daemon(home: Path) -> None:
-    """``meshtrain daemon --home HOME`` in the background, logging to HOME/daemon.log."""
-    with open(home / "daemon.log", "ab") as log:
-        subprocess.Popen(
-            [str(MESHTRAIN), "daemon", "--home", str(home)],
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+def all_done_on_one_hash(statuses: list[Status]) -> bool:
+    return all(s.training == "done" for s in statuses) and len({s.state_hash for s in statuses}) == 1
 
 
-def watch(directory: Path, homes: list[Path], peer_ids: list[str]) -> Cluster:
-    """A manifest over the homes so far, so the cluster harness can poll and stop them (it starts none)."""
-    directory.mkdir(exist_ok=True)
-    nodes = [
-        {"index": i, "home": str(home), "port": 0, "peer_id": peer}
-        for i, (home, peer) in enumerate(zip(homes, peer_ids, strict=True))
-    ]
-    (directory / "cluster.json").write_text(json.dumps({"nodes": nodes}))
-    return Cluster(directory)
-
-
-@dataclass
-class Recipe:
-    homes: list[Path]
-    peer_ids: list[str]
-    genesis: str
-    final: list[dict[str, Any]]
-    """Every node's status once all are done and agree."""
-    doctor: dict[str, Any]
-    """``meshtrain doctor --json`` on a joiner, then."""
-
-
-@pytest.fixture(scope="module")
-def recipe(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Recipe]:
-    """The README's recipe on six homes; every daemon is stopped at the end (their log tails printed)."""
-    tmp = tmp_path_factory.mktemp("recipe")
-    homes = [tmp / f"machine{i}" for i in range(NODES)]
-    try:
-        yield _run_recipe(tmp, homes)
-    finally:
-        watcher = Cluster(tmp / "watch")
-        if watcher.manifest_path.exists():
-            watcher.down()
-        for log in sorted(tmp.glob("machine*/daemon.log")):
-            print(f"===== {log} (tail) =====")
-            print("\n".join(log.read_text(errors="replace").splitlines()[-40:]))
-
-
-def _run_recipe(tmp: Path, homes: list[Path]) -> Recipe:
+def test_six_machines_by_the_readme_recipe(
+    tmp_path: Path, daemons: Callable[..., subprocess.Popen[bytes]]
+) -> None:
+    homes = [tmp_path / f"machine{i}" for i in range(NODES)]
     founder = homes[0]
-    made = meshtrain("init", "--home", str(founder), "--run", "recipe", "--task", "digits", "--listen", ANY)
+    made = cli("init", "--home", str(founder), "--run", "recipe", "--task", "digits", "--listen", ANY)
     assert made["joined"] is False and made["task"] == "digits"
     edit_config(founder, LAN | FAST)
-    start_daemon(founder)
-    peer_ids = [made["peer_id"]]
-    watcher = watch(tmp / "watch", homes[:1], peer_ids)
-    watcher.wait_until(lambda s: s[0].get("state_hash") is not None, timeout_s=DEADLINE_S, what="the founder")
+    daemons(founder)
+    wait_for([founder], lambda s: s[0].state_hash is not None, timeout_s=DEADLINE_S, what="the founder")
 
-    invite = meshtrain("invite", "--home", str(founder), "--include-loopback")
+    invite = cli("invite", "--home", str(founder), "--include-loopback")
     assert invite["run"] == "recipe" and invite["task"] == "digits" and not invite["private"]
     genesis = invite["genesis"]
+    peer_ids = [made["peer_id"]]
     for home in homes[1:]:
-        joined = meshtrain("init", "--home", str(home), "--join", invite["token"], "--listen", ANY)
+        joined = cli("init", "--home", str(home), "--join", invite["token"], "--listen", ANY)
         assert joined["joined"] is True and joined["run"] == "recipe" and joined["task"] == "digits"
         written = edit_config(home, LAN | FAST)
         node = written["node"]
@@ -136,47 +88,26 @@ def _run_recipe(tmp: Path, homes: list[Path]) -> Recipe:
         assert [a.rpartition("/p2p/")[2] for a in node["bootstrap"]] == [peer_ids[0]]
         assert node["dial_private_addrs"] is False and written["training"]["shard"] == -1
         peer_ids.append(joined["peer_id"])
-        start_daemon(home)
+        daemons(home)
 
-    watcher = watch(tmp / "watch", homes, peer_ids)
-    final = watcher.wait_until(
-        lambda s: all(x.get("training") == "done" for x in s) and converged(s),
-        timeout_s=DEADLINE_S,
-        what=f"six nodes done with {ROUNDS} rounds each, on one state hash",
-    )
-    doctor = meshtrain("doctor", "--home", str(homes[3]))
-    return Recipe(homes, peer_ids, genesis, final, doctor)
+    what = f"six nodes done with {ROUNDS} rounds each, on one state hash"
+    final = wait_for(homes, all_done_on_one_hash, timeout_s=DEADLINE_S, what=what)
+    for status in final:
+        assert status.genesis == genesis and status.run == "recipe"
+        assert status.round == ROUNDS and status.contributions == NODES * ROUNDS
+        assert status.counters.rejected == 0, status.counters
+        assert all(status.version_vector.get(p) == ROUNDS for p in peer_ids)
+        assert status.counters.stale_rounds_skipped == 0, (status.peer_id, status.counters)
 
-
-def test_six_machines_join_train_and_agree(recipe: Recipe) -> None:
-    assert len({s["state_hash"] for s in recipe.final}) == 1
-    for status in recipe.final:
-        assert status["genesis"] == recipe.genesis and status["run"] == "recipe"
-        assert status["round"] == ROUNDS and status["contributions"] == NODES * ROUNDS
-        assert status["counters"]["rejected"] == 0, status["counters"]
-        assert all(status["version_vector"].get(p) == ROUNDS for p in recipe.peer_ids)
-
-
-def test_every_node_trains_its_own_data_order(recipe: Recipe) -> None:
-    assert all(status["shard"] == -1 for status in recipe.final)  # the whole training set, own order
-    identities = [p2p.load_or_create_identity(Home(home).identity_file) for home in recipe.homes]
+    # Six data orders: no shard configured, and a data seed of each node's own key.
+    assert all(status.shard == -1 for status in final)
+    identities = [p2p.load_or_create_identity(Home(home).identity_file) for home in homes]
     keys = [crdt.Signer.from_seed(identity.seed).public_key for identity in identities]  # as node.py seeds
-    assert len({training.data_seed(key) for key in keys}) == NODES  # six different orders
+    assert len({training.data_seed(key) for key in keys}) == NODES
 
-
-def test_doctor_reads_the_running_joiner(recipe: Recipe) -> None:
-    checks = {c["name"]: c for c in recipe.doctor["checks"]}
+    report = cli("doctor", "--home", str(homes[3]))
+    checks = {c["name"]: c for c in report["checks"]}
     assert checks["daemon"]["verdict"] == "ok"
-    connectivity = recipe.doctor["connectivity"]
+    connectivity = report["connectivity"]
     assert connectivity is not None and connectivity["findings"]
     assert connectivity["verdict"] in ("ok", "warn")  # loopback: AutoNAT may not have decided yet
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="daemon bug: a joiner's first round starts from the genesis before its first pull lands, and is "
-    "discarded as stale (staleness = the run's contributions so far); see daemon/node/rounds.py _train",
-)
-def test_no_round_is_discarded_as_stale(recipe: Recipe) -> None:
-    skipped = {s["index"]: s["counters"]["stale_rounds_skipped"] for s in recipe.final}
-    assert not any(skipped.values()), skipped
