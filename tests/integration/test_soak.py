@@ -9,7 +9,9 @@ node standing. Then training pauses everywhere and the test waits for one state 
 any node ever reported (the union of all version vectors seen: contributions lost must be zero).
 
 Marked slow: ``make test-slow`` (CI runs it too). ``MESHTRAIN_SOAK_KILLS`` sets the number of kills
-(default 100); the kills must be done within ``MESHTRAIN_SOAK_S`` seconds (default 420).
+(default 100); the kills must be done within ``MESHTRAIN_SOAK_S`` seconds (default 450). On 2026-12-01,
+2 shared cores: ``soak: 100 kills in 414 s, contributions 653, contributions lost 0, hashes agree True``
+(7 min 27 s in all).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from daemon.cli.cluster import Cluster, converged
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
 KILLS = int(os.environ.get("MESHTRAIN_SOAK_KILLS", "100"))
-SOAK_S = float(os.environ.get("MESHTRAIN_SOAK_S", "420"))
+SOAK_S = float(os.environ.get("MESHTRAIN_SOAK_S", "450"))  # 100 kills took 414 s (2026-12-01)
 NODES = 4
 DEADLINE_S = 300.0
 
