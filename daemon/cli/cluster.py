@@ -7,6 +7,10 @@ and port) and ``node<I>/`` homes; each daemon logs to ``node<I>/daemon.log``.
 Ports are chosen once at ``up`` (free, and outside the kernel's ephemeral range) and kept in the
 manifest, so a restarted node comes back on the same address and its peers' bootstrap entries stay
 valid. Node 0 founds the run; the others bootstrap from it.
+
+A node may instead live at an address of its own inside a network namespace (``create(hosts=,
+netns=)``): it is started under ``ip netns exec`` and listens on that address; its control socket is a
+file in its home, reachable from every namespace. tests/netns/wan.py builds such a WAN.
 """
 
 from __future__ import annotations
@@ -49,10 +53,14 @@ class NodeInfo:
     home: str
     port: int
     peer_id: str
+    host: str = "127.0.0.1"
+    """The IPv4 address the node listens on."""
+    netns: str = ""
+    """Network namespace the daemon runs in ("": the caller's)."""
 
     @property
     def addr(self) -> str:
-        return f"/ip4/127.0.0.1/tcp/{self.port}/p2p/{self.peer_id}"
+        return f"/ip4/{self.host}/tcp/{self.port}/p2p/{self.peer_id}"
 
 
 class Cluster:
@@ -93,12 +101,19 @@ class Cluster:
         training: dict[str, Any] | None = None,
         diloco: dict[str, Any] | None = None,
         sync: dict[str, Any] | None = None,
+        hosts: list[str] | None = None,
+        netns: list[str] | None = None,
     ) -> list[NodeInfo]:
-        """Write N homes and the manifest; start nothing."""
+        """Write N homes and the manifest; start nothing. ``hosts``/``netns``: node i listens on
+        ``hosts[i]`` inside namespace ``netns[i]`` (default: all on 127.0.0.1 in the caller's)."""
         import p2p
 
         if nodes < 1:
             raise ClusterError("a cluster needs at least one node")
+        hosts = hosts or ["127.0.0.1"] * nodes
+        netns = netns or [""] * nodes
+        if len(hosts) != nodes or len(netns) != nodes:
+            raise ClusterError(f"hosts and netns need one entry per node ({nodes})")
         if self.manifest_path.exists():
             raise ClusterError(f"{self.dir} already holds a cluster (`meshtrain cluster down` first)")
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -107,14 +122,16 @@ class Cluster:
             home = Home(self.dir / f"node{index}")
             home.create()
             identity = p2p.load_or_create_identity(home.identity_file)
-            infos.append(NodeInfo(index, str(home.path), _free_port(), identity.peer_id))
+            infos.append(
+                NodeInfo(index, str(home.path), _free_port(), identity.peer_id, hosts[index], netns[index])
+            )
         for info in infos:
             config = {
                 "node": {
                     "run": run,
-                    "listen": [f"/ip4/127.0.0.1/tcp/{info.port}"],
+                    "listen": [f"/ip4/{info.host}/tcp/{info.port}"],
                     "bootstrap": [] if info.index == 0 else [infos[0].addr],
-                    "dial_private_addrs": True,  # all on loopback
+                    "dial_private_addrs": True,  # loopback, or the private ranges of test namespaces
                 },
                 "training": {"task": task, "shard": info.index, "num_shards": nodes, **(training or {})},
                 "sync": sync or {},
@@ -138,10 +155,13 @@ class Cluster:
         if self._running_pid(home) is not None:
             raise ClusterError(f"node {index} is already running")
         home.socket_path().unlink(missing_ok=True)
+        command = [sys.executable, "-m", "daemon.cli", "daemon", "--home", info.home]
+        if info.netns:  # `ip netns exec` execs the daemon in place: the pid is the daemon's
+            command = ["ip", "netns", "exec", info.netns, *command]
         log = open(home.path / "daemon.log", "ab")  # noqa: SIM115 - handed to the child
         with log:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "daemon.cli", "daemon", "--home", info.home],
+                command,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,

@@ -1,7 +1,17 @@
-"""Soak: a 4-node cluster trains for several minutes while random nodes are SIGKILLed and restarted.
+"""Soak: a 4-node cluster trains while random nodes are SIGKILLed and restarted, 100 times by default.
 
-Reports rounds completed, kills survived, contributions lost (must be zero) and final hash agreement.
-Marked slow: ``make test-slow`` (CI runs it too). ``MESHTRAIN_SOAK_S`` sets the duration (default 240 s).
+The kill loop does not wait for a victim to come back, nor for the survivors to train several rounds:
+as soon as the run has gained one contribution since the last kill, a random node that answers is
+killed and restarted at once. Up to all four nodes are down or starting at a time (a restart takes ~10 s
+on 2 loaded cores; waiting for two answering nodes gave 80 kills in 420 s), so kills land in every
+phase: mid-round, mid-sync, while other nodes replay their logs, right after a start, and on the last
+node standing. Then training pauses everywhere and the test waits for one state hash over every contribution
+any node ever reported (the union of all version vectors seen: contributions lost must be zero).
+
+Marked slow: ``make test-slow`` (CI runs it too). ``MESHTRAIN_SOAK_KILLS`` sets the number of kills
+(default 100); the kills must be done within ``MESHTRAIN_SOAK_S`` seconds (default 450). On 2026-12-01,
+2 shared cores: ``soak: 100 kills in 414 s, contributions 653, contributions lost 0, hashes agree True``
+(7 min 27 s in all).
 """
 
 from __future__ import annotations
@@ -11,6 +21,7 @@ import random
 import signal
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -18,59 +29,61 @@ from daemon.cli.cluster import Cluster, converged
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
-SOAK_S = float(os.environ.get("MESHTRAIN_SOAK_S", "240"))
+KILLS = int(os.environ.get("MESHTRAIN_SOAK_KILLS", "100"))
+SOAK_S = float(os.environ.get("MESHTRAIN_SOAK_S", "450"))  # 100 kills took 414 s (2026-12-01)
+NODES = 4
 DEADLINE_S = 300.0
 
 
 def test_soak_random_kills_lose_nothing(cluster_dir: Path) -> None:
-    rng = random.Random(20261123)
+    rng = random.Random(20261201)
     group = Cluster(cluster_dir)
-    group.up(4, task="digits", training={"max_rounds": 0, "eval_every": 1000}, diloco={"inner_steps": 10})
-    accepted: dict[str, int] = {}  # the union of every version vector any live node reported
-    kills = 0
+    group.up(NODES, task="digits", training={"max_rounds": 0, "eval_every": 1000}, diloco={"inner_steps": 5})
+    seen: dict[str, int] = {}  # the union of every version vector any live node reported
 
-    def observe() -> list[dict]:
-        statuses = group.status()
+    def record(statuses: list[dict[str, Any]]) -> list[dict[str, Any]]:
         for status in statuses:
             for peer, seq in status.get("version_vector", {}).items():
-                accepted[peer] = max(accepted.get(peer, 0), seq)
+                seen[peer] = max(seen.get(peer, 0), seq)
         return statuses
 
-    end = time.monotonic() + SOAK_S
-    while time.monotonic() < end:
-        victim = rng.randrange(4)
-        group.wait_until(
-            lambda s: all("error" not in x for x in s), timeout_s=DEADLINE_S, what="every node up"
-        )
-        observe()
-        group.stop(victim, sig=signal.SIGKILL)
-        kills += 1
-        before = sum(x.get("round", 0) for x in observe() if "error" not in x)
-        group.wait_until(  # the survivors keep training while the victim is down
-            lambda s, before=before: sum(x.get("round", 0) for x in s if "error" not in x) > before + 2,
-            timeout_s=DEADLINE_S,
-            what="the survivors to keep training",
-        )
-        group.start(victim)
+    def ready_for_a_kill(statuses: list[dict[str, Any]], after: int) -> bool:
+        record(statuses)
+        return any("error" not in s for s in statuses) and sum(seen.values()) > after
 
-    for index in range(4):
-        group.wait_until(
-            lambda s, i=index: "error" not in s[i], timeout_s=DEADLINE_S, what=f"node {index} up"
+    kills = 0
+    started = time.monotonic()
+    while kills < KILLS:
+        left = SOAK_S - (time.monotonic() - started)
+        assert left > 0, f"only {kills} kills in {SOAK_S:.0f} s (MESHTRAIN_SOAK_KILLS={KILLS})"
+        contributed = sum(seen.values())
+        statuses = group.wait_until(
+            lambda s, after=contributed: ready_for_a_kill(s, after),
+            timeout_s=DEADLINE_S,
+            what="a node up and a new contribution since the last kill",
         )
+        victim = rng.choice([s["index"] for s in statuses if "error" not in s])
+        group.stop(victim, sig=signal.SIGKILL)
+        group.start(victim)
+        kills += 1
+    kill_s = time.monotonic() - started
+
+    group.wait_until(lambda s: all("error" not in x for x in record(s)), timeout_s=DEADLINE_S, what="all up")
+    for index in range(NODES):
         group.client(index).post("/v1/train/pause")
-    paused = group.wait_until(
-        lambda s: all(x["training"] == "paused" for x in s), timeout_s=DEADLINE_S, what="training paused"
+    group.wait_until(
+        lambda s: all(x.get("training") == "paused" for x in record(s)), timeout_s=DEADLINE_S, what="paused"
     )
-    total = sum(s["round"] for s in paused)
     final = group.wait_until(
-        lambda s: converged(s, contributions=total), timeout_s=DEADLINE_S, what="final agreement"
+        lambda s: converged(record(s)), timeout_s=DEADLINE_S, what="one state hash on every node"
     )
-    observe()
-    lost = sum(max(0, seq - final[0]["version_vector"].get(peer, 0)) for peer, seq in accepted.items())
+    lost = sum(max(0, seq - final[0]["version_vector"].get(peer, 0)) for peer, seq in seen.items())
+    rounds = sum(seen.values())
     print(
-        f"soak: {SOAK_S:.0f} s, rounds completed {total}, kills survived {kills}, "
-        f"contributions lost {lost}, hashes agree {len({s['state_hash'] for s in final}) == 1}"
+        f"soak: {kills} kills in {kill_s:.0f} s, contributions {rounds}, contributions lost {lost}, "
+        f"hashes agree {len({s['state_hash'] for s in final}) == 1}"
     )
-    assert kills >= 3
+    assert kills >= KILLS
     assert lost == 0
+    assert all(s["version_vector"] == seen for s in final)
     assert len({s["state_hash"] for s in final}) == 1

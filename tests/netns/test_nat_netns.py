@@ -10,7 +10,7 @@ Each router forwards its LAN out through nftables ``masquerade`` and drops unsol
 home router does. A and B know only the public node; they must learn their reachability (AutoNAT), find each
 other through the DHT (the run's provider records carry their /p2p-circuit addresses), connect through the
 public node's relay, and, where the NAT allows, replace that link by a hole-punched direct one (DCUtR).
-Each Host runs in its own process (tests/p2p/_netns_host.py), driven over stdin/stdout.
+Each Host runs in its own process (tests/netns/_netns_host.py), driven over stdin/stdout.
 
 Cases: ``eim`` = plain masquerade (Linux keeps the source port when it can: endpoint-independent mapping, so
 the predicted address WAN-IP:listen-port is right and hole punching can succeed); ``symmetric`` =
@@ -23,15 +23,15 @@ from __future__ import annotations
 import json
 import os
 import select
-import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from netns_testlib import Namespaces, nat_router, veth
 
 pytestmark = pytest.mark.netns
 
@@ -42,117 +42,33 @@ PUNCH_WAIT_S = 45.0  # after the link: time for DCUtR to replace the relayed con
 FAST_NAT = {"interval_s": 2.0}  # NAT rounds every 2 s instead of 5 s (the test's only speed-up)
 
 
-def _sh(*cmd: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(list(cmd), capture_output=True, text=True, check=check)
-
-
-def _netns_unavailable() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root to create network namespaces"
-    if shutil.which("ip") is None:
-        return "iproute2 (`ip`) is not installed"
-    if shutil.which("nft") is None:
-        return "nftables (`nft`) is not installed (apt-get install -y nftables)"
-    probe = f"mtprobe{os.getpid()}"
-    if _sh("ip", "netns", "add", probe, check=False).returncode != 0:
-        return "`ip netns add` failed (no CAP_SYS_ADMIN in this container?)"
-    _sh("ip", "netns", "del", probe, check=False)
-    return None
-
-
 class Topology:
     """Creates the namespaces above; `close()` deletes them (veths and nft tables go with them)."""
 
     def __init__(self, *, symmetric: bool) -> None:
-        tag = f"{os.getpid() % 100000}"
-        self.pub, self.r1, self.r2, self.h1, self.h2 = (
-            f"mt{n}{tag}" for n in ("pub", "r1", "r2", "h1", "h2")
-        )
-        self.namespaces = [self.pub, self.r1, self.r2, self.h1, self.h2]
+        self.namespaces = Namespaces()
         self.symmetric = symmetric
 
-    def ns(self, name: str, *cmd: str) -> None:
-        _sh("ip", "netns", "exec", name, *cmd)
-
     def build(self) -> None:
-        for name in self.namespaces:
-            _sh("ip", "netns", "add", name)
-            self.ns(name, "ip", "link", "set", "lo", "up")
-        self.ns(self.pub, "ip", "link", "add", "br0", "type", "bridge")
-        self.ns(self.pub, "ip", "addr", "add", "10.200.0.1/24", "dev", "br0")
-        self.ns(self.pub, "ip", "link", "set", "br0", "up")
+        add = self.namespaces.add
+        self.pub, self.r1, self.r2, self.h1, self.h2 = (add(n) for n in ("pub", "r1", "r2", "h1", "h2"))
+        run = Namespaces.run
+        run(self.pub, "ip", "link", "add", "br0", "type", "bridge")
+        run(self.pub, "ip", "addr", "add", "10.200.0.1/24", "dev", "br0")
+        run(self.pub, "ip", "link", "set", "br0", "up")
         for i, (router, host) in enumerate(((self.r1, self.h1), (self.r2, self.h2)), start=1):
-            # WAN side: router <-> public bridge
-            _sh(
-                "ip",
-                "link",
-                "add",
-                f"w{i}",
-                "netns",
-                router,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                f"p{i}",
-                "netns",
-                self.pub,
-            )
-            self.ns(self.pub, "ip", "link", "set", f"p{i}", "master", "br0", "up")
-            self.ns(router, "ip", "addr", "add", f"10.200.0.{10 + i}/24", "dev", f"w{i}")
-            self.ns(router, "ip", "link", "set", f"w{i}", "up")
-            # LAN side: router <-> private host
-            _sh(
-                "ip",
-                "link",
-                "add",
-                f"l{i}",
-                "netns",
-                router,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                "eth0",
-                "netns",
-                host,
-            )
-            self.ns(router, "ip", "addr", "add", f"10.200.{i}.1/24", "dev", f"l{i}")
-            self.ns(router, "ip", "link", "set", f"l{i}", "up")
-            self.ns(host, "ip", "addr", "add", f"10.200.{i}.2/24", "dev", "eth0")
-            self.ns(host, "ip", "link", "set", "eth0", "up")
-            self.ns(host, "ip", "route", "add", "default", "via", f"10.200.{i}.1")
-            self.ns(router, "sysctl", "-qw", "net.ipv4.ip_forward=1")
-            masq = "masquerade random" if self.symmetric else "masquerade"
-            rules = f"""
-table ip nat {{
-  chain postrouting {{ type nat hook postrouting priority 100; oifname "w{i}" {masq}; }}
-}}
-table ip filter {{
-  chain input {{ type filter hook input priority 0; policy accept;
-    iifname "w{i}" ct state established,related accept; iifname "w{i}" drop; }}
-  chain forward {{ type filter hook forward priority 0; policy accept;
-    iifname "w{i}" ct state established,related accept; iifname "w{i}" drop; }}
-}}
-"""
-            subprocess.run(
-                ["ip", "netns", "exec", router, "nft", "-f", "-"], input=rules, text=True, check=True
-            )
+            veth(router, f"w{i}", f"10.200.0.{10 + i}/24", self.pub, f"p{i}", None)  # WAN: to the bridge
+            run(self.pub, "ip", "link", "set", f"p{i}", "master", "br0")
+            veth(router, f"l{i}", f"10.200.{i}.1/24", host, "eth0", f"10.200.{i}.2/24")  # LAN
+            run(host, "ip", "route", "add", "default", "via", f"10.200.{i}.1")
+            nat_router(router, wan_if=f"w{i}", symmetric=self.symmetric)
 
     def close(self) -> None:
-        for name in self.namespaces:
-            _sh("ip", "netns", "del", name, check=False)
-
-
-@pytest.fixture
-def netns_ok() -> None:
-    reason = _netns_unavailable()
-    if reason is not None:
-        pytest.skip(reason)
+        self.namespaces.close()
 
 
 class Node:
-    """One Host process in a namespace (tests/p2p/_netns_host.py); `call` sends a command, gets the reply."""
+    """One Host process in a namespace (_netns_host.py); `call` sends a command, gets the reply."""
 
     def __init__(self, name: str, ns: str, config: dict[str, Any], log_dir: Path) -> None:
         self.name = name
@@ -235,12 +151,10 @@ class Run:
             self.pub = self._start("pub", self.topo.pub, {**common, "nat": {**FAST_NAT, **pub_nat}}, tmp_path)
             boot = [f"/ip4/10.200.0.1/tcp/{PORT}/p2p/{self.pub.peer_id}"]
             nated = {**common, "bootstrap": boot, "nat": FAST_NAT}
-            self.a = self._start(
-                "A", self.topo.h1, {**nated, "listen": f"/ip4/10.200.1.2/tcp/{PORT}"}, tmp_path
-            )
-            self.b = self._start(
-                "B", self.topo.h2, {**nated, "listen": f"/ip4/10.200.2.2/tcp/{PORT}"}, tmp_path
-            )
+            a_config = {**nated, "listen": f"/ip4/10.200.1.2/tcp/{PORT}"}
+            b_config = {**nated, "listen": f"/ip4/10.200.2.2/tcp/{PORT}"}
+            self.a = self._start("A", self.topo.h1, a_config, tmp_path)
+            self.b = self._start("B", self.topo.h2, b_config, tmp_path)
         except BaseException:
             self.close()
             raise
@@ -341,10 +255,3 @@ def test_default_public_node_relays_within_its_limits(tmp_path: Path, netns_ok: 
         _wait("A and B to link again (discovery redials through the relay)", 60, run.linked)
     finally:
         run.close()
-
-
-@pytest.fixture(autouse=True)
-def _no_leftover_namespaces() -> Iterator[None]:
-    yield
-    leftovers = [n for n in _sh("ip", "netns", "list", check=False).stdout.split() if n.startswith("mt")]
-    assert not [n for n in leftovers if n.endswith(str(os.getpid() % 100000))], leftovers

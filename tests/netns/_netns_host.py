@@ -1,4 +1,4 @@
-"""One p2p.Host in its own process, driven over stdin/stdout (for tests/p2p/test_nat_netns.py).
+"""One p2p.Host in its own process, driven over stdin/stdout (for tests/netns/test_nat_netns.py).
 
 Run inside a network namespace: ``python _netns_host.py '<json config>'``. It prints one JSON line when
 listening ({"peer_id", "addrs"}), then answers one JSON line per JSON command line:
