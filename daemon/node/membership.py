@@ -33,7 +33,7 @@ from collections.abc import Callable
 
 import p2p
 from daemon.node import wire
-from daemon.status import PeerInfo
+from daemon.status import PeerInfo, TrainingState
 
 __all__ = ["Membership"]
 
@@ -89,6 +89,15 @@ class Membership:
             )
             for peer, (seen, beat) in self.heartbeats.items()
         }
+
+    def training_peers(self, within_s: float) -> set[str]:
+        """Peers whose latest heartbeat, heard within ``within_s``, says they are training: DiLoCo's N
+        counts them before their first contribution lands (peers that start together would otherwise
+        each see a run of one or two, and bound staleness by that)."""
+        oldest = time.monotonic() - within_s
+        running = TrainingState.RUNNING.value
+        beats = self.heartbeats.items()
+        return {peer for peer, (seen, beat) in beats if seen >= oldest and beat.training == running}
 
     async def run(self, heartbeats: asyncio.Queue[p2p.GossipMessage]) -> None:
         async with asyncio.TaskGroup() as tasks:

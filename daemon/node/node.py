@@ -168,7 +168,8 @@ class Node:
                                           settings=lambda: self.config.training, announce=sync.announce,
                                           timing=self._timing,
                                           count_peers="expected_peers" not in self.config.diloco,
-                                          joining=bool(self.config.node.bootstrap))
+                                          joining=bool(self.config.node.bootstrap),
+                                          training_peers=membership.training_peers)
             self._parts = Parts(replica, sync, rounds, membership)
             self.host.set_request_handler(wire.GENESIS_PROTOCOL, self._serve_genesis)
             sync.install()

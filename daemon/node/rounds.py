@@ -72,6 +72,7 @@ class Rounds:
         timing: Callable[[str, float], None],
         count_peers: bool = True,
         joining: bool = False,
+        training_peers: Callable[[float], set[str]] = lambda _within_s: set(),
     ) -> None:
         self.trainer = trainer
         self.replica = replica
@@ -84,6 +85,8 @@ class Rounds:
         self.count_peers = count_peers
         """Pass the live count of training peers to each round (False: ``[diloco] expected_peers`` is set)."""
         self.joining = joining
+        self.training_peers = training_peers
+        """Peers whose heartbeat, heard within the given seconds, says they are training."""
         """The node has bootstrap peers: its first round waits for a first exchange with one of them."""
         self._last_round_s = 0.0
         self.state = TrainingState.RUNNING if settings().enabled else TrainingState.DISABLED
@@ -257,9 +260,10 @@ class Rounds:
 
     def live_peers(self) -> int:
         """Peers training now, this node included: DiLoCo's N (the outer step's 1/N and the staleness
-        bound), from the authors whose contributions arrived lately, not a configured constant."""
+        bound), from the authors whose contributions arrived lately and the peers whose heartbeat says
+        they train (before their first contribution lands), not a configured constant."""
         window = max(LIVE_WINDOW_S, 3 * self._last_round_s)
-        others = self.replica.authors_active_since(time.time() - window)
+        others = self.replica.authors_active_since(time.time() - window) | self.training_peers(window)
         others.discard(p2p.peer_id_from_public_key(self.signer.public_key))
         return 1 + len(others)
 

@@ -50,3 +50,21 @@ async def test_a_joiner_takes_in_the_run_before_its_first_round(tmp_path: Path) 
             trainer.round_gate.set()
             await until(lambda: b.status().round == 1 or b.status().counters.stale_rounds_skipped > 0)
             assert b.status().counters.stale_rounds_skipped == 0
+
+
+async def test_peers_whose_heartbeat_says_training_count_before_their_first_contribution(
+    tmp_path: Path,
+) -> None:
+    """Six joiners starting together each counted a run of two (founder and self) and bounded staleness
+    by that; a heartbeat saying "running" makes a peer count before its first contribution lands."""
+    net = FakeNet()
+    founder = host_for(tmp_path / "a", net)
+    net.link(founder.peer_id, host_for(tmp_path / "b", net).peer_id)
+    held = FakeTrainer(seed=1)
+    held.round_gate = asyncio.Event()  # b trains, but its first round never ends during the test
+    trains = config(training={"max_rounds": 0}, sync={"interval_s": 0.05})
+    async with running_node(tmp_path / "a", net, trains) as a:
+        join = trains.with_overrides("node", bootstrap=(founder.addr,))
+        async with running_node(tmp_path / "b", net, join, trainer=held) as b:
+            await until(lambda: a.parts.rounds.live_peers() == 2)
+            assert b.status().round == 0  # counted from its heartbeat alone
