@@ -139,7 +139,7 @@ PskConn.get_connection_type = _psk_connection_type  # type: ignore[method-assign
 # py-libp2p 0.8.1 bug: hole punching never works in a private network. `Swarm.dial_addr_as_responder` (the
 # DCUtR dial of the side that upgrades as responder) wraps the raw connection in the swarm key, then hands it
 # to `upgrade_inbound_raw_conn`, which wraps it again: that side sends two nonces, the other side decrypts
-# garbage, the Noise handshake stalls and every punch times out (seen in tests/p2p/test_nat_netns.py with a
+# garbage, the Noise handshake stalls and every punch times out (seen in tests/netns/test_nat_netns.py with a
 # swarm key: TCP simultaneous open succeeded, then 5 s of silence, then FIN). Nothing was read or written
 # through the first wrapper, so we unwrap it and let the upgrade wrap once. Test: tests/p2p/test_nat.py
 # (test_stock_responder_dial_wraps_the_swarm_key_twice).

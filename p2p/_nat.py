@@ -39,7 +39,7 @@ in their modules):
    When the ticks line up (the relayed connection appears on both sides in the same tick, and the 10 s
    unilateral-dial timeout that precedes each session keeps them lined up), both sessions dial the same
    address pair from the same listen port at once and every punch fails (seen in
-   tests/p2p/test_nat_netns.py: no direct link in 45 s). We drive it ourselves, from one end only: the
+   tests/netns/test_nat_netns.py: no direct link in 45 s). We drive it ourselves, from one end only: the
    peer with the smaller id (`_drive_hole_punches`); the other end answers.
 """
 

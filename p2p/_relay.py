@@ -23,7 +23,7 @@ traffic; a cut circuit is simply redialled by discovery.
 py-libp2p 0.8.1 bug worked around here: the circuit duration is checked only when data arrives, so an idle
 circuit outlives its limit forever. Each HOP stream runs under our own deadline (duration plus a grace
 second); when it fires, both streams of the circuit are reset. Tests: tests/p2p/test_nat.py (loopback),
-tests/p2p/test_nat_netns.py (through NATs).
+tests/netns/test_nat_netns.py (through NATs).
 """
 
 from __future__ import annotations

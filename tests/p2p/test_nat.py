@@ -4,7 +4,7 @@ The py-libp2p 0.8.1 bugs those modules (and p2p/_discovery.py) work around: each
 behaviour (the bug) next to our workaround, so that an upgrade that fixes the bug makes the "bug" half fail:
 then the workaround can go. The comments are drafts for upstream reports. Then our own mechanics: AutoNAT's
 rate limits, the relay service's "auto" mode and its limits. The real-NAT tests are
-tests/p2p/test_nat_netns.py.
+tests/netns/test_nat_netns.py.
 """
 
 from __future__ import annotations
@@ -95,7 +95,7 @@ def test_swarm_refuses_to_dial_p2p_circuit_addrs() -> None:
     # Upstream report draft: "Swarm.dial_peer drops every /p2p-circuit address ('no relay transport') even
     # when CircuitV2Transport is set up, so host.connect() to a peer known only by its relayed address fails.
     # Expected: the swarm hands /p2p-circuit addrs to the circuit transport." Workaround:
-    # NatService.dial_relayed (exercised through a real relay by tests/p2p/test_nat_netns.py).
+    # NatService.dial_relayed (exercised through a real relay by tests/netns/test_nat_netns.py).
     async def main() -> None:
         async with _hosts(2) as (relay, dialer):
             target = Identity.generate()
