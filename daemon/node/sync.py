@@ -2,7 +2,7 @@
 
 Theory of operation
 -------------------
-Serving (``/meshtrain/sync/1``, ``/meshtrain/snapshot/1``, see ``daemon/node/wire.py``): a peer of this
+Serving (``/meshtrain/sync/1``, ``/meshtrain/snapshot/2``, see ``daemon/node/wire.py``): a peer of this
 run (same genesis, not blocked by a partition drill) sends its digest; the answer is what it lacks, at
 most ``[sync] max_batch`` records, lowest seqs first, or ``snapshot_required`` when part of it was
 compacted here. The bandwidth cap (``daemon/node/limits.py``) paces answers. A request that does not
@@ -14,10 +14,12 @@ and reports every answer back to it. Each answer's records go through the replic
 (``Replica.accept``); an equivocation is the author's fault, not the relayer's, so the pull goes on; any
 other invalid record ends the pull and counts against the peer that sent it.
 
-Snapshots are attested (``daemon/node/attestation.py``): a node serves its snapshot only with the
+Snapshots are attested (``daemon/node/attestation.py``): a node offers its snapshot only with the
 checkpoints of a quorum of the run's signers, and adopts a peer's only through ``Replica.adopt``, which
-checks that quorum (``crdt.check_attestation``) before the model is touched. Checkpoints travel on the
-run's checkpoint topic; a signer countersigns a fellow signer's when it computes the same state.
+checks that quorum (``crdt.check_attestation``) before the model is touched. The offer is checked before
+the file is fetched, as a blob, from every member that offers the same file (daemon/node/offers.py).
+Checkpoints travel on the run's checkpoint topic; a signer countersigns a fellow signer's when it computes
+the same state.
 
 All of it runs on the node's event loop; the machine is only touched between awaits, so it needs no lock.
 """
