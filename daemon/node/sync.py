@@ -86,6 +86,7 @@ class Sync:
         self.join = join or JoinStatus()
         """Where snapshot downloads show (``status.join``)."""
         self._snapshots: SnapshotServer | None = None  # once installed
+        self._installing = asyncio.Lock()  # one snapshot download at a time (they share a part file)
 
     def _policy(self) -> ReplicationPolicy:
         """The machine's policy with the ``[sync]`` values in effect (SIGHUP may change them)."""
@@ -342,9 +343,10 @@ class Sync:
         (adopted only if a quorum of the run's signers vouches for it and nothing held is lost: see the
         replica)."""
         try:
-            offered = await self._snapshot_offers(peer)
-            if offered:
-                await self._fetch_and_adopt(offered)
+            async with self._installing:  # the machine may hand out several: the next finds it caught up
+                offered = await self._snapshot_offers(peer)
+                if offered:
+                    await self._fetch_and_adopt(offered)
         finally:
             self.machine.snapshot_done(peer)
 
@@ -377,7 +379,10 @@ class Sync:
         except (wire.WireError, crdt.CrdtError) as exc:
             self.reject(peer, exc)
             return None
-        if not replica.state.can_serve(checkpoints[0].version_vector):
+        vector = checkpoints[0].version_vector
+        if replica.state.version_vector.dominates(vector):
+            return None  # caught up meanwhile (another snapshot, or records)
+        if not replica.state.can_serve(vector):
             log.info("not fetching the snapshot of peer=%s: it would drop history we compacted", peer)
             return None
         return offer, checkpoints
