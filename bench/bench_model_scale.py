@@ -35,7 +35,7 @@ import tomllib
 
 import tomli_w
 
-from daemon.cli.cluster import Cluster, converged
+from daemon.cli.cluster import Cluster, ClusterError, converged
 from daemon.home import Home
 from daemon.node.store import read_genesis
 
@@ -51,7 +51,8 @@ CONTEXT = {"block_size": 32, "max_corpus_bytes": 1_000_000}
 DEFAULT_H = 50  # training.DilocoConfig.inner_steps
 DEFAULT_TOKENS_PER_STEP = 32 * 128  # batch_size x block_size of the defaults
 BENCH_TOKENS_PER_STEP = 1 * CONTEXT["block_size"]
-DEADLINE_S = 1800.0
+DEADLINE_S = 900.0
+COMPACT_WAIT_S = 60.0
 
 
 def _rss(pid: int) -> tuple[int, int]:
@@ -80,10 +81,16 @@ def measure(size: str, workdir: Path) -> dict[str, Any]:
         group.start(0)
         group.start(1)
         trained = group.wait_until(
-            lambda s: all(x.get("contributions") == 2 * ROUNDS for x in s[:2])
-            and min(x["retained_contributions"] for x in s[:2]) < 2 * ROUNDS,
-            timeout_s=DEADLINE_S, what="two nodes to train and one to compact",
+            lambda s: all(x.get("contributions") == 2 * ROUNDS for x in s[:2]),
+            timeout_s=DEADLINE_S, what="two nodes to train",
         )
+        try:  # a late joiner catches up from a snapshot only if one of them compacted
+            trained = group.wait_until(
+                lambda s: min(x["retained_contributions"] for x in s[:2]) < 2 * ROUNDS,
+                timeout_s=COMPACT_WAIT_S, what="one of them to compact",
+            )
+        except ClusterError as exc:
+            print(f"no compaction, the late joiner replays records: {str(exc)[:200]}", file=sys.stderr)
         params = read_genesis(Path(group.node(0).home) / "store" / "genesis.bin").length
         founder_rss = _rss(trained[0]["pid"])
         joiner_rss = _rss(trained[1]["pid"])
