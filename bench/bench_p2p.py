@@ -1,17 +1,26 @@
-"""p2p throughput bench: fetch_blob and Host.request vs a plain asyncio TCP socket, sender and receiver in
-separate processes (one peer per process, as in production), loopback, same run.
+"""p2p throughput bench: every bulk path vs a plain socket, sender and receiver in separate processes
+(one peer per process, as in production), loopback, same run.
 
-The parent process is the receiver; it spawns a sender process that serves the same N MB payload three ways:
-a blob (`Host.serve_blobs`, fetched with `Host.fetch_blob`: chunked, blake2b-verified), a request handler
-returning the payload (`Host.request`: one frame on one stream), and an asyncio TCP server writing it in
-1 MiB slices. Each side measures its asyncio event loop's worst scheduling delay (a 1 ms ticker) during each
-transfer: it bounds how long the daemon's API, gossip and timers stall while a snapshot moves.
+The parent process is the receiver; it spawns a sender process that serves the same N MiB payload five ways:
 
-``--profile`` adds one cProfile'd fetch in the receiver's libp2p (trio) thread and prints the top functions:
-that is where py-libp2p spends the time.
+* ``asyncio_tcp``: an asyncio TCP server writing it in 1 MiB slices (the ceiling);
+* ``bare_libp2p_stream``: one raw py-libp2p stream on the very same hosts (TCP + Noise + Yamux, built by
+  p2p/_libp2p.py, with p2p/_speedups.py's workarounds unless ``MESHTRAIN_P2P_SPEEDUPS=0``), 1 MiB writes,
+  read in trio with no framing, bridge, hashing or copies of ours: what our layers are measured against;
+* ``request``: a request handler returning the payload (`Host.request`: one frame on one stream);
+* ``fetch_blob``: the payload served from a file (`Host.serve_file`) and fetched into memory
+  (`Host.fetch_blob`: chunked, pipelined, BLAKE3-verified per chunk and as a whole);
+* ``fetch_blob_dest``: the same, written to a file (``dest=``: part file, pwrite, fsync, rename).
 
-Usage: python bench/bench_p2p.py [--mb 64] [--repeats 3] [--profile]
-       -> prints a table, writes bench/results/p2p.json
+Each side measures its asyncio event loop's worst scheduling delay (a 1 ms ticker) during each transfer: it
+bounds how long the daemon's API, gossip and timers stall while a snapshot moves.
+
+``--profile`` adds one cProfile'd transfer of the bare stream and of fetch_blob, in both processes' trio
+threads, and prints the top functions of each.
+
+Usage: python bench/bench_p2p.py [--mb 64] [--repeats 3] [--profile] [--out bench/results/p2p.json]
+       MESHTRAIN_P2P_SPEEDUPS=0 python bench/bench_p2p.py --out bench/results/p2p_stock.json  (stock libp2p)
+       -> prints a table, writes the JSON
 """
 
 from __future__ import annotations
@@ -27,13 +36,21 @@ import pstats
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
+from libp2p.custom_types import TProtocol
+from libp2p.network.stream.exceptions import StreamEOF
+
 import p2p
+from p2p import _speedups
+from p2p._node import parse_peer_id
 
 SOURCE = "/meshtrain/bench-source/1"
+BARE = TProtocol("/meshtrain/bench-bare/1")
 BLOB_ID = b"bench/blob"
+SLICE = 1 << 20  # write/read size of the socket and bare-stream paths
 TICK_S = 0.001  # loop-lag sampling period
 RESULTS = Path(__file__).parent / "results" / "p2p.json"
 
@@ -64,7 +81,9 @@ class LagProbe:
 async def sender(mb: int) -> None:
     """Child process: serve the payload; stdin lines "lag-reset" / "lag" are the parent's probe controls."""
     payload = os.urandom(mb * 1024 * 1024)
-    source = p2p.BlobSource.from_bytes(payload)
+    blob_file = tempfile.NamedTemporaryFile(prefix="bench_p2p_", suffix=".bin")  # noqa: SIM115 (lives as long as the run)
+    blob_file.write(payload)
+    blob_file.flush()
     probe = LagProbe()
     probe.start()
 
@@ -79,10 +98,18 @@ async def sender(mb: int) -> None:
     async def serve_request(peer_id: str, data: bytes) -> bytes:
         return payload
 
+    async def serve_bare(stream) -> None:  # type: ignore[no-untyped-def]  # trio thread: plain libp2p
+        await stream.read(1)
+        view = memoryview(payload)
+        for off in range(0, len(view), SLICE):
+            await stream.write(view[off : off + SLICE])
+        await stream.close()
+
     tcp = await asyncio.start_server(serve_tcp, "127.0.0.1", 0)
     async with p2p.Host(p2p.Identity.generate()) as host:
-        host.serve_blobs(lambda blob_id: source if blob_id == BLOB_ID else None)
+        await host.serve_file(BLOB_ID, blob_file.name)
         host.set_request_handler(SOURCE, serve_request)
+        await in_trio(host, lambda: host._node.host.set_stream_handler(BARE, serve_bare))
         hello = {"addr": host.listen_addrs()[0], "tcp_port": tcp.sockets[0].getsockname()[1]}
         print(json.dumps(hello), flush=True)
         loop = asyncio.get_running_loop()
@@ -102,6 +129,7 @@ async def sender(mb: int) -> None:
                 await in_trio(host, prof.disable)
                 print(json.dumps(top_functions(prof)), flush=True)
     tcp.close()
+    blob_file.close()
 
 
 # ---------------------------------------------------------------------------------------------- receiver
@@ -145,13 +173,31 @@ async def measure(snd: Sender, probe: LagProbe, nbytes: int, transfer) -> tuple[
     return nbytes / dt / 1e6, recv_lag, send_lag
 
 
+PATHS = ("asyncio_tcp", "bare_libp2p_stream", "request", "fetch_blob", "fetch_blob_dest")
+
+
+async def bare_read(host: p2p.Host, peer: str) -> int:
+    """Trio thread: one raw libp2p stream, read to EOF in 1 MiB reads; returns the byte count."""
+    stream = await host._node.host.new_stream(parse_peer_id(peer), [BARE])
+    await stream.write(b"g")
+    got = 0
+    try:
+        while True:
+            got += len(await stream.read(SLICE))
+    except StreamEOF:
+        pass
+    await stream.close()
+    return got
+
+
 async def receiver(mb: int, repeats: int, profile: bool) -> dict[str, object]:
     nbytes = mb * 1024 * 1024
     snd = await asyncio.to_thread(Sender, mb)
     probe = LagProbe()
     probe.start()
-    rows: dict[str, list[tuple[float, float, float]]] = {"fetch_blob": [], "request": [], "asyncio_tcp": []}
+    rows: dict[str, list[tuple[float, float, float]]] = {name: [] for name in PATHS}
     profile_text = ""
+    work = Path(tempfile.mkdtemp(prefix="bench_p2p_"))
     try:
         async with p2p.Host(p2p.Identity.generate()) as host:
             peer = await host.connect(snd.hello["addr"])
@@ -159,8 +205,18 @@ async def receiver(mb: int, repeats: int, profile: bool) -> dict[str, object]:
             async def fetch() -> int:
                 return len(await host.fetch_blob(BLOB_ID, peers=[peer], timeout_s=120))
 
+            async def fetch_dest() -> int:
+                path = await host.fetch_blob(BLOB_ID, peers=[peer], dest=work / "blob.bin", timeout_s=120)
+                assert isinstance(path, Path)
+                size = path.stat().st_size
+                path.unlink()
+                return size
+
             async def request() -> int:
-                return len(await host.request(peer, SOURCE, b"", timeout_s=120))
+                return len(await host.request(peer, SOURCE, b"", timeout_s=120, max_response_bytes=nbytes))
+
+            async def bare() -> int:
+                return await host._bridge.run(bare_read, host, peer)
 
             reader, writer = await asyncio.open_connection("127.0.0.1", snd.hello["tcp_port"])
 
@@ -171,15 +227,28 @@ async def receiver(mb: int, repeats: int, profile: bool) -> dict[str, object]:
                     got += len(await reader.read(min(nbytes - got, 1 << 20)))
                 return got
 
-            await fetch()  # warm-up: connection, stream protocols, page cache
+            fns = {
+                "asyncio_tcp": tcp,
+                "bare_libp2p_stream": bare,
+                "request": request,
+                "fetch_blob": fetch,
+                "fetch_blob_dest": fetch_dest,
+            }
+            for fn in fns.values():  # warm-up: connection, stream protocols, window growth, page cache
+                await fn()
             for _ in range(repeats):
-                for name, fn in (("fetch_blob", fetch), ("request", request), ("asyncio_tcp", tcp)):
+                for name, fn in fns.items():
                     rows[name].append(await measure(snd, probe, nbytes, fn))
             if profile:
-                profile_text = await profile_fetch(host, snd, fetch)
+                profile_text = "".join(
+                    [f"=== {name}\n" + await profile_path(host, snd, fns[name]) for name in PROFILED]
+                )
             writer.close()
     finally:
         await asyncio.to_thread(snd.close)
+        for leftover in work.iterdir():
+            leftover.unlink()
+        work.rmdir()
 
     def summary(name: str) -> dict[str, object]:
         rates = [r[0] for r in rows[name]]
@@ -192,15 +261,19 @@ async def receiver(mb: int, repeats: int, profile: bool) -> dict[str, object]:
 
     paths = {name: summary(name) for name in rows}
     tcp_rate = paths["asyncio_tcp"]["mb_s_median"]
-    assert isinstance(tcp_rate, float)
-    for name in ("fetch_blob", "request"):
-        rate = paths[name]["mb_s_median"]
+    bare_rate = paths["bare_libp2p_stream"]["mb_s_median"]
+    assert isinstance(tcp_rate, float) and isinstance(bare_rate, float)
+    for path in paths.values():
+        rate = path["mb_s_median"]
         assert isinstance(rate, float)
-        paths[name]["ratio_to_tcp"] = round(rate / tcp_rate, 3)
+        path["ratio_to_tcp"] = round(rate / tcp_rate, 3)
+        path["ratio_to_bare_stream"] = round(rate / bare_rate, 3)
     return {
+        "date": time.strftime("%Y-%m-%d"),
         "payload_mb": mb,
         "repeats": repeats,
         "paths": paths,
+        "libp2p_speedups": _speedups.enabled(),
         "setup": "sender and receiver in separate processes, loopback, libp2p TCP+Noise+Yamux",
         "profile_top": profile_text,
         "python": platform.python_version(),
@@ -224,14 +297,23 @@ async def in_trio(host: p2p.Host, fn) -> None:  # type: ignore[no-untyped-def]
 
 
 def top_functions(prof: cProfile.Profile, n: int = 20) -> str:
+    """The ``n`` functions with the most own time, after a line splitting the thread's time into busy and
+    idle (waiting in epoll)."""
     out = io.StringIO()
-    pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(n)
+    stats = pstats.Stats(prof, stream=out)
+    idle = sum(tt for (_, _, name), (_, _, tt, _, _) in stats.stats.items() if "poll" in name)  # type: ignore[attr-defined]
+    stats.sort_stats("tottime").print_stats(n)
     text = out.getvalue()
-    return text[text.find("   ncalls") :] if "   ncalls" in text else text
+    table = text[text.find("   ncalls") :] if "   ncalls" in text else text
+    total = stats.total_tt  # type: ignore[attr-defined]
+    return f"busy {total - idle:.3f} s, idle in epoll {idle:.3f} s\n{table}"
 
 
-async def profile_fetch(host: p2p.Host, snd: Sender, fetch) -> str:  # type: ignore[no-untyped-def]
-    """cProfile one fetch in both processes' trio threads (where libp2p runs); top functions by own time."""
+PROFILED = ("bare_libp2p_stream", "fetch_blob")  # what --profile compares
+
+
+async def profile_path(host: p2p.Host, snd: Sender, fetch) -> str:  # type: ignore[no-untyped-def]
+    """cProfile one transfer in both processes' trio threads (where libp2p runs): top functions."""
     prof = cProfile.Profile()
     await asyncio.to_thread(snd.ask, "prof-start")
     await in_trio(host, prof.enable)
@@ -249,14 +331,15 @@ async def profile_fetch(host: p2p.Host, snd: Sender, fetch) -> str:  # type: ign
 def print_table(result: dict[str, object]) -> None:
     paths = result["paths"]
     assert isinstance(paths, dict)
-    rows = [("path", "MB/s (median)", "runs", "vs tcp", "recv lag ms", "send lag ms")]
+    rows = [("path", "MB/s (median)", "runs", "vs tcp", "vs bare", "recv lag ms", "send lag ms")]
     for name, p in paths.items():
         rows.append(
             (
                 name,
                 str(p["mb_s_median"]),
                 " ".join(map(str, p["mb_s_all"])),
-                str(p.get("ratio_to_tcp", 1.0)),
+                str(p["ratio_to_tcp"]),
+                str(p["ratio_to_bare_stream"]),
                 str(p["receiver_loop_max_lag_ms"]),
                 str(p["sender_loop_max_lag_ms"]),
             )
@@ -264,7 +347,10 @@ def print_table(result: dict[str, object]) -> None:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)))
-    print(f"{result['payload_mb']} MB per transfer, loadavg {result['loadavg_1m_at_end']}")
+    print(
+        f"{result['payload_mb']} MiB per transfer, libp2p speedups {result['libp2p_speedups']}, "
+        f"loadavg {result['loadavg_1m_at_end']}"
+    )
     if result["profile_top"]:
         print(result["profile_top"])
 
@@ -274,6 +360,7 @@ if __name__ == "__main__":
     parser.add_argument("--mb", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--profile", action="store_true", help="cProfile one fetch in the receiver")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="where to write the JSON")
     parser.add_argument("--role", choices=["receiver", "sender"], default="receiver", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.role == "sender":
@@ -281,5 +368,5 @@ if __name__ == "__main__":
         sys.exit(0)
     result = asyncio.run(receiver(args.mb, args.repeats, args.profile))
     print_table(result)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")

@@ -55,6 +55,7 @@ CONFIG_FILE = "config.toml"
 EX_CONFIG = 78  # sysexits.h: configuration error (the unit's RestartPreventExitStatus)
 BYZANTINE_MODES = ("", "flip10")  # training.byzantine (test-only attacker; see daemon/node/byzantine.py)
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+LOG_FORMATS = ("logfmt", "json")  # daemon/service/logs.py renders both
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
 MAX_SYNC_BATCH = 4096  # a sync answer carries at most this many records (daemon/node/wire.py)
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")  # goes into topic names and DHT keys
@@ -221,10 +222,15 @@ class ApiConfig(_Section):
 class LogConfig(_Section):
     level: str = "INFO"
     """Log level: DEBUG, INFO, WARNING or ERROR (reloaded on SIGHUP)."""
+    format: str = "logfmt"
+    """Lines on stderr: "logfmt" (key=value) or "json" (one object per line, for log shippers). The
+    ring buffer of ``meshtrain logs`` is logfmt either way."""
 
     def __post_init__(self) -> None:
         if self.level.upper() not in LOG_LEVELS:
             raise ValueError(f"log.level must be one of {', '.join(LOG_LEVELS)}, got {self.level!r}")
+        if self.format not in LOG_FORMATS:
+            raise ValueError(f"log.format must be one of {', '.join(LOG_FORMATS)}, got {self.format!r}")
         msgspec.structs.force_setattr(self, "level", self.level.upper())
 
 

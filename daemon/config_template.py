@@ -102,6 +102,8 @@ token_file = "api.token"
 [log]
 # DEBUG, INFO, WARNING or ERROR. `systemctl reload meshtrain` (SIGHUP) applies a change.
 level = "INFO"
+# Lines on stderr (the journal): "logfmt" (key=value) or "json" (one object per line, for log shippers).
+format = "logfmt"
 
 [limits]
 # Cap on bytes/s sent to peers in sync traffic (0: no cap). Reloaded on SIGHUP; also `meshtrain limits`.

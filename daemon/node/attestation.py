@@ -95,15 +95,18 @@ class Attestations:
         """The held checkpoints of exactly this state (to serve, or store, with its snapshot)."""
         return [c for c in self.held() if c.version_vector == vector and c.state_hash == state_hash]
 
+    def newest_quorum(self) -> list[crdt.Checkpoint]:
+        """The checkpoints of the newest state (largest vector total) a quorum of signers attests, one per
+        signer; empty if none. Served with sync answers, so attestations reach peers gossip missed."""
+        if self.policy is None:
+            return []
+        by_state: dict[tuple[bytes, str], dict[bytes, crdt.Checkpoint]] = {}
+        for c in self.held():
+            by_state.setdefault((c.version_vector.digest(), c.state_hash), {})[c.signer] = c
+        attested = [list(kept.values()) for kept in by_state.values() if len(kept) >= self.policy.quorum]
+        return max(attested, key=lambda kept: kept[0].version_vector.total, default=[])
+
     def attested_vector(self) -> crdt.VersionVector | None:
         """The newest vector a quorum of signers attests (the largest total), or None."""
-        if self.policy is None:
-            return None
-        by_state: dict[tuple[bytes, str], set[bytes]] = {}
-        vectors: dict[tuple[bytes, str], crdt.VersionVector] = {}
-        for c in self.held():
-            key = (c.version_vector.digest(), c.state_hash)
-            by_state.setdefault(key, set()).add(c.signer)
-            vectors[key] = c.version_vector
-        attested = [vectors[k] for k, signers in by_state.items() if len(signers) >= self.policy.quorum]
-        return max(attested, key=lambda v: v.total, default=None)
+        quorum = self.newest_quorum()
+        return quorum[0].version_vector if quorum else None

@@ -292,8 +292,13 @@ class Replica:
             crdt.ValidationError: not a checkpoint of a signer of this run (count it against the sender).
         """
         checkpoint = self.attestations.decode(data)
+        before = self.attestations.attested_vector()
         if not self.attestations.add(checkpoint):
             return None
+        if self.attestations.attested_vector() != before and self.state.retained_count:
+            # Compaction waits for attestation; a node that took its last snapshot before this one arrived
+            # (an idle node, say) would otherwise keep its whole history until its next snapshot_every.
+            self.snapshot_and_compact()
         state = self.state
         if self.file_state == (checkpoint.version_vector, checkpoint.state_hash):
             self.store.write_checkpoints(self.attestations.for_state(*self.file_state))

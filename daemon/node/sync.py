@@ -150,10 +150,13 @@ class Sync:
         plan = crdt.plan_sync(state, remote, max_count=self.settings().max_batch)
         self.machine.served(peer, peer_has_more=plan.remote_has_more, now=time.monotonic())
         self._wakeup.set()
+        quorum = self.replica.attestations.newest_quorum()
+        newer = bool(quorum) and quorum[0].version_vector.total > request.attested
         response = wire.SyncResponse(
             digest=state.digest().encode(),
             contributions=tuple(c.encode() for c in plan.send),
             snapshot_required=plan.remote_needs_snapshot,
+            checkpoints=tuple(c.encode() for c in quorum) if newer else (),
         ).encode()
         await self.limits.bucket.acquire(len(response))  # the bandwidth cap (no-op when 0)
         return response
@@ -243,13 +246,18 @@ class Sync:
             message = await self._checkpoints.get()
             if message.from_peer == self.host.peer_id:
                 continue
-            try:
-                countersigned = self.replica.offer_checkpoint(message.data)
-            except crdt.ValidationError as exc:  # the validator let it through: count it like any junk
-                self.reject(message.from_peer, exc)
-                continue
-            if countersigned is not None:
-                self._outbox.put_nowait(countersigned)
+            self._take_checkpoint(message.from_peer, message.data)
+
+    def _take_checkpoint(self, peer: str, data: bytes) -> bool:
+        """A checkpoint from gossip or a sync answer: kept (a signer countersigns it); False if junk."""
+        try:
+            countersigned = self.replica.offer_checkpoint(data)
+        except crdt.ValidationError as exc:  # the gossip validator let it through, or a sync answer
+            self.reject(peer, exc)
+            return False
+        if countersigned is not None:
+            self._outbox.put_nowait(countersigned)
+        return True
 
     async def _publish_checkpoints(self) -> None:
         topic = wire.checkpoint_topic(self.run_name)
@@ -290,7 +298,9 @@ class Sync:
         state = self.replica.state
         self.replica.counters.pulls += 1
         try:
-            request = wire.SyncRequest(genesis=state.genesis.id, digest=state.digest().encode())
+            attested = self.replica.attestations.attested_vector()
+            request = wire.SyncRequest(genesis=state.genesis.id, digest=state.digest().encode(),
+                                       attested=attested.total if attested else 0)
             started = time.perf_counter()
             data = await self.host.request(
                 peer, wire.SYNC_PROTOCOL, request.encode(), timeout_s=self.settings().request_timeout_s
@@ -309,6 +319,9 @@ class Sync:
         self.members.add(peer)  # it answered with our genesis's records
         self.replica.note_vector(peer, remote.version_vector)
         self._compare(peer, remote)
+        if not all(self._take_checkpoint(peer, data) for data in response.checkpoints):
+            self.machine.failed(peer)
+            return None
         progressed = False
         for encoded in response.contributions:
             try:

@@ -29,7 +29,7 @@ import traceback
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from multiprocessing import resource_tracker, shared_memory
+from multiprocessing import shared_memory
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -245,9 +245,9 @@ def _child_main(conn: Connection, spec: TrainerSpec) -> None:
             for shm in attached.values():
                 shm.close()
             attached.clear()
+            # No resource_tracker.unregister here: a spawned child shares the parent's tracker, whose set
+            # holds the name once; unregistering it here made the parent's unlink log a KeyError.
             attached[name] = shared_memory.SharedMemory(name=name)
-            # Python 3.11's resource tracker would unlink the parent's block when this process exits.
-            resource_tracker.unregister(attached[name]._name, "shared_memory")  # type: ignore[attr-defined]
         view = np.ndarray((size,), dtype=np.float32, buffer=attached[name].buf)
         view.flags.writeable = False
         return view

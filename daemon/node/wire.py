@@ -152,20 +152,38 @@ class GenesisRequest:
         return cls(run=_field(_unpack(data, max_bytes=1024), "run", str))
 
 
+MAX_SNAPSHOT_CHECKPOINTS = 256  # crdt.checkpoint.MAX_SIGNERS: one per signer of the run's policy
+
+
+def _checkpoints(obj: dict[str, Any]) -> tuple[bytes, ...]:
+    items = _field(obj, "checkpoints", list)
+    if len(items) > MAX_SNAPSHOT_CHECKPOINTS or not all(isinstance(item, bytes) for item in items):
+        raise WireError(f"checkpoints must be at most {MAX_SNAPSHOT_CHECKPOINTS} byte strings")
+    return tuple(items)
+
+
 @dataclass(frozen=True, slots=True)
 class SyncRequest:
     genesis: str
     """Id of the requester's genesis: nodes of different runs never exchange contributions."""
     digest: bytes
     """The requester's encoded crdt.Digest."""
+    attested: int = 0
+    """Total of the newest vector a quorum of checkpoint signers attests, as the requester knows it (0:
+    none): a responder that knows a newer one sends its checkpoints along."""
 
     def encode(self) -> bytes:
-        return msgpack.packb({"v": WIRE_VERSION, "genesis": self.genesis, "digest": self.digest})
+        return msgpack.packb(
+            {"v": WIRE_VERSION, "genesis": self.genesis, "digest": self.digest, "attested": self.attested}
+        )
 
     @classmethod
     def decode(cls, data: bytes) -> SyncRequest:
         obj = _unpack(data, max_bytes=MAX_SYNC_REQUEST_BYTES)
-        return cls(genesis=_field(obj, "genesis", str), digest=_field(obj, "digest", bytes))
+        attested = _field(obj, "attested", int)
+        if attested < 0:
+            raise WireError("attested must be >= 0")
+        return cls(_field(obj, "genesis", str), _field(obj, "digest", bytes), attested=attested)
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,6 +194,9 @@ class SyncResponse:
     """Encoded crdt.Contribution records the requester lacks, in causal (per-author seq) order."""
     snapshot_required: bool = False
     """Part of what the requester lacks was compacted here: fetch a snapshot."""
+    checkpoints: tuple[bytes, ...] = ()
+    """Encoded crdt.Checkpoint records of the newest attested state, when the requester knows an older one
+    (gossip is best effort: a node that missed every checkpoint would otherwise never compact)."""
 
     def encode(self) -> bytes:
         return msgpack.packb(
@@ -184,6 +205,7 @@ class SyncResponse:
                 "digest": self.digest,
                 "contributions": list(self.contributions),
                 "snapshot_required": self.snapshot_required,
+                "checkpoints": list(self.checkpoints),
             }
         )
 
@@ -199,10 +221,8 @@ class SyncResponse:
             digest=_field(obj, "digest", bytes),
             contributions=tuple(items),
             snapshot_required=_field(obj, "snapshot_required", bool),
+            checkpoints=_checkpoints(obj),
         )
-
-
-MAX_SNAPSHOT_CHECKPOINTS = 256  # crdt.checkpoint.MAX_SIGNERS: one per signer of the run's policy
 
 
 @dataclass(frozen=True, slots=True)
@@ -277,10 +297,10 @@ class SnapshotOffer:
     @classmethod
     def decode(cls, data: bytes) -> SnapshotOffer:
         obj = _unpack(data, max_bytes=MAX_OFFER_BYTES)
-        items = _field(obj, "checkpoints", list)
-        if not 0 < len(items) <= MAX_SNAPSHOT_CHECKPOINTS or not all(isinstance(i, bytes) for i in items):
-            raise WireError(f"checkpoints must be 1 to {MAX_SNAPSHOT_CHECKPOINTS} byte strings")
-        return cls(checkpoints=tuple(items), ref=BlobRef.from_wire(obj))
+        checkpoints = _checkpoints(obj)
+        if not checkpoints:
+            raise WireError("a snapshot offer carries the checkpoints that attest it")
+        return cls(checkpoints=checkpoints, ref=BlobRef.from_wire(obj))
 
 
 @dataclass(frozen=True, slots=True)

@@ -37,7 +37,8 @@ from daemon.home import Home
 from daemon.node.node import Node
 from daemon.service.api import open_control_site, open_tcp_control_site
 from daemon.service.auth import load_or_create_token
-from daemon.service.logs import RingBufferHandler, configure_logging
+from daemon.service.history import HISTORY_FILE, RoundLog
+from daemon.service.logs import RingBufferHandler, bind_node, configure_logging
 from daemon.service.metrics import NodeMetrics
 from daemon.service.reload import apply_reload
 from daemon.service.web import open_http_sites
@@ -86,7 +87,11 @@ async def _run(
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_stop_signal, signum)
     node = Node(home, config)
-    metrics = NodeMetrics(node) if config.metrics.enabled else None
+    bind_node(peer_id=node.host.peer_id, run=config.node.run)
+    metrics = None
+    if config.metrics.enabled:
+        metrics = NodeMetrics(node, trainer_pid=lambda: node.trainer.info.get("pid"))
+    round_log = RoundLog(home.path / HISTORY_FILE, session=node.started_at)
     runners: list[web.AppRunner] = []
 
     def on_hup() -> None:
@@ -116,8 +121,9 @@ async def _run(
             await open_http_sites(
                 config,
                 status=lambda: to_json(node.status()),
-                history=lambda: [to_json(r) for r in node.history()],
+                history=lambda: round_log.rounds(node.history()),
                 metrics=metrics,
+                logs=ring,
             )
         )
         log.info("ready peer_id=%s listen=%s", node.host.peer_id, " ".join(node.host.listen_addrs()))
@@ -125,6 +131,7 @@ async def _run(
 
     node_task = asyncio.create_task(node.run(on_ready=on_ready), name="node")
     watchdog = asyncio.create_task(_watchdog(), name="watchdog")
+    history = asyncio.create_task(round_log.run(node.history), name="history")
     stop_wait = asyncio.create_task(stop.wait(), name="stop")
     try:
         await asyncio.wait({node_task, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
@@ -139,10 +146,10 @@ async def _run(
         )
         for runner in runners:  # one at a time, as aiohttp's own cleanup does
             await runner.cleanup()
-        for task in (node_task, watchdog, stop_wait):
+        for task in (node_task, watchdog, history, stop_wait):
             task.cancel()
         with contextlib.suppress(asyncio.CancelledError, TimeoutError):
-            await asyncio.wait_for(asyncio.gather(watchdog, stop_wait, return_exceptions=True), 1)
+            await asyncio.wait_for(asyncio.gather(watchdog, history, stop_wait, return_exceptions=True), 1)
         # asyncio.wait, not wait_for: on overrun it returns instead of waiting for the cancellation.
         done, _ = await asyncio.wait({node_task}, timeout=SHUTDOWN_TIMEOUT_S - (time.monotonic() - started))
         if not done:
@@ -152,6 +159,7 @@ async def _run(
             _remove_runtime_files(home, config)
             logging.shutdown()
             os._exit(EXIT_DRAIN_OVERRUN)
+        round_log.sync_logged(node.history(), final=True)
         log.info(
             "drained: training stopped, log flushed, connections closed seconds=%.2f",
             time.monotonic() - started,
@@ -165,6 +173,7 @@ def run_daemon(home: Home, config: Config, *, reload_config: Callable[[], Config
     """Run the node until SIGTERM/SIGINT. ``reload_config`` re-reads the config on SIGHUP (with the same
     command-line overrides the start used); by default it re-reads ``home``'s config.toml."""
     home.create()
+    configure_logging(config.log.level, fmt=config.log.format)
     pid_file = home.pid_file
     pid_file.write_text(f"{os.getpid()}\n")
     ring = RingBufferHandler()

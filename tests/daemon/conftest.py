@@ -28,5 +28,5 @@ async def node_status(tmp_path: Path) -> AsyncIterator[Status]:
     net.link(founder.peer_id, host_for(tmp_path / "b", net).peer_id)
     async with running_node(tmp_path / "a", net, config) as a, running_node(tmp_path / "b", net, joiner) as b:
         await until(lambda: a.status().contributions == 4 and b.status().contributions == 4)
-        await until(lambda: a.status().eval.contributions == 4)
+        await until(lambda: a.status().eval.contributions == 4 and b.host.peer_id in a.status().peer_info)
         yield a.status()

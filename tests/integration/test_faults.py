@@ -101,14 +101,16 @@ def test_late_joiner_catches_up_from_a_snapshot(cluster_dir: Path) -> None:
     )
     for index in range(3):
         group.start(index)
-    first = group.wait_until(
+    # A node compacts up to what the founder's checkpoints attest; the last ones reach an idle node
+    # through gossip or, failing that, with a sync answer (a CI run saw one node miss them all).
+    group.wait_until(
         lambda s: all(
-            x.get("contributions") == 3 * rounds and x["counters"]["snapshots_written"] > 0 for x in s[:3]
+            x.get("contributions") == 3 * rounds and x["retained_contributions"] < x["contributions"]
+            for x in s[:3]
         ),
         timeout_s=DEADLINE_S,
         what="three nodes to finish and compact",
     )
-    assert all(s["retained_contributions"] < s["contributions"] for s in first[:3]), "nothing compacted"
 
     group.start(3)
     statuses = group.wait_until(

@@ -6,15 +6,18 @@ datagram socket this test listens on, as systemd would, and with the metrics and
 one loopback port.
 
 What is proven: READY=1 arrives once the control socket answers; ``POST /v1/limits`` reaches the
-training child; ``/v1/logs`` returns the daemon's own lines; ``/metrics`` scrapes with rounds, merge and
-round timings; the dashboard draws a loss chart with data in headless Chromium; SIGHUP applies reloadable
-keys (status shows them, max_rounds stops training and, raised, restarts it) and reports the rest as
-needing a restart; SIGTERM drains to exit code 0 within the bound, sends STOPPING=1, and leaves no socket
-or pid file behind.
+training child; ``/v1/logs`` returns the daemon's own logfmt lines, each naming the node; stderr is JSON
+(``[log] format = "json"``); ``/metrics`` scrapes with rounds, merge and round timings, and the memory of
+both the daemon and its training process; the dashboard draws a loss chart, the mesh and recent log lines
+in headless Chromium; SIGHUP applies reloadable keys (status shows them, max_rounds stops training and,
+raised, restarts it) and reports the rest as needing a restart; SIGTERM drains to exit code 0 within the
+bound, sends STOPPING=1, writes the round history to history.jsonl, and leaves no socket or pid file
+behind.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -98,6 +101,7 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     port = _free_port()
     config["metrics"] = {"enabled": True, "listen": f"127.0.0.1:{port}"}
     config["dashboard"] = {"enabled": True, "listen": f"127.0.0.1:{port}"}  # one server for both
+    config["log"] = {"format": "json"}  # stderr; the ring of /v1/logs stays logfmt
     home.config_file.write_text(tomli_w.dumps(config))
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     notify.bind(str(directory / "notify.sock"))
@@ -149,6 +153,11 @@ def test_limits_reach_the_training_process_and_logs_show_it(node: Daemon) -> Non
     lines = node.client.get("/v1/logs?lines=200")["lines"]
     assert any("training threads applied" in line and "threads=2" in line for line in lines), lines[-10:]
     assert all(line.startswith("ts=") and " level=" in line for line in lines)
+    peer_id = node.client.get("/v1/status")["peer_id"]
+    ready = next(i for i, line in enumerate(lines) if "msg=ready" in line)
+    assert all(f" node={peer_id}" in line and " run=cluster" in line for line in lines[ready:]), lines[
+        ready:
+    ][:3]
     with pytest.raises(Exception, match="threads"):
         node.client.post("/v1/limits", {"threads": 0})
 
@@ -163,13 +172,18 @@ def test_metrics_scrape(node: Daemon) -> None:
     }
     assert samples["meshtrain_rounds_total[]"] >= 3
     assert samples["meshtrain_contributions[]"] >= 3
-    assert samples["meshtrain_bytes_sent_total[]"] > 0
-    assert samples["meshtrain_peers[]"] == 0
+    assert samples["meshtrain_contributions_processed_total[('result', 'accepted')]"] >= 3
+    assert samples["meshtrain_received_bytes_total[]"] == 0  # no peers (it still publishes gossip)
+    assert samples["meshtrain_peers[('connection', 'direct')]"] == 0
     assert samples["meshtrain_merge_seconds_count[]"] >= 3
     assert samples["meshtrain_round_seconds_count[]"] >= 3
     assert samples["meshtrain_val_loss[]"] > 0
-    assert samples["meshtrain_limit_threads[]"] == 2
+    assert samples["meshtrain_training_threads[]"] == 2
     assert samples["meshtrain_training_state[('state', 'running')]"] == 1
+    assert samples["process_resident_memory_bytes[]"] > 20e6  # the daemon: libp2p, aiohttp, no torch
+    assert samples["meshtrain_trainer_process_resident_memory_bytes[]"] > 100e6  # the child: torch
+    assert samples["meshtrain_trainer_process_cpu_seconds_total[]"] > 0
+    assert any(k.startswith("meshtrain_build_info[") for k in samples)
 
 
 def test_dashboard_draws_the_loss_chart_in_chromium(node: Daemon, tmp_path: Path) -> None:
@@ -188,6 +202,9 @@ def test_dashboard_draws_the_loss_chart_in_chromium(node: Daemon, tmp_path: Path
     bytes_chart = re.search(r'id="bytes-chart"[^>]*data-points="(\d+)"', dom)
     assert loss and bytes_chart, dom[:2000]
     assert int(loss.group(1)) >= 2 and int(bytes_chart.group(1)) >= 2
+    logs = re.search(r'id="logs" data-lines="(\d+)"', dom)
+    assert logs and int(logs.group(1)) > 5 and "msg=ready" in dom
+    assert re.search(r'id="mesh" data-peers="0"', dom) and "this node" in dom
     assert "<path" in dom and "state-running" in dom
     shot = tmp_path / "dashboard.png"
     subprocess.run(
@@ -205,7 +222,7 @@ def test_sighup_reloads_live_keys_and_reports_the_rest(node: Daemon) -> None:
     config = tomllib.loads(node.home.config_file.read_text())
     config["training"]["threads"] = 3
     config["training"]["max_rounds"] = rounds + 2
-    config["log"] = {"level": "DEBUG"}
+    config["log"]["level"] = "DEBUG"
     config["sync"]["max_batch"] = 32  # reloadable
     config["api"] = {"socket": "other.sock"}  # needs a restart
     node.home.config_file.write_text(tomli_w.dumps(config))
@@ -246,5 +263,10 @@ def test_sigterm_drains_exits_zero_and_cleans_up(node: Daemon) -> None:
     messages = node.notifications()
     ready = next(i for i, m in enumerate(messages) if m.startswith("READY=1"))
     assert messages[-1] == "STOPPING=1" and ready < len(messages) - 1
-    text = node.log.read_text()
-    assert "signal=SIGTERM" in text and "drained:" in text
+    events = [json.loads(line) for line in node.log.read_text().splitlines() if line.startswith("{")]
+    stopping = next(e for e in events if e.get("msg") == "stopping")
+    assert stopping["signal"] == "SIGTERM" and stopping["node"] and stopping["run"] == "cluster"
+    assert any(e.get("msg", "").startswith("drained:") for e in events)
+    history = [json.loads(line) for line in (node.home.path / "history.jsonl").read_text().splitlines()]
+    rounds = [r["round"] for r in history]
+    assert rounds == sorted(set(rounds)) and rounds[-1] == stopping["round"]  # every round, the last one too

@@ -235,8 +235,12 @@ class Run:
             self.pub = self._start("pub", self.topo.pub, {**common, "nat": {**FAST_NAT, **pub_nat}}, tmp_path)
             boot = [f"/ip4/10.200.0.1/tcp/{PORT}/p2p/{self.pub.peer_id}"]
             nated = {**common, "bootstrap": boot, "nat": FAST_NAT}
-            self.a = self._start("A", self.topo.h1, {**nated, "listen": f"/ip4/10.200.1.2/tcp/{PORT}"}, tmp_path)
-            self.b = self._start("B", self.topo.h2, {**nated, "listen": f"/ip4/10.200.2.2/tcp/{PORT}"}, tmp_path)
+            self.a = self._start(
+                "A", self.topo.h1, {**nated, "listen": f"/ip4/10.200.1.2/tcp/{PORT}"}, tmp_path
+            )
+            self.b = self._start(
+                "B", self.topo.h2, {**nated, "listen": f"/ip4/10.200.2.2/tcp/{PORT}"}, tmp_path
+            )
         except BaseException:
             self.close()
             raise
@@ -292,8 +296,7 @@ def test_private_run_behind_nat_relays_then_punches(tmp_path: Path, netns_ok: No
         assert b["connections"][run.a.peer_id] == "direct"
         pub = run.pub.status()["nat"]["relay_service"]
         assert pub["mode"] == "auto" and pub["active"]  # the default, switched on by AutoNAT's "public"
-        # After the relayed connection closed under them, gossip still flows both ways (the one-way loss
-        # p2p/_libp2p.py works around), and so do requests.
+        # Once direct, gossip and requests flow both ways.
         assert _gossip_flows(run.a, run.b, 30) and _gossip_flows(run.b, run.a, 30)
         assert run.a.call("request", peer=run.b.peer_id, bytes=1 << 20, timeout_s=30)["ok"]
         sys.stderr.write(

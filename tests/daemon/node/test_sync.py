@@ -224,3 +224,19 @@ async def test_gossip_from_peers_outside_the_run_is_dropped_until_they_sync(tmp_
         await stranger.request(node_host.peer_id, wire.SYNC_PROTOCOL, request.encode(), timeout_s=5)
         await stranger.publish(wire.heartbeat_topic("default"), beat)
         await until(lambda: stranger.peer_id in v.status().peer_info)  # it showed our genesis: admitted
+
+
+async def test_a_node_that_misses_all_checkpoint_gossip_learns_them_from_sync_answers(tmp_path: Path) -> None:
+    """Gossip is best effort: a CI run had a node miss all six of the founder's checkpoints and never
+    compact. Sync answers carry the newest attested checkpoints to a requester that knows older ones."""
+    net = FakeNet()
+    founder, follower = host_for(tmp_path / "a", net), host_for(tmp_path / "b", net)
+    net.link(founder.peer_id, follower.peer_id)
+    base = config(enabled=True, max_rounds=8).with_overrides("sync", snapshot_every=4)
+    joiner = base.with_overrides("node", bootstrap=(founder.addr,)).with_overrides("training", enabled=False)
+    async with running_node(tmp_path / "a", net, base) as a, running_node(tmp_path / "b", net, joiner) as b:
+        topic = wire.checkpoint_topic(b.config.node.run)
+        follower.validators[topic] = lambda _peer, _data: False  # every checkpoint gossip to b is lost
+        await until(lambda: b.status().contributions == 8 and b.status().retained_contributions < 8)
+        assert b.parts.replica.attestations.attested_vector() is not None
+        assert a.status().counters.rejected == b.status().counters.rejected == 0

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 import msgpack
 import pytest
@@ -26,10 +27,14 @@ REF = BlobRef(blob=b"snapshot/" + b"ab" * 32, root=b"r" * 32, size=10)
 def test_round_trips() -> None:
     a = Announcement(author=b"a" * 32, seq=3, fragment=1, size=100, id="ab" * 32)
     assert Announcement.decode(a.encode()) == a
-    r = SyncResponse(digest=b"d", contributions=(b"x", b"y"))
+    r = SyncResponse(digest=b"d", contributions=(b"x", b"y"), checkpoints=(b"c",))
     assert SyncResponse.decode(r.encode()) == r
-    q = SyncRequest(genesis="ab" * 32, digest=b"d")
+    q = SyncRequest(genesis="ab" * 32, digest=b"d", attested=12)
     assert SyncRequest.decode(q.encode()) == q
+    with pytest.raises(WireError, match="attested"):
+        SyncRequest.decode(msgpack.packb({"v": 1, "genesis": "ab" * 32, "digest": b"d", "attested": -1}))
+    with pytest.raises(WireError, match="checkpoints"):
+        SyncResponse.decode(dataclasses.replace(r, checkpoints=(b"c",) * 257).encode())
     h = Heartbeat(
         round=3,
         contributions=9,
@@ -66,7 +71,7 @@ def test_genesis_offer_rejects(change: dict, reason: str) -> None:
 
 
 def test_snapshot_offer_needs_checkpoints_and_stays_small() -> None:
-    with pytest.raises(WireError, match="checkpoints must be 1 to 256"):
+    with pytest.raises(WireError, match="carries the checkpoints that attest it"):
         SnapshotOffer.decode(SnapshotOffer(checkpoints=(), ref=REF).encode())
     with pytest.raises(WireError, match="exceeds"):
         SnapshotOffer.decode(SnapshotOffer(checkpoints=(b"x" * (5 << 20),), ref=REF).encode())
