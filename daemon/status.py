@@ -40,6 +40,7 @@ __all__ = [
     "RoundRecord",
     "Status",
     "TrainingState",
+    "Transfer",
     "openapi_schemas",
     "openapi_yaml",
     "parse_status",
@@ -173,15 +174,41 @@ class NatStatus(_Record):
     counters: dict[str, int] = msgspec.field(default_factory=dict)
 
 
+class Transfer(_Record):
+    """One download of the genesis or of a snapshot (a blob fetched from every peer that offered it)."""
+
+    blob: str
+    """The blob id (``genesis/<id>`` or ``snapshot/<state hash>``)."""
+    state: str = "fetching"
+    """fetching, verifying (the genesis id, or the snapshot's attestation and hash), done or failed."""
+    bytes_done: int = 0
+    """Verified bytes on disk, resumed ones included."""
+    bytes_total: int = 0
+    bytes_resumed: int = 0
+    """Bytes found already verified in the part file left by an earlier try (a restart resumes)."""
+    rate_bytes_per_s: int = 0
+    """Bytes fetched over the network per second since this try started."""
+    sources: list[str] = msgspec.field(default_factory=list)
+    """Peers sending chunks now."""
+    elapsed_s: float = 0.0
+
+
 class JoinStatus(_Record):
-    """How this node got (or is getting) the run's genesis."""
+    """How this node got (or is getting) the run's genesis, and its latest snapshot download."""
 
     pinned_genesis: str | None = None
     """The genesis id ``[node] genesis`` pins (None: the first acceptable one a peer serves)."""
     source: str | None = None
     """The peer the genesis came from (None: stored, founded here, or not fetched yet)."""
     refused: dict[str, str] = msgspec.field(default_factory=dict)
-    """Peer -> why the genesis it served was refused (wrong id, run, task or model layout)."""
+    """Peer -> why the genesis it offered was refused (wrong id, run, task or model layout)."""
+    genesis_transfer: Transfer | None = None
+    """The genesis download (None: the genesis was stored or founded here)."""
+    snapshot_transfer: Transfer | None = None
+    """The latest snapshot download (None: none since start)."""
+    dropped: dict[str, str] = msgspec.field(default_factory=dict)
+    """Peer -> why a download dropped it (unreachable, stalled, a chunk that fails its digest, bytes that
+    are not the genesis or snapshot it offered)."""
 
 
 class LimitsStatus(_Record):

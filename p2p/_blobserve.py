@@ -112,17 +112,25 @@ class BlobSource:
 
     @classmethod
     def from_file(
-        cls, path: str | os.PathLike[str], *, chunk_size: int | None = None, manifest: Manifest | None = None
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        chunk_size: int | None = None,
+        manifest: Manifest | None = None,
+        pace: Callable[[int], None] | None = None,
     ) -> BlobSource:
         """A file that must not change while served (write a new file and serve it under a new id).
 
         ``manifest``: one computed earlier for this very file (e.g. stored beside it), to skip hashing.
+        ``pace``: called with each served chunk's length before it is read, in the server's worker thread;
+        it may block there to cap the bytes served per second (the daemon's bandwidth cap). Hashing the
+        file up front is not paced.
         """
         path = os.fspath(path)
         stat = os.stat(path)
         identity = (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
 
-        def read(offset: int, length: int) -> bytes:
+        def hash_read(offset: int, length: int) -> bytes:
             fd = os.open(path, os.O_RDONLY)
             try:
                 now = os.fstat(fd)
@@ -132,11 +140,16 @@ class BlobSource:
             finally:
                 os.close(fd)
 
+        def read(offset: int, length: int) -> bytes:
+            if pace is not None:
+                pace(length)
+            return hash_read(offset, length)
+
         if manifest is None:
-            manifest = Manifest.build_from_reader(read, stat.st_size, chunk_size=chunk_size)
+            manifest = Manifest.build_from_reader(hash_read, stat.st_size, chunk_size=chunk_size)
         elif manifest.size != stat.st_size:
             raise ValueError(f"manifest describes {manifest.size} bytes, {path} has {stat.st_size}")
-        return cls(manifest, read)
+        return cls(manifest, read if pace is not None else hash_read)
 
     def read_chunk(self, index: int) -> bytes:
         """The bytes of chunk ``index``. Raises IndexError, BlobChanged or OSError."""

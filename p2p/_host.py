@@ -268,7 +268,12 @@ class Host:
     # ------------------------------------------------------------------ blobs (p2p/_blobs.py, _blobserve.py)
 
     async def serve_file(
-        self, blob_id: bytes, path: str | Path, *, manifest: Manifest | None = None
+        self,
+        blob_id: bytes,
+        path: str | Path,
+        *,
+        manifest: Manifest | None = None,
+        pace: Callable[[int], None] | None = None,
     ) -> Manifest:
         """Serve the file at ``path`` as blob ``blob_id`` over `/meshtrain/blob/2`; returns its manifest.
 
@@ -276,9 +281,10 @@ class Host:
         for this same file, e.g. stored beside it), then chunks are read from disk on demand (os.pread in a
         worker thread): the file is never held in memory. The file must not change while served: write
         each new version to a new file and serve it under a new id (a changed file is refused, not served).
-        Serving again under the same id replaces the previous source.
+        Serving again under the same id replaces the previous source. ``pace``: see `BlobSource.from_file`
+        (called with each chunk's length in a worker thread before it is read; may block to cap the rate).
         """
-        source = await asyncio.to_thread(BlobSource.from_file, path, manifest=manifest)
+        source = await asyncio.to_thread(BlobSource.from_file, path, manifest=manifest, pace=pace)
         self._node.blobs.add(blob_id, source)
         return source.manifest
 

@@ -4,14 +4,19 @@ Theory of operation
 -------------------
 A node with no stored genesis and no bootstrap peers *founds* the run: its task's freshly initialized
 parameters become the genesis, content-addressed (its id is the hash), with the run's name, task and
-``clip_norm`` in its meta. A joiner *fetches* the genesis from its connected peers (``/meshtrain/genesis/1``)
+``clip_norm`` in its meta. A joiner *fetches* the genesis from its connected peers (``/meshtrain/genesis/2``)
 and never re-derives it from a seed (initialization differs across torch builds).
 
-What a joiner accepts, checked before anything is written to disk (:func:`refusal`): the run's name and
-task as configured, the fragment layout its own model has, and, when ``[node] genesis`` pins one (the
-``meshtrain invite`` token carries it), exactly that id. A genesis that fails is refused with its reason,
-counted (``counters.rejected_reasons["GenesisRefused"]``) and shown in ``status.join.refused``; that
-peer is not asked again, the others are, and the node stays up and answers its control API meanwhile.
+Peers *offer* the genesis (``wire.GenesisOffer``: id, meta, layout, and the blob of the stored genesis
+file; daemon/node/offers.py has why and how). What a joiner accepts is checked on the offer, before a byte
+is fetched (:func:`refusal`): the run's name and task as configured, the fragment layout its own model
+has, and, when ``[node] genesis`` pins one (the ``meshtrain invite`` token carries it), exactly that id.
+It then fetches the file from every peer that offered the same one, and installs it only if it decodes
+to exactly the id offered (which hashes meta and layout too). A genesis that fails either check is
+refused with its reason, counted (``counters.rejected_reasons["GenesisRefused"]``) and shown in
+``status.join.refused``; that peer is not asked again, the others are, and the node stays up and answers
+its control API meanwhile. A download that fails (every source dropped) is tried again on the next pass,
+from its part file.
 Without a pin the first acceptable genesis wins (trust on first use): a peer of the right run and task
 could hand out its own parameters, so a run's operator pins the genesis (SECURITY.md).
 """
@@ -21,21 +26,26 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Protocol
 
 import crdt
 import p2p
 from daemon.config import Config
 from daemon.node import wire
 from daemon.node.attestation import policy_for_run
+from daemon.node.offers import fetch, transfer_dest
+from daemon.node.offers import sources as offers_sources
+from daemon.node.store import Store, StoreError, read_genesis
 from daemon.status import Counters, JoinStatus
 
-__all__ = ["GENESIS_REFUSED", "fetch_genesis", "found_genesis", "refusal"]
+__all__ = ["GENESIS_REFUSED", "fetch_genesis", "found_genesis", "refusal", "serve_genesis"]
 
 log = logging.getLogger(__name__)
 
 GENESIS_RETRY_S = 1.0  # between passes over the connected peers
 GENESIS_REFUSED = "GenesisRefused"  # the rejected_reasons key of a refused genesis
+MAX_GENESIS_FILE_BYTES = crdt.DEFAULT_LIMITS.max_genesis_bytes + 64  # crdt's bound, plus the seal's header
 
 
 def found_genesis(
@@ -63,8 +73,19 @@ def found_genesis(
     return genesis
 
 
-def refusal(genesis: crdt.Genesis, config: Config, fragments: Sequence[tuple[int, int]]) -> str | None:
-    """Why this node cannot take ``genesis`` as its run's (None: it can)."""
+class GenesisLike(Protocol):
+    """What :func:`refusal` reads: a :class:`crdt.Genesis`, or a peer's ``wire.GenesisOffer`` of one."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def meta(self) -> Mapping[str, str]: ...
+    @property
+    def fragments(self) -> Sequence[Sequence[int]]: ...
+
+
+def refusal(genesis: GenesisLike, config: Config, fragments: Sequence[tuple[int, int]]) -> str | None:
+    """Why this node cannot take ``genesis`` (or the genesis a peer offers) as its run's (None: it can)."""
     pinned = config.node.genesis
     if pinned and genesis.id != pinned:
         return f"genesis {genesis.id[:16]} is not the pinned {pinned[:16]} ([node] genesis)"
@@ -82,43 +103,129 @@ def refusal(genesis: crdt.Genesis, config: Config, fragments: Sequence[tuple[int
     return None
 
 
+async def serve_genesis(
+    host: p2p.Host, store: Store, genesis: crdt.Genesis, *, run: str, pace: Callable[[int], None]
+) -> None:
+    """Offer the run's genesis on ``/meshtrain/genesis/2``: the stored genesis file, served as a blob
+    (hashed once, here, in a worker thread), and its id, meta and layout in a small offer."""
+    blob = f"genesis/{genesis.id}".encode()
+    manifest = await host.serve_file(blob, store.genesis_file, pace=pace)
+    ref = wire.BlobRef(blob=blob, root=manifest.root, size=manifest.size)
+    offer = wire.GenesisOffer(id=genesis.id, meta=dict(genesis.meta), fragments=genesis.fragments,
+                              ref=ref).encode()
+
+    async def handler(peer: str, data: bytes) -> bytes:
+        request = wire.GenesisRequest.decode(data)
+        if request.run != run:
+            raise wire.ForeignRun(f"this node serves run {run!r}, not {request.run!r}")
+        return offer
+
+    host.set_request_handler(wire.GENESIS_PROTOCOL, handler)
+
+
 async def fetch_genesis(
+    host: p2p.Host,
+    config: Config,
+    fragments: Sequence[tuple[int, int]],
+    *,
+    store: Store,
+    counters: Counters,
+    join: JoinStatus,
+) -> crdt.Genesis:
+    """Ask the connected peers for the run's genesis until one offers an acceptable one (see the module
+    docstring), fetch it from every peer that offered the same file, check it is the genesis offered, and
+    install it in ``store``. ``join`` shows the progress, the refusals and the peers a download dropped."""
+    while True:
+        offers = await _acceptable_offers(host, config, fragments, counters=counters, join=join)
+        if offers:
+            genesis = await _download(host, offers, config, fragments, store=store, counters=counters,
+                                      join=join)
+            if genesis is not None:
+                log.info("fetched genesis=%s from peer=%s pinned=%s", genesis.id[:16], join.source,
+                         bool(config.node.genesis))
+                return genesis
+        await asyncio.sleep(GENESIS_RETRY_S)
+
+
+async def _acceptable_offers(
     host: p2p.Host,
     config: Config,
     fragments: Sequence[tuple[int, int]],
     *,
     counters: Counters,
     join: JoinStatus,
-) -> crdt.Genesis:
-    """Ask the connected peers for the run's genesis until one serves an acceptable one (see the module
-    docstring); ``join`` shows the progress and the refusals."""
+) -> dict[str, wire.GenesisOffer]:
+    """One pass over the connected peers: their genesis offers that this node would take."""
     request = wire.GenesisRequest(run=config.node.run).encode()
-    while True:
-        for peer in host.connected_peers():
-            if peer in join.refused:
-                continue
-            try:
-                data = await host.request(
-                    peer, wire.GENESIS_PROTOCOL, request, timeout_s=config.sync.request_timeout_s
-                )
-                genesis = crdt.Genesis.decode(data)
-            except p2p.ProtocolNotSupported:
-                log.info("peer has no genesis to serve yet peer=%s", peer)  # a joiner itself
-                continue
-            except (p2p.P2PError, crdt.CrdtError) as exc:
-                log.warning("genesis fetch failed peer=%s error=%s", peer, exc)
-                continue
-            reason = refusal(genesis, config, fragments)
-            if reason is not None:
-                join.refused[peer] = reason
-                counters.reject(GENESIS_REFUSED)
-                log.warning("refused the genesis of peer=%s reason=%s", peer, reason)
-                continue
-            log.info("fetched genesis=%s from peer=%s pinned=%s", genesis.id[:16], peer,
-                     bool(config.node.genesis))
-            join.source = peer
-            return genesis
-        await asyncio.sleep(GENESIS_RETRY_S)
+    offers: dict[str, wire.GenesisOffer] = {}
+    for peer in host.connected_peers():
+        if peer in join.refused:
+            continue
+        try:
+            data = await host.request(peer, wire.GENESIS_PROTOCOL, request,
+                                      timeout_s=config.sync.request_timeout_s)
+            offer = wire.GenesisOffer.decode(data)
+        except p2p.ProtocolNotSupported:
+            log.info("peer has no genesis to serve yet peer=%s", peer)  # a joiner itself
+            continue
+        except (p2p.P2PError, wire.WireError) as exc:
+            log.warning("genesis offer failed peer=%s error=%s", peer, exc)
+            continue
+        reason = refusal(offer, config, fragments)
+        if reason is not None:
+            _refuse(peer, reason, counters=counters, join=join)
+            continue
+        offers[peer] = offer
+    return offers
+
+
+async def _download(
+    host: p2p.Host,
+    offers: dict[str, wire.GenesisOffer],
+    config: Config,
+    fragments: Sequence[tuple[int, int]],
+    *,
+    store: Store,
+    counters: Counters,
+    join: JoinStatus,
+) -> crdt.Genesis | None:
+    """Fetch the genesis file most peers offered, from all of them, and install it if it is acceptable;
+    a peer whose offer it does not match is refused (the bytes matched the root it offered: it lied)."""
+    ref, peers = offers_sources({peer: offer.ref for peer, offer in offers.items()})
+    claimed = offers[peers[0]].id
+    dest = transfer_dest(store.path, "genesis", claimed)
+    try:
+        path = await fetch(host, ref, peers, dest, join=join, kind="genesis",
+                           max_bytes=MAX_GENESIS_FILE_BYTES)
+    except (p2p.P2PError, OSError) as exc:  # dropped peers are in join.dropped; the part file is kept
+        log.warning("genesis download failed error=%s", exc)
+        return None
+    try:
+        genesis = await asyncio.to_thread(read_genesis, path)
+    except StoreError as exc:
+        path.unlink(missing_ok=True)
+        for peer in peers:
+            _refuse(peer, f"served a file that is not a genesis: {exc}", counters=counters, join=join)
+        return None
+    for peer in peers:
+        if offers[peer].id != genesis.id:
+            _refuse(peer, f"served genesis {genesis.id[:16]} for the {offers[peer].id[:16]} it offered",
+                    counters=counters, join=join)
+    reason = refusal(genesis, config, fragments)
+    if reason is not None:
+        path.unlink(missing_ok=True)
+        return None
+    assert join.genesis_transfer is not None  # fetch() set it
+    join.genesis_transfer.state = "done"
+    join.source = next((peer for peer in peers if peer not in join.refused), peers[0])
+    store.install_genesis(path, genesis)
+    return genesis
+
+
+def _refuse(peer: str, reason: str, *, counters: Counters, join: JoinStatus) -> None:
+    join.refused[peer] = reason
+    counters.reject(GENESIS_REFUSED)
+    log.warning("refused the genesis of peer=%s reason=%s", peer, reason)
 
 
 def task_options(config: Config) -> str:

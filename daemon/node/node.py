@@ -12,8 +12,9 @@ The model is ``genesis + sum of contributions`` (see ``crdt``). The node wires t
 * :class:`~daemon.node.membership.Membership`: heartbeats, goodbyes, peer info.
 
 Founding and joining: a node without bootstrap peers and without a stored genesis founds the run with its
-task's freshly initialized parameters. A node with bootstrap peers fetches the genesis from them by
-request and trusts it by content (every later contribution is checked against it).
+task's freshly initialized parameters. A node with bootstrap peers fetches the genesis from them (an
+offer by request, the file as a blob: daemon/node/offers.py) and trusts it by content (every later
+contribution is checked against it).
 
 Concurrency: everything here runs on the asyncio loop. The p2p host runs its trio thread behind its
 facade; the trainer is a child process. Background tasks live in one ``asyncio.TaskGroup``; one of them
@@ -37,7 +38,7 @@ import crdt
 import p2p
 from daemon.config import Config, ConfigError, task_path
 from daemon.home import Home
-from daemon.node import genesis, wire
+from daemon.node import genesis, offers, wire
 from daemon.node.limits import Limits
 from daemon.node.membership import Membership
 from daemon.node.replica import Replica
@@ -161,7 +162,7 @@ class Node:
                      replica.state.state_hash[:16])
             run = self.config.node.run
             sync = Sync(self.host, replica, run=run, settings=lambda: self.config.sync,
-                                    limits=self.limits, timing=self._timing)
+                                    limits=self.limits, timing=self._timing, join=self.join)
             membership = Membership(self.host, run=run, beat=self._heartbeat,
                                                       reject=sync.reject)
             rounds = Rounds(self.trainer, replica, signer=self.signer, host=self.host,
@@ -171,7 +172,8 @@ class Node:
                                           joining=bool(self.config.node.bootstrap),
                                           training_peers=membership.training_peers)
             self._parts = Parts(replica, sync, rounds, membership)
-            self.host.set_request_handler(wire.GENESIS_PROTOCOL, self._serve_genesis)
+            await genesis.serve_genesis(self.host, self.store, run_genesis, run=run,
+                                        pace=offers.pace(self.limits.bucket, asyncio.get_running_loop()))
             sync.install()
             heartbeats = membership.install(sync.counting)
             async with asyncio.TaskGroup() as tasks:
@@ -212,8 +214,8 @@ class Node:
             return genesis.found_genesis(self.config, self.signer.public_key, await self._founding_params(),
                                          fragments)
         self._phase = TrainingState.FETCHING_GENESIS
-        return await genesis.fetch_genesis(self.host, self.config, fragments, counters=self.counters,
-                                           join=self.join)
+        return await genesis.fetch_genesis(self.host, self.config, fragments, store=self.store,
+                                           counters=self.counters, join=self.join)
 
     async def _founding_params(self) -> np.ndarray:
         """A founder's parameters: the task's fresh initialization, or ``[training] init_from``'s weights.
@@ -232,12 +234,6 @@ class Node:
             raise ConfigError(f"[training] init_from: {str(exc).strip().splitlines()[-1]}") from exc
         log.info("founding parameters from checkpoint=%s params=%d", path, params.size)
         return params
-
-    async def _serve_genesis(self, peer: str, data: bytes) -> bytes:
-        request = wire.GenesisRequest.decode(data)
-        if request.run != self.config.node.run:
-            raise wire.ForeignRun(f"this node serves run {self.config.node.run!r}, not {request.run!r}")
-        return self.parts.replica.state.genesis.encode()
 
     # -- control --------------------------------------------------------------------------------------
 

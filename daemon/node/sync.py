@@ -2,7 +2,7 @@
 
 Theory of operation
 -------------------
-Serving (``/meshtrain/sync/1``, ``/meshtrain/snapshot/1``, see ``daemon/node/wire.py``): a peer of this
+Serving (``/meshtrain/sync/1``, ``/meshtrain/snapshot/2``, see ``daemon/node/wire.py``): a peer of this
 run (same genesis, not blocked by a partition drill) sends its digest; the answer is what it lacks, at
 most ``[sync] max_batch`` records, lowest seqs first, or ``snapshot_required`` when part of it was
 compacted here. The bandwidth cap (``daemon/node/limits.py``) paces answers. A request that does not
@@ -14,10 +14,12 @@ and reports every answer back to it. Each answer's records go through the replic
 (``Replica.accept``); an equivocation is the author's fault, not the relayer's, so the pull goes on; any
 other invalid record ends the pull and counts against the peer that sent it.
 
-Snapshots are attested (``daemon/node/attestation.py``): a node serves its snapshot only with the
+Snapshots are attested (``daemon/node/attestation.py``): a node offers its snapshot only with the
 checkpoints of a quorum of the run's signers, and adopts a peer's only through ``Replica.adopt``, which
-checks that quorum (``crdt.check_attestation``) before the model is touched. Checkpoints travel on the
-run's checkpoint topic; a signer countersigns a fellow signer's when it computes the same state.
+checks that quorum (``crdt.check_attestation``) before the model is touched. The offer is checked before
+the file is fetched, as a blob, from every member that offers the same file (daemon/node/offers.py).
+Checkpoints travel on the run's checkpoint topic; a signer countersigns a fellow signer's when it computes
+the same state.
 
 All of it runs on the node's event loop; the machine is only touched between awaits, so it needs no lock.
 """
@@ -34,16 +36,20 @@ from collections.abc import Awaitable, Callable
 import crdt
 import p2p
 from daemon.config import SyncConfig
-from daemon.node import wire
+from daemon.node import offers, wire
 from daemon.node.limits import Limits
+from daemon.node.offers import Offered, SnapshotServer, check_snapshot_offer, fetch_snapshot
 from daemon.node.replica import DiskFull, Replica
 from daemon.node.replication import Action, ActionKind, Replication, ReplicationPolicy
+from daemon.status import JoinStatus
 
 __all__ = ["Sync"]
 
 log = logging.getLogger(__name__)
 
 Handler = Callable[[str, bytes], Awaitable[bytes]]
+
+MAX_SNAPSHOT_SOURCES = 4  # peers asked for the same snapshot at once: more add little on one link
 
 
 class Sync:
@@ -58,6 +64,7 @@ class Sync:
         settings: Callable[[], SyncConfig],
         limits: Limits,
         timing: Callable[[str, float], None],
+        join: JoinStatus | None = None,
         rng: random.Random | None = None,
     ) -> None:
         self.host = host
@@ -76,6 +83,10 @@ class Sync:
         Gossip authored by anyone else is dropped before it is verified or forwarded (Host's admission)."""
         self._announcements: asyncio.Queue[p2p.GossipMessage] = asyncio.Queue()
         self._checkpoints: asyncio.Queue[p2p.GossipMessage] = asyncio.Queue()
+        self.join = join or JoinStatus()
+        """Where snapshot downloads show (``status.join``)."""
+        self._snapshots: SnapshotServer | None = None  # once installed
+        self._installing = asyncio.Lock()  # one snapshot download at a time (they share a part file)
 
     def _policy(self) -> ReplicationPolicy:
         """The machine's policy with the ``[sync]`` values in effect (SIGHUP may change them)."""
@@ -87,6 +98,8 @@ class Sync:
 
     def install(self) -> None:
         """Register the request handlers and subscribe to the announcement and checkpoint topics."""
+        pace = offers.pace(self.limits.bucket, asyncio.get_running_loop())
+        self._snapshots = SnapshotServer(self.host, self.replica.store.path, pace=pace)
         self.host.set_request_handler(wire.SYNC_PROTOCOL, self.counting(self._serve_sync))
         self.host.set_request_handler(wire.SNAPSHOT_PROTOCOL, self.counting(self._serve_snapshot))
         # Validated before delivery and before forwarding: junk is dropped and its sender scored down.
@@ -154,11 +167,10 @@ class Sync:
         if offer is None:
             raise wire.NoAttestedSnapshot("no snapshot here that a quorum of the run's signers attests")
         path, checkpoints = offer
-        body = await asyncio.to_thread(path.read_bytes)
+        assert self._snapshots is not None and self.replica.file_state is not None  # installed; offer held
+        ref = await self._snapshots.offer(path, self.replica.file_state[1])
         self.replica.counters.snapshots_served += 1
-        response = wire.SnapshotResponse(tuple(c.encode() for c in checkpoints), body).encode()
-        await self.limits.bucket.acquire(len(response))
-        return response
+        return wire.SnapshotOffer(tuple(c.encode() for c in checkpoints), ref).encode()
 
     def _admit(self, peer: str, request: wire.SyncRequest) -> None:
         """Serve model data only to peers of this run (same genesis) that no partition drill blocks."""
@@ -340,35 +352,72 @@ class Sync:
             self.timing("merge", time.perf_counter() - started)
 
     async def _install_snapshot_from(self, peer: str) -> None:
-        """Catch up through ``peer``'s attested snapshot (adopted only if a quorum of the run's signers
-        vouches for it and nothing held is lost: see the replica)."""
+        """Catch up through ``peer``'s attested snapshot, fetched from every peer offering the same file
+        (adopted only if a quorum of the run's signers vouches for it and nothing held is lost: see the
+        replica)."""
+        try:
+            async with self._installing:  # the machine may hand out several: the next finds it caught up
+                offered = await self._snapshot_offers(peer)
+                if offered:
+                    await self._fetch_and_adopt(offered)
+        finally:
+            self.machine.snapshot_done(peer)
+
+    async def _snapshot_offers(self, peer: str) -> Offered:
+        """``peer``'s snapshot offer, if attested and of use here, and the same offer from the other
+        connected members (a few at most: more sources for the download)."""
+        others = [p for p in self.host.connected_peers() if p in self.members and p != peer]
+        candidates = [peer, *self._rng.sample(others, min(len(others), MAX_SNAPSHOT_SOURCES - 1))]
+        answers = await asyncio.gather(*(self._snapshot_offer(p) for p in candidates))
+        first = answers[0]
+        if first is None:
+            return {}
+        root = first[0].ref.root
+        pairs = zip(candidates, answers, strict=True)
+        return {p: a for p, a in pairs if a is not None and a[0].ref.root == root}
+
+    async def _snapshot_offer(self, peer: str) -> tuple[wire.SnapshotOffer, list[crdt.Checkpoint]] | None:
         replica = self.replica
         request = wire.SyncRequest(genesis=replica.state.genesis.id, digest=b"")
         try:
-            try:
-                timeout_s = self.settings().request_timeout_s
-                data = await self.host.request(
-                    peer, wire.SNAPSHOT_PROTOCOL, request.encode(), timeout_s=timeout_s
-                )
-            except p2p.P2PError as exc:  # unreachable, or it holds no attested snapshot: not hostile
-                self.replica.counters.pull_failures += 1
-                log.info("snapshot fetch failed peer=%s error=%s", peer, exc)
-                return
-            try:
-                response = wire.SnapshotResponse.decode(data)
-                checkpoints = [replica.attestations.decode(raw) for raw in response.checkpoints]
-                state = replica.state
-                reader = crdt.SnapshotReader(state.genesis, max_authors=state.limits.max_authors)
-                reader.feed(response.snapshot)
-                adopted = replica.adopt(reader.finish(), checkpoints)
-            except (wire.WireError, crdt.CrdtError) as exc:  # junk, or a snapshot no quorum vouches for
+            data = await self.host.request(
+                peer, wire.SNAPSHOT_PROTOCOL, request.encode(), timeout_s=self.settings().request_timeout_s
+            )
+        except p2p.P2PError as exc:  # unreachable, or it holds no attested snapshot: not hostile
+            replica.counters.pull_failures += 1
+            log.info("snapshot offer failed peer=%s error=%s", peer, exc)
+            return None
+        try:
+            offer, checkpoints = check_snapshot_offer(data, replica.state, replica.attestations)
+        except (wire.WireError, crdt.CrdtError) as exc:
+            self.reject(peer, exc)
+            return None
+        vector = checkpoints[0].version_vector
+        if replica.state.version_vector.dominates(vector):
+            return None  # caught up meanwhile (another snapshot, or records)
+        if not replica.state.can_serve(vector):
+            log.info("not fetching the snapshot of peer=%s: it would drop history we compacted", peer)
+            return None
+        return offer, checkpoints
+
+    async def _fetch_and_adopt(self, offered: Offered) -> None:
+        replica = self.replica
+        peers = ",".join(offered)
+        try:
+            snapshot, checkpoints = await fetch_snapshot(self.host, offered, replica.state,
+                                                         replica.store.path, join=self.join)
+            adopted = replica.adopt(snapshot, checkpoints)
+        except (p2p.P2PError, OSError) as exc:  # each dropped peer's reason is in join.dropped
+            replica.counters.pull_failures += 1
+            log.info("snapshot download failed peers=%s error=%s", peers, exc)
+            return
+        except crdt.CrdtError as exc:  # the bytes matched the root they offered: they offered junk
+            for peer in offered:
                 self.reject(peer, exc)
-                return
-        finally:
-            self.machine.snapshot_done(peer)
+            return
         if not adopted:
-            log.warning("not adopting snapshot from peer=%s: it would drop history we compacted", peer)
+            log.warning("not adopting the snapshot of peers=%s: it would drop history we compacted", peers)
             return
         state = replica.state
-        log.info("installed snapshot from peer=%s contributions=%d state_hash=%s", peer,
+        log.info("installed snapshot from peers=%s contributions=%d state_hash=%s", peers,
                  state.contribution_count, state.state_hash[:16])

@@ -2,21 +2,27 @@
 
 Three protocols carry the model between nodes of one run, and a fourth says goodbye:
 
-``/meshtrain/genesis/1``
-    request ``GenesisRequest(run)``; response: the run's encoded :class:`crdt.Genesis`. A joiner fetches
-    the genesis state by content (its id is the hash), never re-derives it from a seed: initialization
-    differs across torch builds.
+``/meshtrain/genesis/2``
+    request ``GenesisRequest(run)``; response ``GenesisOffer``: the genesis's id, meta and fragment layout
+    (what a joiner checks before it fetches anything) and the blob (``p2p.Host.fetch_blob``) that carries
+    the stored genesis file: id, manifest root and size. A joiner fetches the genesis by content (its id is
+    the hash) and never re-derives it from a seed: initialization differs across torch builds.
 ``/meshtrain/sync/1``
     anti-entropy pull. Request: ``SyncRequest``: the caller's genesis id and :class:`crdt.Digest` (version
     vector + state hash). Response:
     ``SyncResponse``: the contributions the caller lacks (at most a batch) and the responder's digest, so
     the caller knows whether to pull again; ``snapshot_required`` when some of what the caller lacks was
     compacted away here, so only a snapshot can bring it up to date.
-``/meshtrain/snapshot/1``
-    request ``SyncRequest`` (the digest is ignored); response ``SnapshotResponse``: the responder's
-    snapshot stream (crdt.snapshot) and the checkpoints that attest its state. Served only when a quorum
-    of the run's checkpoint signers attests it (else the request is refused as ``NoAttestedSnapshot``); the
-    requester checks the quorum on the header before it decodes the body (crdt.check_attestation).
+``/meshtrain/snapshot/2``
+    request ``SyncRequest`` (the digest is ignored); response ``SnapshotOffer``: the checkpoints that attest
+    the responder's snapshot and the blob that carries its snapshot file (the crdt.snapshot stream).
+    Offered only when a quorum of the run's checkpoint signers attests it (else the request is refused as
+    ``NoAttestedSnapshot``); the requester checks the quorum on the offer before it fetches a byte
+    (crdt.check_attestation), and again on the fetched stream's header.
+
+Bulk bytes never travel in these replies: a reply is capped (``p2p.RequestLimits``), a model is not. The
+genesis and snapshots move as blobs (``/meshtrain/blob/2``: chunked, BLAKE3-verified, resumable, from
+several peers at once); ``daemon/node/offers.py`` serves and fetches them.
 ``/meshtrain/goodbye/1``
     request: the sender's last ``Heartbeat`` (training "leaving"); response: empty. Sent at shutdown
     straight to every connected peer, on top of the gossip heartbeat: gossip needs a mesh path at that
@@ -49,13 +55,15 @@ __all__ = [
     "SNAPSHOT_PROTOCOL",
     "SYNC_PROTOCOL",
     "Announcement",
+    "BlobRef",
     "ForeignRun",
+    "GenesisOffer",
     "GenesisRequest",
     "Heartbeat",
     "NoAttestedSnapshot",
     "Partitioned",
     "Refusal",
-    "SnapshotResponse",
+    "SnapshotOffer",
     "SyncRequest",
     "SyncResponse",
     "WireError",
@@ -65,14 +73,18 @@ __all__ = [
     "valid_gossip",
 ]
 
-GENESIS_PROTOCOL = "/meshtrain/genesis/1"
+GENESIS_PROTOCOL = "/meshtrain/genesis/2"  # 1 answered with the whole genesis
 SYNC_PROTOCOL = "/meshtrain/sync/1"
-SNAPSHOT_PROTOCOL = "/meshtrain/snapshot/1"
+SNAPSHOT_PROTOCOL = "/meshtrain/snapshot/2"  # 1 answered with the whole snapshot
 GOODBYE_PROTOCOL = "/meshtrain/goodbye/1"
 WIRE_VERSION = 1
 MAX_ANNOUNCEMENT_BYTES = 1024  # a header, never a payload: gossip caps messages at 1 MiB and is CPU-bound
 MAX_SYNC_CONTRIBUTIONS = 4096
 MAX_SYNC_REQUEST_BYTES = 4 << 20  # a version vector of ~100k authors
+MAX_OFFER_BYTES = 4 << 20  # like a sync request: 256 checkpoints carry version vectors
+MAX_OFFER_FRAGMENTS = 65536  # far above any [diloco] num_fragments
+MAX_OFFER_META_ITEMS = 64  # crdt.Limits.max_meta_items
+MAX_BLOB_ID_BYTES = 256  # "genesis/<hex id>" or "snapshot/<hex state hash>"
 
 
 def announce_topic(run: str) -> str:
@@ -214,21 +226,81 @@ class SyncResponse:
 
 
 @dataclass(frozen=True, slots=True)
-class SnapshotResponse:
+class BlobRef:
+    """Where the bytes of an offer are: fetch ``blob`` with ``p2p.Host.fetch_blob(root=..., size=...)``
+    from the peer that made the offer (and any other that offers the same root)."""
+
+    blob: bytes
+    """The blob id the offering peer serves it under."""
+    root: bytes
+    """``p2p.Manifest.root``: pins every chunk digest from the first byte."""
+    size: int
+    """Bytes of the blob."""
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"blob": self.blob, "root": self.root, "size": self.size}
+
+    @classmethod
+    def from_wire(cls, obj: dict[str, Any]) -> BlobRef:
+        blob, root, size = _field(obj, "blob", bytes), _field(obj, "root", bytes), _field(obj, "size", int)
+        if not 0 < len(blob) <= MAX_BLOB_ID_BYTES or len(root) != 32 or size < 1:
+            raise WireError("blob id, 32-byte manifest root and positive size required")
+        return cls(blob=blob, root=root, size=size)
+
+
+@dataclass(frozen=True, slots=True)
+class GenesisOffer:
+    """The run's genesis as a joiner checks it before fetching (``daemon.node.genesis.refusal`` reads
+    ``id``, ``meta`` and ``fragments``, as it would of a :class:`crdt.Genesis`), and where its bytes are.
+    The fetched genesis must then have exactly this id (the id hashes meta and layout too)."""
+
+    id: str
+    meta: dict[str, str]
+    fragments: tuple[tuple[int, int], ...]
+    ref: BlobRef
+
+    def encode(self) -> bytes:
+        return msgpack.packb({
+            "v": WIRE_VERSION, "id": self.id, "meta": self.meta,
+            "fragments": [list(f) for f in self.fragments], **self.ref.to_wire(),
+        })
+
+    @classmethod
+    def decode(cls, data: bytes) -> GenesisOffer:
+        obj = _unpack(data, max_bytes=MAX_OFFER_BYTES)
+        meta, frags = _field(obj, "meta", dict), _field(obj, "fragments", list)
+        if len(meta) > MAX_OFFER_META_ITEMS or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in meta.items()
+        ):
+            raise WireError(f"meta must be at most {MAX_OFFER_META_ITEMS} strings to strings")
+        if len(frags) > MAX_OFFER_FRAGMENTS or not all(
+            isinstance(f, list) and len(f) == 2 and all(type(x) is int for x in f) for f in frags
+        ):
+            raise WireError(f"fragments must be at most {MAX_OFFER_FRAGMENTS} [start, stop] pairs")
+        genesis_id = _field(obj, "id", str)
+        if len(genesis_id) != 64 or genesis_id.strip("0123456789abcdef"):
+            raise WireError("id must be a genesis id (64 lowercase hex digits)")
+        return cls(id=genesis_id, meta=meta, fragments=tuple((a, b) for a, b in frags),
+                   ref=BlobRef.from_wire(obj))
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotOffer:
     checkpoints: tuple[bytes, ...]
     """Encoded crdt.Checkpoint records attesting the snapshot's state (one per signer at most)."""
-    snapshot: bytes
+    ref: BlobRef
     """The snapshot stream (crdt.SnapshotReader reads it)."""
 
     def encode(self) -> bytes:
-        return msgpack.packb(
-            {"v": WIRE_VERSION, "checkpoints": list(self.checkpoints), "snapshot": self.snapshot}
-        )
+        return msgpack.packb({"v": WIRE_VERSION, "checkpoints": list(self.checkpoints), **self.ref.to_wire()})
 
     @classmethod
-    def decode(cls, data: bytes) -> SnapshotResponse:
-        obj = _unpack(data)
-        return cls(checkpoints=_checkpoints(obj), snapshot=_field(obj, "snapshot", bytes))
+    def decode(cls, data: bytes) -> SnapshotOffer:
+        obj = _unpack(data, max_bytes=MAX_OFFER_BYTES)
+        checkpoints = _checkpoints(obj)
+        if not checkpoints:
+            raise WireError("a snapshot offer carries the checkpoints that attest it")
+        return cls(checkpoints=checkpoints, ref=BlobRef.from_wire(obj))
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,9 +16,24 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from daemon.config import Config, ConfigError, load_config
-from daemon.node.wire import Announcement, GenesisRequest, SyncRequest, SyncResponse, WireError
+from daemon.node.wire import (
+    Announcement,
+    GenesisOffer,
+    GenesisRequest,
+    SnapshotOffer,
+    SyncRequest,
+    SyncResponse,
+    WireError,
+)
 
-DECODERS = (Announcement.decode, SyncRequest.decode, SyncResponse.decode, GenesisRequest.decode)
+DECODERS = (
+    Announcement.decode,
+    SyncRequest.decode,
+    SyncResponse.decode,
+    GenesisRequest.decode,
+    GenesisOffer.decode,
+    SnapshotOffer.decode,
+)
 KEYS = [
     "v",
     "run",
@@ -31,6 +46,11 @@ KEYS = [
     "fragment",
     "size",
     "id",
+    "meta",
+    "fragments",
+    "checkpoints",
+    "blob",
+    "root",
 ]
 
 _leaf = st.one_of(

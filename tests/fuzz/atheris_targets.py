@@ -78,6 +78,8 @@ TARGETS: dict[str, tuple[Callable[[bytes], object], tuple[type[Exception], ...]]
     "announcement": (wire.Announcement.decode, (wire.WireError,)),
     "heartbeat": (wire.Heartbeat.decode, (wire.WireError,)),
     "genesis-request": (wire.GenesisRequest.decode, (wire.WireError,)),
+    "genesis-offer": (wire.GenesisOffer.decode, (wire.WireError,)),
+    "snapshot-offer": (wire.SnapshotOffer.decode, (wire.WireError,)),
     "frames": (_frames, (ProtocolViolation,)),
     "blob-manifest": (_transfer.Manifest.decode, (ProtocolViolation,)),
     "blob-request": (_transfer.BlobRequest.decode, (ProtocolViolation,)),
@@ -142,6 +144,14 @@ def seeds(target: str) -> list[bytes]:
             ).encode()
         ],
         "genesis-request": [wire.GenesisRequest(run="fuzz").encode()],
+        "genesis-offer": [
+            wire.GenesisOffer(id=genesis.id, meta=dict(genesis.meta), fragments=genesis.fragments,
+                              ref=wire.BlobRef(blob=b"genesis/x", root=bytes(32), size=100)).encode()
+        ],
+        "snapshot-offer": [
+            wire.SnapshotOffer(checkpoints=(state.checkpoint(signer).encode(),),
+                               ref=wire.BlobRef(blob=b"snapshot/x", root=bytes(32), size=100)).encode()
+        ],
         "frames": [
             _framing.encode_frame(_framing.FrameKind.REQUEST, b"hello")
             + _framing.encode_frame(_framing.FrameKind.ERROR, _framing.encode_error_payload("Oops", "why"))

@@ -92,16 +92,21 @@ def _response(*contributions: bytes, digest: bytes | None = None) -> bytes:
     return wire.SyncResponse(digest=digest or empty, contributions=contributions).encode()
 
 
+async def fetch_genesis(host: p2p.Host, peer: str, run: str) -> crdt.Genesis:
+    """What a joiner does: ask for the offer, fetch the genesis file as a blob (anyone may)."""
+    offer = wire.GenesisOffer.decode(
+        await host.request(peer, wire.GENESIS_PROTOCOL, wire.GenesisRequest(run).encode(), timeout_s=30)
+    )
+    data = await host.fetch_blob(offer.ref.blob, peers=[peer], root=offer.ref.root, size=offer.ref.size)
+    return crdt.Genesis.decode(crdt.unseal_blob(b"GENESIS", bytes(data)))
+
+
 async def _attack(addr: str, genesis_run: str, statuses: callable) -> dict:  # type: ignore[valid-type]
     attacker = crdt.Signer.from_seed(os.urandom(32))
     identity = p2p.Identity.generate()
     async with p2p.Host(identity) as host:
         victim = await host.connect(addr)
-        genesis = crdt.Genesis.decode(
-            await host.request(
-                victim, wire.GENESIS_PROTOCOL, wire.GenesisRequest(genesis_run).encode(), timeout_s=30
-            )
-        )
+        genesis = await fetch_genesis(host, victim, genesis_run)
         length = genesis.fragment_length(0)
         good_payload = crdt.encode_payload("dense-f32", length, None, np.full(length, 1e-3, np.float32))
 
@@ -219,10 +224,7 @@ def test_an_equivocating_author_is_named_and_its_proof_kept(cluster_dir: Path) -
         async with p2p.Host(p2p.Identity.generate()) as host:
             for info in infos:
                 await host.connect(info.addr)
-            request = wire.GenesisRequest("cluster").encode()
-            genesis = crdt.Genesis.decode(
-                await host.request(infos[0].peer_id, wire.GENESIS_PROTOCOL, request, timeout_s=30)
-            )
+            genesis = await fetch_genesis(host, infos[0].peer_id, "cluster")
             length = genesis.fragment_length(0)
 
             def record(seq: int, value: float) -> bytes:

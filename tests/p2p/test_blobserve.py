@@ -42,6 +42,16 @@ def test_file_source_reads_chunks_and_refuses_a_changed_file(tmp_path: Path) -> 
         source.read_chunk(0)
 
 
+def test_a_paced_source_waits_before_each_served_chunk_but_not_while_hashing(tmp_path: Path) -> None:
+    path = tmp_path / "blob.bin"
+    path.write_bytes(DATA)
+    paced: list[int] = []
+    source = BlobSource.from_file(path, chunk_size=CHUNK, pace=paced.append)
+    assert paced == []  # building the manifest read every chunk, unpaced
+    assert source.read_chunk(39) == DATA[39 * CHUNK :] and source.read_chunk(0) == DATA[:CHUNK]
+    assert paced == [len(DATA) - 39 * CHUNK, CHUNK]
+
+
 async def test_a_changed_file_is_refused_to_fetchers_not_served(tmp_path: Path) -> None:
     path = tmp_path / "blob.bin"
     path.write_bytes(DATA)

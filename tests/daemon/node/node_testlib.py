@@ -3,7 +3,10 @@ the libp2p host and the training process, so that whole nodes run in one event l
 
 ``FakeNet`` links ``FakeHost``s: a request calls the target's handler directly (its exceptions come back
 as ``p2p.RemoteError`` with the type name, as over libp2p), gossip is delivered to every linked host's
-subscription after its topic validator. ``FakeTrainer`` stands for the training child: a fixed model of
+subscription after its topic validator, and a blob fetch reads the serving hosts' files chunk by chunk
+with the real host's checks (pinned root, every chunk's digest, the whole blob's, a part file resumed)
+and its blame (a peer that is not linked, does not serve the blob, stalls or sends a bad chunk is
+dropped with a reason and the others finish). ``FakeTrainer`` stands for the training child: a fixed model of
 ``PARAMS`` entries, and rounds whose updates are small, deterministic sparse-q8 payloads.
 """
 
@@ -13,6 +16,8 @@ import asyncio
 import contextlib
 import hashlib
 import itertools
+import os
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -25,6 +30,7 @@ from daemon.config import Config
 from daemon.home import Home
 from daemon.node.node import Node
 from daemon.node.trainer_process import Fill, TrainerError
+from p2p._transfer import chunk_digest
 from training import RoundResult, StalenessPolicy
 
 # -- records ------------------------------------------------------------------------------------------
@@ -133,6 +139,11 @@ class FakeHost:
         """(peer, protocol) of every request this host sent."""
         self.bytes_sent = 0
         self.bytes_received = 0
+        self.blobs: dict[bytes, p2p.BlobSource] = {}
+        self.blob_fault: str | None = None
+        """What this host does when asked for a chunk: None (serve it), "stall" or "corrupt"."""
+        self.fetches: list[p2p.BlobProgress] = []
+        """Every fetch this host made, in order."""
 
     async def start(self) -> None:
         pass
@@ -204,6 +215,88 @@ class FakeHost:
 
     def penalize(self, peer: str) -> None:
         self.penalized.append(peer)
+
+    # -- blobs (the real ones: p2p/_blobs.py, p2p/_blobserve.py) --
+
+    async def serve_file(
+        self, blob_id: bytes, path: Path, *, manifest: p2p.Manifest | None = None, pace: Any = None
+    ) -> p2p.Manifest:
+        self.blobs[blob_id] = p2p.BlobSource.from_file(path, manifest=manifest, pace=pace)
+        return self.blobs[blob_id].manifest
+
+    def unserve_blob(self, blob_id: bytes) -> None:
+        self.blobs.pop(blob_id, None)
+
+    def blob_fetches(self) -> list[dict[str, Any]]:
+        return [p.as_dict() for p in self.fetches if p.state not in ("done", "failed")]
+
+    async def fetch_blob(
+        self,
+        blob_id: bytes,
+        *,
+        peers: list[str],
+        root: bytes,
+        size: int,
+        max_bytes: int,
+        dest: Path,
+        progress: p2p.BlobProgress,
+    ) -> Path:
+        self.fetches.append(progress)
+        progress.blob_id = blob_id
+        sources: dict[str, p2p.BlobSource] = {}
+        for peer in peers:
+            source = self.net.hosts[peer].blobs.get(blob_id) if self.net.linked(self.peer_id, peer) else None
+            if source is None:
+                progress.dropped[peer] = "unreachable or NotServed"
+            elif source.manifest.root != root or source.manifest.size != size or size > max_bytes:
+                progress.dropped[peer] = "manifest is not the pinned one"
+            else:
+                sources[peer] = source
+        if not sources:
+            progress.state = "failed"
+            raise p2p.BlobNotFound("no acceptable manifest", peer_errors=dict(progress.dropped))
+        manifest = next(iter(sources.values())).manifest
+        progress.state, progress.bytes_total = "fetching", size
+        progress.chunks_total = manifest.chunk_count
+        part = dest.with_name(dest.name + ".part")
+        fd = os.open(part, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            os.truncate(fd, size)
+            for index in range(manifest.chunk_count):
+                offset, length = manifest.chunk_range(index)
+                if chunk_digest(os.pread(fd, length, offset)) == manifest.chunk_digests[index]:
+                    progress.bytes_resumed += length  # verified in the part file: not fetched again
+                    progress.bytes_done += length
+                    continue
+                await self._fetch_chunk(sources, index, fd, manifest, progress)
+        finally:
+            os.close(fd)
+        os.replace(part, dest)
+        progress.state, progress.finished_at = "done", time.monotonic()
+        return dest
+
+    async def _fetch_chunk(
+        self, sources: dict[str, p2p.BlobSource], index: int, fd: int, manifest: p2p.Manifest,
+        progress: p2p.BlobProgress,
+    ) -> None:
+        while sources:
+            await asyncio.sleep(0)  # I/O yields to the loop
+            peer = next(iter(sources))
+            fault = self.net.hosts[peer].blob_fault
+            data = sources[peer].read_chunk(index) if fault != "stall" else b""
+            if fault == "corrupt":
+                data = bytes(len(data))
+            if fault == "stall" or chunk_digest(data) != manifest.chunk_digests[index]:
+                progress.dropped[peer] = "stalled" if fault == "stall" else f"chunk {index} failed its digest"
+                del sources[peer]
+                continue
+            os.pwrite(fd, data, manifest.chunk_range(index)[0])
+            progress.bytes_done += len(data)
+            progress.chunks_done += 1
+            progress.sources = set(sources)
+            return
+        progress.state = "failed"
+        raise p2p.TransferFailed("every peer was dropped", peer_errors=dict(progress.dropped))
 
 
 # -- a stand-in for the training process --------------------------------------------------------------

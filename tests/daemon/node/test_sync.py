@@ -99,6 +99,7 @@ async def test_a_peer_that_always_claims_more_cannot_keep_the_others_out(tmp_pat
     async with running_node(honest_home, net, config(enabled=True, max_rounds=1)) as h:
         join = config().with_overrides("node", bootstrap=(honest.addr,))
         async with running_node(victim_home, net, join) as v:
+            await until(lambda: v.status().genesis is not None)  # fetched (a blob, through a thread)
             machine = v.parts.sync.machine
             machine.policy = dataclasses.replace(machine.policy, parallel=1)  # one slot: they must share it
             await until(lambda: v.status().version_vector.get(h.host.peer_id) == 1)

@@ -10,13 +10,18 @@ from hypothesis import strategies as st
 
 from daemon.node.wire import (
     Announcement,
+    BlobRef,
+    GenesisOffer,
     GenesisRequest,
     Heartbeat,
+    SnapshotOffer,
     SyncRequest,
     SyncResponse,
     WireError,
     valid_gossip,
 )
+
+REF = BlobRef(blob=b"snapshot/" + b"ab" * 32, root=b"r" * 32, size=10)
 
 
 def test_round_trips() -> None:
@@ -42,6 +47,34 @@ def test_round_trips() -> None:
     assert Heartbeat.decode(h.encode()) == h
     g = GenesisRequest(run="r")
     assert GenesisRequest.decode(g.encode()) == g
+    offer = GenesisOffer(id="ab" * 32, meta={"run": "r"}, fragments=((0, 8), (8, 16)), ref=REF)
+    assert GenesisOffer.decode(offer.encode()) == offer
+    snapshot = SnapshotOffer(checkpoints=(b"c",), ref=REF)
+    assert SnapshotOffer.decode(snapshot.encode()) == snapshot
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ({"id": "../../etc/passwd"}, "64 lowercase hex"),  # it names the download's file
+        ({"root": b"short"}, "32-byte manifest root"),
+        ({"size": 0}, "positive size"),
+        ({"blob": b""}, "blob id"),
+        ({"meta": {str(i): "x" for i in range(65)}}, "meta must be at most 64"),
+        ({"fragments": [[0, "8"]]}, "fragments must be"),
+    ],
+)
+def test_genesis_offer_rejects(change: dict, reason: str) -> None:
+    good = GenesisOffer(id="ab" * 32, meta={}, fragments=((0, 8),), ref=REF).encode()
+    with pytest.raises(WireError, match=reason):
+        GenesisOffer.decode(msgpack.packb({**msgpack.unpackb(good), **change}))
+
+
+def test_snapshot_offer_needs_checkpoints_and_stays_small() -> None:
+    with pytest.raises(WireError, match="carries the checkpoints that attest it"):
+        SnapshotOffer.decode(SnapshotOffer(checkpoints=(), ref=REF).encode())
+    with pytest.raises(WireError, match="exceeds"):
+        SnapshotOffer.decode(SnapshotOffer(checkpoints=(b"x" * (5 << 20),), ref=REF).encode())
 
 
 @pytest.mark.parametrize(
@@ -85,6 +118,8 @@ def test_garbage_never_escapes_as_another_error(data: bytes) -> None:
         SyncRequest.decode,
         SyncResponse.decode,
         GenesisRequest.decode,
+        GenesisOffer.decode,
+        SnapshotOffer.decode,
     )
     for decoder in decoders:
         with contextlib.suppress(WireError):
