@@ -170,7 +170,8 @@ class Node:
                                           timing=self._timing,
                                           count_peers="expected_peers" not in self.config.diloco,
                                           joining=bool(self.config.node.bootstrap),
-                                          training_peers=membership.training_peers)
+                                          training_peers=membership.training_peers,
+                                          pull_now=sync.pull_from_peers_ahead)
             self._parts = Parts(replica, sync, rounds, membership)
             await genesis.serve_genesis(self.host, self.store, run_genesis, run=run,
                                         pace=offers.pace(self.limits.bucket, asyncio.get_running_loop()))

@@ -135,6 +135,11 @@ class Replication:
                 self._want(source)
                 return
 
+    def behind(self, peer: str) -> None:
+        """``peer``'s digest showed records we lack, and a round is waiting for them: want it now."""
+        if self.usable(peer):
+            self._want(peer)
+
     def tick(self, rng: random.Random) -> None:
         """An anti-entropy period passed: want ``fanout`` random usable peers."""
         candidates = sorted(p for p in self.connected if self.usable(p))

@@ -73,6 +73,7 @@ class Rounds:
         count_peers: bool = True,
         joining: bool = False,
         training_peers: Callable[[float], set[str]] = lambda _within_s: set(),
+        pull_now: Callable[[], None] = lambda: None,
     ) -> None:
         self.trainer = trainer
         self.replica = replica
@@ -86,6 +87,8 @@ class Rounds:
         """Pass the live count of training peers to each round (False: ``[diloco] expected_peers`` is set)."""
         self.joining = joining
         self.training_peers = training_peers
+        self.pull_now = pull_now
+        """Ask sync to pull from the peers known to hold what this node lacks (while catching up)."""
         """Peers whose heartbeat, heard within the given seconds, says they are training."""
         """The node has bootstrap peers: its first round waits for a first exchange with one of them."""
         self._last_round_s = 0.0
@@ -175,6 +178,7 @@ class Rounds:
         target = self.replica.peers_hold()
         if target is None and self.joining and self.rounds_done == 0:
             while target is None and time.monotonic() - started < FIRST_EXCHANGE_S:
+                self.pull_now()
                 await self._changed_within(1.0)  # digests do not change the model: look again each second
                 target = self.replica.peers_hold()
         if target is None or self._lag(target) <= self.live_peers():
@@ -182,6 +186,7 @@ class Rounds:
         log.info("catching up before the round missing=%d", self._lag(target))
         last_progress = time.monotonic()
         while self._lag(target) and time.monotonic() - started < CATCH_UP_MAX_S:
+            self.pull_now()
             if await self._changed_within(1.0):
                 last_progress = time.monotonic()
             elif time.monotonic() - last_progress > CATCH_UP_IDLE_S:

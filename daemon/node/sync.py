@@ -47,6 +47,11 @@ __all__ = ["Sync"]
 
 log = logging.getLogger(__name__)
 
+# A peer that pulled from us and showed more is pulled back at most this often: enough to stop two nodes
+# spinning on each other, short enough that a node does not wait an anti-entropy period (30 s) for
+# records a peer just told it about.
+PULLBACK_INTERVAL_S = 2.0
+
 Handler = Callable[[str, bytes], Awaitable[bytes]]
 
 MAX_SNAPSHOT_SOURCES = 4  # peers asked for the same snapshot at once: more add little on one link
@@ -91,10 +96,24 @@ class Sync:
     def _policy(self) -> ReplicationPolicy:
         """The machine's policy with the ``[sync]`` values in effect (SIGHUP may change them)."""
         sync = self.settings()
+        pullback = min(sync.interval_s, PULLBACK_INTERVAL_S)
         current = getattr(self, "machine", None)
         if current is None:
-            return ReplicationPolicy(fanout=sync.fanout, pullback_interval_s=sync.interval_s)
-        return dataclasses.replace(current.policy, fanout=sync.fanout, pullback_interval_s=sync.interval_s)
+            return ReplicationPolicy(fanout=sync.fanout, pullback_interval_s=pullback)
+        return dataclasses.replace(current.policy, fanout=sync.fanout, pullback_interval_s=pullback)
+
+    def pull_from_peers_ahead(self) -> None:
+        """Pull now from every connected peer whose last digest showed records we lack, or that we have not
+        exchanged digests with yet (a round about to start is waiting; the anti-entropy period alone may be
+        30 s away)."""
+        ours = self.replica.state.version_vector
+        connected = self.host.connected_peers()
+        self.machine.set_connected(connected)
+        for peer in connected:
+            known = self.replica.peer_vectors.get(peer)
+            if known is None or not ours.dominates(known[0]):
+                self.machine.behind(peer)
+        self._wakeup.set()
 
     def install(self) -> None:
         """Register the request handlers and subscribe to the announcement and checkpoint topics."""

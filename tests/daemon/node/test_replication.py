@@ -132,3 +132,13 @@ def test_divergence_is_reported_once_and_cleared_when_hashes_agree() -> None:
     assert m.diverged == {"a"}
     assert not m.compared("a", same_vector=True, same_hash=True)
     assert m.diverged == set()
+
+
+def test_a_waiting_round_pulls_at_once_from_peers_ahead_but_never_from_blocked_or_gone_ones() -> None:
+    m = machine("ahead", "blocked")
+    m.set_blocked(["blocked"])
+    for peer in ("ahead", "blocked", "gone"):
+        m.behind(peer)
+    assert m.next_actions() == [pull("ahead")]
+    m.behind("ahead")  # already pulling: one pull per peer
+    assert m.next_actions() == []

@@ -68,3 +68,20 @@ async def test_peers_whose_heartbeat_says_training_count_before_their_first_cont
         async with running_node(tmp_path / "b", net, join, trainer=held) as b:
             await until(lambda: a.parts.rounds.live_peers() == 2)
             assert b.status().round == 0  # counted from its heartbeat alone
+
+
+async def test_joiners_starting_together_train_without_waiting_for_an_anti_entropy_period(
+    tmp_path: Path,
+) -> None:
+    """With anti-entropy every 30 s, a joiner's first round waited for a digest that only the period
+    would bring; a waiting round now pulls from its connected peers at once."""
+    net = FakeNet()
+    founder = host_for(tmp_path / "a", net)
+    net.link(founder.peer_id, host_for(tmp_path / "b", net).peer_id)
+    trains = config(training={"max_rounds": 3}, sync={"interval_s": 3600.0})
+    async with running_node(tmp_path / "a", net, trains) as a:
+        await until(lambda: a.status().contributions == 3)
+        join = trains.with_overrides("node", bootstrap=(founder.addr,))
+        async with running_node(tmp_path / "b", net, join) as b:
+            await until(lambda: b.status().round == 3 and b.status().contributions == 6)
+            assert b.parts.rounds.history[0].staleness == 0  # it started from the run, not the genesis
