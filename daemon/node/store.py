@@ -41,7 +41,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import logging
-import mmap
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -51,6 +50,17 @@ from typing import TypeVar
 import msgpack
 
 import crdt
+from daemon.node.store_files import (
+    GENESIS_KIND,
+    StoreError,
+    atomic_write,
+    decode_checkpoints,
+    decode_equivocation,
+    decode_peer_vectors,
+    fsync_dir,
+    read_genesis,
+    read_snapshot,
+)
 
 __all__ = ["RecoveryReport", "Store", "StoreError", "read_genesis", "read_snapshot"]
 
@@ -62,18 +72,12 @@ _SNAPSHOT_FILE = "snapshot.bin"
 _WAL_FILE = "wal.log"
 _LOCK_FILE = "LOCK"
 #: Blob kinds (7 bytes each, see crdt.log.seal_blob).
-_GENESIS_KIND = b"GENESIS"
 _CHECKPOINTS_FILE = "checkpoints.bin"
 _CHECKPOINTS_KIND = b"CHKPNTS"
-_READ_CHUNK = 1 << 20  # the snapshot file is fed to crdt.SnapshotReader in pieces of this size
 _PEERS_FILE = "peers.bin"
 _PEERS_KIND = b"PEERVVS"
 _EVIDENCE_DIR = "evidence"
 _EVIDENCE_KIND = b"EQUIVOC"
-
-
-class StoreError(Exception):
-    """The store cannot be opened or used (locked by another process, unreadable or foreign files)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,31 +90,6 @@ class RecoveryReport:
     """Bytes cut from the tail (0: the log was clean)."""
     error: str | None
     """Why the tail was cut (scan_log's reason), or None."""
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: Path, data: bytes | Iterable[bytes]) -> None:
-    """Replace ``path`` with ``data`` (bytes, or parts written as they come): a reader sees the old or
-    the new file, never a mix. A failed write (a full disk) leaves the old file and no temp file."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as f:
-            for part in [data] if isinstance(data, bytes) else data:
-                f.write(part)
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 class Store:
@@ -166,7 +145,7 @@ class Store:
             raise StoreError(f"{wal}: {exc}") from exc
         truncated = len(data) - scan.good_length
         if scan.good_length == 0:
-            _atomic_write(wal, crdt.LOG_HEADER)
+            atomic_write(wal, crdt.LOG_HEADER)
         elif truncated:
             with open(wal, "r+b") as f:
                 f.truncate(scan.good_length)
@@ -211,7 +190,7 @@ class Store:
         if self.genesis_file.exists():
             raise StoreError(f"{self.path} already holds a genesis")
         os.replace(path, self.genesis_file)
-        _fsync_dir(self.path)
+        fsync_dir(self.path)
         self._genesis_id = genesis.id
 
     def load_state(
@@ -251,7 +230,7 @@ class Store:
 
     def load_checkpoints(self) -> list[crdt.Checkpoint]:
         """The checkpoints held for the latest snapshot's state (its attestations, to serve with it)."""
-        return self._read_blob(_CHECKPOINTS_FILE, _CHECKPOINTS_KIND, _decode_checkpoints) or []
+        return self._read_blob(_CHECKPOINTS_FILE, _CHECKPOINTS_KIND, decode_checkpoints) or []
 
     def _read_blob(self, name: str, kind: bytes, decode: Callable[[bytes], T]) -> T | None:
         path = self.path / name
@@ -265,7 +244,7 @@ class Store:
     def load_peer_vectors(self) -> dict[str, tuple[crdt.VersionVector, float]]:
         """The last version vector known of every run member and when it was heard (unix time; see
         :meth:`write_peer_vectors`)."""
-        return self._read_blob(_PEERS_FILE, _PEERS_KIND, _decode_peer_vectors) or {}
+        return self._read_blob(_PEERS_FILE, _PEERS_KIND, decode_peer_vectors) or {}
 
     def load_equivocations(self) -> list[tuple[crdt.Contribution, crdt.Contribution]]:
         """Every kept equivocation proof that still checks out (see :meth:`write_equivocation`). Evidence
@@ -273,7 +252,7 @@ class Store:
         proofs = []
         for path in sorted((self.path / _EVIDENCE_DIR).glob("*.bin")):
             try:
-                proofs.append(_decode_equivocation(crdt.unseal_blob(_EVIDENCE_KIND, path.read_bytes())))
+                proofs.append(decode_equivocation(crdt.unseal_blob(_EVIDENCE_KIND, path.read_bytes())))
             except (OSError, crdt.CrdtError) as exc:
                 log.warning("ignoring unreadable equivocation proof path=%s error=%s", path, exc)
         return proofs
@@ -287,7 +266,7 @@ class Store:
         directory.mkdir(exist_ok=True)
         path = directory / f"{first.author.hex()}.bin"
         proof = msgpack.packb([first.encode(), second.encode()])
-        _atomic_write(path, crdt.seal_blob(_EVIDENCE_KIND, proof))
+        atomic_write(path, crdt.seal_blob(_EVIDENCE_KIND, proof))
         return path
 
     def append(self, contribution: crdt.Contribution) -> None:
@@ -336,7 +315,7 @@ class Store:
         payload = msgpack.packb(
             {peer: [vv.encode(), heard] for peer, (vv, heard) in sorted(vectors.items())}
         )
-        _atomic_write(self.path / _PEERS_FILE, crdt.seal_blob(_PEERS_KIND, payload))
+        atomic_write(self.path / _PEERS_FILE, crdt.seal_blob(_PEERS_KIND, payload))
 
     def write_genesis(self, genesis: crdt.Genesis) -> None:
         """Persist the genesis atomically. Writing the same genesis again is a no-op.
@@ -350,7 +329,7 @@ class Store:
             if self._genesis_id != genesis.id:
                 raise StoreError(f"{self.path} already holds genesis {self._genesis_id[:16]}")
             return
-        _atomic_write(self.path / _GENESIS_FILE, crdt.seal_blob(_GENESIS_KIND, genesis.encode()))
+        atomic_write(self.path / _GENESIS_FILE, crdt.seal_blob(GENESIS_KIND, genesis.encode()))
         self._genesis_id = genesis.id
 
     def write_snapshot(
@@ -363,14 +342,14 @@ class Store:
         """Atomically replace the snapshot with ``parts`` (``ModelState.snapshot_parts()``) and the
         checkpoints held for its state, then drop the WAL records at or below the retention ``floor``
         (``ModelState.retention_floor``). Returns WAL records dropped."""
-        _atomic_write(self.snapshot_file, parts)
+        atomic_write(self.snapshot_file, parts)
         self.write_checkpoints(checkpoints)
         return self._compact(floor)
 
     def write_checkpoints(self, checkpoints: Iterable[crdt.Checkpoint]) -> None:
         """Replace the checkpoints kept beside the snapshot (more signatures arrive after it is written)."""
         payload = msgpack.packb([c.encode() for c in checkpoints])
-        _atomic_write(self.path / _CHECKPOINTS_FILE, crdt.seal_blob(_CHECKPOINTS_KIND, payload))
+        atomic_write(self.path / _CHECKPOINTS_FILE, crdt.seal_blob(_CHECKPOINTS_KIND, payload))
 
     def _compact(self, floor: crdt.VersionVector) -> int:
         slots = self._record_slots()
@@ -382,7 +361,7 @@ class Store:
             return 0
         wal = self.path / _WAL_FILE
         self._wal.close()
-        _atomic_write(wal, crdt.LOG_HEADER + b"".join(crdt.frame_record(r) for r in keep))
+        atomic_write(wal, crdt.LOG_HEADER + b"".join(crdt.frame_record(r) for r in keep))
         self._wal = open(wal, "ab")  # noqa: SIM115 - owned until close()
         self._records = keep
         self._slots = [slot for _, slot in kept]
@@ -402,77 +381,3 @@ class Store:
         with contextlib.suppress(OSError):
             return (self.path / _WAL_FILE).stat().st_size
         return 0
-
-
-def read_genesis(path: Path) -> crdt.Genesis:
-    """The sealed genesis file at ``path`` (the store's, or one fetched from a peer), read through a
-    memory map: two copies of the parameters at the peak (crdt.unseal_blob's, then the decoder's, which
-    the genesis keeps) instead of three with read_bytes (12 bytes per parameter, on every start).
-
-    Raises:
-        StoreError: the file fails its checksum or does not decode.
-    """
-    try:
-        with (open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped,
-              memoryview(mapped) as view):
-            payload = crdt.unseal_blob(_GENESIS_KIND, view)  # checks the crc, and copies
-        return crdt.Genesis.decode(payload)  # the parameters are a view of msgpack's copy
-    except (crdt.ValidationError, ValueError) as exc:  # ValueError: an empty file cannot be mapped
-        raise StoreError(f"{path}: {exc}") from exc
-
-
-def read_snapshot(path: Path, genesis: crdt.Genesis, *, max_authors: int) -> crdt.Snapshot:
-    """The snapshot stream in the file at ``path`` (the store's, or one fetched from a peer), fed to
-    crdt.SnapshotReader in pieces: memory is the accumulator plus one piece. Call it in a worker thread
-    when the model is big (it decompresses the whole accumulator).
-
-    Raises:
-        crdt.ValidationError: not a snapshot of ``genesis``, or its content does not match its hash.
-        OSError: the file cannot be read.
-    """
-    reader = crdt.SnapshotReader(genesis, max_authors=max_authors)
-    with open(path, "rb") as f:
-        while chunk := f.read(_READ_CHUNK):
-            reader.feed(chunk)
-    return reader.finish()
-
-
-def _unpack(data: bytes, what: str) -> object:
-    """msgpack -> object, any msgpack failure as a ValidationError naming ``what``."""
-    try:
-        return msgpack.unpackb(data, raw=False)
-    except Exception as exc:  # msgpack raises several unrelated types
-        raise crdt.ValidationError(f"{what}: not msgpack ({exc.__class__.__name__})") from exc
-
-
-def _decode_peer_vectors(data: bytes) -> dict[str, tuple[crdt.VersionVector, float]]:
-    obj = _unpack(data, "peer vectors")
-    if not isinstance(obj, dict) or not all(
-        isinstance(k, str)
-        and isinstance(v, list)
-        and len(v) == 2
-        and isinstance(v[0], bytes)
-        and isinstance(v[1], float)
-        for k, v in obj.items()
-    ):
-        raise crdt.ValidationError("peer vectors: expected a map of peer id to [version vector, heard at]")
-    return {peer: (crdt.VersionVector.decode(raw), heard) for peer, (raw, heard) in obj.items()}
-
-
-def _decode_checkpoints(data: bytes) -> list[crdt.Checkpoint]:
-    items = _unpack(data, "checkpoints")
-    if not isinstance(items, list) or not all(isinstance(x, bytes) for x in items):
-        raise crdt.ValidationError("checkpoints: expected a list of encoded checkpoints")
-    return [crdt.Checkpoint.decode(x, max_authors=crdt.MAX_AUTHORS) for x in items]
-
-
-def _decode_equivocation(data: bytes) -> tuple[crdt.Contribution, crdt.Contribution]:
-    pair = _unpack(data, "equivocation proof")
-    if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(x, bytes) for x in pair)):
-        raise crdt.ValidationError("equivocation proof: expected two encoded contributions")
-    first, second = (crdt.Contribution.decode(x) for x in pair)
-    if (first.author, first.seq) != (second.author, second.seq) or first.id == second.id:
-        raise crdt.ValidationError("equivocation proof: not two different records of one slot")
-    first.verify()
-    second.verify()
-    return first, second

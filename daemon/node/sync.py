@@ -17,7 +17,8 @@ other invalid record ends the pull and counts against the peer that sent it.
 Snapshots are attested (``daemon/node/attestation.py``): a node offers its snapshot only with the
 checkpoints of a quorum of the run's signers, and adopts a peer's only through ``Replica.adopt``, which
 checks that quorum (``crdt.check_attestation``) before the model is touched. The offer is checked before
-the file is fetched, as a blob, from every member that offers the same file (daemon/node/offers.py).
+the file is fetched, as a blob, from every member that offers the same file
+(daemon/node/snapshot_install.py, daemon/node/offers.py).
 Checkpoints travel on the run's checkpoint topic; a signer countersigns a fellow signer's when it computes
 the same state.
 
@@ -38,9 +39,10 @@ import p2p
 from daemon.config import SyncConfig
 from daemon.node import offers, wire
 from daemon.node.limits import Limits
-from daemon.node.offers import Offered, SnapshotServer, check_snapshot_offer, fetch_snapshot
+from daemon.node.offers import SnapshotServer
 from daemon.node.replica import DiskFull, Replica
 from daemon.node.replication import Action, ActionKind, Replication, ReplicationPolicy
+from daemon.node.snapshot_install import SnapshotInstaller
 from daemon.status import JoinStatus
 
 __all__ = ["Sync"]
@@ -53,8 +55,6 @@ log = logging.getLogger(__name__)
 PULLBACK_INTERVAL_S = 2.0
 
 Handler = Callable[[str, bytes], Awaitable[bytes]]
-
-MAX_SNAPSHOT_SOURCES = 4  # peers asked for the same snapshot at once: more add little on one link
 
 
 class Sync:
@@ -91,7 +91,8 @@ class Sync:
         self.join = join or JoinStatus()
         """Where snapshot downloads show (``status.join``)."""
         self._snapshots: SnapshotServer | None = None  # once installed
-        self._installing = asyncio.Lock()  # one snapshot download at a time (they share a part file)
+        self.installer = SnapshotInstaller(host, replica, members=self.members, settings=settings,
+                                           reject=self.reject, join=self.join, rng=self._rng)
 
     def _policy(self) -> ReplicationPolicy:
         """The machine's policy with the ``[sync]`` values in effect (SIGHUP may change them)."""
@@ -305,7 +306,10 @@ class Sync:
                 if action.kind is ActionKind.PULL:
                     action = await self._pull_once(action.peer)
                 else:
-                    await self._install_snapshot_from(action.peer)
+                    try:
+                        await self.installer.install_from(action.peer)
+                    finally:
+                        self.machine.snapshot_done(action.peer)
                     action = None
         finally:
             self._wakeup.set()
@@ -369,74 +373,3 @@ class Sync:
             return self.replica.accept(contribution)
         finally:
             self.timing("merge", time.perf_counter() - started)
-
-    async def _install_snapshot_from(self, peer: str) -> None:
-        """Catch up through ``peer``'s attested snapshot, fetched from every peer offering the same file
-        (adopted only if a quorum of the run's signers vouches for it and nothing held is lost: see the
-        replica)."""
-        try:
-            async with self._installing:  # the machine may hand out several: the next finds it caught up
-                offered = await self._snapshot_offers(peer)
-                if offered:
-                    await self._fetch_and_adopt(offered)
-        finally:
-            self.machine.snapshot_done(peer)
-
-    async def _snapshot_offers(self, peer: str) -> Offered:
-        """``peer``'s snapshot offer, if attested and of use here, and the same offer from the other
-        connected members (a few at most: more sources for the download)."""
-        others = [p for p in self.host.connected_peers() if p in self.members and p != peer]
-        candidates = [peer, *self._rng.sample(others, min(len(others), MAX_SNAPSHOT_SOURCES - 1))]
-        answers = await asyncio.gather(*(self._snapshot_offer(p) for p in candidates))
-        first = answers[0]
-        if first is None:
-            return {}
-        root = first[0].ref.root
-        pairs = zip(candidates, answers, strict=True)
-        return {p: a for p, a in pairs if a is not None and a[0].ref.root == root}
-
-    async def _snapshot_offer(self, peer: str) -> tuple[wire.SnapshotOffer, list[crdt.Checkpoint]] | None:
-        replica = self.replica
-        request = wire.SyncRequest(genesis=replica.state.genesis.id, digest=b"")
-        try:
-            data = await self.host.request(
-                peer, wire.SNAPSHOT_PROTOCOL, request.encode(), timeout_s=self.settings().request_timeout_s
-            )
-        except p2p.P2PError as exc:  # unreachable, or it holds no attested snapshot: not hostile
-            replica.counters.pull_failures += 1
-            log.info("snapshot offer failed peer=%s error=%s", peer, exc)
-            return None
-        try:
-            offer, checkpoints = check_snapshot_offer(data, replica.state, replica.attestations)
-        except (wire.WireError, crdt.CrdtError) as exc:
-            self.reject(peer, exc)
-            return None
-        vector = checkpoints[0].version_vector
-        if replica.state.version_vector.dominates(vector):
-            return None  # caught up meanwhile (another snapshot, or records)
-        if not replica.state.can_serve(vector):
-            log.info("not fetching the snapshot of peer=%s: it would drop history we compacted", peer)
-            return None
-        return offer, checkpoints
-
-    async def _fetch_and_adopt(self, offered: Offered) -> None:
-        replica = self.replica
-        peers = ",".join(offered)
-        try:
-            snapshot, checkpoints = await fetch_snapshot(self.host, offered, replica.state,
-                                                         replica.store.path, join=self.join)
-            adopted = replica.adopt(snapshot, checkpoints)
-        except (p2p.P2PError, OSError) as exc:  # each dropped peer's reason is in join.dropped
-            replica.counters.pull_failures += 1
-            log.info("snapshot download failed peers=%s error=%s", peers, exc)
-            return
-        except crdt.CrdtError as exc:  # the bytes matched the root they offered: they offered junk
-            for peer in offered:
-                self.reject(peer, exc)
-            return
-        if not adopted:
-            log.warning("not adopting the snapshot of peers=%s: it would drop history we compacted", peers)
-            return
-        state = replica.state
-        log.info("installed snapshot from peers=%s contributions=%d state_hash=%s", peers,
-                 state.contribution_count, state.state_hash[:16])

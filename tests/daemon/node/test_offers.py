@@ -5,7 +5,6 @@ links that outlive compaction; downloads resume from their part files."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -14,7 +13,6 @@ from node_testlib import (
     SIGNER,
     FakeNet,
     G,
-    attested,
     host_for,
     node_config,
     running_node,
@@ -26,11 +24,6 @@ import crdt
 from daemon.node import offers, wire
 from daemon.node.attestation import Attestations
 from daemon.node.store import Store
-from daemon.status import JoinStatus
-
-
-def founder_config() -> object:
-    return node_config(training={"max_rounds": 4}, sync={"snapshot_every": 2})
 
 
 async def test_a_joiner_drops_a_peer_that_sends_bad_chunks_and_one_that_stalls(tmp_path: Path) -> None:
@@ -84,74 +77,6 @@ async def test_a_peer_that_serves_another_genesis_than_it_offered_is_refused(tmp
             net.link(f.host.peer_id, j.host.peer_id)
             await until(lambda: j.status().genesis == honest.id)
             assert j.status().counters.rejected_reasons == {"GenesisRefused": 1}
-
-
-async def test_a_late_joiner_installs_a_snapshot_fetched_as_a_blob(tmp_path: Path) -> None:
-    net = FakeNet()
-    homes = [tmp_path / name for name in "abc"]
-    a, b, c = (host_for(home, net).peer_id for home in homes)
-    net.link(a, b)
-    trains = founder_config()
-    async with running_node(homes[0], net, trains) as first:
-        join = trains.with_overrides("node", bootstrap=(first.host.addr,))
-        async with running_node(homes[1], net, join) as second:
-            await until(lambda: first.status().contributions == second.status().contributions == 8)
-            # Compact now rather than at the next snapshot_every (there is none after the last round).
-            await until(lambda: any(n.parts.replica.snapshot_and_compact() for n in (first, second)))
-            compacted = min((first, second), key=lambda n: n.status().retained_contributions)
-            net.link(compacted.host.peer_id, c)  # it holds no history: only its snapshot can help
-            late = join.with_overrides("training", enabled=False)
-            async with running_node(homes[2], net, late) as third:
-                await until(lambda: third.status().state_hash == first.status().state_hash)
-                status = third.status()
-                assert status.counters.snapshots_installed == 1
-                transfer = status.join.snapshot_transfer
-                assert transfer is not None and transfer.state == "done" and transfer.bytes_done > 0
-                assert compacted.status().counters.snapshots_served >= 1
-            assert not [p for p in (homes[2] / "store" / "incoming").iterdir() if "snapshot" in p.name]
-
-
-# -- the pieces --------------------------------------------------------------------------------------
-
-
-def snapshot_file(tmp_path: Path, state: crdt.ModelState) -> Path:
-    path = tmp_path / "snapshot.bin"
-    path.write_bytes(b"".join(state.snapshot_parts()))
-    return path
-
-
-async def test_a_snapshot_comes_from_the_honest_source_and_junk_is_a_validation_error(tmp_path: Path) -> None:
-    state = crdt.ModelState(G)
-    for c in HIST:
-        state.apply(c)
-    _, checkpoints = attested(state)
-    net = FakeNet()
-    victim, honest, corrupt = net.add("12D3KooWvictim"), net.add("12D3KooWhonest"), net.add("12D3KooW11bad")
-    for peer in (honest, corrupt):
-        net.link(victim.peer_id, peer.peer_id)
-    manifest = await honest.serve_file(b"snapshot/s", snapshot_file(tmp_path, state))
-    corrupt.blobs, corrupt.blob_fault = honest.blobs, "corrupt"
-    offer = wire.SnapshotOffer(tuple(c.encode() for c in checkpoints),
-                               wire.BlobRef(blob=b"snapshot/s", root=manifest.root, size=manifest.size))
-    attestations = Attestations(G, crdt.CheckpointPolicy.from_genesis(G), max_authors=64)
-    fresh = crdt.ModelState(G)
-    checked = offers.check_snapshot_offer(offer.encode(), fresh, attestations)
-    join = JoinStatus()
-    store_dir = tmp_path / "store"
-    store_dir.mkdir()
-    snapshot, _ = await offers.fetch_snapshot(victim, {corrupt.peer_id: checked, honest.peer_id: checked},
-                                              fresh, store_dir, join=join)
-    assert snapshot.header.state_hash == state.state_hash
-    assert join.dropped == {corrupt.peer_id: "chunk 0 failed its digest"}
-    assert not list((store_dir / "incoming").iterdir())  # read, then removed
-
-    junk = tmp_path / "junk.bin"
-    junk.write_bytes(os.urandom(1000))
-    manifest = await honest.serve_file(b"snapshot/junk", junk)
-    lie = wire.SnapshotOffer(offer.checkpoints, wire.BlobRef(b"snapshot/junk", manifest.root, manifest.size))
-    with pytest.raises(crdt.ValidationError):
-        checked = offers.check_snapshot_offer(lie.encode(), fresh, attestations)
-        await offers.fetch_snapshot(victim, {honest.peer_id: checked}, fresh, store_dir, join=join)
 
 
 def test_a_snapshot_offer_is_checked_before_a_byte_moves() -> None:
