@@ -111,6 +111,7 @@ class Rounds:
 
     def pause(self) -> None:
         self._resume.clear()
+        self._model_changed.set()  # a round waiting to catch up looks again at once
 
     def resume(self) -> None:
         self._resume.set()
@@ -169,7 +170,8 @@ class Rounds:
             while not self.replica.can_write():  # a round's contribution could not be logged
                 await asyncio.sleep(DISK_RECHECK_S)
             await self._catch_up()
-            await self._one_round()
+            if self._resume.is_set():  # else paused while catching up: the loop's top waits for resume
+                await self._one_round()
 
     async def _catch_up(self) -> None:
         """Wait (bounded) until this node holds what its peers held when it began waiting, if that is
@@ -177,7 +179,7 @@ class Rounds:
         started = time.monotonic()
         target = self.replica.peers_hold()
         if target is None and self.joining and self.rounds_done == 0:
-            while target is None and time.monotonic() - started < FIRST_EXCHANGE_S:
+            while target is None and self._resume.is_set() and time.monotonic() - started < FIRST_EXCHANGE_S:
                 self.pull_now()
                 await self._changed_within(1.0)  # digests do not change the model: look again each second
                 target = self.replica.peers_hold()
@@ -185,7 +187,7 @@ class Rounds:
             return
         log.info("catching up before the round missing=%d", self._lag(target))
         last_progress = time.monotonic()
-        while self._lag(target) and time.monotonic() - started < CATCH_UP_MAX_S:
+        while self._lag(target) and self._resume.is_set() and time.monotonic() - started < CATCH_UP_MAX_S:
             self.pull_now()
             if await self._changed_within(1.0):
                 last_progress = time.monotonic()

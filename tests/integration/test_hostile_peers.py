@@ -171,7 +171,9 @@ async def _attack(addr: str, genesis_run: str, statuses: callable) -> dict:  # t
 
 def test_hostile_peer_cannot_corrupt_a_daemon(cluster_dir: Path) -> None:
     group = Cluster(cluster_dir)
-    (info,) = group.up(1, task="digits", training={"enabled": False})
+    # The attacker is no member, so its announcements are dropped: the daemon pulls from it on its
+    # anti-entropy period, shortened here (the default 30 s would make each of the script's steps wait).
+    (info,) = group.up(1, task="digits", training={"enabled": False}, sync={"interval_s": 1.0})
     before = group.wait_until(
         lambda s: s[0].get("state_hash") is not None, timeout_s=120, what="the daemon to load its state"
     )[0]
@@ -210,7 +212,7 @@ def test_an_equivocating_author_is_named_and_its_proof_kept(cluster_dir: Path) -
     repair it). When node 0 is then offered the other version, it keeps a proof, names the author (not
     the peer that relayed it) and goes on with the rest of the batch; the name survives a restart."""
     group = Cluster(cluster_dir)
-    infos = group.up(2, task="digits", training={"enabled": False})
+    infos = group.up(2, task="digits", training={"enabled": False}, sync={"interval_s": 1.0})
     group.partition([[0], [1]])
     attacker = crdt.Signer.from_seed(os.urandom(32))
     author = p2p.peer_id_from_public_key(attacker.public_key)
