@@ -27,7 +27,7 @@ with atheris.instrument_imports(include=["crdt", "daemon", "p2p"]):  # coverage 
 
     import crdt
     from daemon.node import wire
-    from daemon.node.store import _decode_equivocation
+    from daemon.node.store_files import decode_equivocation
     from p2p import _framing, _transfer
     from p2p._errors import ProtocolViolation
     from p2p._security import SwarmKeyError, parse_swarm_key
@@ -84,7 +84,7 @@ TARGETS: dict[str, tuple[Callable[[bytes], object], tuple[type[Exception], ...]]
     "blob-manifest": (_transfer.Manifest.decode, (ProtocolViolation,)),
     "blob-request": (_transfer.BlobRequest.decode, (ProtocolViolation,)),
     "swarm-key": (lambda data: parse_swarm_key(data.decode("utf-8", "replace")), (SwarmKeyError,)),
-    "equivocation-proof": (_decode_equivocation, (crdt.CrdtError,)),  # a sealed file's body
+    "equivocation-proof": (decode_equivocation, (crdt.CrdtError,)),  # a sealed file's body
 }
 
 
