@@ -30,6 +30,7 @@ model changes it evaluates the merged model again.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -54,6 +55,7 @@ LIVE_WINDOW_S = 120.0
 DISK_RECHECK_S = 5.0  # how often a node whose disk is full looks for room again
 CATCH_UP_MAX_S = 120.0  # a round waits at most this long for what its peers already hold
 CATCH_UP_IDLE_S = 15.0  # ...and gives up sooner when nothing arrives for this long (half a sync period)
+STALENESS_ROUNDS = 4  # a round is dropped only past this many rounds' worth of every connected peer's work
 FIRST_EXCHANGE_S = 30.0  # a joiner's first round waits this long at most for a first digest from a peer
 
 
@@ -224,7 +226,7 @@ class Rounds:
         self._last_round_s = time.monotonic() - started
         state = self.replica.state  # a snapshot adopted meanwhile replaces the state object
         staleness = state.version_vector.total - base_vv.total
-        weight = result.weight * result.staleness_policy.weight(staleness)
+        weight = result.weight * self._staleness_policy(result.staleness_policy).weight(staleness)
         if weight == 0.0:
             self.replica.counters.stale_rounds_skipped += 1
             log.warning("round too stale, not contributed seq=%d staleness=%d", seq, staleness)
@@ -264,6 +266,17 @@ class Rounds:
             await self.evaluate()
         if training.slowdown > 1.0:
             await asyncio.sleep((training.slowdown - 1.0) * (time.monotonic() - started))
+
+    def _staleness_policy(self, policy: Any) -> Any:
+        """The round's policy, its drop bound at least what the connected peers could land in a round.
+
+        N comes from the peers seen training, which lags behind peers that start together (their first
+        contributions and heartbeats are not in yet): six daemons joined by invite each dropped a first
+        round. The bound only decides whether a round is thrown away; the weight's penalty is unchanged."""
+        if not self.count_peers:
+            return policy  # [diloco] expected_peers pins N and the bound
+        floor = STALENESS_ROUNDS * (1 + len(self.host.connected_peers()))
+        return dataclasses.replace(policy, max_staleness=max(policy.max_staleness, floor))
 
     def live_peers(self) -> int:
         """Peers training now, this node included: DiLoCo's N (the outer step's 1/N and the staleness

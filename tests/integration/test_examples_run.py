@@ -29,7 +29,7 @@ TRAIN_TIMEOUT_S = 420.0
 LOOPBACK = "/ip4/127.0.0.1/tcp/0"
 
 # (task spec, [task] options, bar on the merged model's val_loss after ROUNDS rounds of two nodes).
-# Bars: measured on 2026-12-01 (digits_cnn 0.17, hf llama 2.47; fresh models 2.30 and 5.55), plus margin
+# Bars: measured on 2026-12-01 (digits_cnn 0.089, hf llama 2.317; fresh models 2.29 and 5.58), plus margin
 # for scheduling (rounds interleave differently each run).
 CASES = {
     "digits_cnn": (f"{EXAMPLES / 'digits_cnn' / 'digits_cnn.py'}:DigitsCNN", [], 0.5),

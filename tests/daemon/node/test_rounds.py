@@ -9,6 +9,7 @@ from node_testlib import FakeNet, FakeTrainer, host_for, running_node, until
 from node_testlib import node_config as config
 
 from daemon.status import TrainingState
+from training import StalenessPolicy
 
 
 async def test_pause_resume_and_start_more_rounds(tmp_path: Path) -> None:
@@ -85,3 +86,16 @@ async def test_joiners_starting_together_train_without_waiting_for_an_anti_entro
         async with running_node(tmp_path / "b", net, join) as b:
             await until(lambda: b.status().round == 3 and b.status().contributions == 6)
             assert b.parts.rounds.history[0].staleness == 0  # it started from the run, not the genesis
+
+
+async def test_a_round_is_dropped_only_past_what_every_connected_peer_could_land(tmp_path: Path) -> None:
+    """N from the peers seen training lags behind peers that start together; the drop bound does not."""
+    net = FakeNet()
+    me = host_for(tmp_path / "a", net)
+    for i in range(5):
+        net.link(me.peer_id, net.add(f"peer{i}").peer_id)
+    async with running_node(tmp_path / "a", net, config(training={"enabled": False})) as node:
+        seen_two = StalenessPolicy(expected_peers=2, max_staleness=8)
+        policy = node.parts.rounds._staleness_policy(seen_two)
+        assert policy.max_staleness == 4 * 6 and policy.expected_peers == 2  # the weight's N is unchanged
+        assert policy.weight(20) > 0.0 and policy.weight(25) == 0.0
