@@ -111,10 +111,7 @@ def test_six_machines_by_the_readme_recipe(
     assert connectivity is not None and connectivity["findings"]
     assert connectivity["verdict"] in ("ok", "warn")  # loopback: AutoNAT may not have decided yet
 
-    # Last, so that everything above is asserted either way. Known daemon bug (2026-12-01, after main's
-    # catch-up fix b0d825f): joiners that start together each catch up with the founder, then their first
-    # rounds overlap; live_peers() counts only authors seen lately (the founder, done long ago, is not),
-    # so the staleness bound is ~1 round and 2 of 5 first rounds were dropped (staleness 18 and 24).
+    # Joiners that start together once dropped their first rounds as stale (fixed in daemon/node/rounds.py:
+    # catch-up before a round, N from heartbeats, a drop bound from connected peers).
     stale = {s.peer_id[-6:]: n for s in final if (n := s.counters.stale_rounds_skipped)}
-    if stale:
-        pytest.xfail(f"joiners' first rounds discarded as stale: {stale} (daemon/node/rounds.py live_peers)")
+    assert not stale, f"rounds discarded as stale: {stale}"
