@@ -7,6 +7,10 @@
   does not move, and status counts each rejection by reason.
 * An equivocating author (two signed records for one seq, one given to each of two daemons) is named,
   its proof kept, nobody else blamed, and the resulting divergence reported by both daemons.
+* A forger answers pulls with "snapshot required" and offers a snapshot it made up (parameters at 1e6, an
+  honest author credited with seq 1,000,000, the matching state hash, a checkpoint under its own key):
+  the daemon refuses the offer before a byte moves, keeps its model, and still accepts the honest
+  author's real seq 1.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import tomli_w
 
 import crdt
 import p2p
+from crdt.snapshot import combine_state_hash, encode_snapshot, fragment_digest
 from daemon.cli.cluster import Cluster, converged
 from daemon.home import Home
 from daemon.node import wire
@@ -286,3 +291,81 @@ def test_an_equivocating_author_is_named_and_its_proof_kept(cluster_dir: Path) -
         lambda s: "error" not in s[0] and s[0].get("state_hash") is not None, timeout_s=120, what="restart"
     )[0]
     assert restarted["equivocators"] == {author: [1]} and restarted["state_hash"] == first["state_hash"]
+
+
+class Forger:
+    """Answers /meshtrain/sync/1 with a made-up digest and ``snapshot_required`` (until it turns honest
+    relay: then with the records it was given), and /meshtrain/snapshot/2 with its forged offer."""
+
+    def __init__(self, digest: bytes, offer: bytes) -> None:
+        self.digest, self.offer = digest, offer
+        self.relay: tuple[bytes, ...] = ()
+        self.offers_served = 0
+
+    async def sync(self, peer: str, data: bytes) -> bytes:
+        if self.relay:
+            return _response(*self.relay)
+        return wire.SyncResponse(digest=self.digest, contributions=(), snapshot_required=True).encode()
+
+    async def snapshot(self, peer: str, data: bytes) -> bytes:
+        self.offers_served += 1
+        return self.offer
+
+
+def test_a_forged_snapshot_is_refused_over_the_wire(cluster_dir: Path, tmp_path: Path) -> None:
+    group = Cluster(cluster_dir)
+    (info,) = group.up(1, task="digits", training={"enabled": False}, sync={"interval_s": 1.0})
+    before = group.wait_until(
+        lambda s: s[0].get("state_hash") is not None, timeout_s=120, what="the daemon to load its state"
+    )[0]
+    forger_key, honest = crdt.Signer.from_seed(os.urandom(32)), crdt.Signer.from_seed(os.urandom(32))
+
+    async def attack() -> int:
+        async with p2p.Host(p2p.Identity.generate()) as host:
+            victim = await host.connect(info.addr)
+            genesis = await fetch_genesis(host, victim, "cluster")
+            # The state it wants every replica to hold: parameters moved to 1e6, the honest author's slots
+            # taken up to 1,000,000 (so its real records would be refused as duplicates), hash matching.
+            acc = np.full(genesis.length, round(1e6 / crdt.QUANTUM), np.int64)
+            vector = crdt.VersionVector.from_dict({honest.public_key: 10**6})
+            hashes = [fragment_digest(acc[a:b]) for a, b in genesis.fragments]
+            state_hash = combine_state_hash(genesis.id, vector, hashes)
+            header = crdt.SnapshotHeader(genesis.id, vector, state_hash, True)
+            snapshot_file = tmp_path / "forged.snapshot"
+            snapshot_file.write_bytes(b"".join(encode_snapshot(genesis, header, acc)))
+            manifest = await host.serve_file(b"snapshot/forged", snapshot_file)
+            checkpoint = crdt.make_checkpoint(forger_key, genesis_id=genesis.id, version_vector=vector,
+                                              state_hash=state_hash)
+            offer = wire.SnapshotOffer(
+                checkpoints=(checkpoint.encode(),),
+                ref=wire.BlobRef(blob=b"snapshot/forged", root=manifest.root, size=manifest.size),
+            )
+            forger = Forger(crdt.Digest(vector, state_hash, 10**6).encode(), offer.encode())
+            host.set_request_handler(wire.SYNC_PROTOCOL, forger.sync)
+            host.set_request_handler(wire.SNAPSHOT_PROTOCOL, forger.snapshot)
+            await asyncio.to_thread(
+                group.wait_until,
+                lambda s: s[0]["counters"]["rejected_reasons"].get("ValidationError", 0) >= 2,
+                timeout_s=60,
+                what="the forged offer to be refused twice (its signer is no checkpoint signer)",
+            )
+            # The honest author's real first record, relayed by anyone, is still accepted.
+            length = genesis.fragment_length(0)
+            payload = crdt.encode_payload("dense-f32", length, None, np.full(length, 1e-3, np.float32))
+            forger.relay = (crdt.make_contribution(
+                honest, genesis_id=genesis.id, seq=1, fragment=0, codec="dense-f32", payload=payload,
+                weight=1.0, base_version=b"\x00" * 32,
+            ).encode(),)
+            await asyncio.to_thread(
+                group.wait_until, lambda s: s[0]["contributions"] == 1, timeout_s=60,
+                what="the honest record to be accepted",
+            )
+            return forger.offers_served
+
+    offers_served = asyncio.run(attack())
+    (after,) = group.status()
+    honest_id = p2p.peer_id_from_public_key(honest.public_key)
+    assert offers_served >= 2
+    assert after["version_vector"] == {honest_id: 1}, after["version_vector"]
+    assert after["state_hash"] != before["state_hash"] and after["pid"] == before["pid"]
+    assert after["join"]["snapshot_transfer"] is None  # refused on the offer: not a byte was fetched
