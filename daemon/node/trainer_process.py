@@ -16,12 +16,19 @@ Blocking pipe calls run on a single worker thread so the event loop never blocks
 Persistence: after the parent has made a round's contribution durable in its log, it sends ``commit``
 and the child saves its momentum and residual state atomically. A crash between the two only replays
 a little error feedback; it never loses or duplicates a contribution.
+
+A daemon killed outright (SIGKILL, the OOM killer) takes its child along: on Linux the child asks the
+kernel for SIGKILL when its parent dies (``PR_SET_PDEATHSIG``). Before that an orphan went on with its
+round (minutes at 100M parameters, holding its memory and the cores) beside the restarted daemon's new
+child, and then printed a BrokenPipeError traceback into the service's log. Elsewhere, a broken pipe ends
+the child quietly at its next answer.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import logging
 import multiprocessing
 import os
@@ -83,7 +90,7 @@ class TrainerProcess:
     async def start(self) -> None:
         parent, child = self._ctx.Pipe()
         self._proc = self._ctx.Process(
-            target=_child_main, args=(child, self._spec), name="meshtrain-trainer", daemon=True
+            target=_child_main, args=(child, self._spec, os.getpid()), name="meshtrain-trainer", daemon=True
         )
         self._proc.start()
         child.close()
@@ -184,13 +191,28 @@ def _roundtrip(conn: Connection, command: str, args: tuple[Any, ...]) -> tuple[s
 # Child side
 
 
-def _child_main(conn: Connection, spec: TrainerSpec) -> None:
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Ask Linux for SIGKILL when the parent dies (see the module docstring); exit now if it already has
+    (we were reparented before asking). A no-op where prctl does not exist."""
     import signal
 
-    import torch
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent_pid:
+        os._exit(0)
 
+
+def _child_main(conn: Connection, spec: TrainerSpec, parent_pid: int) -> None:
+    import signal
+
+    _die_with_parent(parent_pid)
     # The parent drives shutdown: a Ctrl-C sent to the whole process group must not kill a round midway.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    import torch
 
     import training
 
@@ -260,9 +282,13 @@ def _child_main(conn: Connection, spec: TrainerSpec) -> None:
         if command == "stop":
             return
         try:
-            conn.send(("ok", handlers[command](*args)))
+            answer = ("ok", handlers[command](*args))
         except Exception:
-            conn.send(("error", traceback.format_exc()))
+            answer = ("error", traceback.format_exc())
+        try:
+            conn.send(answer)
+        except (BrokenPipeError, EOFError, OSError):
+            return  # the parent is gone: nobody to answer or to train for
 
 
 def _fresh_params(task: Any, config: Any) -> np.ndarray:

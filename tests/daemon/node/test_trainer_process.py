@@ -68,3 +68,56 @@ async def test_a_checkpoint_round_trips_and_a_wrong_one_is_named(tmp_path: Path)
             await trainer.params_from_checkpoint(tmp_path / "wrong.safetensors")
     finally:
         await trainer.aclose()
+
+
+_ORPHAN_SCRIPT = """
+import asyncio, sys
+from pathlib import Path
+from daemon.node.trainer_process import TrainerProcess, TrainerSpec
+
+async def main():
+    spec = TrainerSpec(task="digits", task_options={}, diloco={"inner_steps": 10**6}, shard=0,
+                       num_shards=1, threads=1, state_file=Path(sys.argv[1]))
+    trainer = TrainerProcess(spec)
+    await trainer.start()
+    params = await trainer.initial_params()
+    print(trainer.info["pid"], flush=True)
+    await trainer.run_round(lambda out: out.__setitem__(slice(None), params), params.size, 0, peers=1)
+
+asyncio.run(main())
+"""
+
+
+def test_the_training_process_dies_with_a_killed_daemon(tmp_path: Path) -> None:
+    """A daemon SIGKILLed (OOM killer, `kill -9`) in the middle of a round must not leave its child
+    training beside the restarted daemon's new one: the kernel kills the child with its parent
+    (PR_SET_PDEATHSIG). Without it the child went on with its million inner steps."""
+    import contextlib
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    daemon = subprocess.Popen([sys.executable, "-c", _ORPHAN_SCRIPT, str(tmp_path / "trainer.pt")],
+                              stdout=subprocess.PIPE, text=True)
+    child = 0
+    try:
+        assert daemon.stdout is not None
+        child = int(daemon.stdout.readline())
+        os.kill(child, 0)  # alive while its parent is
+        daemon.send_signal(signal.SIGKILL)
+        daemon.wait(timeout=30)
+        deadline = time.monotonic() + 30
+        while Path(f"/proc/{child}").exists() and time.monotonic() < deadline:
+            with open(f"/proc/{child}/stat") as f:  # a zombie waiting for init to reap it is dead too
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    break
+            time.sleep(0.05)
+        else:
+            assert not Path(f"/proc/{child}").exists(), "the training process outlived its daemon"
+    finally:
+        daemon.kill()
+        if child:  # never leave a million-step orphan behind a failed assertion
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signal.SIGKILL)
