@@ -85,6 +85,7 @@ class TrainerProcess:
         self._proc: multiprocessing.process.BaseProcess | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="trainer-pipe")
         self._lock = asyncio.Lock()
+        self._running: str | None = None  # the command the child is busy with
         self.info: dict[str, Any] = {}
 
     async def start(self) -> None:
@@ -149,7 +150,11 @@ class TrainerProcess:
         if self._conn is None:
             raise TrainerError("training process is not running")
         loop = asyncio.get_running_loop()
-        status, value = await loop.run_in_executor(self._executor, _roundtrip, self._conn, command, args)
+        self._running = command
+        try:
+            status, value = await loop.run_in_executor(self._executor, _roundtrip, self._conn, command, args)
+        finally:
+            self._running = None
         if status != "ok":
             raise TrainerError(f"training process failed on {command!r}:\n{value}")
         return value
@@ -161,11 +166,17 @@ class TrainerProcess:
             self._shm = None
 
     async def aclose(self) -> None:
-        """Ask the child to exit, then make sure it has."""
+        """Ask the child to exit, then make sure it has. A child busy with anything but ``commit`` (the
+        one command whose result is kept: its error-feedback state) is killed at once: a round or an
+        evaluation in progress is thrown away on stop anyway, and waiting for one held a shutdown for
+        STOP_TIMEOUT_S (a 100M-parameter round takes minutes on a CPU)."""
         proc, conn = self._proc, self._conn
         self._conn = None
         if proc is None or conn is None:
             return
+        if self._running not in (None, "commit"):
+            log.info("stopping the training process in the middle of %s", self._running)
+            proc.kill()
         with contextlib.suppress(BrokenPipeError, OSError):
             conn.send(("stop", ()))
         loop = asyncio.get_running_loop()

@@ -121,3 +121,28 @@ def test_the_training_process_dies_with_a_killed_daemon(tmp_path: Path) -> None:
         if child:  # never leave a million-step orphan behind a failed assertion
             with contextlib.suppress(ProcessLookupError):
                 os.kill(child, signal.SIGKILL)
+
+
+async def test_stopping_in_the_middle_of_a_round_does_not_wait_for_it(tmp_path: Path) -> None:
+    """A round in progress is thrown away on stop: the child is killed at once instead of holding the
+    daemon's shutdown for STOP_TIMEOUT_S (here the round would run a million inner steps)."""
+    import asyncio
+    import time
+
+    from daemon.node.trainer_process import STOP_TIMEOUT_S
+
+    spec = TrainerSpec(task="digits", task_options={}, diloco={"inner_steps": 10**6}, shard=0, num_shards=1,
+                       threads=1, state_file=tmp_path / "trainer.pt")
+    trainer = TrainerProcess(spec)
+    await trainer.start()
+    params = await trainer.initial_params()
+    round_task = asyncio.create_task(
+        trainer.run_round(lambda out: out.__setitem__(slice(None), params), params.size, 0, peers=1))
+    while trainer._running != "round":
+        await asyncio.sleep(0.01)
+    started = time.monotonic()
+    await trainer.aclose()
+    assert time.monotonic() - started < STOP_TIMEOUT_S / 2
+    with pytest.raises(TrainerError, match="gone"):
+        await round_task
+    assert not (tmp_path / "trainer.pt").exists()  # nothing committed
