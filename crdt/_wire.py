@@ -23,8 +23,10 @@ def pack(obj: Any) -> bytes:
     return msgpack.packb(obj, use_bin_type=True, use_single_float=False, strict_types=True)
 
 
-def unpack_array(data: Any, *, tag: str, version: int, length: int, max_bytes: int) -> list[Any]:
-    """Unpack ``data`` into a list of ``length`` items after checking the (version, tag) header."""
+def unpack_array(data: Any, *, tag: str, version: int, length: int | tuple[int, ...], max_bytes: int
+                 ) -> list[Any]:
+    """Unpack ``data`` into a list of ``length`` items (one of them, for a record with an optional trailing
+    field) after checking the (version, tag) header."""
     if not isinstance(data, bytes | bytearray | memoryview):
         raise ValidationError(f"{tag}: expected bytes, got {type(data).__name__}")
     if len(data) > max_bytes:
@@ -34,8 +36,9 @@ def unpack_array(data: Any, *, tag: str, version: int, length: int, max_bytes: i
         obj = msgpack.unpackb(data, raw=False, strict_map_key=True, use_list=True)
     except Exception as exc:  # msgpack raises a zoo of types (ExtraData, FormatError, ValueError, ...)
         raise ValidationError(f"{tag}: not valid msgpack ({type(exc).__name__})") from exc
-    if not isinstance(obj, list) or len(obj) != length:
-        raise ValidationError(f"{tag}: expected a msgpack array of {length} items")
+    lengths = (length,) if isinstance(length, int) else length
+    if not isinstance(obj, list) or len(obj) not in lengths:
+        raise ValidationError(f"{tag}: expected a msgpack array of {' or '.join(map(str, lengths))} items")
     if obj[0] != version or type(obj[0]) is not int:
         raise version_error(tag, obj[0], version)
     if obj[1] != tag:

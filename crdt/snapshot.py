@@ -9,7 +9,8 @@ chunks, and feeds received chunks, of any size, to a :class:`SnapshotReader`)::
 
     stream = b"MESHSNP" + u8 FORMAT_VERSION, then parts framed as WAL records (crdt.log):
              u32le length | u32le crc32 | body
-    header = [FORMAT_VERSION, "snapshot", genesis_id(bin32), vv(bin), state_hash(bin32), self_verified]
+    header = [FORMAT_VERSION, "snapshot", genesis_id(bin32), vv(bin), state_hash(bin32), self_verified,
+              (bases(bin))]
     block  = [FORMAT_VERSION, "snapshot-block", start(uint), [plane0, ..., plane7](bin each)]
 
 Blocks cover the model in order, fragment by fragment, each fragment cut into runs of at most
@@ -22,10 +23,12 @@ block's entry count, with nothing after it. The on-disk snapshot is this same st
 catches a torn or rotten file before the state hash does.
 
 The state hash is ``blake2b-256(tag, genesis id, vector digest, blake2b-256 of each fragment's
-little-endian accumulator)``: the reader hashes each fragment as its blocks arrive and the snapshot is
-refused unless the result is the header's hash, so the accumulator a replica adopts is the one a
-checkpoint (crdt.checkpoint) signed. zstd's output bytes may differ between library versions; nothing
-signs or hashes them, only the decoded content.
+little-endian accumulator[, "bases", bases digest])``; ``bases`` (a run with an influence window only,
+omitted when empty: crdt/state.py) is, per author, the ``base_count`` of its last applied record, which
+decides how its next record is clipped, so it is bound by the hash like the rest. The reader hashes each
+fragment as its blocks arrive and the snapshot is refused unless the result is the header's hash, so the
+accumulator a replica adopts is the one a checkpoint (crdt.checkpoint) signed. zstd's output bytes may
+differ between library versions; nothing signs or hashes them, only the decoded content.
 
 Why this encoding (bench/bench_crdt.py, 2026-12-01): a real accumulator (stdlib-lm, 2 peers x 40
 rounds of sparse-q8 through ModelState) has an order-0 entropy of its zigzag byte planes of 3.50 bytes per
@@ -89,13 +92,18 @@ def fragment_digest(acc: np.ndarray) -> bytes:
                            digest_size=HASH_BYTES).digest()
 
 
-def combine_state_hash(genesis_id: str, vector: VersionVector, fragment_hashes: Sequence[bytes]) -> str:
-    """The state hash (hex) from the vector and the per-fragment digests."""
+def combine_state_hash(genesis_id: str, vector: VersionVector, fragment_hashes: Sequence[bytes],
+                       bases: VersionVector | None = None) -> str:
+    """The state hash (hex) from the vector, the per-fragment digests and the authors' last bases (a run
+    with an influence window; None or empty: not part of the hash)."""
     h = hashlib.blake2b(_STATE_HASH_TAG, digest_size=HASH_BYTES)
     h.update(bytes.fromhex(genesis_id))
     h.update(vector.digest())
     for d in fragment_hashes:
         h.update(d)
+    if bases:
+        h.update(b"bases")
+        h.update(bases.digest())
     return h.hexdigest()
 
 
@@ -115,22 +123,33 @@ class SnapshotHeader:
     self_verified: bool
     """The writer verified every contribution in it (it never adopted a peer's snapshot). Only a replica's
     own snapshot is believed on this; a state adopted from a peer is never self-verified."""
+    bases: VersionVector = field(default_factory=VersionVector)
+    """Per author, the ``base_count`` of its last applied record (a run with an influence window; zeros and
+    runs without a window: empty, omitted on the wire). Covered by the state hash."""
 
     def encode(self) -> bytes:
+        optional = [self.bases.encode()] if self.bases else []
         return _wire.pack([FORMAT_VERSION, "snapshot", bytes.fromhex(self.genesis_id),
-                           self.version_vector.encode(), bytes.fromhex(self.state_hash), self.self_verified])
+                           self.version_vector.encode(), bytes.fromhex(self.state_hash), self.self_verified,
+                           *optional])
 
     @classmethod
     def decode(cls, data: bytes | memoryview, *, max_authors: int) -> SnapshotHeader:
         tag = "snapshot"
-        obj = _wire.unpack_array(data, tag=tag, version=FORMAT_VERSION, length=6,
+        obj = _wire.unpack_array(data, tag=tag, version=FORMAT_VERSION, length=(6, 7),
                                  max_bytes=_header_max_bytes(max_authors))
-        _, _, gid, vv_raw, sh, verified = obj
+        gid, vv_raw, sh, verified = obj[2:6]
         _wire.expect(_wire.is_bytes(gid, HASH_BYTES), tag, "genesis id must be 32 bytes")
         _wire.expect(_wire.is_bytes(vv_raw), tag, "version vector must be bin")
         _wire.expect(_wire.is_bytes(sh, HASH_BYTES), tag, "state hash must be 32 bytes")
         _wire.expect(type(verified) is bool, tag, "self_verified must be a bool")
-        header = cls(gid.hex(), VersionVector.decode(vv_raw, max_authors=max_authors), sh.hex(), verified)
+        vector = VersionVector.decode(vv_raw, max_authors=max_authors)
+        bases = VersionVector()
+        if len(obj) == 7:
+            _wire.expect(_wire.is_bytes(obj[6]), tag, "bases must be bin")
+            bases = VersionVector.decode(obj[6], max_authors=max_authors)
+            _wire.expect(all(a in vector for a in bases), tag, "bases name an author the vector lacks")
+        header = cls(gid.hex(), vector, sh.hex(), verified, bases)
         _wire.expect(header.encode() == bytes(data), tag, "non-canonical encoding")
         return header
 
@@ -177,7 +196,7 @@ def _blocks(genesis: Genesis) -> Iterator[tuple[int, int]]:
 
 
 def _header_max_bytes(max_authors: int) -> int:
-    return vv_max_bytes(max_authors) + 128
+    return 2 * vv_max_bytes(max_authors) + 128  # the vector and the bases
 
 
 def _block_max_bytes(count: int) -> int:
@@ -241,7 +260,8 @@ class SnapshotReader:
                      "stream incomplete or followed by extra bytes")
         assert self._header is not None and self._acc is not None  # done implies both
         hashes = tuple(self._frag_hashes)
-        actual = combine_state_hash(self._header.genesis_id, self._header.version_vector, hashes)
+        actual = combine_state_hash(self._header.genesis_id, self._header.version_vector, hashes,
+                                    self._header.bases)
         _wire.expect(actual == self._header.state_hash, tag, "content does not match its state hash")
         acc, self._acc = self._acc, None
         return Snapshot(self._header, [(acc, hashes)])

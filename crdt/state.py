@@ -22,6 +22,10 @@ A state is built from a snapshot in two ways and no third: :meth:`ModelState.fro
 Bounds: early contributions wait in a buffer bounded in count and payload bytes (crdt/_pending.py); new
 authors beyond ``Limits.max_authors`` are refused (:class:`CapacityError`), applied or buffered alike.
 
+Influence window: a run may pace and clip each author by the others' progress (crdt/_window.py has
+the rules and why); the state keeps the one number per author it needs, the ``base_count`` of its last
+record, through compaction (``_floor_base``) and snapshots (covered by the state hash).
+
 Equivocation (known limitation)
 -------------------------------
 If an author signs two different contributions for one slot, replicas may keep different ones and never
@@ -43,6 +47,7 @@ import numpy as np
 from crdt import _wire
 from crdt._accumulator import QUANTUM, SCALE_BITS, Accumulator, Delta, to_fixed
 from crdt._pending import PendingBuffer
+from crdt._window import check_growth, influence_window, windowed_clip
 from crdt.checkpoint import Checkpoint, CheckpointPolicy, check_attestation, make_checkpoint
 from crdt.errors import (
     AttestationError,
@@ -91,7 +96,9 @@ class ModelState:
         self._vv: dict[bytes, int] = {}
         self._floor: dict[bytes, int] = {}  # seqs <= floor[author] are applied but no longer retained
         self._log: dict[bytes, dict[int, Contribution]] = {}  # retained applied contributions
-        self._pending = PendingBuffer()  # verified, waiting for a gap to fill
+        self._pending = PendingBuffer()  # verified, waiting for a gap to fill (or, windowed, for others)
+        self._window = influence_window(genesis)
+        self._floor_base: dict[bytes, int] = {}  # base_count of each author's record at its floor seq
         self._self_verified = self_verified
         self._cache_vv: VersionVector | None = None
         self._cache_hash: str | None = None
@@ -156,8 +163,19 @@ class ModelState:
             # Per-fragment digests are cached and recomputed only for fragments that changed (an apply
             # touches one fragment, so a digest after it costs 1/num_fragments of a full pass).
             hashes = self._acc.fragment_hashes()
-            self._cache_hash = combine_state_hash(self._genesis.id, self.version_vector, hashes)
+            self._cache_hash = combine_state_hash(self._genesis.id, self.version_vector, hashes,
+                                                  self._bases_at(self.version_vector))
         return self._cache_hash
+
+    @property
+    def influence_window(self) -> int | None:
+        """The genesis's influence window W (None: off; crdt/_window.py)."""
+        return self._window
+
+    def last_base_count(self, author: bytes) -> int | None:
+        """``base_count`` of ``author``'s last applied record (None: it has none); with a window, its next
+        record must state more (crdt/_window.py, rule 1)."""
+        return self._base_at(author, self._vv.get(author, 0))
 
     def digest(self) -> Digest:
         return Digest(self.version_vector, self.state_hash, self.contribution_count)
@@ -243,23 +261,78 @@ class ModelState:
         if author not in self._vv and author not in self._pending and self._author_count() >= \
                 self._limits.max_authors:
             raise CapacityError(f"contribution: a new author beyond the limit of {self._limits.max_authors}")
-        if seq == have + 1:
+        if seq == have + 1 and self._ready(c):
             self._add(c, observe, before_commit)
             self._drain(author, observe)
+            if self._window is not None:
+                self._drain_waiting(observe)
             return ApplyOutcome.APPLIED
         c.validate_against(self._genesis, self._limits)  # buffer only contributions that will apply
         self._pending.add(c, gap=seq - have, limits=self._limits, before_insert=before_commit)
         return ApplyOutcome.BUFFERED
 
+    def _ready(self, c: Contribution) -> bool:
+        """Whether ``c``, next in its author's seqs, may apply now: always without a window; with one, once
+        the state holds ``c.base_count`` contributions of others (rule 2).
+
+        Raises:
+            ValidationError: ``c.base_count`` does not grow over its predecessor's (rule 1).
+        """
+        if self._window is None:
+            return True
+        check_growth(self._base_at(c.author, c.seq - 1), c.base_count)
+        return self.contribution_count - self._vv.get(c.author, 0) >= c.base_count
+
+    def _base_at(self, author: bytes, seq: int) -> int | None:
+        """``base_count`` of ``author``'s applied record ``seq`` (None: seq 0, or compacted and unknown)."""
+        if seq == 0:
+            return None
+        c = self._log.get(author, {}).get(seq)
+        if c is not None:
+            return c.base_count
+        return self._floor_base.get(author) if seq == self._floor.get(author, 0) else None
+
+    def _bases_at(self, vector: VersionVector) -> VersionVector | None:
+        """Each author's last ``base_count`` in the state at ``vector`` (None without a window).
+
+        Raises:
+            HistoryPrunedError: one of them was compacted and is not known (see _restore).
+        """
+        if self._window is None:
+            return None
+        bases = {}
+        for author, seq in vector.items():
+            base = self._base_at(author, seq)
+            if base is None:
+                raise HistoryPrunedError("state hash: an author's last base was compacted")
+            bases[author] = base
+        return VersionVector.from_dict(bases)
+
     def _author_count(self) -> int:
         return len(self._vv) + sum(1 for a in self._pending.authors() if a not in self._vv)
 
     def _decoded(self, c: Contribution) -> tuple[np.ndarray, np.ndarray, Delta]:
-        """``c``'s decoded update and what it adds to the accumulator (a pure function of the record)."""
+        """``c``'s decoded update and what it adds to the accumulator (a pure function of the record and,
+        with a window, of its author's previous record's ``base_count``).
+
+        Raises:
+            HistoryPrunedError: (windowed) the previous record was compacted and its base is not known.
+        """
         indices, values, norm = c.validate_against(self._genesis, self._limits)
         delta = to_fixed(self._genesis, c.fragment, indices, values, c.weight,
-                         clip_factor(norm, self._limits.clip_norm))
+                         clip_factor(norm, self._clip_limit(c)))
         return indices, values, delta
+
+    def _clip_limit(self, c: Contribution) -> float | None:
+        """``clip_norm``, scaled down by the window to the share of a window's progress since the author's
+        previous record (rule 3: the same float operations on every replica)."""
+        clip_norm = self._limits.clip_norm
+        if self._window is None or clip_norm is None or c.seq == 1:
+            return clip_norm
+        prev = self._base_at(c.author, c.seq - 1)
+        if prev is None:
+            raise HistoryPrunedError("contribution: the author's previous base was compacted")
+        return windowed_clip(clip_norm, self._window, c.base_count - prev)
 
     def _delta(self, c: Contribution) -> Delta:
         return self._decoded(c)[2]
@@ -281,9 +354,25 @@ class ModelState:
         self._cache_vv = None
         self._cache_hash = None
 
-    def _drain(self, author: bytes, observe: Observer | None = None) -> None:
-        while (c := self._pending.pop(author, self._vv[author] + 1)) is not None:
+    def _drain(self, author: bytes, observe: Observer | None = None) -> bool:
+        """Apply ``author``'s buffered successors while they are ready; True if any was."""
+        applied = False
+        while (c := self._pending.get(author, self._vv.get(author, 0) + 1)) is not None:
+            try:
+                if not self._ready(c):
+                    break
+            except CrdtError:  # its base does not grow: it can never apply, here or anywhere
+                self._pending.pop(c.author, c.seq)
+                break
+            self._pending.pop(c.author, c.seq)
             self._add(c, observe)
+            applied = True
+        return applied
+
+    def _drain_waiting(self, observe: Observer | None = None) -> None:
+        """(Windowed) every contribution applied lets the others' records that waited for it apply."""
+        while any([self._drain(author, observe) for author in list(self._pending.authors())]):
+            pass
 
     def drop_pending(self, authors: Iterable[bytes] | None = None) -> int:
         """Forget buffered contributions (of ``authors``, or all); returns how many. Harmless: anti-entropy
@@ -302,6 +391,7 @@ class ModelState:
             cut = min(floor.get(author), self._vv.get(author, 0))
             if cut <= self._floor.get(author, 0):
                 continue
+            self._floor_base[author] = log[cut].base_count
             for s in range(self._floor.get(author, 0) + 1, cut + 1):
                 dropped += log.pop(s, None) is not None
             self._floor[author] = cut
@@ -314,6 +404,7 @@ class ModelState:
         other._vv = dict(self._vv)
         other._floor = dict(self._floor)
         other._log = {a: dict(m) for a, m in self._log.items()}
+        other._floor_base = dict(self._floor_base)
         other._pending = self._pending.copy()
         other._cache_hash = self._cache_hash
         return other
@@ -352,7 +443,8 @@ class ModelState:
             RuntimeError: the state changed before the stream was consumed (a caller bug: finish writing
                 before applying more).
         """
-        header = SnapshotHeader(self._genesis.id, self.version_vector, self.state_hash, self._self_verified)
+        header = SnapshotHeader(self._genesis.id, self.version_vector, self.state_hash, self._self_verified,
+                                self._bases_at(self.version_vector) or VersionVector())
         return self._acc.parts(header)
 
     @classmethod
@@ -404,8 +496,12 @@ class ModelState:
             if acc.shape != (genesis.length,) or len(hashes) != len(genesis.fragments):
                 raise GenesisMismatchError("snapshot: accumulator size does not match the genesis model")
             state._setup(genesis, limits, Accumulator(genesis, acc, hashes), self_verified=self_verified)
+            if header.bases and state._window is None:
+                raise GenesisMismatchError("snapshot: carries bases, but the genesis has no influence window")
             state._vv = dict(header.version_vector.items())
             state._floor = dict(state._vv)
+            if state._window is not None:  # an author absent from the bases had base 0
+                state._floor_base = {a: header.bases.get(a) for a in state._vv}
             state._cache_hash = header.state_hash
         covered: dict[bytes, dict[int, Contribution]] = {}
         later: list[Contribution] = []
@@ -419,6 +515,8 @@ class ModelState:
             while seq in by_seq:
                 state._log.setdefault(author, {})[seq] = by_seq[seq]
                 seq -= 1
+            if seq != state._floor[author]:  # the record at the lower floor is not held: base unknown
+                state._floor_base.pop(author, None)
             state._floor[author] = seq
         for c in sorted(later, key=lambda c: (c.seq, c.author)):
             with contextlib.suppress(CrdtError):
@@ -459,7 +557,8 @@ class ModelState:
             if low < self._floor.get(author, 0):
                 raise HistoryPrunedError("state_hash_at: contributions above the vector were compacted")
             undo.extend(self._delta(self._log[author][s]) for s in range(low + 1, have + 1))
-        return combine_state_hash(self._genesis.id, vector, self._acc.hashes_without(undo))
+        return combine_state_hash(self._genesis.id, vector, self._acc.hashes_without(undo),
+                                  self._bases_at(vector))
 
 
 def clip_factor(norm: float, clip_norm: float | None) -> float | None:
