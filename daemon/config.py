@@ -121,6 +121,12 @@ class NodeConfig(_Section):
     this (deterministically, on every replica; see crdt ``Limits.clip_norm``). Written into the genesis,
     so it is fixed for the run's lifetime and a joiner's own value is ignored. 0: off. Pick a few times
     the honest update norm (``/v1/history`` ``update_norm``); digits tests use 0.3."""
+    influence_window: Annotated[int, msgspec.Meta(ge=0, le=2**32 - 1)] = 0
+    """For a run this node founds: pace and clip every author by the others' progress (crdt/_window.py,
+    SECURITY.md): an author's records wait for other authors' contributions, and one moves the model by at
+    most ``clip_norm`` per this many contributions of others. Set it to at most the others'
+    contributions per round (members - 1); a node training alone then waits for others. Written into the
+    genesis. 0: off."""
 
     def __post_init__(self) -> None:
         if not RUN_NAME.match(self.run):

@@ -42,6 +42,10 @@ checkpoint_quorum = 1
 # Robust aggregation, fixed in the genesis when this node founds the run: clip every contribution's
 # weighted L2 norm to this (a few times the honest update norm; see SECURITY.md). 0: off.
 clip_norm = 0.0
+# Pace and clip every author by the others' progress, fixed in the genesis when this node founds the run:
+# one moves the model by at most clip_norm per this many contributions of others, however many records
+# it signs (at most members - 1; an author alone waits for others). 0: off.
+influence_window = 0
 
 [nat]
 # NAT traversal (`meshtrain doctor` explains what to do behind NAT; keys of p2p.NatConfig).

@@ -280,6 +280,8 @@ class Status(_Record):
     """Peers holding our version vector with another state hash."""
     clip_norm: float | None
     """The run's norm clip, fixed by its genesis (None: off or not loaded)."""
+    influence_window: int | None
+    """The run's influence window, fixed by its genesis (None: off or not loaded; crdt/_window.py)."""
     join: JoinStatus
     disk_full: bool
     """The store could not log the last contribution: new ones are refused until there is room."""

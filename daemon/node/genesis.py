@@ -52,8 +52,8 @@ def found_genesis(
     config: Config, founder: bytes, params: object, fragments: Sequence[tuple[int, int]]
 ) -> crdt.Genesis:
     """The genesis of a run this node (public key ``founder``) founds: its name and task, ``clip_norm``,
-    and the checkpoint policy (the founder, ``[node] checkpoint_signers``, ``allow_peers`` on a private
-    run; ``checkpoint_quorum`` of them)."""
+    ``influence_window``, and the checkpoint policy (the founder, ``[node] checkpoint_signers``,
+    ``allow_peers`` on a private run; ``checkpoint_quorum`` of them)."""
     node = config.node
     private = bool(node.swarm_key or node.allow_peers)
     named = (*node.checkpoint_signers, *(node.allow_peers if private else ()))
@@ -65,11 +65,12 @@ def found_genesis(
         meta={"run": node.run, "task": config.training.task}
         | ({"task_options": task_options(config)} if config.task else {})
         | ({"clip_norm": repr(node.clip_norm)} if node.clip_norm else {})
+        | ({"influence_window": str(node.influence_window)} if node.influence_window else {})
         | policy.to_meta(),
     )
-    log.info("founded run=%s genesis=%s params=%d clip_norm=%s checkpoint_signers=%d quorum=%d", node.run,
-             genesis.id[:16], genesis.length, genesis.meta.get("clip_norm", "off"), len(policy.signers),
-             policy.quorum)
+    log.info("founded run=%s genesis=%s params=%d clip_norm=%s influence_window=%s checkpoint_signers=%d "
+             "quorum=%d", node.run, genesis.id[:16], genesis.length, genesis.meta.get("clip_norm", "off"),
+             genesis.meta.get("influence_window", "off"), len(policy.signers), policy.quorum)
     return genesis
 
 

@@ -314,6 +314,7 @@ class Node:
             ),
             diverged_from=sorted(parts.sync.machine.diverged) if parts else [],
             clip_norm=state.limits.clip_norm if state else None,  # fixed by the genesis (SECURITY.md)
+            influence_window=state.influence_window if state else None,
             disk_full=parts.replica.disk_full if parts else False,
             join=self.join,
             uptime_s=round(time.time() - self.started_at, 3),

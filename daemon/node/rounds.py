@@ -172,8 +172,25 @@ class Rounds:
             while not self.replica.can_write():  # a round's contribution could not be logged
                 await asyncio.sleep(DISK_RECHECK_S)
             await self._catch_up()
-            if self._resume.is_set():  # else paused while catching up: the loop's top waits for resume
+            if self._resume.is_set():
+                await self._await_others()
+            if self._resume.is_set():  # else paused while waiting: the loop's top waits for resume
                 await self._one_round()
+
+    async def _await_others(self) -> None:
+        """With an influence window (crdt/_window.py) a record must state more contributions of other
+        authors than this node's previous record did: until some have landed, a round would be thrown
+        away, so wait for them (pausing ends the wait)."""
+        me = self.signer.public_key
+        previous = self.replica.state.last_base_count(me)
+        if self.replica.state.influence_window is None or previous is None:
+            return
+        if _others(self.replica.state, me) > previous:
+            return
+        log.info("waiting for other authors' contributions (influence window) base_count=%d", previous)
+        while _others(self.replica.state, me) <= previous and self._resume.is_set():
+            self.pull_now()
+            await self._changed_within(5.0)
 
     async def _catch_up(self) -> None:
         """Wait (bounded) until this node holds what its peers held when it began waiting, if that is
@@ -246,6 +263,7 @@ class Rounds:
             payload=result.payload,
             weight=weight,
             base_version=base_vv.digest(),
+            base_count=_others_in(base_vv, self.signer.public_key) if state.influence_window else 0,
         )
         clock.start("accept")
         try:
@@ -357,3 +375,12 @@ class _Stopwatch:
                 self.stop()
 
         return run
+
+
+def _others(state: crdt.ModelState, me: bytes) -> int:
+    return _others_in(state.version_vector, me)
+
+
+def _others_in(vector: crdt.VersionVector, me: bytes) -> int:
+    """Contributions of authors other than ``me`` in ``vector``: a record's ``base_count``."""
+    return vector.total - vector.get(me)

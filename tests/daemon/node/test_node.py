@@ -184,3 +184,29 @@ async def test_a_founder_takes_its_parameters_from_a_checkpoint(tmp_path: Path) 
         short = config(training={"init_from": str(tmp_path / "short.bin")})
         async with running_node(tmp_path / "b", FakeNet(), short):
             pass
+
+
+async def test_with_an_influence_window_a_founder_alone_waits_for_others_and_records_state_their_base(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A run founded with ``influence_window`` paces each author by the others' progress (crdt/_window.py):
+    the founder alone contributes once and then waits; once a joiner contributes, both go on, and every
+    record states the others' contributions it was computed from, growing with each seq."""
+    net = FakeNet()
+    founder, joiner = tmp_path / "f", tmp_path / "j"
+    net.link(host_for(founder, net).peer_id, host_for(joiner, net).peer_id)
+    windowed = config(node={"run": "w", "clip_norm": 0.5, "influence_window": 1})
+    caplog.set_level("INFO", logger="daemon.node.rounds")
+    async with running_node(founder, net, windowed) as f:
+        await until(lambda: "waiting for other authors' contributions" in caplog.text)
+        assert f.parts.rounds.rounds_done == 1 and f.status().influence_window == 1
+        assert f.status().training is TrainingState.RUNNING
+        join = config(node={"run": "w", "bootstrap": [f.host.addr]})
+        async with running_node(joiner, net, join) as j:
+            await until(lambda: f.status().contributions == 6 and j.status().contributions == 6, timeout_s=30)
+            assert j.status().state_hash == f.status().state_hash and j.status().influence_window == 1
+    state = f.parts.replica.state
+    for node in (f, j):
+        author = node.signer.public_key
+        bases = [state.get(author, seq).base_count for seq in (1, 2, 3)]  # type: ignore[union-attr]
+        assert bases == sorted(set(bases)), bases  # strictly growing: at most one record per other's
