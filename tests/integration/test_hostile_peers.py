@@ -369,3 +369,41 @@ def test_a_forged_snapshot_is_refused_over_the_wire(cluster_dir: Path, tmp_path:
     assert after["version_vector"] == {honest_id: 1}, after["version_vector"]
     assert after["state_hash"] != before["state_hash"] and after["pid"] == before["pid"]
     assert after["join"]["snapshot_transfer"] is None  # refused on the offer: not a byte was fetched
+
+
+def test_a_burst_of_records_is_paced_by_the_influence_window(cluster_dir: Path) -> None:
+    """The issue's attack on a run founded with an influence window: one author hands a real daemon 100
+    signed records at once, each claiming as much progress of others as it may. Only the first applies
+    (no other author has contributed: the rest wait in the bounded buffer), so the model moved by one
+    clip, not 100; the daemon reports the window from its genesis."""
+    group = Cluster(cluster_dir)
+    (info,) = group.create(1, task="digits", training={"enabled": False}, sync={"interval_s": 1.0})
+    _patch_node_config(info.home, clip_norm=0.3, influence_window=1)
+    group.start(0)
+    before = group.wait_until(
+        lambda s: s[0].get("state_hash") is not None, timeout_s=120, what="the daemon to load its state"
+    )[0]
+    assert before["influence_window"] == 1 and before["clip_norm"] == 0.3
+    attacker = crdt.Signer.from_seed(os.urandom(32))
+
+    async def attack() -> None:
+        async with p2p.Host(p2p.Identity.generate()) as host:
+            victim = await host.connect(info.addr)
+            genesis = await fetch_genesis(host, victim, "cluster")
+            length = genesis.fragment_length(0)
+            payload = crdt.encode_payload("dense-f32", length, None, np.full(length, 1.0, np.float32))
+            burst = tuple(crdt.make_contribution(
+                attacker, genesis_id=genesis.id, seq=seq, fragment=0, codec="dense-f32", payload=payload,
+                weight=1.0, base_version=b"\x00" * 32, base_count=seq - 1,
+            ).encode() for seq in range(1, 101))
+            server = Equivocator({(1, victim): _response(*burst)})  # the same answer to every pull
+            host.set_request_handler(wire.SYNC_PROTOCOL, server.serve)
+            await asyncio.to_thread(
+                group.wait_until, lambda s: s[0]["contributions"] >= 1, timeout_s=60, what="a first pull",
+            )
+
+    asyncio.run(attack())
+    (after,) = group.status()
+    author = p2p.peer_id_from_public_key(attacker.public_key)
+    assert after["version_vector"] == {author: 1}, after["version_vector"]  # 99 wait for others' progress
+    assert after["pid"] == before["pid"]
