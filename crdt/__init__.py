@@ -10,11 +10,14 @@ Layout (one concept per module; import the public names from ``crdt`` itself):
 - ``vv``          VersionVector, Digest (decoders capped by max_authors)
 - ``snapshot``    the compact streamed snapshot format: SnapshotHeader, SnapshotReader, Snapshot
 - ``checkpoint``  signed Checkpoint records, CheckpointPolicy, check_attestation (the trust model)
-- ``state``       ModelState (int64 fixed-point accumulator), ApplyOutcome
+- ``state``       ModelState (int64 fixed-point accumulator), ApplyOutcome; its influence window in
+                  ``_window``
+- ``admission``   proof of work an open run may ask of each author (find_admission_nonce)
 - ``log``         WAL framing and scan_log (bytes only; the files live in daemon/store.py)
 - ``antientropy`` plan_sync, retention_floor
 """
 
+from crdt.admission import admission_bits, find_admission_nonce
 from crdt.antientropy import SyncPlan, plan_sync, retention_floor
 from crdt.checkpoint import Checkpoint, CheckpointPolicy, check_attestation, make_checkpoint
 from crdt.errors import (
@@ -101,10 +104,12 @@ __all__ = [
     "SyncPlan",
     "ValidationError",
     "VersionVector",
+    "admission_bits",
     "check_attestation",
     "dct_coefficients",
     "decode_payload",
     "encode_payload",
+    "find_admission_nonce",
     "frame_record",
     "make_checkpoint",
     "make_contribution",

@@ -14,13 +14,15 @@ Wire layout (msgpack arrays, canonical: decoders re-encode and require identical
 
     Contribution = [FORMAT_VERSION, "contribution", author(bin32), genesis_id(bin32), seq(uint),
                     fragment(uint), codec(str), payload(bin), weight(float64), base_version(bin32),
-                    signature(bin64), (base_count(uint >= 1))]
+                    signature(bin64), (base_count(uint), (admission_nonce(uint >= 1)))]
     signed body  = [FORMAT_VERSION, "contribution-body", author, genesis_id, seq, fragment, codec, payload,
-                    weight, base_version, (base_count)]
+                    weight, base_version, (base_count, (admission_nonce))]
 
-``base_count`` (the other authors' contributions in the state the update was computed from) is what a run
-with an influence window paces and clips by (crdt/state.py). It is present only when non-zero, so records
-of runs without a window, and every record written before it existed, keep their bytes, ids and signatures.
+Two optional trailing fields: ``base_count`` (the other authors' contributions in the state the update was
+computed from: what a run with an influence window paces and clips by, crdt/_window.py) and
+``admission_nonce`` (the author's proof of work for a run that asks for one, crdt/admission.py). They are
+written only when non-zero (``base_count`` then as 0 if the nonce needs a place), so records of runs that
+use neither, and every record written before they existed, keep their bytes, ids and signatures.
 
 The genesis id is signed so that a contribution belongs to one run: replayed into another run (where its
 author may also train, with the same key) it is refused as a genesis mismatch instead of filling, or
@@ -269,10 +271,18 @@ class Contribution:
     base_count: int = 0
     """Contributions of other authors in the state this update was computed from (signed; 0 = not stated:
     omitted on the wire). Only a run with an influence window uses it (crdt/state.py)."""
+    admission_nonce: int = 0
+    """The author's proof of work for this run (signed; 0 = none: omitted on the wire). Only a run whose
+    genesis asks for one checks it (crdt/admission.py)."""
     _signature_ok: bool = field(default=False, init=False, repr=False, compare=False)
 
+    def _optional(self) -> list[int]:
+        if self.admission_nonce:
+            return [self.base_count, self.admission_nonce]
+        return [self.base_count] if self.base_count else []
+
     def _body(self) -> bytes:
-        optional = [self.base_count] if self.base_count else []
+        optional = self._optional()
         return _wire.pack([FORMAT_VERSION, "contribution-body", self.author, bytes.fromhex(self.genesis_id),
                            self.seq, self.fragment, self.codec, self.payload, self.weight, self.base_version,
                            *optional])
@@ -289,7 +299,7 @@ class Contribution:
     def encode(self) -> bytes:
         return _wire.pack([FORMAT_VERSION, "contribution", self.author, bytes.fromhex(self.genesis_id),
                            self.seq, self.fragment, self.codec, self.payload, self.weight, self.base_version,
-                           self.signature, *([self.base_count] if self.base_count else [])])
+                           self.signature, *self._optional()])
 
     def check_fields(self, limits: Limits = DEFAULT_LIMITS) -> None:
         """Context-free field checks (types, sizes, ranges). Raises ValidationError."""
@@ -310,6 +320,8 @@ class Contribution:
         _wire.expect(_wire.is_bytes(self.signature, SIGNATURE_BYTES), tag, "signature must be 64 bytes")
         _wire.expect(_wire.is_int(self.base_count) and 0 <= self.base_count < 2**63, tag,
                      "base_count must be a non-negative int")
+        _wire.expect(_wire.is_int(self.admission_nonce) and 0 <= self.admission_nonce < 2**64, tag,
+                     "admission_nonce must be a non-negative 64-bit int")
 
     def verify(self, limits: Limits = DEFAULT_LIMITS) -> None:
         """Field checks plus signature. Raises ValidationError / SignatureError."""
@@ -341,7 +353,7 @@ class Contribution:
     @classmethod
     def decode(cls, data: bytes, *, limits: Limits = DEFAULT_LIMITS) -> Contribution:
         """Parse, check fields, check canonical form and verify the signature. Raises ValidationError."""
-        obj = _wire.unpack_array(data, tag="contribution", version=FORMAT_VERSION, length=(11, 12),
+        obj = _wire.unpack_array(data, tag="contribution", version=FORMAT_VERSION, length=(11, 12, 13),
                                  max_bytes=limits.max_payload_bytes + _CONTRIBUTION_OVERHEAD_BYTES)
         _wire.expect(_wire.is_bytes(obj[3], HASH_BYTES), "contribution", "genesis id must be 32 bytes")
         c = cls(obj[2], obj[3].hex(), *obj[4:])
@@ -351,15 +363,16 @@ class Contribution:
 
 
 def make_contribution(signer: Signer, *, genesis_id: str, seq: int, fragment: int, codec: str,
-                      payload: bytes, weight: float, base_version: bytes, base_count: int = 0
-                      ) -> Contribution:
+                      payload: bytes, weight: float, base_version: bytes, base_count: int = 0,
+                      admission_nonce: int = 0) -> Contribution:
     """Build and sign a contribution to the run of ``genesis_id`` (fields are checked; raises
     ValidationError on bad input)."""
     unsigned = Contribution(signer.public_key, genesis_id, seq, fragment, codec, bytes(payload),
-                            float(weight), bytes(base_version), b"\x00" * SIGNATURE_BYTES, base_count)
+                            float(weight), bytes(base_version), b"\x00" * SIGNATURE_BYTES, base_count,
+                            admission_nonce)
     unsigned.check_fields(Limits(max_payload_bytes=2**62, max_weight=math.inf))
     return Contribution(signer.public_key, genesis_id, seq, fragment, codec, bytes(payload), float(weight),
-                        bytes(base_version), signer.sign(unsigned._body()), base_count)
+                        bytes(base_version), signer.sign(unsigned._body()), base_count, admission_nonce)
 
 
 def weighted_norm(values: np.ndarray, weight: float) -> float:

@@ -22,6 +22,9 @@ A state is built from a snapshot in two ways and no third: :meth:`ModelState.fro
 Bounds: early contributions wait in a buffer bounded in count and payload bytes (crdt/_pending.py); new
 authors beyond ``Limits.max_authors`` are refused (:class:`CapacityError`), applied or buffered alike.
 
+Admission: a run may ask each author for a proof of work, carried by every record (crdt/admission.py),
+checked before the author takes a place under the cap.
+
 Influence window: a run may pace and clip each author by the others' progress (crdt/_window.py has
 the rules and why); the state keeps the one number per author it needs, the ``base_count`` of its last
 record, through compaction (``_floor_base``) and snapshots (covered by the state hash).
@@ -48,6 +51,7 @@ from crdt import _wire
 from crdt._accumulator import QUANTUM, SCALE_BITS, Accumulator, Delta, to_fixed
 from crdt._pending import PendingBuffer
 from crdt._window import check_growth, influence_window, windowed_clip
+from crdt.admission import admission_bits, check_admission
 from crdt.checkpoint import Checkpoint, CheckpointPolicy, check_attestation, make_checkpoint
 from crdt.errors import (
     AttestationError,
@@ -98,6 +102,7 @@ class ModelState:
         self._log: dict[bytes, dict[int, Contribution]] = {}  # retained applied contributions
         self._pending = PendingBuffer()  # verified, waiting for a gap to fill (or, windowed, for others)
         self._window = influence_window(genesis)
+        self._admission_bits = admission_bits(genesis)
         self._floor_base: dict[bytes, int] = {}  # base_count of each author's record at its floor seq
         self._self_verified = self_verified
         self._cache_vv: VersionVector | None = None
@@ -258,6 +263,8 @@ class ModelState:
             c.verify(self._limits)  # only a *signed* second version is an equivocation
             raise ConflictError(f"contribution: author equivocated at seq {seq}", (known, c))
         c.verify(self._limits)
+        if self._admission_bits:  # before the cap: an unadmitted author must not take a place in it
+            check_admission(self._genesis.id, author, c.admission_nonce, self._admission_bits)
         if author not in self._vv and author not in self._pending and self._author_count() >= \
                 self._limits.max_authors:
             raise CapacityError(f"contribution: a new author beyond the limit of {self._limits.max_authors}")
