@@ -127,6 +127,11 @@ class NodeConfig(_Section):
     most ``clip_norm`` per this many contributions of others. Set it to at most the others'
     contributions per round (members - 1); a node training alone then waits for others. Written into the
     genesis. 0: off."""
+    admission_bits: Annotated[int, msgspec.Meta(ge=0, le=40)] = 0
+    """For an open run this node founds: every author must prove this many bits of work once before its
+    records count (crdt/admission.py; 2**bits hashes, 24: about 7 s of one core), so filling the author
+    cap with throwaway keys costs CPU-hours. Written into the genesis. 0: off (a private run's allowlist
+    needs none)."""
 
     def __post_init__(self) -> None:
         if not RUN_NAME.match(self.run):

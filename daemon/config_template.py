@@ -46,6 +46,9 @@ clip_norm = 0.0
 # one moves the model by at most clip_norm per this many contributions of others, however many records
 # it signs (at most members - 1; an author alone waits for others). 0: off.
 influence_window = 0
+# An open run may ask every author for this many bits of proof of work, once, before its records count
+# (24: about 7 s of one core; flooding the author cap with throwaway keys then costs CPU-hours). 0: off.
+admission_bits = 0
 
 [nat]
 # NAT traversal (`meshtrain doctor` explains what to do behind NAT; keys of p2p.NatConfig).

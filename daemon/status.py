@@ -282,6 +282,8 @@ class Status(_Record):
     """The run's norm clip, fixed by its genesis (None: off or not loaded)."""
     influence_window: int | None
     """The run's influence window, fixed by its genesis (None: off or not loaded; crdt/_window.py)."""
+    admission_bits: int | None
+    """The proof of work the run asks of each author, fixed by its genesis (None: not loaded)."""
     join: JoinStatus
     disk_full: bool
     """The store could not log the last contribution: new ones are refused until there is room."""

@@ -24,6 +24,7 @@ could hand out its own parameters, so a run's operator pins the genesis (SECURIT
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
@@ -39,13 +40,14 @@ from daemon.node.offers import sources as offers_sources
 from daemon.node.store import Store, StoreError, read_genesis
 from daemon.status import Counters, JoinStatus
 
-__all__ = ["GENESIS_REFUSED", "fetch_genesis", "found_genesis", "refusal", "serve_genesis"]
+__all__ = ["GENESIS_REFUSED", "admission_nonce", "fetch_genesis", "found_genesis", "refusal", "serve_genesis"]
 
 log = logging.getLogger(__name__)
 
 GENESIS_RETRY_S = 1.0  # between passes over the connected peers
 GENESIS_REFUSED = "GenesisRefused"  # the rejected_reasons key of a refused genesis
 MAX_GENESIS_FILE_BYTES = crdt.DEFAULT_LIMITS.max_genesis_bytes + 64  # crdt's bound, plus the seal's header
+ADMISSION_FILE = "admission"  # in the store: this node's proof of work for the run, found once
 
 
 def found_genesis(
@@ -66,6 +68,7 @@ def found_genesis(
         | ({"task_options": task_options(config)} if config.task else {})
         | ({"clip_norm": repr(node.clip_norm)} if node.clip_norm else {})
         | ({"influence_window": str(node.influence_window)} if node.influence_window else {})
+        | ({"admission_bits": str(node.admission_bits)} if node.admission_bits else {})
         | policy.to_meta(),
     )
     log.info("founded run=%s genesis=%s params=%d clip_norm=%s influence_window=%s checkpoint_signers=%d "
@@ -236,3 +239,21 @@ def task_options(config: Config) -> str:
 
 def _ranges(ranges: Sequence[Sequence[int]]) -> tuple[tuple[int, int], ...]:
     return tuple((int(start), int(stop)) for start, stop in ranges)
+
+
+async def admission_nonce(store: Store, genesis: crdt.Genesis, author: bytes) -> int:
+    """This node's proof of work for the run (crdt/admission.py; 0 when the genesis asks none): found once,
+    in a thread (2**bits hashes), and kept in the store so a restart does not pay again."""
+    bits = crdt.admission_bits(genesis)
+    if not bits:
+        return 0
+    path = store.path / ADMISSION_FILE
+    with contextlib.suppress(OSError, ValueError):
+        kept_id, kept = path.read_text().split()
+        if kept_id == genesis.id:
+            return int(kept)
+    log.info("proving %d bits of work to be admitted as an author of this run", bits)
+    nonce = await asyncio.to_thread(crdt.find_admission_nonce, genesis.id, author, bits)
+    with contextlib.suppress(OSError):  # a full disk only costs the work again after a restart
+        path.write_text(f"{genesis.id} {nonce}\n")
+    return nonce

@@ -165,13 +165,23 @@ class Node:
                                     limits=self.limits, timing=self._timing, join=self.join)
             membership = Membership(self.host, run=run, beat=self._heartbeat,
                                                       reject=sync.reject)
+            # Proven while the first round trains (a thread, a task of the group below): the first
+            # contribution carries it.
+            proving: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+            async def admission() -> int:
+                return await asyncio.shield(proving)
+
+            async def prove() -> None:
+                proving.set_result(await genesis.admission_nonce(self.store, run_genesis,
+                                                                 self.signer.public_key))
             rounds = Rounds(self.trainer, replica, signer=self.signer, host=self.host,
                                           settings=lambda: self.config.training, announce=sync.announce,
                                           timing=self._timing,
                                           count_peers="expected_peers" not in self.config.diloco,
                                           joining=bool(self.config.node.bootstrap),
                                           training_peers=membership.training_peers,
-                                          pull_now=sync.pull_from_peers_ahead)
+                                          pull_now=sync.pull_from_peers_ahead, admission=admission)
             self._parts = Parts(replica, sync, rounds, membership)
             await genesis.serve_genesis(self.host, self.store, run_genesis, run=run,
                                         pace=offers.pace(self.limits.bucket, asyncio.get_running_loop()))
@@ -180,6 +190,7 @@ class Node:
             async with asyncio.TaskGroup() as tasks:
                 tasks.create_task(sync.run(), name="sync")
                 tasks.create_task(membership.run(heartbeats), name="membership")
+                tasks.create_task(prove(), name="admission")
                 tasks.create_task(rounds.run(), name="training")
                 tasks.create_task(self.limits.run(self.trainer), name="limits")
         finally:
@@ -315,6 +326,7 @@ class Node:
             diverged_from=sorted(parts.sync.machine.diverged) if parts else [],
             clip_norm=state.limits.clip_norm if state else None,  # fixed by the genesis (SECURITY.md)
             influence_window=state.influence_window if state else None,
+            admission_bits=crdt.admission_bits(state.genesis) if state else None,
             disk_full=parts.replica.disk_full if parts else False,
             join=self.join,
             uptime_s=round(time.time() - self.started_at, 3),

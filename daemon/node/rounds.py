@@ -76,6 +76,7 @@ class Rounds:
         joining: bool = False,
         training_peers: Callable[[float], set[str]] = lambda _within_s: set(),
         pull_now: Callable[[], None] = lambda: None,
+        admission: Callable[[], Awaitable[int]] | None = None,
     ) -> None:
         self.trainer = trainer
         self.replica = replica
@@ -90,6 +91,8 @@ class Rounds:
         self.joining = joining
         self.training_peers = training_peers
         self.pull_now = pull_now
+        self.admission = admission or _no_admission
+        """This node's proof of work for the run (daemon.node.genesis.admission_nonce; 0: none asked)."""
         """Ask sync to pull from the peers known to hold what this node lacks (while catching up)."""
         """Peers whose heartbeat, heard within the given seconds, says they are training."""
         """The node has bootstrap peers: its first round waits for a first exchange with one of them."""
@@ -264,6 +267,7 @@ class Rounds:
             weight=weight,
             base_version=base_vv.digest(),
             base_count=_others_in(base_vv, self.signer.public_key) if state.influence_window else 0,
+            admission_nonce=await self.admission(),
         )
         clock.start("accept")
         try:
@@ -384,3 +388,7 @@ def _others(state: crdt.ModelState, me: bytes) -> int:
 def _others_in(vector: crdt.VersionVector, me: bytes) -> int:
     """Contributions of authors other than ``me`` in ``vector``: a record's ``base_count``."""
     return vector.total - vector.get(me)
+
+
+async def _no_admission() -> int:
+    return 0

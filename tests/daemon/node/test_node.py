@@ -210,3 +210,23 @@ async def test_with_an_influence_window_a_founder_alone_waits_for_others_and_rec
         author = node.signer.public_key
         bases = [state.get(author, seq).base_count for seq in (1, 2, 3)]  # type: ignore[union-attr]
         assert bases == sorted(set(bases)), bases  # strictly growing: at most one record per other's
+
+
+async def test_an_open_run_asking_for_work_admits_a_joiner_that_proved_it_once(tmp_path: Path) -> None:
+    """``admission_bits`` (crdt/admission.py): the founder and a joiner each find their proof once, every
+    record carries it, both converge, and a restart reuses the kept proof."""
+    net = FakeNet()
+    founder, joiner = tmp_path / "f", tmp_path / "j"
+    net.link(host_for(founder, net).peer_id, host_for(joiner, net).peer_id)
+    async with running_node(founder, net, config(node={"run": "pow", "admission_bits": 10})) as f:
+        join = config(node={"run": "pow", "bootstrap": [f.host.addr]})
+        async with running_node(joiner, net, join) as j:
+            await until(lambda: f.status().contributions == 6 and j.status().contributions == 6, timeout_s=30)
+            assert j.status().admission_bits == 10 and j.status().state_hash == f.status().state_hash
+            state = j.parts.replica.state
+            for node in (f, j):
+                records = [state.get(node.signer.public_key, seq) for seq in (1, 2, 3)]
+                assert len({c.admission_nonce for c in records if c is not None}) == 1
+                assert all(c is not None and c.admission_nonce > 0 for c in records)
+    kept = (joiner / "store" / "admission").read_text().split()
+    assert kept[0] == state.genesis.id and int(kept[1]) == records[0].admission_nonce  # type: ignore[union-attr]

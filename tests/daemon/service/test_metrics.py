@@ -65,6 +65,7 @@ STATUS_FIELDS = {
     "diverged_from": "meshtrain_diverged_peers",
     "clip_norm": None,  # fixed by the genesis
     "influence_window": None,  # fixed by the genesis
+    "admission_bits": None,  # fixed by the genesis
     "join": "meshtrain_genesis_refusals",
     "disk_full": "meshtrain_disk_full",
     "uptime_s": "process_start_time_seconds",
