@@ -143,8 +143,8 @@ class ModelState:
 
     @property
     def accumulator(self) -> np.ndarray:
-        """Read-only view of the int64 accumulator (for tests and diagnostics)."""
-        view = self._acc.values.view()
+        """A read-only int64 copy of the accumulator (for tests and diagnostics: 8 bytes per parameter)."""
+        view = self._acc.values.to_int64()
         view.flags.writeable = False
         return view
 
@@ -401,7 +401,7 @@ class ModelState:
             if header.genesis_id != genesis.id:
                 raise GenesisMismatchError("snapshot: belongs to a different genesis")
             acc, hashes = snapshot.take()  # SnapshotReader checked the content against the header's hash
-            if acc.shape != (genesis.length,) or len(hashes) != len(genesis.fragments):
+            if len(acc) != genesis.length or len(hashes) != len(genesis.fragments):
                 raise GenesisMismatchError("snapshot: accumulator size does not match the genesis model")
             state._setup(genesis, limits, Accumulator(genesis, acc, hashes), self_verified=self_verified)
             state._vv = dict(header.version_vector.items())
