@@ -10,8 +10,9 @@ applied at most once, so any two replicas that applied the same *set* of contrib
 state is summarized by a :class:`VersionVector` (authors number contributions 1, 2, 3 ... without gaps;
 a replica applies each author's contributions in order and buffers early ones, boundedly).
 
-Fixed-point arithmetic, overflow and memory: see crdt/_accumulator.py (the int64 accumulator, hashed per
-fragment, materialized and snapshotted in blocks, so a state peaks near 12 bytes per parameter).
+Fixed-point arithmetic, overflow and memory: see crdt/_accumulator.py (the int64 accumulator, held in
+int32 blocks while they fit, hashed, materialized and snapshotted in blocks: a state is near 8 bytes per
+parameter).
 
 Provenance: ``self_verified`` is true while every contribution in the accumulator was verified here
 (grown by :meth:`apply`, or reloaded from an own snapshot of such a state) and false once a peer's
