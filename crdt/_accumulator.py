@@ -29,10 +29,11 @@ update stays within +-0.5 model units (int32 at SCALE_BITS = 32), 8 more in a bl
 once one of them has left that range; the values and every result are those of one int64 vector, bit
 for bit. With the genesis' 4 that makes a state 8 bytes per parameter. Every operation here works in
 blocks of ``_BLOCK`` entries (hashing, materialize, snapshot encoding) or per contribution, so none
-needs a second model-sized array. Measured at 101M parameters (bench/probe_memory.py, 2026-12-01): a
-state with four rice-q8 contributions held 13.9 bytes per parameter of the process with the plain int64
-vector, 10.0 packed. The old ``materialize`` built three float64 copies (24 bytes per parameter) and
-``snapshot()`` copied the accumulator.
+needs a second model-sized array. Measured at 101M parameters (bench/probe_memory.py, 2026-12-01): the
+process holding a state with four rice-q8 contributions (the interpreter and the daemon's imports, 1.2,
+included) was 13.9 bytes per parameter with the plain int64 vector, 10.5 packed. The old
+``materialize`` built three float64 copies (24 bytes per parameter) and ``snapshot()`` copied the
+accumulator.
 """
 
 from __future__ import annotations
