@@ -8,7 +8,8 @@ late joiner (not training) comes and catches up from a snapshot. Measured:
 * genesis: the joiner's download (``status.join.genesis_transfer``): bytes, seconds, rate;
 * snapshot: the late joiner's download of the founder's (or joiner's) snapshot: bytes, seconds, and the
   time from its start until it holds the run's state (genesis + snapshot + install);
-* resident memory after the rounds, daemon and training process apart, in bytes per parameter (psutil);
+* resident memory after the rounds, daemon and training process apart, in bytes per parameter (psutil),
+  and each daemon's peak since it started (VmHWM: founding, loading the genesis, a snapshot install);
 * per-round spans from ``/v1/history`` (``spans_s``): the daemon's share of the round (everything but
   ``train``), and ``train`` per inner step, to project the share at the default H (50 inner steps of
   batch 32 x 128 bytes: see ``project``).
@@ -55,11 +56,19 @@ DEADLINE_S = 900.0
 COMPACT_WAIT_S = 60.0
 
 
-def _rss(pid: int) -> tuple[int, int]:
-    """(daemon, training process) resident bytes."""
+def _rss(pid: int) -> tuple[int, int, int]:
+    """(daemon, training process) resident bytes, and the daemon's peak (VmHWM: Linux only, else 0)."""
     proc = psutil.Process(pid)
     children = proc.children(recursive=True)
-    return proc.memory_info().rss, sum(p.memory_info().rss for p in children)
+    return proc.memory_info().rss, sum(p.memory_info().rss for p in children), _peak(pid)
+
+
+def _peak(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status")
+    if not status.exists():
+        return 0
+    line = next((x for x in status.read_text().splitlines() if x.startswith("VmHWM:")), "VmHWM: 0 kB")
+    return int(line.split()[1]) * 1024
 
 
 def _configure(group: Cluster, index: int, **sections: dict[str, Any]) -> None:
@@ -123,6 +132,9 @@ def measure(size: str, workdir: Path) -> dict[str, Any]:
         "founder_trainer_b_per_param": round(founder_rss[1] / params, 2),
         "joiner_daemon_b_per_param": round(joiner_rss[0] / params, 2),
         "late_daemon_b_per_param": round(late_rss[0] / params, 2),
+        "founder_daemon_peak_b_per_param": round(founder_rss[2] / params, 2),
+        "joiner_daemon_peak_b_per_param": round(joiner_rss[2] / params, 2),
+        "late_daemon_peak_b_per_param": round(late_rss[2] / params, 2),
         "round_s": round(round_s, 3),
         "spans_s": spans,
         "daemon_share": round(overhead_s / round_s, 3),
@@ -155,6 +167,7 @@ COLUMNS = [
     ("founder_daemon_b_per_param", "daemon B/p"),
     ("founder_trainer_b_per_param", "trainer B/p"),
     ("late_daemon_b_per_param", "late daemon B/p"),
+    ("founder_daemon_peak_b_per_param", "peak B/p"),
     ("round_s", "round s"),
     ("daemon_share", "daemon share"),
     ("daemon_share_at_default_h", "share @H=50"),

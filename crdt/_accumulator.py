@@ -24,22 +24,29 @@ The model is ``genesis.params + QUANTUM * acc``. A contribution adds
 
 Memory
 ------
-The accumulator is 8 bytes per parameter and the genesis 4; every operation here works in blocks of
-``_BLOCK`` entries (materialize, snapshot encoding) or per contribution, so none needs a second
-model-sized array: a state peaks near 12 bytes per parameter (bench/bench_crdt.py measures it). The old
+The accumulator is held packed (crdt/_packed.py): 4 bytes per parameter while an entry's accumulated
+update stays within +-0.5 model units (int32 at SCALE_BITS = 32), 8 more in a block of 2**16 entries
+once one of them has left that range; the values and every result are those of one int64 vector, bit
+for bit. With the genesis' 4 that makes a state 8 bytes per parameter. Every operation here works in
+blocks of ``_BLOCK`` entries (hashing, materialize, snapshot encoding) or per contribution, so none
+needs a second model-sized array. Measured at 101M parameters (bench/probe_memory.py, 2026-12-01): the
+process holding a state with four rice-q8 contributions (the interpreter and the daemon's imports, 1.2,
+included) was 13.9 bytes per parameter with the plain int64 vector, 10.5 packed. The old
 ``materialize`` built three float64 copies (24 bytes per parameter) and ``snapshot()`` copied the
 accumulator.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Iterator
 
 import numpy as np
 
 from crdt import _wire
-from crdt.records import Genesis
-from crdt.snapshot import SnapshotHeader, encode_snapshot, fragment_digest
+from crdt._packed import PackedInt64
+from crdt.records import HASH_BYTES, Genesis
+from crdt.snapshot import SnapshotHeader, encode_snapshot
 
 __all__ = ["QUANTUM", "SCALE_BITS", "Accumulator"]
 
@@ -48,7 +55,7 @@ SCALE_BITS = 32
 #: Value of one accumulator unit in model units.
 QUANTUM = 2.0**-SCALE_BITS
 _SCALE = float(2**SCALE_BITS)
-#: Entries materialized per step: 2**20 keeps the float64 temporaries at 8 MiB whatever the model size.
+#: Entries materialized or hashed per step: 2**20 keeps the temporaries at 8 MiB whatever the model size.
 _BLOCK = 2**20
 
 Delta = tuple[int, np.ndarray, np.ndarray]
@@ -68,13 +75,14 @@ def to_fixed(genesis: Genesis, fragment: int, indices: np.ndarray, values: np.nd
 
 
 class Accumulator:
-    """The int64 accumulator, its cached per-fragment digests and a change counter. Not thread-safe."""
+    """The packed int64 accumulator, its cached per-fragment digests and a change counter. Not
+    thread-safe."""
 
-    def __init__(self, genesis: Genesis, values: np.ndarray | None = None,
+    def __init__(self, genesis: Genesis, values: PackedInt64 | None = None,
                  fragment_hashes: Iterable[bytes | None] | None = None) -> None:
         self.genesis = genesis
-        # np.zeros is calloc: pages are only touched as updates land
-        self.values = np.zeros(genesis.length, dtype=np.int64) if values is None else values
+        # zeros are calloc: pages are only touched as updates land
+        self.values = PackedInt64(genesis.length) if values is None else values
         self._hashes: list[bytes | None] = (
             [None] * len(genesis.fragments) if fragment_hashes is None else list(fragment_hashes))
         self.generation = 0
@@ -85,33 +93,38 @@ class Accumulator:
 
     def add(self, delta: Delta) -> None:
         fragment, target, amounts = delta
-        self.values[target] += amounts  # indices are unique (strictly increasing): no np.add.at needed
+        self.values.add(target, amounts)  # indices are unique (strictly increasing)
         self._hashes[fragment] = None
         self.generation += 1
 
     def fragment_hashes(self) -> list[bytes]:
         """blake2b-256 of each fragment, recomputed only for fragments changed since the last call."""
-        for i, (start, stop) in enumerate(self.genesis.fragments):
+        for i in range(len(self.genesis.fragments)):
             if self._hashes[i] is None:
-                self._hashes[i] = fragment_digest(self.values[start:stop])
+                self._hashes[i] = self._digest(i, [])
         return self._hashes  # type: ignore[return-value]
 
     def hashes_without(self, deltas: list[Delta]) -> list[bytes]:
-        """The fragment digests the accumulator would have without ``deltas`` (applied ones): subtracted
-        in place, the touched fragments hashed, then added back, bit for bit."""
+        """The fragment digests the accumulator would have without ``deltas`` (applied ones): each touched
+        fragment is hashed a block at a time, the deltas subtracted from the block's int64 copy (wrapping,
+        as the group requires); the accumulator itself is not touched."""
         current = list(self.fragment_hashes())
-        done: list[Delta] = []
-        try:
-            for fragment, target, amounts in deltas:
-                self.values[target] -= amounts
-                done.append((fragment, target, amounts))
-            for fragment in {d[0] for d in deltas}:
-                start, stop = self.genesis.fragments[fragment]
-                current[fragment] = fragment_digest(self.values[start:stop])
-        finally:
-            for _, target, amounts in done:
-                self.values[target] += amounts
+        for fragment in {d[0] for d in deltas}:
+            current[fragment] = self._digest(fragment, [d for d in deltas if d[0] == fragment])
         return current
+
+    def _digest(self, fragment: int, minus: list[Delta]) -> bytes:
+        """crdt.snapshot.fragment_digest of the fragment's int64 values less ``minus``, in blocks."""
+        h = hashlib.blake2b(digest_size=HASH_BYTES)
+        start, stop = self.genesis.fragments[fragment]
+        for lo in range(start, stop, _BLOCK):
+            hi = min(lo + _BLOCK, stop)
+            block = self.values.read(lo, hi)
+            for _, target, amounts in minus:
+                a, b = np.searchsorted(target, (lo, hi))
+                block[target[a:b] - lo] -= amounts[a:b]
+            h.update(memoryview(block.astype("<i8", copy=False)).cast("B"))
+        return h.digest()
 
     def materialize(self, out: np.ndarray | None) -> np.ndarray:
         n = self.genesis.length
@@ -121,7 +134,7 @@ class Accumulator:
                      f"out must be a writeable float32 array of shape ({n},)")
         for start in range(0, n, _BLOCK):
             stop = min(start + _BLOCK, n)
-            block = self.values[start:stop].astype(np.float64)
+            block = self.values.read(start, stop, np.float64)
             block *= QUANTUM
             block += self.genesis.params[start:stop]
             out[start:stop] = block

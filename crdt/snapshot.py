@@ -50,6 +50,7 @@ import numpy as np
 import zstandard
 
 from crdt import _wire
+from crdt._packed import PackedInt64
 from crdt.errors import GenesisMismatchError, ValidationError
 from crdt.log import RECORD_HEADER, frame_record, record_checksum
 from crdt.records import FORMAT_VERSION, HASH_BYTES, Genesis
@@ -163,9 +164,9 @@ class Snapshot:
     """
 
     header: SnapshotHeader
-    _parts: list[tuple[np.ndarray, tuple[bytes, ...]]] = field(repr=False)
+    _parts: list[tuple[PackedInt64, tuple[bytes, ...]]] = field(repr=False)
 
-    def take(self) -> tuple[np.ndarray, tuple[bytes, ...]]:
+    def take(self) -> tuple[PackedInt64, tuple[bytes, ...]]:
         """The accumulator and its per-fragment digests, once (internal to ModelState)."""
         _wire.expect(bool(self._parts), "snapshot", "already used to build a state")
         return self._parts.pop()
@@ -176,13 +177,16 @@ class Snapshot:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def encode_snapshot(genesis: Genesis, header: SnapshotHeader, acc: np.ndarray) -> Iterator[bytes]:
-    """The snapshot stream of ``acc`` (int64, genesis.length) under ``header``, one framed part per item:
-    the magic and header first, then one part per block. Holds one block's temporaries at a time."""
+def encode_snapshot(
+    genesis: Genesis, header: SnapshotHeader, acc: np.ndarray | PackedInt64
+) -> Iterator[bytes]:
+    """The snapshot stream of ``acc`` (int64 or packed, genesis.length) under ``header``, one framed part
+    per item: the magic and header first, then one part per block. Holds one block's temporaries at a
+    time."""
     compressor = zstandard.ZstdCompressor(level=_ZSTD_LEVEL)
     yield SNAPSHOT_MAGIC + bytes([FORMAT_VERSION]) + frame_record(header.encode())
     for start, stop in _blocks(genesis):
-        a = acc[start:stop]
+        a = acc.read(start, stop) if isinstance(acc, PackedInt64) else acc[start:stop]
         codes = ((a << 1) ^ (a >> 63)).view(np.uint64)  # zigzag
         planes = np.ascontiguousarray(codes.astype("<u8", copy=False).view(np.uint8).reshape(-1, 8).T)
         packed = [compressor.compress(p.data) if p.any() else b"" for p in planes]
@@ -211,8 +215,9 @@ def _block_max_bytes(count: int) -> int:
 class SnapshotReader:
     """Sans-IO decoder of a snapshot stream for ``genesis``: :meth:`feed` it bytes in any chunks, read
     :attr:`header` as soon as it is there (to check checkpoints before fetching the rest), then
-    :meth:`finish`. Memory: the accumulator (8 bytes per parameter, allocated once the header checks out)
-    plus one part in flight. Every method raises ValidationError on bad input; the reader is then dead.
+    :meth:`finish`. Memory: the accumulator (packed: 4 bytes per parameter where values fit int32,
+    allocated with the first block) plus one part in flight. Every method raises ValidationError on bad
+    input; the reader is then dead.
 
     ``max_authors`` bounds the header's vector: ``Limits.max_authors`` for a peer's snapshot,
     ``crdt.MAX_AUTHORS`` for the replica's own. The accumulator is allocated when the first block arrives,
@@ -226,7 +231,7 @@ class SnapshotReader:
         self._buf = bytearray()
         self._magic_seen = False
         self._header: SnapshotHeader | None = None
-        self._acc: np.ndarray | None = None
+        self._acc: PackedInt64 | None = None
         self._blocks = list(_blocks(genesis))
         self._next = 0  # index of the next expected block
         self._frag_ends = {stop: i for i, (_, stop) in enumerate(genesis.fragments)}
@@ -327,10 +332,10 @@ class SnapshotReader:
                 _wire.expect(bool(grid[j].any()), tag, "an all-zero plane must be empty")
         codes = np.ascontiguousarray(grid.T).view("<u8").reshape(count).astype(np.uint64, copy=False)
         if self._acc is None:  # allocated with the first block, not the header: see the class docstring
-            self._acc = np.empty(self._genesis.length, dtype=np.int64)
-        out = self._acc[begin:stop]
-        np.right_shift(codes, np.uint64(1), out=out.view(np.uint64))
+            self._acc = PackedInt64(self._genesis.length)
+        out = np.right_shift(codes, np.uint64(1)).view(np.int64)
         out ^= -(codes & np.uint64(1)).view(np.int64)  # un-zigzag
+        self._acc.write(begin, out)
         self._frag_hasher.update(memoryview(out.astype("<i8", copy=False)).cast("B"))
         if stop in self._frag_ends:
             self._frag_hashes.append(self._frag_hasher.digest())

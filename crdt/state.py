@@ -10,8 +10,9 @@ applied at most once, so any two replicas that applied the same *set* of contrib
 state is summarized by a :class:`VersionVector` (authors number contributions 1, 2, 3 ... without gaps;
 a replica applies each author's contributions in order and buffers early ones, boundedly).
 
-Fixed-point arithmetic, overflow and memory: see crdt/_accumulator.py (the int64 accumulator, hashed per
-fragment, materialized and snapshotted in blocks, so a state peaks near 12 bytes per parameter).
+Fixed-point arithmetic, overflow and memory: see crdt/_accumulator.py (the int64 accumulator, held in
+int32 blocks while they fit, hashed, materialized and snapshotted in blocks: a state is near 8 bytes per
+parameter).
 
 Provenance: ``self_verified`` is true while every contribution in the accumulator was verified here
 (grown by :meth:`apply`, or reloaded from an own snapshot of such a state) and false once a peer's
@@ -155,8 +156,8 @@ class ModelState:
 
     @property
     def accumulator(self) -> np.ndarray:
-        """Read-only view of the int64 accumulator (for tests and diagnostics)."""
-        view = self._acc.values.view()
+        """A read-only int64 copy of the accumulator (for tests and diagnostics: 8 bytes per parameter)."""
+        view = self._acc.values.to_int64()
         view.flags.writeable = False
         return view
 
@@ -500,7 +501,7 @@ class ModelState:
             if header.genesis_id != genesis.id:
                 raise GenesisMismatchError("snapshot: belongs to a different genesis")
             acc, hashes = snapshot.take()  # SnapshotReader checked the content against the header's hash
-            if acc.shape != (genesis.length,) or len(hashes) != len(genesis.fragments):
+            if len(acc) != genesis.length or len(hashes) != len(genesis.fragments):
                 raise GenesisMismatchError("snapshot: accumulator size does not match the genesis model")
             state._setup(genesis, limits, Accumulator(genesis, acc, hashes), self_verified=self_verified)
             if header.bases and state._window is None:

@@ -3,12 +3,13 @@ place, and the block is gone once the process is."""
 
 from __future__ import annotations
 
+from multiprocessing import shared_memory
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from daemon.node.trainer_process import TrainerError, TrainerProcess, TrainerSpec
+from daemon.node.trainer_process import TrainerError, TrainerProcess, TrainerSpec, _fill_unmapped
 
 
 async def test_rounds_and_evaluations_read_the_shared_parameters(tmp_path: Path) -> None:
@@ -38,6 +39,30 @@ async def test_rounds_and_evaluations_read_the_shared_parameters(tmp_path: Path)
     finally:
         await trainer.aclose()
     assert not block.exists()  # unlinked with the process: nothing left in /dev/shm
+
+
+def _shmem_resident() -> int:
+    """This process's resident shared-memory bytes (RssShmem of /proc/self/status)."""
+    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("RssShmem:"))
+    return int(line.split()[1]) * 1024
+
+
+def test_the_handoff_delivers_the_parameters_without_keeping_them_resident() -> None:
+    size = 8 * 2**20  # 32 MiB of float32
+    params = np.random.default_rng(0).standard_normal(size, dtype=np.float32)
+    owner = shared_memory.SharedMemory(create=True, size=4 * size)
+    try:
+        before = _shmem_resident()
+        _fill_unmapped(owner.name, lambda out: out.__setitem__(slice(None), params), size)
+        assert _shmem_resident() - before < 2**20  # unmapped: resident in whoever reads them, not here
+        child = shared_memory.SharedMemory(name=owner.name)  # what the training process attaches
+        try:
+            assert bytes(child.buf[: 4 * size]) == params.tobytes()
+        finally:
+            child.close()
+    finally:
+        owner.close()
+        owner.unlink()
 
 
 async def test_a_checkpoint_round_trips_and_a_wrong_one_is_named(tmp_path: Path) -> None:
