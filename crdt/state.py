@@ -162,6 +162,11 @@ class ModelState:
         return view
 
     @property
+    def accumulator_bytes(self) -> int:
+        """Bytes the accumulator holds (packed: about 4 per parameter; crdt/_packed.py)."""
+        return self._acc.values.nbytes
+
+    @property
     def state_hash(self) -> str:
         """Hex blake2b-256 of (genesis id, version-vector digest, per-fragment blake2b-256 of the
         little-endian accumulator). Equal exactly when the applied contribution sets are equal."""

@@ -17,19 +17,54 @@ Pure pieces of the round (build_inner_optimizer, lr_factor, inner_loop, outer_up
 exported for tests and benchmarks.
 """
 
-from training._assignment import data_seed
-from training._check import Problem, check_task
-from training._config import CODECS, INNER_OPTIMIZERS, DilocoConfig, resolve_device
-from training._diloco import PeerTrainer, RoundResult
-from training._errors import ConfigError, TaskNotFoundError, TrainingError
-from training._inner import build_inner_optimizer, inner_loop, lr_factor
-from training._options import OptionInfo, build_config, coerce, describe_options
-from training._outer import Compressed, compress, outer_update
-from training._params import flatten_params, fragment_ranges, load_flat_params, num_params
-from training._skeleton import task_skeleton
-from training._staleness import StalenessPolicy
-from training._stdlib_lm import StdlibLMTask
-from training._task import Task, check_task_options, describe_task_options, load_task
+import importlib
+from typing import Any
+
+#: Public name -> the submodule defining it. Imported on first use (PEP 562), so a process that only
+#: unpickles a RoundResult (the daemon) or reads config never imports torch (2 B/param of daemon memory
+#: at 100M parameters, bench/probe_memory.py).
+_WHERE = {
+    "data_seed": "_assignment",
+    "Problem": "_check",
+    "check_task": "_check",
+    "CODECS": "_config",
+    "INNER_OPTIMIZERS": "_config",
+    "DilocoConfig": "_config",
+    "resolve_device": "_config",
+    "PeerTrainer": "_diloco",
+    "RoundResult": "_result",
+    "ConfigError": "_errors",
+    "TaskNotFoundError": "_errors",
+    "TrainingError": "_errors",
+    "build_inner_optimizer": "_inner",
+    "inner_loop": "_inner",
+    "lr_factor": "_inner",
+    "OptionInfo": "_options",
+    "build_config": "_options",
+    "coerce": "_options",
+    "describe_options": "_options",
+    "Compressed": "_outer",
+    "compress": "_outer",
+    "outer_update": "_outer",
+    "flatten_params": "_params",
+    "fragment_ranges": "_params",
+    "load_flat_params": "_params",
+    "num_params": "_params",
+    "task_skeleton": "_skeleton",
+    "StalenessPolicy": "_staleness",
+    "StdlibLMTask": "_stdlib_lm",
+    "Task": "_task",
+    "check_task_options": "_task",
+    "describe_task_options": "_task",
+    "load_task": "_task",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"training.{_WHERE[name]}"), name)
+
 
 __all__ = [
     "CODECS",

@@ -37,7 +37,6 @@ position in that stream (batches consumed) and the schedule's inner step persist
 
 import contextlib
 import copy
-import dataclasses
 import inspect
 import itertools
 import logging
@@ -52,7 +51,7 @@ from training._errors import ConfigError, TrainingError
 from training._inner import build_inner_optimizer, inner_loop, lr_factor
 from training._outer import compress, outer_update
 from training._params import flatten_params, fragment_ranges, load_flat_params, num_params
-from training._staleness import StalenessPolicy
+from training._result import RoundResult
 from training._task import Task
 
 logger = logging.getLogger(__name__)
@@ -61,33 +60,6 @@ STATE_VERSION = 1  # bump when state_dict's layout changes incompatibly (added k
 
 
 # ---------------------------------------------------------------------------------------------- result
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
-class RoundResult:
-    """One round's contribution. Apply as θ[start:stop][indices] += weight * values, where
-    (indices, values) = crdt.decode_payload(codec, stop - start, payload) and (start, stop) is the
-    fragment's range."""
-
-    fragment: int
-    codec: str
-    payload: bytes
-    """crdt-encoded update for the fragment (indices relative to the fragment start)."""
-    weight: float
-    """Multiplier for the decoded values: 1.0 (1/expected_peers and outer_lr are baked in) before the
-    daemon applies the staleness weight."""
-    train_loss: float
-    """Mean inner-loop training loss over this round's H steps."""
-    update_norm: float
-    """L2 norm of the decoded update actually sent."""
-    residual_norm: float
-    """L2 norm of the fragment's error-feedback residual after this round."""
-    density: float
-    """Fraction of the fragment's entries present in the payload (1.0 for the dense codecs)."""
-    payload_bytes: int
-    staleness_policy: StalenessPolicy
-    """The author's staleness rule: the daemon sets the contribution's weight to
-    `weight * staleness_policy.weight(s)` once it knows s (and skips the round when that is 0)."""
 
 
 # ------------------------------------------------------------------------------------------ trainer

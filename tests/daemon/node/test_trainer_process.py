@@ -171,3 +171,25 @@ async def test_stopping_in_the_middle_of_a_round_does_not_wait_for_it(tmp_path: 
     with pytest.raises(TrainerError, match="gone"):
         await round_task
     assert not (tmp_path / "trainer.pt").exists()  # nothing committed
+
+
+def test_the_daemon_side_never_imports_torch() -> None:
+    """The daemon unpickles each round's RoundResult; it must not pull torch in with it (2 B/param of
+    daemon memory at 100M parameters, bench/probe_memory.py): ``training`` imports its submodules lazily
+    and RoundResult lives in a torch-free one."""
+    import subprocess
+    import sys
+
+    script = (
+        "import pickle, sys\n"
+        "import daemon.cli.main, daemon.service.service, daemon.node.node\n"
+        "from training._result import RoundResult\n"
+        "from training._staleness import StalenessPolicy\n"
+        "result = RoundResult(fragment=0, codec='dense-f32', payload=b'', weight=1.0, train_loss=0.0,\n"
+        "    update_norm=0.0, residual_norm=0.0, density=1.0, payload_bytes=0,\n"
+        "    staleness_policy=StalenessPolicy(expected_peers=1, max_staleness=4))\n"
+        "pickle.loads(pickle.dumps(result))\n"
+        "print('torch' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False", out.stderr
