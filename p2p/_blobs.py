@@ -56,7 +56,7 @@ from p2p._errors import (
     RemoteError,
     TransferFailed,
 )
-from p2p._framing import Frame, FrameDecoder, FrameKind
+from p2p._framing import Frame, FrameDecoder, FrameKind, Pieces
 from p2p._node import parse_peer_id
 from p2p._reqresp import finish_stream, open_stream, read_frame, remote_error, write_frame
 from p2p._transfer import MAX_MANIFEST_BYTES, BlobRequest, FetchPlan, Manifest, Op, Verdict, chunk_digest
@@ -238,7 +238,7 @@ class _Fetch:
         except (P2PError, ValueError, trio.TooSlowError) as exc:
             self._drop(peer, _reason(exc, self.limits.chunk_timeout_s), in_plan=False)
         else:
-            decoder = FrameDecoder(max_message_bytes=manifest.chunk_size, expected=_ANSWERS)
+            decoder.max_message_bytes = manifest.chunk_size  # the same decoder: it may hold input already
             await self._pull(stream, decoder, peer, plan)
             ok = plan.peers[peer].error is None
         finally:
@@ -333,9 +333,7 @@ class _Fetch:
                 frame = await _answer(stream, decoder)
             storing.start_soon(self._verify_and_store, peer, plan, asked.popleft(), frame.pieces)
 
-    async def _verify_and_store(
-        self, peer: str, plan: FetchPlan, index: int, pieces: tuple[bytes, ...]
-    ) -> None:
+    async def _verify_and_store(self, peer: str, plan: FetchPlan, index: int, pieces: Pieces) -> None:
         size = sum(len(p) for p in pieces)
         digest = await trio.to_thread.run_sync(chunk_digest, *pieces)
         verdict = plan.on_data(peer, index, size=size, digest=digest)

@@ -8,7 +8,8 @@ joined), so memory stays bounded by the chunks in flight whatever the blob's siz
 the manifest is the whole resume state: `open` re-reads the part file left by an earlier, interrupted fetch
 (this process or a previous one) and keeps every chunk whose digest matches; holes (never-written ranges of
 the sparse file, found with ``SEEK_DATA``) are skipped without being read. `finish` fsyncs and renames the
-part file into place, so ``dest`` only ever appears complete.
+part file into place, so ``dest`` only ever appears complete. Each chunk's write-out to disk is started as
+it is stored (`_start_writeback`), so that fsync finds little left to wait for.
 
 Without a destination the blob is assembled in a bytearray that grows at the *frontier* (see below):
 chunk ``i`` is appended once chunks ``0..i`` have arrived (later ones wait in a dict). Each byte is copied
@@ -29,18 +30,23 @@ re-verifying the data is the only state that cannot lie); mmap of the part file 
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import errno
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import trio
 
+from p2p._framing import Pieces
 from p2p._transfer import Manifest, check_blob, chunk_digest, new_blob_hasher
 
 __all__ = ["PART_SUFFIX", "BlobSink"]
 
 PART_SUFFIX = ".part"
 _IOV_MAX = 1024  # Linux's limit on the pieces of one pwritev
+_SYNC_FILE_RANGE_WRITE = 2  # <linux/fs.h>: start writeback of the range's dirty pages, do not wait
 
 
 class BlobSink:
@@ -51,7 +57,7 @@ class BlobSink:
         self.dest = dest
         self.part = dest.with_name(dest.name + PART_SUFFIX) if dest is not None else None
         self._buffer = bytearray() if dest is None else None  # memory mode: chunks 0.._frontier-1
-        self._pending: dict[int, tuple[bytes, ...]] = {}  # stored past the frontier, kept in memory
+        self._pending: dict[int, Pieces] = {}  # stored past the frontier, kept in memory
         self._fd: int | None = None
         self._stored: set[int] = set()
         self._whole = new_blob_hasher() if verify_whole else None
@@ -84,7 +90,7 @@ class BlobSink:
         os.ftruncate(fd, self.manifest.size)
         return set(self._stored)
 
-    async def store(self, index: int, pieces: tuple[bytes, ...]) -> None:
+    async def store(self, index: int, pieces: Pieces) -> None:
         """Keep a verified chunk (and advance the buffer and the whole-blob hash as far as they reach)."""
         if self._fd is None and self._whole is None:  # memory, nothing to hash: a copy, no thread, no lock
             self._store_sync(index, pieces)
@@ -92,9 +98,11 @@ class BlobSink:
         async with self._lock:
             await trio.to_thread.run_sync(self._store_sync, index, pieces)
 
-    def _store_sync(self, index: int, pieces: tuple[bytes, ...]) -> None:
+    def _store_sync(self, index: int, pieces: Pieces) -> None:
         if self._fd is not None:
-            _pwrite_all(self._fd, pieces, self.manifest.chunk_range(index)[0])
+            offset, length = self.manifest.chunk_range(index)
+            _pwrite_all(self._fd, pieces, offset)
+            _start_writeback(self._fd, offset, length)
         self._stored.add(index)
         if self._buffer is not None or (self._whole is not None and index == self._frontier):
             self._pending[index] = pieces  # file mode: only until the frontier hashes it, just below
@@ -161,7 +169,7 @@ def _is_hole(fd: int, offset: int, length: int) -> bool:
         return exc.errno == errno.ENXIO
 
 
-def _pwrite_all(fd: int, pieces: tuple[bytes, ...], offset: int) -> None:
+def _pwrite_all(fd: int, pieces: Pieces, offset: int) -> None:
     """``os.pwritev`` until every byte is written (a regular file may take fewer: ENOSPC comes next)."""
     views = [memoryview(p) for p in pieces if p]
     while views:
@@ -174,3 +182,31 @@ def _pwrite_all(fd: int, pieces: tuple[bytes, ...], offset: int) -> None:
             views.pop(0)
         if views and written:
             views[0] = views[0][written:]
+
+
+def _libc_sync_file_range() -> Callable[[int, int, int, int], int] | None:
+    """libc's ``sync_file_range(2)`` (Linux), which the os module does not wrap; None where there is none."""
+    try:
+        fn = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn  # type: ignore[no-any-return]
+
+
+_sync_file_range = _libc_sync_file_range()
+
+
+def _start_writeback(fd: int, offset: int, length: int) -> None:
+    """Ask the kernel to start writing a stored chunk to disk now, without waiting for it.
+
+    Without this, every byte of the blob is still dirty in the page cache when `finish` calls fsync, and the
+    fetch waits for the whole write-out after the last byte arrived: 17-21 ms per 32 MiB here (2026-12-01),
+    a quarter of the transfer. Started chunk by chunk, the write-out overlaps the network and the final
+    fsync finds almost nothing left (0.3 ms). A hint only: an error here is ignored, the fsync in `finish`
+    is what makes the file durable and reports a failed write. Not ``posix_fadvise(DONTNEED)``, which also
+    starts writeback on Linux but then drops the cached pages the caller is about to read.
+    """
+    if _sync_file_range is not None:
+        _sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)

@@ -22,9 +22,15 @@ tested without sockets (h11 style). A u32 length bounds a frame at 4 GiB; the re
 smaller and is checked on the header, before any payload is buffered.
 
 `FrameDecoder` is fed arbitrary byte chunks (as the transport delivers them) and yields complete frames. A
-frame keeps its payload as the list of pieces the transport delivered (a ``bytes`` piece that lies wholly
-inside the frame is kept as is, not copied): `Frame.payload` joins them once, and bulk readers use
-`Frame.pieces` directly (hash them one by one, ``pwritev`` them) so a chunk is never joined at all.
+frame keeps its payload as the list of pieces the transport delivered, never copied: a ``bytes`` piece that
+lies wholly inside the frame is kept as is, one that straddles a frame boundary as a memoryview slice of it.
+`Frame.payload` joins them once, and bulk readers use `Frame.pieces` directly (hash them one by one,
+``pwritev`` them) so a chunk is never joined at all.
+
+Readers feed whole transport reads, which may run past the end of a frame into the next ones (fewer, bigger
+reads: every read costs a yamux window update, a Noise message and a syscall). The decoder parses *one*
+frame at a time and keeps the rest unparsed until `next_frame` asks for the next: a read full of tiny
+frames costs what its bytes cost, not one `Frame` object per 5 bytes of wire.
 
 Bulk data (genesis files, snapshots) does not travel in one frame: it moves as a blob (`p2p/_blobs.py`),
 chunk by chunk, so the frame bounds stay in the tens of MiB.
@@ -45,6 +51,7 @@ __all__ = [
     "Frame",
     "FrameDecoder",
     "FrameKind",
+    "Pieces",
     "decode_error_payload",
     "encode_error_payload",
     "encode_frame",
@@ -53,6 +60,9 @@ __all__ = [
 HEADER = struct.Struct(">BI")  # kind u8, payload length u32
 MAX_FRAME_BYTES = 2**32 - 1  # what the u32 length can say; receivers always bound it far lower
 ERROR_MESSAGE_MAX_CHARS = 1024  # a remote error message is diagnostics, not data: bound what we ship
+
+
+Pieces = tuple[bytes | memoryview, ...]  # a payload as the transport delivered it
 
 
 class FrameKind(enum.IntEnum):
@@ -64,12 +74,14 @@ class FrameKind(enum.IntEnum):
 @dataclass(frozen=True, slots=True)
 class Frame:
     kind: FrameKind
-    pieces: tuple[bytes, ...]  # the payload, as delivered
+    pieces: Pieces  # the payload, as delivered (see the module docstring)
 
     @property
     def payload(self) -> bytes:
         """The payload as one bytes object (joined on every access: read it once)."""
-        return self.pieces[0] if len(self.pieces) == 1 else b"".join(self.pieces)
+        if len(self.pieces) == 1 and type(self.pieces[0]) is bytes:
+            return self.pieces[0]
+        return b"".join(self.pieces)
 
     @property
     def size(self) -> int:
@@ -109,56 +121,71 @@ class FrameDecoder:
     """
 
     def __init__(self, *, max_message_bytes: int, expected: frozenset[FrameKind]) -> None:
-        self._max = max_message_bytes
+        self.max_message_bytes = max_message_bytes  # checked on each header; may change between frames
         self._expected = expected
         self._header = bytearray()
         self._kind: FrameKind | None = None
         self._length = 0
-        self._chunks: list[bytes] = []
+        self._chunks: list[bytes | memoryview] = []
         self._have = 0
-        self._pending: list[Frame] = []
-
-    @property
-    def bytes_wanted(self) -> int:
-        """How many more bytes complete the current frame (a read-size hint for the transport)."""
-        if self._kind is None:
-            return HEADER.size - len(self._header)
-        return self._length - self._have
+        self._ready: Frame | None = None  # the one frame parsed and not yet handed out
+        self._unparsed: list[bytes | memoryview] = []  # input after `_ready`, parsed by `next_frame`
 
     @property
     def in_frame(self) -> bool:
         """True when a frame has been started but not completed (EOF now would be a truncation)."""
-        return bool(self._header) or self._kind is not None
+        return bool(self._header) or self._kind is not None or bool(self._unparsed)
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
+        """Take one transport read. Raises MessageTooLarge / ProtocolViolation on a bad header."""
+        if data:
+            self._unparsed.append(data if type(data) is bytes else bytes(data))  # kept: must not change
+        self._parse()
+
+    def next_frame(self) -> Frame | None:
+        self._parse()
+        frame, self._ready = self._ready, None
+        return frame
+
+    def _parse(self) -> None:
+        """Parse unparsed input until one frame is ready (the rest stays unparsed)."""
+        while self._ready is None and self._unparsed:
+            data = self._unparsed.pop(0)
+            rest = self._parse_one(data)
+            if rest:
+                self._unparsed.insert(0, rest)
+
+    def _parse_one(self, data: bytes | memoryview) -> memoryview:
+        """Parse ``data`` up to the end of the current frame; return what lies beyond it."""
         view = memoryview(data)
-        while view:
+        while view and self._ready is None:
             if self._kind is None:
                 take = HEADER.size - len(self._header)
                 self._header += view[:take]
                 view = view[take:]
                 if len(self._header) < HEADER.size:
-                    return
-                kind_byte, length = HEADER.unpack(self._header)
-                self._header.clear()
-                try:
-                    kind = FrameKind(kind_byte)
-                except ValueError:
-                    raise ProtocolViolation(f"unknown frame kind 0x{kind_byte:02x}") from None
-                if kind not in self._expected:
-                    raise ProtocolViolation(f"unexpected frame kind {kind.name}")
-                if length > self._max:
-                    raise MessageTooLarge(f"peer announced {length} bytes > max_message_bytes={self._max}")
-                self._kind, self._length, self._have = kind, length, 0
+                    break
+                self._start_frame()
             else:
                 take = min(len(view), self._length - self._have)
-                whole = take == len(data) and type(data) is bytes  # the transport's own bytes: keep them
-                self._chunks.append(data if whole else bytes(view[:take]))
+                whole = take == len(data)  # the transport's own bytes, wholly in this frame: keep them
+                self._chunks.append(data if whole else view[:take])
                 self._have += take
                 view = view[take:]
             if self._kind is not None and self._have == self._length:
-                self._pending.append(Frame(self._kind, tuple(self._chunks)))
+                self._ready = Frame(self._kind, tuple(self._chunks))
                 self._kind, self._chunks, self._have, self._length = None, [], 0, 0
+        return view
 
-    def next_frame(self) -> Frame | None:
-        return self._pending.pop(0) if self._pending else None
+    def _start_frame(self) -> None:
+        kind_byte, length = HEADER.unpack(self._header)
+        self._header.clear()
+        try:
+            kind = FrameKind(kind_byte)
+        except ValueError:
+            raise ProtocolViolation(f"unknown frame kind 0x{kind_byte:02x}") from None
+        if kind not in self._expected:
+            raise ProtocolViolation(f"unexpected frame kind {kind.name}")
+        if length > (limit := self.max_message_bytes):
+            raise MessageTooLarge(f"peer announced {length} bytes > max_message_bytes={limit}")
+        self._kind, self._length, self._have = kind, length, 0

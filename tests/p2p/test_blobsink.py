@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from p2p import IntegrityError
+from p2p import IntegrityError, _blobsink
 from p2p._blobsink import BlobSink
 from p2p._transfer import MIN_CHUNK_BYTES, Manifest
 
@@ -42,6 +42,34 @@ def run(sink: BlobSink, order: list[int]) -> tuple[set[int], bytes | Path]:
 def test_memory_sink_joins_pieces_in_index_order(verify_whole: bool) -> None:
     have, data = run(BlobSink(MANIFEST, None, verify_whole=verify_whole), [3, 0, 6, 1, 2, 5, 4])
     assert have == set() and data == DATA
+
+
+def test_file_sink_starts_each_chunks_writeback_as_it_is_stored(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """So the final fsync does not wait for the whole blob's write-out after the last byte arrived."""
+    real = _blobsink._sync_file_range
+    assert real is not None  # Linux: libc's sync_file_range was found
+    calls: list[tuple[int, int]] = []
+
+    def spy(fd: int, offset: int, length: int, flags: int) -> int:
+        calls.append((offset, length))
+        return real(fd, offset, length, flags)
+
+    monkeypatch.setattr(_blobsink, "_sync_file_range", spy)
+    order = [4, 0, 6, 1, 2, 5, 3]
+    dest = tmp_path / "blob.bin"
+    assert run(BlobSink(MANIFEST, dest, verify_whole=False), order)[1] == dest
+    assert calls == [MANIFEST.chunk_range(i) for i in order] and dest.read_bytes() == DATA
+
+
+def test_writeback_hint_failing_is_not_an_error(tmp_path: Path) -> None:
+    """A hint only: on a descriptor it cannot flush, nothing is raised (fsync reports real failures)."""
+    fd = os.open(tmp_path / "x", os.O_RDONLY | os.O_CREAT, 0o600)
+    try:
+        _blobsink._start_writeback(fd, 0, 1 << 20)
+    finally:
+        os.close(fd)
 
 
 @pytest.mark.parametrize("verify_whole", [False, True])
