@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import logging
 import os
 import signal
@@ -175,7 +174,6 @@ def run_daemon(home: Home, config: Config, *, reload_config: Callable[[], Config
     command-line overrides the start used); by default it re-reads ``home``'s config.toml."""
     home.create()
     configure_logging(config.log.level, fmt=config.log.format)
-    _return_large_blocks_to_the_os()
     pid_file = home.pid_file
     pid_file.write_text(f"{os.getpid()}\n")
     ring = RingBufferHandler()
@@ -186,17 +184,6 @@ def run_daemon(home: Home, config: Config, *, reload_config: Callable[[], Config
         _remove_runtime_files(home, config)
         log.info("stopped")
         logging.getLogger().removeHandler(ring)
-
-
-def _return_large_blocks_to_the_os() -> None:
-    """Serve allocations of 1 MiB and more with their own mmap (glibc's M_MMAP_THRESHOLD), so freeing one
-    gives the memory back. glibc's threshold adapts upward after the first large free (up to 32 MiB), and
-    the daemon's per-round temporaries (decoded updates, snapshot blocks, hash windows, tens of MB at 100M
-    parameters) then stayed in fragmented heaps and arenas: 1-1.5 B/param of resident memory at 100M
-    parameters (bench/bench_model_scale.py, 2026-12-01). No effect where mallopt does not exist."""
-    m_mmap_threshold = -3  # malloc.h
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").mallopt(m_mmap_threshold, 1 << 20)
 
 
 def _remove_runtime_files(home: Home, config: Config) -> None:
