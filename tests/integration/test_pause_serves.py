@@ -1,10 +1,12 @@
 """A paused node stops computing but keeps serving: it still receives contributions and holds its own.
 
-Two real daemons. Both are paused right after start (each finishes a round in flight), then node 0
-alone resumes and trains to max_rounds. Node 1 must receive every one of node 0's new rounds while
-paused (its sync keeps running), node 0 must hold node 1's rounds, both must agree on the state hash,
-and node 1's own round count must not move until it is resumed. Once both are done, `train start` makes
-node 0 train exactly the rounds asked for.
+Two real daemons. Each is paused as soon as it has loaded its state (it finishes a round in flight; node 0
+is paused before node 1 starts: pausing both once both were up let a fast founder finish all its rounds
+while a loaded machine was still starting node 1's training process), then node 0 alone resumes and trains
+to max_rounds. Node 1 must receive every one of node 0's new rounds while paused (its sync keeps running),
+node 0 must hold node 1's rounds, both must agree on the state hash, and node 1's own round count must not
+move until it is resumed. Once both are done, `train start` makes node 0 train exactly the rounds asked
+for.
 """
 
 from __future__ import annotations
@@ -20,8 +22,11 @@ DEADLINE_S = 180.0
 
 def test_paused_node_keeps_serving_peers(cluster_dir: Path) -> None:
     group = Cluster(cluster_dir)
-    group.up(2, task="digits", training={"max_rounds": ROUNDS, "eval_every": 100})
+    group.create(2, task="digits", training={"max_rounds": ROUNDS, "eval_every": 100})
     for index in (0, 1):
+        group.start(index)
+        group.wait_until(lambda s, i=index: s[i].get("state_hash") is not None, timeout_s=DEADLINE_S,
+                         what=f"node {index} to load its state")
         group.client(index).post("/v1/train/pause")
     statuses = group.wait_until(
         lambda s: all(x["training"] == "paused" for x in s), timeout_s=DEADLINE_S, what="both nodes to pause"
