@@ -89,13 +89,13 @@ class Rounds:
         self.count_peers = count_peers
         """Pass the live count of training peers to each round (False: ``[diloco] expected_peers`` is set)."""
         self.joining = joining
+        """The node has bootstrap peers: its first round waits for a first exchange with one of them."""
         self.training_peers = training_peers
+        """Peers whose heartbeat, heard within the given seconds, says they are training."""
         self.pull_now = pull_now
+        """Ask sync to pull from the peers known to hold what this node lacks (while catching up)."""
         self.admission = admission or _no_admission
         """This node's proof of work for the run (daemon.node.genesis.admission_nonce; 0: none asked)."""
-        """Ask sync to pull from the peers known to hold what this node lacks (while catching up)."""
-        """Peers whose heartbeat, heard within the given seconds, says they are training."""
-        """The node has bootstrap peers: its first round waits for a first exchange with one of them."""
         self._last_round_s = 0.0
         self.state = TrainingState.RUNNING if settings().enabled else TrainingState.DISABLED
         self.history: list[RoundRecord] = []
