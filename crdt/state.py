@@ -62,6 +62,7 @@ from crdt.errors import (
     GapTooLargeError,
     GenesisMismatchError,
     HistoryPrunedError,
+    ValidationError,
 )
 from crdt.records import DEFAULT_LIMITS, Contribution, Genesis, Limits
 from crdt.signing import Signer
@@ -99,6 +100,7 @@ class ModelState:
         self._limits = _with_genesis_clip(genesis, limits)
         self._acc = acc
         self._vv: dict[bytes, int] = {}
+        self._total = 0  # sum of _vv: read per record by the influence window's rule 2
         self._floor: dict[bytes, int] = {}  # seqs <= floor[author] are applied but no longer retained
         self._log: dict[bytes, dict[int, Contribution]] = {}  # retained applied contributions
         self._pending = PendingBuffer()  # verified, waiting for a gap to fill (or, windowed, for others)
@@ -127,7 +129,7 @@ class ModelState:
     @property
     def contribution_count(self) -> int:
         """Contributions applied (including those compacted into a snapshot)."""
-        return sum(self._vv.values())
+        return self._total
 
     @property
     def pending_count(self) -> int:
@@ -182,6 +184,11 @@ class ModelState:
     def influence_window(self) -> int | None:
         """The genesis's influence window W (None: off; crdt/_window.py)."""
         return self._window
+
+    @property
+    def admission_bits(self) -> int:
+        """The proof of work the genesis asks of each author (0: none; crdt/admission.py)."""
+        return self._admission_bits
 
     def last_base_count(self, author: bytes) -> int | None:
         """``base_count`` of ``author``'s last applied record (None: it has none); with a window, its next
@@ -363,6 +370,7 @@ class ModelState:
             observe(c, indices, values)
         self._acc.add(delta)
         self._vv[c.author] = c.seq
+        self._total += 1
         self._log.setdefault(c.author, {})[c.seq] = c
         self._cache_vv = None
         self._cache_hash = None
@@ -374,7 +382,7 @@ class ModelState:
             try:
                 if not self._ready(c):
                     break
-            except CrdtError:  # its base does not grow: it can never apply, here or anywhere
+            except ValidationError:  # its base does not grow: it can never apply, here or anywhere
                 self._pending.pop(c.author, c.seq)
                 break
             self._pending.pop(c.author, c.seq)
@@ -415,6 +423,7 @@ class ModelState:
         other = ModelState.__new__(ModelState)
         other._setup(self._genesis, self._limits, self._acc.copy(), self_verified=self._self_verified)
         other._vv = dict(self._vv)
+        other._total = self._total
         other._floor = dict(self._floor)
         other._log = {a: dict(m) for a, m in self._log.items()}
         other._floor_base = dict(self._floor_base)
@@ -512,6 +521,7 @@ class ModelState:
             if header.bases and state._window is None:
                 raise GenesisMismatchError("snapshot: carries bases, but the genesis has no influence window")
             state._vv = dict(header.version_vector.items())
+            state._total = header.version_vector.total
             state._floor = dict(state._vv)
             if state._window is not None:  # an author absent from the bases had base 0
                 state._floor_base = {a: header.bases.get(a) for a in state._vv}
