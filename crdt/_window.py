@@ -33,7 +33,6 @@ then not at all until others contribute; a window is for runs of several authors
 from __future__ import annotations
 
 from crdt import _wire
-from crdt.errors import GenesisMismatchError
 from crdt.records import Genesis
 
 __all__ = ["check_growth", "influence_window", "windowed_clip"]
@@ -48,12 +47,7 @@ def influence_window(genesis: Genesis) -> int | None:
     Raises:
         GenesisMismatchError: it is not an integer in [1, MAX_WINDOW].
     """
-    raw = genesis.meta.get("influence_window")
-    if raw is None:
-        return None
-    if not raw.isdigit() or not 1 <= int(raw) <= MAX_WINDOW:
-        raise GenesisMismatchError(f"genesis: influence_window {raw!r} is not an integer >= 1")
-    return int(raw)
+    return genesis.meta_int("influence_window", low=1, high=MAX_WINDOW)
 
 
 def check_growth(previous: int | None, base_count: int) -> None:

@@ -24,7 +24,6 @@ import hashlib
 import struct
 
 from crdt import _wire
-from crdt.errors import GenesisMismatchError
 from crdt.records import Genesis
 
 __all__ = ["MAX_ADMISSION_BITS", "admission_bits", "check_admission", "find_admission_nonce"]
@@ -40,13 +39,7 @@ def admission_bits(genesis: Genesis) -> int:
     Raises:
         GenesisMismatchError: it is not an integer in [1, MAX_ADMISSION_BITS].
     """
-    raw = genesis.meta.get("admission_bits")
-    if raw is None:
-        return 0
-    if not raw.isdigit() or not 1 <= int(raw) <= MAX_ADMISSION_BITS:
-        raise GenesisMismatchError(f"genesis: admission_bits {raw!r} is not an integer in [1, "
-                                   f"{MAX_ADMISSION_BITS}]")
-    return int(raw)
+    return genesis.meta_int("admission_bits", low=1, high=MAX_ADMISSION_BITS) or 0
 
 
 def _prefix(genesis_id: str, author: bytes) -> hashlib._Hash:  # type: ignore[name-defined]

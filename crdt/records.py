@@ -208,6 +208,19 @@ class Genesis:
         start, stop = self.fragments[fragment]
         return stop - start
 
+    def meta_int(self, key: str, *, low: int, high: int) -> int | None:
+        """``meta[key]`` as an integer in [low, high] (a rule the run fixes), or None when absent.
+
+        Raises:
+            GenesisMismatchError: it is not such an integer.
+        """
+        raw = self.meta.get(key)
+        if raw is None:
+            return None
+        if not raw.isdigit() or not low <= int(raw) <= high:
+            raise GenesisMismatchError(f"genesis: {key} {raw!r} is not an integer in [{low}, {high}]")
+        return int(raw)
+
     def encode(self) -> bytes:
         """The canonical encoding (built on each call: 4 bytes per parameter; cache it to serve it often)."""
         return b"".join((self._head, memoryview(self.params).cast("B"), self._tail))
