@@ -165,16 +165,10 @@ class Node:
                                     limits=self.limits, timing=self._timing, join=self.join)
             membership = Membership(self.host, run=run, beat=self._heartbeat,
                                                       reject=sync.reject)
-            # Proven while the first round trains (a thread, a task of the group below): the first
-            # contribution carries it.
-            proving: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-
+            # Proven while the first round trains (a thread, ``proving`` a task of the group below): the
+            # first contribution carries it.
             async def admission() -> int:
                 return await asyncio.shield(proving)
-
-            async def prove() -> None:
-                proving.set_result(await genesis.admission_nonce(self.store, run_genesis,
-                                                                 self.signer.public_key))
             rounds = Rounds(self.trainer, replica, signer=self.signer, host=self.host,
                                           settings=lambda: self.config.training, announce=sync.announce,
                                           timing=self._timing,
@@ -190,7 +184,9 @@ class Node:
             async with asyncio.TaskGroup() as tasks:
                 tasks.create_task(sync.run(), name="sync")
                 tasks.create_task(membership.run(heartbeats), name="membership")
-                tasks.create_task(prove(), name="admission")
+                proving = tasks.create_task(
+                    genesis.admission_nonce(self.store, run_genesis, self.signer.public_key), name="admission"
+                )
                 tasks.create_task(rounds.run(), name="training")
                 tasks.create_task(self.limits.run(self.trainer), name="limits")
         finally:
@@ -326,7 +322,7 @@ class Node:
             diverged_from=sorted(parts.sync.machine.diverged) if parts else [],
             clip_norm=state.limits.clip_norm if state else None,  # fixed by the genesis (SECURITY.md)
             influence_window=state.influence_window if state else None,
-            admission_bits=crdt.admission_bits(state.genesis) if state else None,
+            admission_bits=state.admission_bits if state else None,
             disk_full=parts.replica.disk_full if parts else False,
             join=self.join,
             uptime_s=round(time.time() - self.started_at, 3),

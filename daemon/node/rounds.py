@@ -188,10 +188,10 @@ class Rounds:
         previous = self.replica.state.last_base_count(me)
         if self.replica.state.influence_window is None or previous is None:
             return
-        if _others(self.replica.state, me) > previous:
+        if _others(self.replica.state.version_vector, me) > previous:
             return
         log.info("waiting for other authors' contributions (influence window) base_count=%d", previous)
-        while _others(self.replica.state, me) <= previous and self._resume.is_set():
+        while _others(self.replica.state.version_vector, me) <= previous and self._resume.is_set():
             self.pull_now()
             await self._changed_within(5.0)
 
@@ -266,7 +266,7 @@ class Rounds:
             payload=result.payload,
             weight=weight,
             base_version=base_vv.digest(),
-            base_count=_others_in(base_vv, self.signer.public_key) if state.influence_window else 0,
+            base_count=_others(base_vv, self.signer.public_key) if state.influence_window else 0,
             admission_nonce=await self.admission(),
         )
         clock.start("accept")
@@ -381,11 +381,7 @@ class _Stopwatch:
         return run
 
 
-def _others(state: crdt.ModelState, me: bytes) -> int:
-    return _others_in(state.version_vector, me)
-
-
-def _others_in(vector: crdt.VersionVector, me: bytes) -> int:
+def _others(vector: crdt.VersionVector, me: bytes) -> int:
     """Contributions of authors other than ``me`` in ``vector``: a record's ``base_count``."""
     return vector.total - vector.get(me)
 
