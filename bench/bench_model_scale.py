@@ -84,8 +84,8 @@ def measure(size: str, workdir: Path) -> dict[str, Any]:
     try:
         group.create(3, task="stdlib-lm", training={"max_rounds": ROUNDS, "eval_every": 1000},
                      diloco={"inner_steps": INNER_STEPS, "batch_size": 1}, sync={"snapshot_every": 2})
-        for index in range(3):
-            _configure(group, index, task={**SHAPES[size], **CONTEXT})
+        for index in range(3):  # the joiners download the genesis, as when the founder used init_from
+            _configure(group, index, task={**SHAPES[size], **CONTEXT}, node={"rebuild_genesis": False})
         _configure(group, 2, training={"enabled": False})
         group.start(0)
         group.start(1)

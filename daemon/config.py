@@ -100,6 +100,10 @@ class NodeConfig(_Section):
     genesis: str = ""
     """Id of the run's genesis (64 hex digits, ``meshtrain invite`` carries it). A joiner accepts only
     this genesis from its peers. Empty: whatever a bootstrap peer serves (or found the run)."""
+    rebuild_genesis: bool = True
+    """A joiner first builds the genesis from its task's initialization and, when that has exactly the
+    offered id, downloads nothing (daemon/node/genesis.py). False: always download (the rebuild costs one
+    model initialization, wasted when the founder started from ``init_from`` weights)."""
     mdns: bool = False
     """Discover peers of the run on the local network by multicast DNS."""
     swarm_key: str = ""

@@ -27,6 +27,8 @@ bootstrap = {bootstrap}
 # The run's genesis id (`meshtrain invite` carries it): a joiner accepts no other. Empty: take what the
 # bootstrap peers serve (or found the run).
 genesis = {genesis}
+# A joiner whose own task initialization has exactly that id downloads nothing; false: always download.
+rebuild_genesis = true
 # Find peers of the run on the local network by multicast DNS.
 mdns = false
 # Private run: path (relative to this dir) of a swarm key made by `meshtrain swarm-key generate FILE`.

@@ -199,7 +199,10 @@ class JoinStatus(_Record):
     pinned_genesis: str | None = None
     """The genesis id ``[node] genesis`` pins (None: the first acceptable one a peer serves)."""
     source: str | None = None
-    """The peer the genesis came from (None: stored, founded here, or not fetched yet)."""
+    """The peer the genesis came from (None: stored, founded, rebuilt here, or not fetched yet)."""
+    rebuilt: bool = False
+    """The genesis was rebuilt here from the task's initialization and had exactly the offered id, so
+    nothing was downloaded."""
     refused: dict[str, str] = msgspec.field(default_factory=dict)
     """Peer -> why the genesis it offered was refused (wrong id, run, task or model layout)."""
     genesis_transfer: Transfer | None = None

@@ -4,8 +4,13 @@ Theory of operation
 -------------------
 A node with no stored genesis and no bootstrap peers *founds* the run: its task's freshly initialized
 parameters become the genesis, content-addressed (its id is the hash), with the run's name, task and
-``clip_norm`` in its meta. A joiner *fetches* the genesis from its connected peers (``/meshtrain/genesis/2``)
-and never re-derives it from a seed (initialization differs across torch builds).
+``clip_norm`` in its meta. A joiner *fetches* the genesis from its connected peers (``/meshtrain/genesis/2``),
+unless its own task initialization reproduces it: before the first download of an offered genesis, the
+joiner builds the genesis from its task's fresh parameters with the offer's meta and layout, and if that
+has exactly the offered id (a hash of every byte), it is the offered genesis and nothing is downloaded
+(``status.join.rebuilt``; a 1B-parameter run saves each joiner 4 GB). It does not match when the founder
+started from ``init_from`` weights, a task seeds its initialization per node, or torch builds initialize
+differently; the joiner then fetches it. Trust is unchanged: the id is what is checked either way.
 
 Peers *offer* the genesis (``wire.GenesisOffer``: id, meta, layout, and the blob of the stored genesis
 file; daemon/node/offers.py has why and how). What a joiner accepts is checked on the offer, before a byte
@@ -27,8 +32,10 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Protocol
+
+import numpy as np
 
 import crdt
 import p2p
@@ -38,6 +45,7 @@ from daemon.node.attestation import policy_for_run
 from daemon.node.offers import fetch, transfer_dest
 from daemon.node.offers import sources as offers_sources
 from daemon.node.store import Store, StoreError, read_genesis
+from daemon.node.trainer_process import TrainerError
 from daemon.status import Counters, JoinStatus
 
 __all__ = ["GENESIS_REFUSED", "admission_nonce", "fetch_genesis", "found_genesis", "refusal", "serve_genesis"]
@@ -135,13 +143,28 @@ async def fetch_genesis(
     store: Store,
     counters: Counters,
     join: JoinStatus,
+    rebuild: Callable[[], Awaitable[np.ndarray]] | None = None,
 ) -> crdt.Genesis:
     """Ask the connected peers for the run's genesis until one offers an acceptable one (see the module
     docstring), fetch it from every peer that offered the same file, check it is the genesis offered, and
-    install it in ``store``. ``join`` shows the progress, the refusals and the peers a download dropped."""
+    install it in ``store``. ``join`` shows the progress, the refusals and the peers a download dropped.
+
+    ``rebuild``: the task's fresh initialization, tried once per offered id before any download. When
+    the genesis built from it (with the offer's meta and layout) has exactly the offered id, it is the
+    offered genesis, byte for byte, and is returned without a download (``join.rebuilt``)."""
+    tried: set[str] = set()  # genesis ids this node tried to rebuild
     while True:
         offers = await _acceptable_offers(host, config, fragments, counters=counters, join=join)
         if offers:
+            offered = offers[offers_sources({peer: offer.ref for peer, offer in offers.items()})[1][0]]
+            if rebuild is not None and offered.id not in tried:
+                tried.add(offered.id)
+                rebuilt = await _rebuilt(offered, rebuild, config, fragments)
+                if rebuilt is not None:
+                    join.rebuilt = True
+                    log.info("rebuilt genesis=%s from the task's initialization: nothing to download",
+                             rebuilt.id[:16])
+                    return rebuilt
             genesis = await _download(host, offers, config, fragments, store=store, counters=counters,
                                       join=join)
             if genesis is not None:
@@ -223,6 +246,26 @@ async def _download(
     join.genesis_transfer.state = "done"
     join.source = next((peer for peer in peers if peer not in join.refused), peers[0])
     store.install_genesis(path, genesis)
+    return genesis
+
+
+async def _rebuilt(
+    offer: wire.GenesisOffer,
+    rebuild: Callable[[], Awaitable[np.ndarray]],
+    config: Config,
+    fragments: Sequence[tuple[int, int]],
+) -> crdt.Genesis | None:
+    """The offered genesis if this node's own initialization reproduces it exactly, else None."""
+    try:
+        params = await rebuild()
+        genesis = await asyncio.to_thread(crdt.Genesis, params, offer.fragments, dict(offer.meta))
+    except (TrainerError, crdt.CrdtError) as exc:
+        log.info("could not rebuild the genesis here, fetching it error=%s", exc)
+        return None
+    if genesis.id != offer.id or refusal(genesis, config, fragments) is not None:
+        log.info("this node's initialization is not genesis=%s (another torch build, a founder's "
+                 "init_from, or a task seeded per node): fetching it", offer.id[:16])
+        return None
     return genesis
 
 

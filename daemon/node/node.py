@@ -223,7 +223,9 @@ class Node:
                                          fragments)
         self._phase = TrainingState.FETCHING_GENESIS
         return await genesis.fetch_genesis(self.host, self.config, fragments, store=self.store,
-                                           counters=self.counters, join=self.join)
+                                           counters=self.counters, join=self.join,
+                                           rebuild=self.trainer.initial_params
+                                           if self.config.node.rebuild_genesis else None)
 
     async def _founding_params(self) -> np.ndarray:
         """A founder's parameters: the task's fresh initialization, or ``[training] init_from``'s weights.

@@ -54,8 +54,8 @@ def test_a_model_above_the_frame_cap_joins_and_a_killed_late_joiner_resumes(clus
                  sync={"snapshot_every": 4, "max_batch": 1, "request_timeout_s": 120.0})
     for index in range(3):
         _configure(group, index, task=WIDE)
-    for index in (1, 2):
-        _configure(group, index, training={"enabled": False})
+    for index in (1, 2):  # they download the genesis, as when the founder used init_from weights
+        _configure(group, index, training={"enabled": False}, node={"rebuild_genesis": False})
     group.start(0)
     group.start(1)
     first = group.wait_until(

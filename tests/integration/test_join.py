@@ -52,7 +52,9 @@ def test_a_plugin_run_joined_from_an_invite(
         what="both nodes to train and hold the same model",
     )
     assert statuses[1].genesis == first.genesis and statuses[1].join.pinned_genesis == first.genesis
-    assert statuses[1].join.source == first.peer_id and statuses[1].run == "byom"
+    # The plug-in seeds its initialization: the joiner rebuilt the genesis instead of downloading it.
+    assert statuses[1].join.rebuilt and statuses[1].join.source is None and statuses[1].run == "byom"
+    assert statuses[1].join.genesis_transfer is None
     assert statuses[1].state_hash is not None
     assert statuses[1].state_hash[:16] in meshtrain("--home", str(b), "status")
 

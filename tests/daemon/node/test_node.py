@@ -57,12 +57,30 @@ async def test_a_joiner_fetches_the_genesis_and_a_restart_keeps_everything(tmp_p
     net.link(host_for(founder, net).peer_id, host_for(joiner, net).peer_id)
     join = config(node={"bootstrap": [host_for(founder, net).addr]})
     async with running_node(founder, net, config()) as f:
-        async with running_node(joiner, net, join) as j:
+        # Its own initialization is not the founder's: it cannot rebuild the genesis, so it downloads it.
+        async with running_node(joiner, net, join, trainer=FakeTrainer(scale=2.0)) as j:
             await until(lambda: f.status().contributions == 6 and j.status().contributions == 6)
-            assert j.status().genesis == f.status().genesis
+            status = j.status()
+            assert status.genesis == f.status().genesis and not status.join.rebuilt
+            assert status.join.source == f.host.peer_id and status.join.genesis_transfer is not None
             state_hash = j.status().state_hash
         async with running_node(joiner, net, join) as j:  # restarted: from its own store, nothing lost
             assert j.status().state_hash == state_hash and j.status().round == 3
+
+
+async def test_a_joiner_whose_initialization_is_the_genesis_downloads_nothing(tmp_path: Path) -> None:
+    net = FakeNet()
+    founder, joiner = tmp_path / "f", tmp_path / "j"
+    net.link(host_for(founder, net).peer_id, host_for(joiner, net).peer_id)
+    async with running_node(founder, net, config()) as f:
+        pinned = {"bootstrap": [f.host.addr], "genesis": f.status().genesis}
+        async with running_node(joiner, net, config(node=pinned)) as j:
+            await until(lambda: j.status().contributions == 6)
+            status = j.status()
+            assert status.genesis == f.status().genesis and status.join.rebuilt
+            assert status.join.genesis_transfer is None and status.join.source is None
+            assert j.host.fetches == []  # no blob fetch was started
+        assert Store(joiner / "store").load_genesis().id == f.status().genesis
 
 
 async def test_a_joiner_refuses_a_genesis_that_is_not_the_pinned_one_and_takes_the_right_one(
@@ -77,7 +95,8 @@ async def test_a_joiner_refuses_a_genesis_that_is_not_the_pinned_one_and_takes_t
     ):
         pinned = r.status().genesis
         assert pinned != w.status().genesis  # same run and task, the other's parameters
-        join = config(node={"bootstrap": [r.host.addr], "genesis": pinned}, training={"enabled": False})
+        join = config(node={"bootstrap": [r.host.addr], "genesis": pinned, "rebuild_genesis": False},
+                      training={"enabled": False})
         async with running_node(joiner, net, join) as j:
             await until(lambda: w.host.peer_id in j.status().join.refused)
             net.link(r.host.peer_id, j.host.peer_id)  # the right peer comes along

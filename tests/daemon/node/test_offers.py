@@ -38,7 +38,8 @@ async def test_a_joiner_drops_a_peer_that_sends_bad_chunks_and_one_that_stalls(t
             bad.blob_fault = fault
             net.link(bad.peer_id, host_for(joiner, net).peer_id)
         net.link(f.host.peer_id, host_for(joiner, net).peer_id)
-        join = node_config(node={"bootstrap": [f.host.addr]}, training={"enabled": False})
+        join = node_config(node={"bootstrap": [f.host.addr], "rebuild_genesis": False},
+                           training={"enabled": False})
         async with running_node(joiner, net, join) as j:
             await until(lambda: j.status().genesis == f.status().genesis)
             status = j.status()
@@ -69,7 +70,7 @@ async def test_a_peer_that_serves_another_genesis_than_it_offered_is_refused(tmp
 
         liar.set_request_handler(wire.GENESIS_PROTOCOL, lie)
         net.link(liar.peer_id, host_for(joiner, net).peer_id)
-        pinned = {"bootstrap": [f.host.addr], "genesis": honest.id}
+        pinned = {"bootstrap": [f.host.addr], "genesis": honest.id, "rebuild_genesis": False}
         join = node_config(node=pinned, training={"enabled": False})
         async with running_node(joiner, net, join) as j:
             await until(lambda: liar.peer_id in j.status().join.refused)
