@@ -67,7 +67,11 @@ class HostConfig:
     close_timeout_s: float = 10.0
     """`aclose()` stops waiting for the trio thread after this long (it is a daemon thread)."""
     discovery_interval_s: float = 10.0
-    """Period of the discovery loop: re-dial bootstrap if needed, re-announce the run, find and dial peers."""
+    """Period of the discovery loop while the run's view changes: re-dial bootstrap if needed, re-announce
+    the run, find and dial peers."""
+    discovery_max_interval_s: float = 300.0
+    """Longest wait between discovery rounds once the view is settled (the wait doubles from
+    ``discovery_interval_s``; p2p/_discovery.py ``DiscoveryPace``). Equal to it: a fixed period."""
     dial_private_addrs: bool = False
     """Let discovery dial private, loopback and link-local addresses that peers announce (p2p/_providers.py).
     Off for nodes on the internet (a peer could point the run at hosts inside your network); on for LAN
@@ -88,6 +92,8 @@ class HostConfig:
             raise ValueError(f"gossip_max_bytes must be in 1..{GOSSIP_MAX_BYTES_LIMIT}")
         if self.gossip_queue_size <= 0:
             raise ValueError("gossip_queue_size must be positive")
+        if not 0 < self.discovery_interval_s <= self.discovery_max_interval_s:
+            raise ValueError("discovery_interval_s must be positive and at most discovery_max_interval_s")
         if self.swarm_key is not None and len(self.swarm_key) != SWARM_KEY_BYTES:
             raise ValueError(f"swarm_key must be {SWARM_KEY_BYTES} bytes")
 
@@ -137,6 +143,7 @@ class Host:
             bootstrap=tuple(bootstrap),
             run_id=run_id,
             discovery_interval_s=self.config.discovery_interval_s,
+            discovery_max_interval_s=self.config.discovery_max_interval_s,
             dial_private_addrs=self.config.dial_private_addrs,
             nat=self.config.nat,
             swarm_key=self.config.swarm_key,

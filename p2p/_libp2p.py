@@ -8,7 +8,8 @@ Never use py-libp2p's defaults (see /work/shared/notes/py-libp2p-0.8.1.md ยง0, ย
   silently truncating stream tails).
 * ``max_connections_per_peer=1``: the default (3) adds a flat 250 ms happy-eyeballs wait to every connect.
 * gossipsub: spam protection (10 msg/s/topic, applied to our own publishes too) off; heartbeat at the
-  spec's 1 s instead of 120 s; the hard-coded 32-slot outbound and subscription queues enlarged (below).
+  spec's 1 s instead of 120 s; the hard-coded 32-slot outbound and subscription queues enlarged; v1.1
+  without v1.2's IDONTWANT, and the sender's peer record in the hello only (below).
 
 Everything in this module runs (or is constructed) in the Host's trio thread, except the import-time patches.
 """
@@ -30,7 +31,7 @@ from libp2p.network.config import ConnectionConfig
 from libp2p.network.connection.raw_connection import ConnectionType
 from libp2p.network.swarm import Swarm
 from libp2p.peer.id import ID
-from libp2p.pubsub.gossipsub import PROTOCOL_ID, PROTOCOL_ID_V11, PROTOCOL_ID_V12, GossipSub
+from libp2p.pubsub.gossipsub import PROTOCOL_ID, PROTOCOL_ID_V11, GossipSub
 from libp2p.pubsub.pubsub import Pubsub
 from libp2p.pubsub.rpc_queue import DefaultMaxMessageSize, RpcQueue
 from libp2p.rcmgr import new_resource_manager
@@ -59,7 +60,11 @@ GOSSIP_QUEUE_SLOTS = 4096  # was 32 (hard-coded) in both queues: 1000 unpaced me
 # libp2p counts the 1 MiB gossip limit *including* the signed envelope and drops larger RPCs silently;
 # we refuse payloads that could come near it (keys, signature, seqno, topic are ~200 B; be generous).
 GOSSIP_ENVELOPE_HEADROOM_BYTES = 64 * 1024
-GOSSIP_PROTOCOLS = (PROTOCOL_ID_V12, PROTOCOL_ID_V11, PROTOCOL_ID)  # the spec'd versions js also speaks
+# Not v1.2: its IDONTWANT is sent by py-libp2p 0.8.1 to every mesh peer for every message received, however
+# small (go-libp2p: only for messages of 1 KiB or more, where it saves a duplicate). All our gossip is under
+# 1 KiB, so v1.2 only added control traffic: with this and the record below, gossipsub's bytes in a 4-daemon
+# convergence run fell from 452 to 166 KB per 40 contributions (bench/convergence, 2026-12-01).
+GOSSIP_PROTOCOLS = (PROTOCOL_ID_V11, PROTOCOL_ID)
 GOSSIP_DEGREE, GOSSIP_DEGREE_LOW, GOSSIP_DEGREE_HIGH = 6, 4, 12  # the gossipsub spec's D, D_lo, D_hi
 GOSSIP_HEARTBEAT_S = 1  # spec default; libp2p ships 120 s
 DIAL_TIMEOUT_S = 10.0  # per connection attempt (ConnectionConfig.dial_timeout default)
@@ -115,6 +120,24 @@ def _handle_dead_peer_keeping_subscriptions(self: Pubsub, peer_id: ID) -> None:
 
 
 Pubsub._handle_dead_peer = _handle_dead_peer_keeping_subscriptions  # type: ignore[method-assign]
+
+# py-libp2p 0.8.1 puts the sender's signed peer record (a ~200-byte envelope, which the receiver verifies:
+# one ed25519 check) into every gossipsub RPC: each publish, each forward, each control message. A peer
+# learns that record from identify once per connection and from our hello once per pubsub stream (written
+# directly, not through `write_msg`); every other copy but those of subscription changes is dropped here,
+# before the RPC is serialized.
+# A receiver accepts an RPC without one (`maybe_consume_signed_record` checks only a record present).
+# Test: tests/p2p/test_gossip.py (test_gossip_rpcs_carry_the_sender_record_only_in_the_hello).
+_stock_write_msg = Pubsub.write_msg
+
+
+async def _write_msg_without_repeated_record(self: Pubsub, stream: Any, rpc_msg: Any) -> bool:
+    if not rpc_msg.subscriptions and rpc_msg.HasField("senderRecord"):
+        rpc_msg.ClearField("senderRecord")
+    return await _stock_write_msg(self, stream, rpc_msg)
+
+
+Pubsub.write_msg = _write_msg_without_repeated_record  # type: ignore[method-assign]
 
 # py-libp2p 0.8.1 bug: with a swarm key every connection's raw layer is a `PskConn`, a RawConnection subclass
 # that never calls RawConnection.__init__ and delegates only read/write/close/get_remote_address. So

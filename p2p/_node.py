@@ -29,7 +29,7 @@ from libp2p.tools.anyio_service import background_trio_service
 
 from p2p import _speedups  # noqa: F401  (installs the py-libp2p throughput workarounds)
 from p2p._blobserve import BLOB_PROTOCOL, BlobLimits, BlobServer
-from p2p._discovery import DiscoveryStats, run_discovery
+from p2p._discovery import DiscoveryPace, DiscoveryStats, run_discovery
 from p2p._errors import HostClosed, MessageTooLarge, PeerUnreachable
 from p2p._gossip import GossipValidators
 from p2p._identity import Identity
@@ -63,6 +63,7 @@ class NodeConfig:
     bootstrap: tuple[str, ...] = ()
     run_id: str | None = None
     discovery_interval_s: float = 10.0
+    discovery_max_interval_s: float = 300.0
     dial_private_addrs: bool = False
     nat: NatConfig = field(default_factory=NatConfig)
     swarm_key: bytes | None = field(default=None, repr=False)
@@ -203,7 +204,7 @@ class TrioNode:
                 self,
                 run_id=self.config.run_id,
                 bootstrap=self.config.bootstrap,
-                interval_s=self.config.discovery_interval_s,
+                pace=DiscoveryPace(self.config.discovery_interval_s, self.config.discovery_max_interval_s),
                 stats=self.discovery_stats,
                 allow_private=self.config.dial_private_addrs,
             )

@@ -15,12 +15,14 @@ Three measured totals, summed over the daemons:
 * ``payload``: the model updates themselves, ``payload_bytes x (N - 1)`` per contribution (each peer
   needs every other peer's update once).
 
-Between them, from message sizes and counts (each message kind encoded here with the run's values):
-``envelope`` (each record's signature, author, ids and base version around its payload, once per
-recipient), ``genesis`` (each joiner downloads the run's initial parameters once, 4 bytes per parameter,
-like DDP's initial broadcast), ``gossip`` (heartbeats and announcements as published), ``sync`` (the rest
-of ``app``: digests in anti-entropy requests and answers, pulls that found nothing new, records received
-twice) and ``transport`` (``wire - app``). Shares are of ``payload``.
+Between them: ``envelope`` (each record's signature, author, ids and base version around its payload,
+once per recipient; encoded here with the run's values), ``gossip`` (heartbeats and announcements as
+published, likewise), ``sync`` (the rest of ``app``: digests in anti-entropy requests and answers, pulls
+that found nothing new, records received twice), ``genesis`` (the blob bytes the daemons fetched:
+joiners' genesis downloads, 4 bytes per parameter, and snapshots; blobs are not in ``app``, the host
+counts request, response and gossip bodies only; 0 when every joiner rebuilt the genesis from its own
+initialization, as DDP's ranks do) and ``transport`` (``wire - app - genesis``). Shares are of
+``payload``.
 
 Rejected: counting bytes inside the daemons per protocol (daemon/ and p2p/ belong to others; the kernel's
 count is the ground truth and needs no change there); libpcap on loopback (a dependency, and the
@@ -109,8 +111,7 @@ def breakdown(
     payload = sum(r["payload_bytes"] for r in records) * (peers - 1)
     mean_payload = payload // max(1, len(records) * (peers - 1))
     envelope = len(records) * (peers - 1) * _envelope_bytes(codec, mean_payload)
-    genesis_file = Path(statuses[0]["home"]) / "store" / "genesis.bin"  # the founder's, sealed
-    genesis = (peers - 1) * genesis_file.stat().st_size
+    genesis = sum(int(s["p2p"].get("blob_bytes_fetched", 0)) for s in statuses)
     app = sum(int(s["bytes_sent"]) for s in statuses)
     published = sum(int(s["p2p"].get("gossip_published", 0)) for s in statuses)
     beat = wire.Heartbeat(
@@ -122,8 +123,8 @@ def breakdown(
     announcements = len(records)
     heartbeats = max(0, published - announcements)  # what else a node publishes (checkpoints) is rare
     gossip = heartbeats * len(beat.encode()) + announcements * len(ann.encode())
-    sync = max(0, app - payload - envelope - genesis - gossip)
-    transport = wire_total - app
+    sync = max(0, app - payload - envelope - gossip)
+    transport = wire_total - app - genesis
     uptime = max(float(s.get("uptime_s", 0.0)) for s in statuses)
     parts = {"envelope": envelope, "genesis": genesis, "gossip": gossip, "sync": sync, "transport": transport}
     return {

@@ -8,11 +8,47 @@ from contextlib import AsyncExitStack
 import pytest
 
 from p2p import Host, HostConfig, Identity, NatConfig
-from p2p._discovery import run_key
+from p2p._discovery import DiscoveryPace, run_key
 
 pytestmark = pytest.mark.timeout(40)
 
 FAST = HostConfig(discovery_interval_s=0.3, dial_private_addrs=True)  # loopback addresses
+
+
+A, B, C = "12D3KooWa", "12D3KooWb", "12D3KooWc"
+
+
+def settle(pace: DiscoveryPace, rounds: int, members: frozenset[str]) -> list[float]:
+    return [pace.after_round(known=members, connected=members, dialed=0, failed=False) for _ in range(rounds)]
+
+
+def test_a_settled_mesh_backs_off_to_the_longest_wait() -> None:
+    pace = DiscoveryPace(10.0, 300.0)
+    assert pace.after_round(known=frozenset({A, B}), connected=frozenset({A}), dialed=1, failed=False) == 10.0
+    waits = settle(pace, 7, frozenset({A, B}))  # B connected: the view changed once, then stays
+    assert waits == [10.0, 20.0, 40.0, 80.0, 160.0, 300.0, 300.0]
+
+
+def test_any_change_of_the_view_snaps_back_to_the_base_interval() -> None:
+    ab = frozenset({A, B})
+    changes = {
+        "a member lost": {"known": ab, "connected": frozenset({A})},
+        "a member learned of": {"known": ab | {C}, "connected": ab},
+        "a dial": {"known": ab, "connected": ab, "dialed": 1},
+        "a failed round": {"known": ab, "connected": ab, "failed": True},
+    }
+    for what, change in changes.items():
+        pace = DiscoveryPace(10.0, 300.0)
+        settle(pace, 6, ab)
+        assert pace.wait_s == 300.0
+        round_ = {"dialed": 0, "failed": False, **change}
+        assert pace.after_round(**round_) == 10.0, what  # type: ignore[arg-type]
+
+
+def test_alone_it_keeps_looking_at_the_base_interval() -> None:
+    assert settle(DiscoveryPace(10.0, 300.0), 4, frozenset()) == [10.0] * 4
+    with pytest.raises(ValueError):
+        DiscoveryPace(10.0, 5.0)
 
 
 def test_run_key_is_a_stable_multihash() -> None:

@@ -16,9 +16,9 @@ from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.crypto.keys import KeyPair
 from libp2p.peer.id import ID
 from libp2p.pubsub.pb import rpc_pb2
-from libp2p.pubsub.pubsub import PUBSUB_SIGNING_PREFIX
+from libp2p.pubsub.pubsub import PUBSUB_SIGNING_PREFIX, Pubsub
 
-from p2p import GossipMessage, Host, HostConfig, Identity, PeerLimits
+from p2p import GossipMessage, Host, HostConfig, Identity, PeerLimits, _libp2p
 from p2p._gossip import GossipValidators
 from p2p._libp2p import _stock_handle_dead_peer
 from p2p._security import PeerGate
@@ -212,6 +212,37 @@ async def test_stock_pubsub_loses_a_connected_peer_after_a_stream_reset() -> Non
         await wait_for(lambda: pubsub.peers.get(ID.from_base58(a.peer_id)) not in (None, old))
         assert a.peer_id not in b.gossip_peers(TOPIC)  # the bug: a's subscription is forgotten...
         assert not await _flows(b, qa, b"ann:lost", 3)  # ...so b never sends a anything again
+
+
+async def test_gossip_rpcs_carry_the_sender_record_only_in_the_hello(monkeypatch: pytest.MonkeyPatch) -> None:
+    """py-libp2p 0.8.1 builds every gossip RPC with the sender's signed peer record (the first assertion
+    documents it: if it fails, libp2p stopped and the workaround can go); p2p/_libp2p.py drops it from all
+    but subscription changes (the hello, written directly, keeps it). Gossip still flows without it."""
+    built: list[tuple[bool, bool, bool]] = []  # (subscriptions, publish, record) as libp2p built each RPC
+    written: list[tuple[bool, bool, bool]] = []  # ... and as it went to the stream
+    patched, stock = Pubsub.write_msg, _libp2p._stock_write_msg
+
+    def shape(rpc: rpc_pb2.RPC) -> tuple[bool, bool, bool]:
+        return bool(rpc.subscriptions), bool(rpc.publish), rpc.HasField("senderRecord")
+
+    async def record_built(self: Pubsub, stream: object, rpc: rpc_pb2.RPC) -> bool:
+        built.append(shape(rpc))
+        return await patched(self, stream, rpc)
+
+    async def record_written(self: Pubsub, stream: object, rpc: rpc_pb2.RPC) -> bool:
+        written.append(shape(rpc))
+        return await stock(self, stream, rpc)
+
+    monkeypatch.setattr(Pubsub, "write_msg", record_built)
+    monkeypatch.setattr(_libp2p, "_stock_write_msg", record_written)
+    async with hosts(2) as (a, b):
+        _, qb = await _pair(a, b)
+        assert await _flows(a, qb, b"ann:without-record", 15)
+        peerstore = b._node.host.get_peerstore()
+        assert peerstore.get_peer_record(ID.from_base58(a.peer_id)) is not None  # from identify and the hello
+    assert any(publish and record for _, publish, record in built)  # the library's habit
+    assert not any(record for subscriptions, _, record in written if not subscriptions)
+    assert sum(publish for _, publish, _ in written) >= 2
 
 
 # ---------------------------------------------------------------------------------------------- admission

@@ -5,8 +5,8 @@ discovery_s=300"`` and every Python process started with it patches, at interpre
 
 * ``heartbeat_s``: how often membership checks whether its heartbeat is due (``daemon.node.membership.
   HEARTBEAT_S``, 5 s; it is sent on a change of state or every HEARTBEAT_REFRESH_S);
-* ``discovery_s``: the DHT discovery period (``p2p.HostConfig.discovery_interval_s``, 10 s, not exposed
-  in the daemon's config).
+* ``discovery_s``: a fixed DHT discovery period (``p2p.HostConfig.discovery_interval_s``, 10 s doubling
+  to ``discovery_max_interval_s``, 300 s, while settled; neither is in the daemon's config).
 
 ``bench.convergence.background`` and ``bench.convergence --prototype`` use it to measure what those
 changes would save on the wire. Remove it once the daemon has the changes (or config knobs for them).
@@ -26,9 +26,9 @@ if "heartbeat_s" in _OPTIONS:
 if "discovery_s" in _OPTIONS:
     import p2p._node as _node
 
-    _run_discovery = _node.run_discovery
+    _Pace = _node.DiscoveryPace
 
-    async def _slower_discovery(*args: Any, interval_s: float, **kwargs: Any) -> None:
-        await _run_discovery(*args, interval_s=float(_OPTIONS["discovery_s"]), **kwargs)
+    def _fixed_pace(base_s: float, max_s: float) -> Any:
+        return _Pace(float(_OPTIONS["discovery_s"]), float(_OPTIONS["discovery_s"]))
 
-    _node.run_discovery = _slower_discovery
+    _node.DiscoveryPace = _fixed_pace
