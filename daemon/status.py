@@ -84,6 +84,12 @@ class Counters(_Record):
     rejected_reasons: dict[str, int] = msgspec.field(default_factory=dict)
     pulls: int = 0
     """Anti-entropy pull requests sent."""
+    pushed: int = 0
+    """Own contributions pushed straight to a connected member (one per member reached)."""
+    pushes_received: int = 0
+    """Contributions their authors pushed to this node."""
+    announced: int = 0
+    """Own contributions announced on gossip (a live member was not reached by a push)."""
     pull_failures: int = 0
     stale_rounds_skipped: int = 0
     """Local rounds not contributed: too many others landed while they trained."""

@@ -90,6 +90,14 @@ class Membership:
             for peer, (seen, beat) in self.heartbeats.items()
         }
 
+    def live_peers(self) -> set[str]:
+        """Peers heard within three heartbeat refresh periods that have not said goodbye: whom a new
+        contribution must reach (daemon/node/sync.py announces it unless pushes reached them all)."""
+        oldest = time.monotonic() - 3 * HEARTBEAT_REFRESH_S * self._stretch()
+        leaving = TrainingState.LEAVING.value
+        beats = self.heartbeats.items()
+        return {peer for peer, (seen, beat) in beats if seen >= oldest and beat.training != leaving}
+
     def training_peers(self, within_s: float) -> set[str]:
         """Peers whose latest heartbeat, heard within ``within_s``, says they are training: DiLoCo's N
         counts them before their first contribution lands (peers that start together would otherwise

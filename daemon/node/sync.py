@@ -8,6 +8,15 @@ most ``[sync] max_batch`` records, lowest seqs first, or ``snapshot_required`` w
 compacted here. The bandwidth cap (``daemon/node/limits.py``) paces answers. A request that does not
 decode is counted by reason and its sender penalized (:meth:`Sync.reject`).
 
+Spreading a new contribution of our own (:meth:`Sync.announce`): it is pushed to every connected member
+(``/meshtrain/push/1``: the record in one request, an empty answer), and announced on gossip only if some
+live member (heartbeat heard lately, daemon/node/membership.py) was not reached that way: a member two hops
+away, a push that failed, a record too big for one request. In a run whose members are all connected,
+nothing goes through gossip and nobody pulls: the announcement's gossip (forwarded through the mesh, about
+three copies per member) and each pull's request and two digests were half of a 4-daemon run's bytes beside
+its model payloads (bench/convergence, 2026-12-01). A receiver takes a pushed record through the same door
+as a pulled one, and only records its sender authored.
+
 Pulling: gossip announcements, the anti-entropy period and pull-backs tell the replication machine whom to
 pull from; :meth:`Sync.run` starts the actions it hands out (several peers at once, each in its own task)
 and reports every answer back to it. Each answer's records go through the replica's one door
@@ -91,6 +100,10 @@ class Sync:
         self.join = join or JoinStatus()
         """Where snapshot downloads show (``status.join``)."""
         self._snapshots: SnapshotServer | None = None  # once installed
+        self._to_spread: asyncio.Queue[crdt.Contribution] = asyncio.Queue()
+        self.live_peers: Callable[[], set[str]] | None = None
+        """Members a new contribution must reach (the node sets it to Membership.live_peers); None: every
+        contribution is announced on gossip besides its pushes."""
         self.installer = SnapshotInstaller(host, replica, members=self.members, settings=settings,
                                            reject=self.reject, join=self.join, rng=self._rng)
 
@@ -122,6 +135,7 @@ class Sync:
         self._snapshots = SnapshotServer(self.host, self.replica.store.path, pace=pace)
         self.host.set_request_handler(wire.SYNC_PROTOCOL, self.counting(self._serve_sync))
         self.host.set_request_handler(wire.SNAPSHOT_PROTOCOL, self.counting(self._serve_snapshot))
+        self.host.set_request_handler(wire.PUSH_PROTOCOL, self.counting(self._serve_push))
         # Validated before delivery and before forwarding: junk is dropped and its sender scored down.
         announce = wire.announce_topic(self.run_name)
         self.host.set_topic_validator(announce, wire.valid_gossip(wire.Announcement.decode))
@@ -162,7 +176,7 @@ class Sync:
 
     async def _serve_sync(self, peer: str, data: bytes) -> bytes:
         request = wire.SyncRequest.decode(data)
-        self._admit(peer, request)  # before the digest is decoded: a stranger's costs nothing more
+        self._admit(peer, request.genesis)  # before the digest is decoded: a stranger's costs nothing more
         remote = crdt.Digest.decode(request.digest)
         state = self.replica.state
         self.replica.note_vector(peer, remote.version_vector)
@@ -181,8 +195,18 @@ class Sync:
         await self.limits.bucket.acquire(len(response))  # the bandwidth cap (no-op when 0)
         return response
 
+    async def _serve_push(self, peer: str, data: bytes) -> bytes:
+        push = wire.Push.decode(data)
+        self._admit(peer, push.genesis)
+        contribution = crdt.Contribution.decode(push.contribution)
+        if p2p.peer_id_from_public_key(contribution.author) != peer:
+            raise wire.WireError("a push carries its sender's own contribution only")
+        self._accept(contribution)  # DiskFull and ConflictError go back to the sender as errors
+        self.replica.counters.pushes_received += 1
+        return b""
+
     async def _serve_snapshot(self, peer: str, data: bytes) -> bytes:
-        self._admit(peer, wire.SyncRequest.decode(data))
+        self._admit(peer, wire.SyncRequest.decode(data).genesis)
         offer = self.replica.attested_snapshot()
         if offer is None:
             raise wire.NoAttestedSnapshot("no snapshot here that a quorum of the run's signers attests")
@@ -192,11 +216,11 @@ class Sync:
         self.replica.counters.snapshots_served += 1
         return wire.SnapshotOffer(tuple(c.encode() for c in checkpoints), ref).encode()
 
-    def _admit(self, peer: str, request: wire.SyncRequest) -> None:
-        """Serve model data only to peers of this run (same genesis) that no partition drill blocks."""
-        genesis = self.replica.state.genesis.id
-        if request.genesis != genesis:
-            raise wire.ForeignRun(f"this node serves genesis {genesis[:16]}, not {request.genesis[:16]}")
+    def _admit(self, peer: str, genesis: str) -> None:
+        """Exchange model data only with peers of this run (same genesis) that no partition drill blocks."""
+        ours = self.replica.state.genesis.id
+        if genesis != ours:
+            raise wire.ForeignRun(f"this node serves genesis {ours[:16]}, not {genesis[:16]}")
         if peer in self.machine.blocked:
             raise wire.Partitioned("partitioned away (fault injection)")
         self.members.add(peer)
@@ -214,15 +238,53 @@ class Sync:
     # -- announcing ------------------------------------------------------------------------------------
 
     async def announce(self, contribution: crdt.Contribution) -> None:
-        """Tell the run about a new contribution of ours (a header; peers pull the record)."""
-        announcement = wire.Announcement(
-            author=contribution.author,
-            seq=contribution.seq,
-            fragment=contribution.fragment,
-            size=len(contribution.payload),
-            id=contribution.id,
-        )
-        await self.host.publish(wire.announce_topic(self.run_name), announcement.encode())
+        """Spread a new contribution of ours (pushes, and gossip when they do not reach every live member;
+        see the module docstring) in the background: the round goes on."""
+        self._to_spread.put_nowait(contribution)
+
+    async def _spread_loop(self) -> None:
+        while True:
+            contribution = await self._to_spread.get()
+            reached = await self._push(contribution)
+            live = self.live_peers() if self.live_peers is not None else None
+            if live is not None and live <= reached:
+                continue
+            announcement = wire.Announcement(
+                author=contribution.author,
+                seq=contribution.seq,
+                fragment=contribution.fragment,
+                size=len(contribution.payload),
+                id=contribution.id,
+            )
+            try:
+                await self.host.publish(wire.announce_topic(self.run_name), announcement.encode())
+            except p2p.P2PError as exc:  # no mesh peer: the others pull it in their anti-entropy
+                log.info("announcement not published seq=%d error=%s", contribution.seq, exc)
+                continue
+            self.replica.counters.announced += 1
+
+    async def _push(self, contribution: crdt.Contribution) -> set[str]:
+        """Send ``contribution`` to every connected member at once; the members that took it."""
+        data = wire.Push(self.replica.state.genesis.id, contribution.encode()).encode()
+        if len(data) > wire.MAX_PUSH_BYTES:
+            return set()
+        reached: set[str] = set()
+
+        async def push(peer: str) -> None:
+            try:
+                await self.host.request(peer, wire.PUSH_PROTOCOL, data,
+                                        timeout_s=self.settings().request_timeout_s)
+            except p2p.P2PError as exc:
+                log.info("push failed peer=%s seq=%d error=%s", peer, contribution.seq, exc)
+                return
+            reached.add(peer)
+            self.replica.counters.pushed += 1
+
+        targets = (set(self.host.connected_peers()) & self.members) - self.machine.blocked
+        async with asyncio.TaskGroup() as tasks:
+            for peer in targets - {self.host.peer_id}:
+                tasks.create_task(push(peer))
+        return reached
 
     # -- pulling ---------------------------------------------------------------------------------------
 
@@ -238,6 +300,7 @@ class Sync:
             tasks.create_task(self._checkpoint_loop(), name="checkpoints")
             tasks.create_task(self._publish_checkpoints(), name="checkpoints-out")
             tasks.create_task(self._anti_entropy_loop(), name="anti-entropy")
+            tasks.create_task(self._spread_loop(), name="spread")
             while True:
                 await self._wakeup.wait()
                 self._wakeup.clear()
@@ -348,7 +411,8 @@ class Sync:
         progressed = False
         for encoded in response.contributions:
             try:
-                progressed |= self._accept(encoded) is not crdt.ApplyOutcome.DUPLICATE
+                outcome = self._accept(crdt.Contribution.decode(encoded))
+                progressed |= outcome is not crdt.ApplyOutcome.DUPLICATE
             except crdt.ConflictError:
                 continue  # the author equivocated (proof kept by the replica); the relayer is not to blame
             except DiskFull:
@@ -366,8 +430,7 @@ class Sync:
             records=len(response.contributions),
         )
 
-    def _accept(self, encoded: bytes) -> crdt.ApplyOutcome:
-        contribution = crdt.Contribution.decode(encoded)
+    def _accept(self, contribution: crdt.Contribution) -> crdt.ApplyOutcome:
         started = time.perf_counter()
         try:
             return self.replica.accept(contribution)

@@ -23,6 +23,11 @@ Three protocols carry the model between nodes of one run, and a fourth says good
 Bulk bytes never travel in these replies: a reply is capped (``p2p.RequestLimits``), a model is not. The
 genesis and snapshots move as blobs (``/meshtrain/blob/2``: chunked, BLAKE3-verified, resumable, from
 several peers at once); ``daemon/node/offers.py`` serves and fetches them.
+``/meshtrain/push/1``
+    request ``Push``: the sender's genesis id and one new contribution of its own, sent by its author
+    straight to each connected member; response: empty. The receiver takes the record through the same
+    door as a pulled one. It saves the announcement's gossip and the pull's two digests; a record too big
+    for one request (``MAX_PUSH_BYTES``) is announced and pulled instead.
 ``/meshtrain/goodbye/1``
     request: the sender's last ``Heartbeat`` (training "leaving"); response: empty. Sent at shutdown
     straight to every connected peer, on top of the gossip heartbeat: gossip needs a mesh path at that
@@ -52,6 +57,7 @@ import msgpack
 __all__ = [
     "GENESIS_PROTOCOL",
     "GOODBYE_PROTOCOL",
+    "PUSH_PROTOCOL",
     "SNAPSHOT_PROTOCOL",
     "SYNC_PROTOCOL",
     "Announcement",
@@ -62,6 +68,7 @@ __all__ = [
     "Heartbeat",
     "NoAttestedSnapshot",
     "Partitioned",
+    "Push",
     "Refusal",
     "SnapshotOffer",
     "SyncRequest",
@@ -77,6 +84,7 @@ GENESIS_PROTOCOL = "/meshtrain/genesis/2"  # 1 answered with the whole genesis
 SYNC_PROTOCOL = "/meshtrain/sync/1"
 SNAPSHOT_PROTOCOL = "/meshtrain/snapshot/2"  # 1 answered with the whole snapshot
 GOODBYE_PROTOCOL = "/meshtrain/goodbye/1"
+PUSH_PROTOCOL = "/meshtrain/push/1"
 WIRE_VERSION = 1
 MAX_ANNOUNCEMENT_BYTES = 1024  # a header, never a payload: gossip caps messages at 1 MiB and is CPU-bound
 MAX_SYNC_CONTRIBUTIONS = 4096
@@ -85,6 +93,7 @@ MAX_OFFER_BYTES = 4 << 20  # like a sync request: 256 checkpoints carry version 
 MAX_OFFER_FRAGMENTS = 65536  # far above any [diloco] num_fragments
 MAX_OFFER_META_ITEMS = 64  # crdt.Limits.max_meta_items
 MAX_BLOB_ID_BYTES = 256  # "genesis/<hex id>" or "snapshot/<hex state hash>"
+MAX_PUSH_BYTES = 4 << 20  # p2p.RequestLimits' default request cap: a bigger record is announced and pulled
 
 
 def announce_topic(run: str) -> str:
@@ -388,3 +397,20 @@ def valid_gossip(decode: Callable[[bytes], object]) -> Callable[[str, bytes], bo
         return True
 
     return validate
+
+
+@dataclass(frozen=True, slots=True)
+class Push:
+    """One new contribution, from its author to a connected member (``/meshtrain/push/1``)."""
+
+    genesis: str
+    contribution: bytes
+    """An encoded crdt.Contribution (decoded and checked by the receiver's replica)."""
+
+    def encode(self) -> bytes:
+        return msgpack.packb({"v": WIRE_VERSION, "genesis": self.genesis, "contribution": self.contribution})
+
+    @classmethod
+    def decode(cls, data: bytes) -> Push:
+        obj = _unpack(data, max_bytes=MAX_PUSH_BYTES)
+        return cls(_field(obj, "genesis", str), _field(obj, "contribution", bytes))

@@ -157,6 +157,10 @@ class _NodeCollector:
         )
         yield _counter("meshtrain_pulls", "Anti-entropy pull requests sent.", c.pulls)
         yield _counter("meshtrain_pull_failures", "Anti-entropy pulls that failed.", c.pull_failures)
+        yield _counter("meshtrain_pushed", "Own contributions pushed straight to a member.", c.pushed)
+        yield _counter("meshtrain_pushes_received", "Contributions their authors pushed here.",
+                       c.pushes_received)
+        yield _counter("meshtrain_announced", "Own contributions announced on gossip.", c.announced)
         for event, value in (
             ("written", c.snapshots_written),
             ("installed", c.snapshots_installed),

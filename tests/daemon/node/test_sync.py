@@ -9,9 +9,10 @@ import itertools
 from collections.abc import Iterator
 from pathlib import Path
 
-from node_testlib import FakeNet, FakeTrainer, Handler, host_for, running_node, signer, until
+from node_testlib import FakeHost, FakeNet, FakeTrainer, Handler, host_for, running_node, signer, until
 
 import crdt
+import p2p
 from daemon.config import Config
 from daemon.node import wire
 from daemon.node.node import Node
@@ -240,3 +241,60 @@ async def test_a_node_that_misses_all_checkpoint_gossip_learns_them_from_sync_an
         await until(lambda: b.status().contributions == 8 and b.status().retained_contributions < 8)
         assert b.parts.replica.attestations.attested_vector() is not None
         assert a.status().counters.rejected == b.status().counters.rejected == 0
+
+
+async def test_contributions_are_pushed_to_members_and_announced_only_when_one_is_out_of_reach(
+    tmp_path: Path,
+) -> None:
+    net = FakeNet()
+    founder, joiner = tmp_path / "a", tmp_path / "b"
+    net.link(host_for(founder, net).peer_id, host_for(joiner, net).peer_id)
+    trains = config(enabled=True, max_rounds=4)
+    join = config().with_overrides("node", bootstrap=(host_for(founder, net).addr,))
+    trainer = FakeTrainer()
+    trainer.round_gate = asyncio.Event()  # each round waits for the test
+    async with (
+        running_node(founder, net, trains, trainer=trainer) as a,
+        running_node(joiner, net, join) as b,
+    ):
+        await until(lambda: b.host.peer_id in a.parts.sync.members)  # it pulled once: a member
+        for done in (1, 2):
+            trainer.round_gate.set()
+            await until(lambda: b.status().contributions == done)  # noqa: B023 - awaited at once
+        assert b.status().counters.pushes_received == 2  # each round's record, straight from its author
+        assert a.status().counters.pushed == 2 and a.status().counters.announced == 0  # nobody else to tell
+        a.parts.sync.live_peers = lambda: {b.host.peer_id, "12D3KooWfar"}  # heard of, not connected
+        for done in (3, 4):
+            trainer.round_gate.set()
+            await until(lambda: b.status().contributions == done)  # noqa: B023
+        assert a.status().counters.announced == 2  # the far member is told by gossip (rounds 3 and 4)
+        assert b.status().counters.pushes_received == 4
+
+
+async def test_a_push_must_be_its_senders_own_record_of_this_run(tmp_path: Path) -> None:
+    net = FakeNet()
+    home = tmp_path / "victim"
+    victim = host_for(home, net)
+    author = signer(7)
+    pusher = net.add(p2p.peer_id_from_public_key(author.public_key))
+    relayer, other_run = net.add("12D3KooWrelayer"), net.add("12D3KooWother")
+    for host in (pusher, relayer, other_run):
+        net.link(victim.peer_id, host.peer_id)
+    async with running_node(home, net, config()) as v:
+        genesis = v.parts.replica.state.genesis.id
+        own, _ = records(v, 7, range(1, 3))
+
+        async def push(sender: FakeHost, data: bytes) -> str | None:
+            try:
+                await sender.request(victim.peer_id, wire.PUSH_PROTOCOL, data, timeout_s=5)
+            except p2p.RemoteError as exc:
+                return exc.error_type
+            return None
+
+        assert await push(pusher, wire.Push(genesis, own.encode()).encode()) is None
+        assert v.status().counters.pushes_received == 1 and v.status().contributions == 1
+        assert await push(relayer, wire.Push(genesis, own.encode()).encode()) == "WireError"  # not its own
+        assert await push(relayer, b"\x93junk") == "WireError"
+        assert await push(other_run, wire.Push("ff" * 32, own.encode()).encode()) == "ForeignRun"
+        assert v.status().counters.rejected_reasons == {"WireError": 2}
+        assert relayer.peer_id in victim.penalized and other_run.peer_id not in victim.penalized
