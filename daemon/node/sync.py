@@ -9,11 +9,12 @@ compacted here. The bandwidth cap (``daemon/node/limits.py``) paces answers. A r
 decode is counted by reason and its sender penalized (:meth:`Sync.reject`).
 
 Spreading a new contribution of our own (:meth:`Sync.announce`): it is pushed to every connected member
-(``/meshtrain/push/1``: the record in one request, an empty answer), and announced on gossip only if some
+(``/meshtrain/push/1``: the record in one request, the receiver's digest in the answer, so that compaction
+and pull-backs know what each member holds as after a pull), and announced on gossip only if some
 live member (heartbeat heard lately, daemon/node/membership.py) was not reached that way: a member two hops
 away, a push that failed, a record too big for one request. In a run whose members are all connected,
 nothing goes through gossip and nobody pulls: the announcement's gossip (forwarded through the mesh, about
-three copies per member) and each pull's request and two digests were half of a 4-daemon run's bytes beside
+three copies per member) and each pull's request were half of a 4-daemon run's bytes beside
 its model payloads (bench/convergence, 2026-12-01). A receiver takes a pushed record through the same door
 as a pulled one, and only records its sender authored.
 
@@ -203,7 +204,7 @@ class Sync:
             raise wire.WireError("a push carries its sender's own contribution only")
         self._accept(contribution)  # DiskFull and ConflictError go back to the sender as errors
         self.replica.counters.pushes_received += 1
-        return b""
+        return self.replica.state.digest().encode()  # the sender learns what we hold, as from a pull
 
     async def _serve_snapshot(self, peer: str, data: bytes) -> bytes:
         self._admit(peer, wire.SyncRequest.decode(data).genesis)
@@ -272,13 +273,23 @@ class Sync:
 
         async def push(peer: str) -> None:
             try:
-                await self.host.request(peer, wire.PUSH_PROTOCOL, data,
-                                        timeout_s=self.settings().request_timeout_s)
+                answer = await self.host.request(peer, wire.PUSH_PROTOCOL, data,
+                                                 timeout_s=self.settings().request_timeout_s)
+                remote = crdt.Digest.decode(answer)
             except p2p.P2PError as exc:
                 log.info("push failed peer=%s seq=%d error=%s", peer, contribution.seq, exc)
                 return
+            except crdt.CrdtError as exc:
+                self.reject(peer, exc)
+                return
             reached.add(peer)
             self.replica.counters.pushed += 1
+            # What it holds, as a pull's answer tells: compaction waits for members by these vectors.
+            self.replica.note_vector(peer, remote.version_vector)
+            self._compare(peer, remote)
+            if not self.replica.state.version_vector.dominates(remote.version_vector):
+                self.machine.behind(peer)
+                self._wakeup.set()
 
         targets = (set(self.host.connected_peers()) & self.members) - self.machine.blocked
         async with asyncio.TaskGroup() as tasks:

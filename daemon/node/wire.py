@@ -25,9 +25,10 @@ genesis and snapshots move as blobs (``/meshtrain/blob/2``: chunked, BLAKE3-veri
 several peers at once); ``daemon/node/offers.py`` serves and fetches them.
 ``/meshtrain/push/1``
     request ``Push``: the sender's genesis id and one new contribution of its own, sent by its author
-    straight to each connected member; response: empty. The receiver takes the record through the same
-    door as a pulled one. It saves the announcement's gossip and the pull's two digests; a record too big
-    for one request (``MAX_PUSH_BYTES``) is announced and pulled instead.
+    straight to each connected member; response: the receiver's encoded :class:`crdt.Digest`, as a pull's
+    answer carries. The receiver takes the record through the same door as a pulled one. It saves the
+    announcement's gossip and the pull's request; a record too big for one request (``MAX_PUSH_BYTES``) is
+    announced and pulled instead.
 ``/meshtrain/goodbye/1``
     request: the sender's last ``Heartbeat`` (training "leaving"); response: empty. Sent at shutdown
     straight to every connected peer, on top of the gossip heartbeat: gossip needs a mesh path at that
