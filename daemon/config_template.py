@@ -82,6 +82,9 @@ eval_every = 5
 shard = -1
 num_shards = 4
 # Train this many times slower than the hardware allows (idle between rounds), e.g. 2.0 on a shared desktop.
+# Start each round only once every peer training now has contributed since this node's last round began
+# (synchronous DiLoCo: better loss on equal machines; a slow peer then sets everyone's pace).
+lockstep = false
 slowdown = 1.0
 # A founder's genesis takes its parameters from this safetensors file (`meshtrain init --from-checkpoint`).
 init_from = {init_from}

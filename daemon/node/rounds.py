@@ -23,6 +23,11 @@ training, so a moving target might never be reached); the wait ends when the nod
 has arrived for `CATCH_UP_IDLE_S` (records it cannot take, say), or after `CATCH_UP_MAX_S`. A joiner's
 first round also waits for its first exchange with a peer.
 
+Lockstep (``[training] lockstep``): a round also waits until every peer training now has contributed
+since this node's previous round began, so the peers' rounds start together from one merged model, as in
+synchronous DiLoCo, instead of applying each other's updates a round late (bounded by
+``lockstep_timeout_s``; off by default, since then a slow peer never holds the others back).
+
 Between rounds (paused, done, or training off) the loop keeps the reported quality current: whenever the
 model changes it evaluates the merged model again.
 """
@@ -97,6 +102,9 @@ class Rounds:
         self.admission = admission or _no_admission
         """This node's proof of work for the run (daemon.node.genesis.admission_nonce; 0: none asked)."""
         self._last_round_s = 0.0
+        self._round_base: crdt.VersionVector | None = None  # what the previous round started from
+        self.waiting_for: frozenset[str] = frozenset()
+        """Lockstep: the peers the next round waits for (empty: none)."""
         self.state = TrainingState.RUNNING if settings().enabled else TrainingState.DISABLED
         self.history: list[RoundRecord] = []
         self.last_eval = Evaluation()
@@ -177,6 +185,8 @@ class Rounds:
             await self._catch_up()
             if self._resume.is_set():
                 await self._await_others()
+            if self._resume.is_set() and self.settings().lockstep:
+                await self._await_lockstep()
             if self._resume.is_set():  # else paused while waiting: the loop's top waits for resume
                 await self._one_round()
 
@@ -194,6 +204,34 @@ class Rounds:
         while _others(self.replica.state.version_vector, me) <= previous and self._resume.is_set():
             self.pull_now()
             await self._changed_within(5.0)
+
+    async def _await_lockstep(self) -> None:
+        """Wait until every peer training now has contributed since this node's previous round began
+        (bounded by ``lockstep_timeout_s``; pausing ends the wait)."""
+        base = self._round_base
+        if base is None:
+            return
+        started = time.monotonic()
+        try:
+            while self._resume.is_set() and (waiting := self._not_contributed_since(base)):
+                self.waiting_for = frozenset(waiting)
+                if time.monotonic() - started > self.settings().lockstep_timeout_s:
+                    log.warning("lockstep: no contribution from peers=%s in %.0f s, training on",
+                                ",".join(sorted(waiting)), time.monotonic() - started)
+                    return
+                await self._changed_within(1.0)
+        finally:
+            self.waiting_for = frozenset()
+
+    def _not_contributed_since(self, base: crdt.VersionVector) -> set[str]:
+        """Peers whose heartbeat says they train now and whose latest contribution is not newer than
+        ``base`` (a peer that finished or paused says so, and is not waited for)."""
+        held = self.replica.state.version_vector
+        authors = {p2p.peer_id_from_public_key(author): author for author in held}
+        training = self.training_peers(max(LIVE_WINDOW_S, 3 * self._last_round_s))
+        training.discard(p2p.peer_id_from_public_key(self.signer.public_key))
+        return {peer for peer in training
+                if peer not in authors or held.get(authors[peer]) <= base.get(authors[peer])}
 
     async def _catch_up(self) -> None:
         """Wait (bounded) until this node holds what its peers held when it began waiting, if that is
@@ -235,7 +273,7 @@ class Rounds:
         training = self.settings()  # re-read every round: SIGHUP may change eval_every
         state = self.replica.state
         seq = self.rounds_done + 1
-        base_vv = state.version_vector
+        base_vv = self._round_base = state.version_vector
         started = time.monotonic()
         peers = self.live_peers() if self.count_peers else None
         fragment = (seq - 1) % len(state.genesis.fragments)

@@ -99,3 +99,31 @@ async def test_a_round_is_dropped_only_past_what_every_connected_peer_could_land
         policy = node.parts.rounds._staleness_policy(seen_two)
         assert policy.max_staleness == 4 * 6 and policy.expected_peers == 2  # the weight's N is unchanged
         assert policy.weight(20) > 0.0 and policy.weight(25) == 0.0
+
+
+async def test_in_lockstep_a_round_waits_for_every_training_peer_and_not_past_the_timeout(
+    tmp_path: Path,
+) -> None:
+    net = FakeNet()
+    founder = host_for(tmp_path / "a", net)
+    net.link(founder.peer_id, host_for(tmp_path / "b", net).peer_id)
+    fast, slow = FakeTrainer(), FakeTrainer(seed=1)
+    fast.round_gate, slow.round_gate = asyncio.Event(), asyncio.Event()
+    lockstep = config(training={"max_rounds": 0, "lockstep": True}, sync={"interval_s": 0.05})
+    async with running_node(tmp_path / "a", net, lockstep, trainer=fast) as a:
+        join = lockstep.with_overrides("node", bootstrap=(founder.addr,))
+        async with running_node(tmp_path / "b", net, join, trainer=slow) as b:
+            b_id = b.host.peer_id
+            # b's heartbeat says it trains (its first one may say "loading": the next is within 6 s)
+            await until(lambda: a.parts.rounds.live_peers() == 2, timeout_s=30)
+            fast.round_gate.set()
+            await until(lambda: a.status().round == 1)
+            fast.round_gate.set()  # a may train round 2, but b has not contributed since round 1 began
+            await until(lambda: a.parts.rounds.waiting_for == {b_id})
+            assert fast.round_gate.is_set() and a.status().round == 1
+            slow.round_gate.set()  # b's first round lands at a (pushed): a's round 2 goes ahead
+            await until(lambda: a.status().round == 2 and not fast.round_gate.is_set())
+            await until(lambda: a.parts.rounds.waiting_for == {b_id})  # and waits for b again
+            a.config = a.config.with_overrides("training", lockstep_timeout_s=0.5)  # b never answers
+            fast.round_gate.set()
+            await until(lambda: a.status().round == 3)
