@@ -13,7 +13,9 @@ The parent process is the receiver; it spawns a sender process that serves the s
 * ``fetch_blob_dest``: the same, written to a file (``dest=``: part file, pwrite, fsync, rename).
 
 Each side measures its asyncio event loop's worst scheduling delay (a 1 ms ticker) during each transfer: it
-bounds how long the daemon's API, gossip and timers stall while a snapshot moves.
+bounds how long the daemon's API, gossip and timers stall while a snapshot moves. Each side also counts the
+CPU time its process spent (user + system, all threads) and its minor page faults per transfer: on a box
+with few cores, throughput tracks the CPU both processes spend per byte, and these are steadier than MB/s.
 
 ``--profile`` adds one cProfile'd transfer of the bare stream and of fetch_blob, in both processes' trio
 threads, and prints the top functions of each.
@@ -33,6 +35,7 @@ import json
 import os
 import platform
 import pstats
+import resource
 import statistics
 import subprocess
 import sys
@@ -53,6 +56,12 @@ BLOB_ID = b"bench/blob"
 SLICE = 1 << 20  # write/read size of the socket and bare-stream paths
 TICK_S = 0.001  # loop-lag sampling period
 RESULTS = Path(__file__).parent / "results" / "p2p.json"
+
+
+def usage() -> tuple[float, int]:
+    """(CPU seconds, minor page faults) of this process so far, all threads."""
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime, ru.ru_minflt
 
 
 class LagProbe:
@@ -115,12 +124,15 @@ async def sender(mb: int) -> None:
         loop = asyncio.get_running_loop()
         reader = asyncio.StreamReader()
         await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+        mark = usage()  # CPU and faults at the last "lag-reset"
         while line := (await reader.readline()).strip():
             if line == b"lag-reset":
                 probe.reset()
+                mark = usage()
                 print("ok", flush=True)
             elif line == b"lag":
-                print(f"{probe.max_lag_s * 1e3:.2f}", flush=True)
+                cpu_s, faults = usage()
+                print(json.dumps([probe.max_lag_s * 1e3, cpu_s - mark[0], faults - mark[1]]), flush=True)
             elif line == b"prof-start":
                 prof = cProfile.Profile()
                 await in_trio(host, prof.enable)
@@ -160,17 +172,31 @@ class Sender:
         self.proc.wait(timeout=30)
 
 
-async def measure(snd: Sender, probe: LagProbe, nbytes: int, transfer) -> tuple[float, float, float]:  # type: ignore[no-untyped-def]
-    """(MB/s, receiver lag ms, sender lag ms) of one ``await transfer()``."""
+Sample = tuple[float, float, float, float, float, int, int]
+"""One transfer: MB/s, receiver and sender loop lag (ms), receiver and sender CPU (ms), their minor faults."""
+
+
+async def measure(snd: Sender, probe: LagProbe, nbytes: int, transfer) -> Sample:  # type: ignore[no-untyped-def]
+    """One ``await transfer()``, measured on both sides."""
     await asyncio.to_thread(snd.ask, "lag-reset")
     probe.reset()
+    cpu0, faults0 = usage()
     t0 = time.perf_counter()
     got = await transfer()
     dt = time.perf_counter() - t0
+    cpu1, faults1 = usage()
     recv_lag = probe.max_lag_s * 1e3
-    send_lag = float(await asyncio.to_thread(snd.ask, "lag"))
+    send_lag, send_cpu_s, send_faults = json.loads(await asyncio.to_thread(snd.ask, "lag"))
     assert got == nbytes, (got, nbytes)
-    return nbytes / dt / 1e6, recv_lag, send_lag
+    return (
+        nbytes / dt / 1e6,
+        recv_lag,
+        send_lag,
+        (cpu1 - cpu0) * 1e3,
+        send_cpu_s * 1e3,
+        faults1 - faults0,
+        send_faults,
+    )
 
 
 PATHS = ("asyncio_tcp", "bare_libp2p_stream", "request", "fetch_blob", "fetch_blob_dest")
@@ -195,7 +221,7 @@ async def receiver(mb: int, repeats: int, profile: bool) -> dict[str, object]:
     snd = await asyncio.to_thread(Sender, mb)
     probe = LagProbe()
     probe.start()
-    rows: dict[str, list[tuple[float, float, float]]] = {name: [] for name in PATHS}
+    rows: dict[str, list[Sample]] = {name: [] for name in PATHS}
     profile_text = ""
     work = Path(tempfile.mkdtemp(prefix="bench_p2p_"))
     try:
@@ -257,6 +283,10 @@ async def receiver(mb: int, repeats: int, profile: bool) -> dict[str, object]:
             "mb_s_all": [round(r, 1) for r in rates],
             "receiver_loop_max_lag_ms": round(max(r[1] for r in rows[name]), 2),
             "sender_loop_max_lag_ms": round(max(r[2] for r in rows[name]), 2),
+            "receiver_cpu_ms_median": round(statistics.median(r[3] for r in rows[name]), 1),
+            "sender_cpu_ms_median": round(statistics.median(r[4] for r in rows[name]), 1),
+            "receiver_minor_faults_median": round(statistics.median(r[5] for r in rows[name])),
+            "sender_minor_faults_median": round(statistics.median(r[6] for r in rows[name])),
         }
 
     paths = {name: summary(name) for name in rows}
@@ -331,7 +361,8 @@ async def profile_path(host: p2p.Host, snd: Sender, fetch) -> str:  # type: igno
 def print_table(result: dict[str, object]) -> None:
     paths = result["paths"]
     assert isinstance(paths, dict)
-    rows = [("path", "MB/s (median)", "runs", "vs tcp", "vs bare", "recv lag ms", "send lag ms")]
+    head = ("path", "MB/s (median)", "runs", "vs tcp", "vs bare", "recv lag ms", "send lag ms")
+    rows = [(*head, "recv cpu ms", "send cpu ms", "recv faults", "send faults")]
     for name, p in paths.items():
         rows.append(
             (
@@ -342,6 +373,10 @@ def print_table(result: dict[str, object]) -> None:
                 str(p["ratio_to_bare_stream"]),
                 str(p["receiver_loop_max_lag_ms"]),
                 str(p["sender_loop_max_lag_ms"]),
+                str(p["receiver_cpu_ms_median"]),
+                str(p["sender_cpu_ms_median"]),
+                str(p["receiver_minor_faults_median"]),
+                str(p["sender_minor_faults_median"]),
             )
         )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
