@@ -11,23 +11,27 @@ the sparse file, found with ``SEEK_DATA``) are skipped without being read. `fini
 part file into place, so ``dest`` only ever appears complete. Each chunk's write-out to disk is started as
 it is stored (`_start_writeback`), so that fsync finds little left to wait for.
 
-Without a destination the blob is assembled in an anonymous private mapping of its exact size (`_Memory`),
-each chunk copied straight to its offset as it is stored, in any order; the result is a memoryview of that
-mapping (bytes-like: ``len``, slicing, ``==`` with bytes, ``bytes(result)``; the mapping goes away with the
-last reference). The mapping asks for transparent huge pages (``madvise(MADV_HUGEPAGE)``; THP is often in
-``madvise`` mode, as here): first-touch page faults on a fresh result were the biggest cost of our side of a
-fetch. Measured 2026-12-01 on this VM, copying 64 MiB in 256 KiB pieces into fresh memory: a growing
-bytearray 14.5 ms and 4955 faults (the kernel's 16 KiB mTHP), the same mapping without the advice 13.7 ms,
-with it 6.0 ms and 32 faults. Rejected: a bytearray grown at the frontier (the previous version: each byte
-faulted in 16 KiB pages, chunks past a gap held in a dict until it closed), joining the pieces at the end
-(a 64 MiB join took 15-21 ms, all of it after the last byte arrived), and ``bytearray(size)`` (12 ms of
-memset before the first byte, then the same faults).
+Without a destination the blob is assembled in an anonymous private mapping of its exact size
+(`_anonymous_memory`), each chunk copied straight to its offset as it is stored, in any order; the result is
+a memoryview of that mapping (bytes-like: ``len``, slicing, ``==`` with bytes, ``bytes(result)``; the
+mapping goes away with the last reference). Its pages are faulted in as chunks land, never zeroed ahead.
+Rejected: a bytearray grown at the frontier (the previous version: chunks past a gap held in a dict until it
+closed, and the copy ran in the trio thread: 22 ms per 64 MiB there, 2026-12-01 profile), joining the pieces
+at the end (a 64 MiB join took 15-21 ms, all of it after the last byte arrived), ``bytearray(size)`` (12 ms
+of memset before the first byte, then a copy into it anyway), and ``madvise(MADV_HUGEPAGE)`` on the mapping.
+Huge pages cut the faults per 64 MiB from 4192 to 32 and the copy from ~20 to ~9 ms when the kernel has warm
+2 MiB blocks at hand, but in this VM (most likely the hypervisor reclaims the guest's free 2 MiB blocks) a
+cold one costs ~1.3 ms: with 2.5 s between fetches the median was the same (17 vs 16 ms) and the tail four
+times worse (81-86 ms), and six interleaved bench runs each way (2026-12-01) gave the receiver 332 ms of CPU
+per 64 MiB with the advice against 243 without.
 
 One worker-thread hop per chunk (`verify_and_store`): the chunk is hashed and, only if it is the chunk the
 manifest describes, copied or written, in the same thread call, so bytes that fail their digest never reach
 the result or the part file, and the trio thread never copies chunk data. The hashes of several chunks run
 in parallel (BLAKE3 releases the GIL); their stores are serialized by one lock (the frontier hasher below is
-sequential). A chunk stored before (a duplicate from the endgame) is skipped.
+sequential). A chunk stored before (a duplicate from the endgame) is skipped. The copy itself holds the GIL
+(about 1 ms per 4 MiB chunk); copying through numpy, which releases it, made no difference measurable on
+2 shared cores (16 interleaved bench runs each way, 2026-12-01), so it is not worth the dependency here.
 
 Whole-blob check (``verify_whole``, used when the fetcher pinned `Manifest.digest`): every chunk already
 matched its digest, so the whole-blob digest only adds something when the caller knows it in advance and the
@@ -42,7 +46,6 @@ re-verifying the data is the only state that cannot lie); mmap of the part file 
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import ctypes.util
 import errno
@@ -189,15 +192,11 @@ class BlobSink:
 
 
 def _anonymous_memory(size: int) -> memoryview:
-    """``size`` bytes of zeroed, private, anonymous memory, backed by transparent huge pages where the
-    kernel grants them (see the module docstring); faulted in as it is written, freed with its last view."""
+    """``size`` bytes of zeroed, private, anonymous memory, faulted in as it is written (not memset up
+    front, as ``bytearray(size)`` would), freed with its last view."""
     if size == 0:
         return memoryview(bytearray())  # mmap refuses an empty mapping
-    mapping = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE)
-    if hasattr(mmap, "MADV_HUGEPAGE"):  # Linux; elsewhere plain pages
-        with contextlib.suppress(OSError):  # THP compiled out or disabled: plain pages, still correct
-            mapping.madvise(mmap.MADV_HUGEPAGE)
-    return memoryview(mapping)
+    return memoryview(mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE))
 
 
 def _is_hole(fd: int, offset: int, length: int) -> bool:
