@@ -14,8 +14,9 @@ The parent process is the receiver; it spawns a sender process that serves the s
 
 Each side measures its asyncio event loop's worst scheduling delay (a 1 ms ticker) during each transfer: it
 bounds how long the daemon's API, gossip and timers stall while a snapshot moves. Each side also counts the
-CPU time its process spent (user + system, all threads) and its minor page faults per transfer: on a box
-with few cores, throughput tracks the CPU both processes spend per byte, and these are steadier than MB/s.
+CPU time its process spent (user + system, all threads), its minor page faults, and how busy its trio
+thread was (CPU time over wall time) per transfer: on a box with few cores, throughput tracks the CPU both
+processes spend per byte, these are steadier than MB/s, and a trio thread near 1.0 is the limit.
 
 ``--profile`` adds one cProfile'd transfer of the bare stream and of fetch_blob, in both processes' trio
 threads, and prints the top functions of each.
@@ -58,10 +59,14 @@ TICK_S = 0.001  # loop-lag sampling period
 RESULTS = Path(__file__).parent / "results" / "p2p.json"
 
 
-def usage() -> tuple[float, int]:
-    """(CPU seconds, minor page faults) of this process so far, all threads."""
+def usage(host: p2p.Host) -> tuple[float, int, float]:
+    """(CPU seconds, minor page faults) of this process so far, all threads, and the CPU seconds of the
+    host's trio thread alone (where libp2p runs: the busier it is, the closer a path is to its limit)."""
     ru = resource.getrusage(resource.RUSAGE_SELF)
-    return ru.ru_utime + ru.ru_stime, ru.ru_minflt
+    thread = host._bridge._thread
+    assert thread is not None and thread.ident is not None
+    trio_s = time.clock_gettime(time.pthread_getcpuclockid(thread.ident))
+    return ru.ru_utime + ru.ru_stime, ru.ru_minflt, trio_s
 
 
 class LagProbe:
@@ -124,15 +129,16 @@ async def sender(mb: int) -> None:
         loop = asyncio.get_running_loop()
         reader = asyncio.StreamReader()
         await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
-        mark = usage()  # CPU and faults at the last "lag-reset"
+        mark = usage(host)  # CPU and faults at the last "lag-reset"
         while line := (await reader.readline()).strip():
             if line == b"lag-reset":
                 probe.reset()
-                mark = usage()
+                mark = usage(host)
                 print("ok", flush=True)
             elif line == b"lag":
-                cpu_s, faults = usage()
-                print(json.dumps([probe.max_lag_s * 1e3, cpu_s - mark[0], faults - mark[1]]), flush=True)
+                now = usage(host)
+                print(json.dumps([probe.max_lag_s * 1e3, *(b - a for a, b in zip(mark, now, strict=True))]))
+                sys.stdout.flush()
             elif line == b"prof-start":
                 prof = cProfile.Profile()
                 await in_trio(host, prof.enable)
@@ -172,21 +178,22 @@ class Sender:
         self.proc.wait(timeout=30)
 
 
-Sample = tuple[float, float, float, float, float, int, int]
-"""One transfer: MB/s, receiver and sender loop lag (ms), receiver and sender CPU (ms), their minor faults."""
+Sample = tuple[float, float, float, float, float, int, int, float, float]
+"""One transfer: MB/s, receiver and sender loop lag (ms), receiver and sender CPU (ms), their minor faults,
+and the receiver's and the sender's trio-thread CPU as a fraction of the transfer's wall time."""
 
 
-async def measure(snd: Sender, probe: LagProbe, nbytes: int, transfer) -> Sample:  # type: ignore[no-untyped-def]
+async def measure(snd: Sender, probe: LagProbe, host: p2p.Host, nbytes: int, transfer) -> Sample:  # type: ignore[no-untyped-def]
     """One ``await transfer()``, measured on both sides."""
     await asyncio.to_thread(snd.ask, "lag-reset")
     probe.reset()
-    cpu0, faults0 = usage()
+    cpu0, faults0, trio0 = usage(host)
     t0 = time.perf_counter()
     got = await transfer()
     dt = time.perf_counter() - t0
-    cpu1, faults1 = usage()
+    cpu1, faults1, trio1 = usage(host)
     recv_lag = probe.max_lag_s * 1e3
-    send_lag, send_cpu_s, send_faults = json.loads(await asyncio.to_thread(snd.ask, "lag"))
+    send_lag, send_cpu_s, send_faults, send_trio_s = json.loads(await asyncio.to_thread(snd.ask, "lag"))
     assert got == nbytes, (got, nbytes)
     return (
         nbytes / dt / 1e6,
@@ -196,6 +203,8 @@ async def measure(snd: Sender, probe: LagProbe, nbytes: int, transfer) -> Sample
         send_cpu_s * 1e3,
         faults1 - faults0,
         send_faults,
+        (trio1 - trio0) / dt,
+        send_trio_s / dt,
     )
 
 
@@ -264,7 +273,7 @@ async def receiver(mb: int, repeats: int, profile: bool) -> dict[str, object]:
                 await fn()
             for _ in range(repeats):
                 for name, fn in fns.items():
-                    rows[name].append(await measure(snd, probe, nbytes, fn))
+                    rows[name].append(await measure(snd, probe, host, nbytes, fn))
             if profile:
                 profile_text = "".join(
                     [f"=== {name}\n" + await profile_path(host, snd, fns[name]) for name in PROFILED]
@@ -287,6 +296,8 @@ async def receiver(mb: int, repeats: int, profile: bool) -> dict[str, object]:
             "sender_cpu_ms_median": round(statistics.median(r[4] for r in rows[name]), 1),
             "receiver_minor_faults_median": round(statistics.median(r[5] for r in rows[name])),
             "sender_minor_faults_median": round(statistics.median(r[6] for r in rows[name])),
+            "receiver_trio_thread_busy_median": round(statistics.median(r[7] for r in rows[name]), 2),
+            "sender_trio_thread_busy_median": round(statistics.median(r[8] for r in rows[name]), 2),
         }
 
     paths = {name: summary(name) for name in rows}
@@ -362,7 +373,17 @@ def print_table(result: dict[str, object]) -> None:
     paths = result["paths"]
     assert isinstance(paths, dict)
     head = ("path", "MB/s (median)", "runs", "vs tcp", "vs bare", "recv lag ms", "send lag ms")
-    rows = [(*head, "recv cpu ms", "send cpu ms", "recv faults", "send faults")]
+    rows = [
+        (
+            *head,
+            "recv cpu ms",
+            "send cpu ms",
+            "recv faults",
+            "send faults",
+            "recv trio busy",
+            "send trio busy",
+        )
+    ]
     for name, p in paths.items():
         rows.append(
             (
@@ -377,6 +398,8 @@ def print_table(result: dict[str, object]) -> None:
                 str(p["sender_cpu_ms_median"]),
                 str(p["receiver_minor_faults_median"]),
                 str(p["sender_minor_faults_median"]),
+                str(p["receiver_trio_thread_busy_median"]),
+                str(p["sender_trio_thread_busy_median"]),
             )
         )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
