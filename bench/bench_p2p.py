@@ -179,8 +179,17 @@ class Sender:
 
 
 Sample = tuple[float, float, float, float, float, int, int, float, float]
-"""One transfer: MB/s, receiver and sender loop lag (ms), receiver and sender CPU (ms), their minor faults,
-and the receiver's and the sender's trio-thread CPU as a fraction of the transfer's wall time."""
+"""One transfer: MB/s, then one value per `COLUMNS` entry, in order."""
+COLUMNS = {  # table heading -> (JSON key, aggregate over the repeats, digits)
+    "recv lag ms": ("receiver_loop_max_lag_ms", max, 2),
+    "send lag ms": ("sender_loop_max_lag_ms", max, 2),
+    "recv cpu ms": ("receiver_cpu_ms_median", statistics.median, 1),
+    "send cpu ms": ("sender_cpu_ms_median", statistics.median, 1),
+    "recv faults": ("receiver_minor_faults_median", statistics.median, None),
+    "send faults": ("sender_minor_faults_median", statistics.median, None),
+    "recv trio busy": ("receiver_trio_thread_busy_median", statistics.median, 2),  # CPU / wall time
+    "send trio busy": ("sender_trio_thread_busy_median", statistics.median, 2),
+}
 
 
 async def measure(snd: Sender, probe: LagProbe, host: p2p.Host, nbytes: int, transfer) -> Sample:  # type: ignore[no-untyped-def]
@@ -195,17 +204,8 @@ async def measure(snd: Sender, probe: LagProbe, host: p2p.Host, nbytes: int, tra
     recv_lag = probe.max_lag_s * 1e3
     send_lag, send_cpu_s, send_faults, send_trio_s = json.loads(await asyncio.to_thread(snd.ask, "lag"))
     assert got == nbytes, (got, nbytes)
-    return (
-        nbytes / dt / 1e6,
-        recv_lag,
-        send_lag,
-        (cpu1 - cpu0) * 1e3,
-        send_cpu_s * 1e3,
-        faults1 - faults0,
-        send_faults,
-        (trio1 - trio0) / dt,
-        send_trio_s / dt,
-    )
+    costs = (recv_lag, send_lag, (cpu1 - cpu0) * 1e3, send_cpu_s * 1e3, faults1 - faults0, send_faults)
+    return (nbytes / dt / 1e6, *costs, (trio1 - trio0) / dt, send_trio_s / dt)
 
 
 PATHS = ("asyncio_tcp", "bare_libp2p_stream", "request", "fetch_blob", "fetch_blob_dest")
@@ -287,18 +287,11 @@ async def receiver(mb: int, repeats: int, profile: bool) -> dict[str, object]:
 
     def summary(name: str) -> dict[str, object]:
         rates = [r[0] for r in rows[name]]
-        return {
-            "mb_s_median": round(statistics.median(rates), 1),
-            "mb_s_all": [round(r, 1) for r in rates],
-            "receiver_loop_max_lag_ms": round(max(r[1] for r in rows[name]), 2),
-            "sender_loop_max_lag_ms": round(max(r[2] for r in rows[name]), 2),
-            "receiver_cpu_ms_median": round(statistics.median(r[3] for r in rows[name]), 1),
-            "sender_cpu_ms_median": round(statistics.median(r[4] for r in rows[name]), 1),
-            "receiver_minor_faults_median": round(statistics.median(r[5] for r in rows[name])),
-            "sender_minor_faults_median": round(statistics.median(r[6] for r in rows[name])),
-            "receiver_trio_thread_busy_median": round(statistics.median(r[7] for r in rows[name]), 2),
-            "sender_trio_thread_busy_median": round(statistics.median(r[8] for r in rows[name]), 2),
-        }
+        out: dict[str, object] = {"mb_s_median": round(statistics.median(rates), 1)}
+        out["mb_s_all"] = [round(r, 1) for r in rates]
+        for i, (key, agg, digits) in enumerate(COLUMNS.values(), start=1):
+            out[key] = round(agg(r[i] for r in rows[name]), digits)
+        return out
 
     paths = {name: summary(name) for name in rows}
     tcp_rate = paths["asyncio_tcp"]["mb_s_median"]
@@ -372,43 +365,17 @@ async def profile_path(host: p2p.Host, snd: Sender, fetch) -> str:  # type: igno
 def print_table(result: dict[str, object]) -> None:
     paths = result["paths"]
     assert isinstance(paths, dict)
-    head = ("path", "MB/s (median)", "runs", "vs tcp", "vs bare", "recv lag ms", "send lag ms")
-    rows = [
-        (
-            *head,
-            "recv cpu ms",
-            "send cpu ms",
-            "recv faults",
-            "send faults",
-            "recv trio busy",
-            "send trio busy",
-        )
-    ]
+    rows = [("path", "MB/s (median)", "runs", "vs tcp", "vs bare", *COLUMNS)]
     for name, p in paths.items():
-        rows.append(
-            (
-                name,
-                str(p["mb_s_median"]),
-                " ".join(map(str, p["mb_s_all"])),
-                str(p["ratio_to_tcp"]),
-                str(p["ratio_to_bare_stream"]),
-                str(p["receiver_loop_max_lag_ms"]),
-                str(p["sender_loop_max_lag_ms"]),
-                str(p["receiver_cpu_ms_median"]),
-                str(p["sender_cpu_ms_median"]),
-                str(p["receiver_minor_faults_median"]),
-                str(p["sender_minor_faults_median"]),
-                str(p["receiver_trio_thread_busy_median"]),
-                str(p["sender_trio_thread_busy_median"]),
-            )
-        )
+        runs = " ".join(map(str, p["mb_s_all"]))
+        ratios = (p["ratio_to_tcp"], p["ratio_to_bare_stream"])
+        cells = (p["mb_s_median"], runs, *ratios, *(p[c[0]] for c in COLUMNS.values()))
+        rows.append((name, *map(str, cells)))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)))
-    print(
-        f"{result['payload_mb']} MiB per transfer, libp2p speedups {result['libp2p_speedups']}, "
-        f"loadavg {result['loadavg_1m_at_end']}"
-    )
+    speedups, load = result["libp2p_speedups"], result["loadavg_1m_at_end"]
+    print(f"{result['payload_mb']} MiB per transfer, libp2p speedups {speedups}, loadavg {load}")
     if result["profile_top"]:
         print(result["profile_top"])
 
