@@ -13,7 +13,10 @@ The parent process is the receiver; it spawns a sender process that serves the s
 * ``fetch_blob_dest``: the same, written to a file (``dest=``: part file, pwrite, fsync, rename).
 
 Each side measures its asyncio event loop's worst scheduling delay (a 1 ms ticker) during each transfer: it
-bounds how long the daemon's API, gossip and timers stall while a snapshot moves.
+bounds how long the daemon's API, gossip and timers stall while a snapshot moves. Each side also counts the
+CPU time its process spent (user + system, all threads), its minor page faults, and how busy its trio
+thread was (CPU time over wall time) per transfer: on a box with few cores, throughput tracks the CPU both
+processes spend per byte, these are steadier than MB/s, and a trio thread near 1.0 is the limit.
 
 ``--profile`` adds one cProfile'd transfer of the bare stream and of fetch_blob, in both processes' trio
 threads, and prints the top functions of each.
@@ -33,6 +36,7 @@ import json
 import os
 import platform
 import pstats
+import resource
 import statistics
 import subprocess
 import sys
@@ -53,6 +57,16 @@ BLOB_ID = b"bench/blob"
 SLICE = 1 << 20  # write/read size of the socket and bare-stream paths
 TICK_S = 0.001  # loop-lag sampling period
 RESULTS = Path(__file__).parent / "results" / "p2p.json"
+
+
+def usage(host: p2p.Host) -> tuple[float, int, float]:
+    """(CPU seconds, minor page faults) of this process so far, all threads, and the CPU seconds of the
+    host's trio thread alone (where libp2p runs: the busier it is, the closer a path is to its limit)."""
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    thread = host._bridge._thread
+    assert thread is not None and thread.ident is not None
+    trio_s = time.clock_gettime(time.pthread_getcpuclockid(thread.ident))
+    return ru.ru_utime + ru.ru_stime, ru.ru_minflt, trio_s
 
 
 class LagProbe:
@@ -115,12 +129,16 @@ async def sender(mb: int) -> None:
         loop = asyncio.get_running_loop()
         reader = asyncio.StreamReader()
         await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+        mark = usage(host)  # CPU and faults at the last "lag-reset"
         while line := (await reader.readline()).strip():
             if line == b"lag-reset":
                 probe.reset()
+                mark = usage(host)
                 print("ok", flush=True)
             elif line == b"lag":
-                print(f"{probe.max_lag_s * 1e3:.2f}", flush=True)
+                now = usage(host)
+                print(json.dumps([probe.max_lag_s * 1e3, *(b - a for a, b in zip(mark, now, strict=True))]))
+                sys.stdout.flush()
             elif line == b"prof-start":
                 prof = cProfile.Profile()
                 await in_trio(host, prof.enable)
@@ -160,17 +178,34 @@ class Sender:
         self.proc.wait(timeout=30)
 
 
-async def measure(snd: Sender, probe: LagProbe, nbytes: int, transfer) -> tuple[float, float, float]:  # type: ignore[no-untyped-def]
-    """(MB/s, receiver lag ms, sender lag ms) of one ``await transfer()``."""
+Sample = tuple[float, float, float, float, float, int, int, float, float]
+"""One transfer: MB/s, then one value per `COLUMNS` entry, in order."""
+COLUMNS = {  # table heading -> (JSON key, aggregate over the repeats, digits)
+    "recv lag ms": ("receiver_loop_max_lag_ms", max, 2),
+    "send lag ms": ("sender_loop_max_lag_ms", max, 2),
+    "recv cpu ms": ("receiver_cpu_ms_median", statistics.median, 1),
+    "send cpu ms": ("sender_cpu_ms_median", statistics.median, 1),
+    "recv faults": ("receiver_minor_faults_median", statistics.median, None),
+    "send faults": ("sender_minor_faults_median", statistics.median, None),
+    "recv trio busy": ("receiver_trio_thread_busy_median", statistics.median, 2),  # CPU / wall time
+    "send trio busy": ("sender_trio_thread_busy_median", statistics.median, 2),
+}
+
+
+async def measure(snd: Sender, probe: LagProbe, host: p2p.Host, nbytes: int, transfer) -> Sample:  # type: ignore[no-untyped-def]
+    """One ``await transfer()``, measured on both sides."""
     await asyncio.to_thread(snd.ask, "lag-reset")
     probe.reset()
+    cpu0, faults0, trio0 = usage(host)
     t0 = time.perf_counter()
     got = await transfer()
     dt = time.perf_counter() - t0
+    cpu1, faults1, trio1 = usage(host)
     recv_lag = probe.max_lag_s * 1e3
-    send_lag = float(await asyncio.to_thread(snd.ask, "lag"))
+    send_lag, send_cpu_s, send_faults, send_trio_s = json.loads(await asyncio.to_thread(snd.ask, "lag"))
     assert got == nbytes, (got, nbytes)
-    return nbytes / dt / 1e6, recv_lag, send_lag
+    costs = (recv_lag, send_lag, (cpu1 - cpu0) * 1e3, send_cpu_s * 1e3, faults1 - faults0, send_faults)
+    return (nbytes / dt / 1e6, *costs, (trio1 - trio0) / dt, send_trio_s / dt)
 
 
 PATHS = ("asyncio_tcp", "bare_libp2p_stream", "request", "fetch_blob", "fetch_blob_dest")
@@ -195,7 +230,7 @@ async def receiver(mb: int, repeats: int, profile: bool) -> dict[str, object]:
     snd = await asyncio.to_thread(Sender, mb)
     probe = LagProbe()
     probe.start()
-    rows: dict[str, list[tuple[float, float, float]]] = {name: [] for name in PATHS}
+    rows: dict[str, list[Sample]] = {name: [] for name in PATHS}
     profile_text = ""
     work = Path(tempfile.mkdtemp(prefix="bench_p2p_"))
     try:
@@ -238,7 +273,7 @@ async def receiver(mb: int, repeats: int, profile: bool) -> dict[str, object]:
                 await fn()
             for _ in range(repeats):
                 for name, fn in fns.items():
-                    rows[name].append(await measure(snd, probe, nbytes, fn))
+                    rows[name].append(await measure(snd, probe, host, nbytes, fn))
             if profile:
                 profile_text = "".join(
                     [f"=== {name}\n" + await profile_path(host, snd, fns[name]) for name in PROFILED]
@@ -252,12 +287,11 @@ async def receiver(mb: int, repeats: int, profile: bool) -> dict[str, object]:
 
     def summary(name: str) -> dict[str, object]:
         rates = [r[0] for r in rows[name]]
-        return {
-            "mb_s_median": round(statistics.median(rates), 1),
-            "mb_s_all": [round(r, 1) for r in rates],
-            "receiver_loop_max_lag_ms": round(max(r[1] for r in rows[name]), 2),
-            "sender_loop_max_lag_ms": round(max(r[2] for r in rows[name]), 2),
-        }
+        out: dict[str, object] = {"mb_s_median": round(statistics.median(rates), 1)}
+        out["mb_s_all"] = [round(r, 1) for r in rates]
+        for i, (key, agg, digits) in enumerate(COLUMNS.values(), start=1):
+            out[key] = round(agg(r[i] for r in rows[name]), digits)
+        return out
 
     paths = {name: summary(name) for name in rows}
     tcp_rate = paths["asyncio_tcp"]["mb_s_median"]
@@ -331,26 +365,17 @@ async def profile_path(host: p2p.Host, snd: Sender, fetch) -> str:  # type: igno
 def print_table(result: dict[str, object]) -> None:
     paths = result["paths"]
     assert isinstance(paths, dict)
-    rows = [("path", "MB/s (median)", "runs", "vs tcp", "vs bare", "recv lag ms", "send lag ms")]
+    rows = [("path", "MB/s (median)", "runs", "vs tcp", "vs bare", *COLUMNS)]
     for name, p in paths.items():
-        rows.append(
-            (
-                name,
-                str(p["mb_s_median"]),
-                " ".join(map(str, p["mb_s_all"])),
-                str(p["ratio_to_tcp"]),
-                str(p["ratio_to_bare_stream"]),
-                str(p["receiver_loop_max_lag_ms"]),
-                str(p["sender_loop_max_lag_ms"]),
-            )
-        )
+        runs = " ".join(map(str, p["mb_s_all"]))
+        ratios = (p["ratio_to_tcp"], p["ratio_to_bare_stream"])
+        cells = (p["mb_s_median"], runs, *ratios, *(p[c[0]] for c in COLUMNS.values()))
+        rows.append((name, *map(str, cells)))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)))
-    print(
-        f"{result['payload_mb']} MiB per transfer, libp2p speedups {result['libp2p_speedups']}, "
-        f"loadavg {result['loadavg_1m_at_end']}"
-    )
+    speedups, load = result["libp2p_speedups"], result["loadavg_1m_at_end"]
+    print(f"{result['payload_mb']} MiB per transfer, libp2p speedups {speedups}, loadavg {load}")
     if result["profile_top"]:
         print(result["profile_top"])
 

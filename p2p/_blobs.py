@@ -13,9 +13,10 @@ Theory of operation
    a peer whose manifest differs is dropped. Each peer starts pulling as soon as its own answer agrees.
 2. READ: each session keeps up to ``fetch_depth`` chunks requested-but-not-stored (so the stream never idles
    between chunks and memory stays bounded by peers x depth x chunk size). `FetchPlan` decides which chunk
-   each peer asks for next (lowest index first; duplicates only in the endgame). Every chunk is hashed in a
-   worker thread and checked against the manifest before it is kept; the `BlobSink` writes it (to
-   ``<dest>.part``, or into a preallocated buffer) and hashes the whole blob along the way.
+   each peer asks for next (lowest index first; duplicates only in the endgame). Every chunk is hashed and
+   checked against the manifest before it is kept, in one worker-thread call with its copy or write
+   (`BlobSink.verify_and_store`: into ``<dest>.part``, or into the result's memory); the sink hashes the whole
+   blob along the way when its digest was pinned.
 3. A peer is dropped, with its reason in `BlobProgress.dropped` and `TransferFailed.peer_errors`, when it is
    unreachable, refuses (NotServed, Busy), stalls (no chunk within ``chunk_timeout_s`` of asking) or lies
    (a chunk that fails its digest, a manifest that is malformed or not the pinned one). Its chunks go back
@@ -59,7 +60,7 @@ from p2p._errors import (
 from p2p._framing import Frame, FrameDecoder, FrameKind, Pieces
 from p2p._node import parse_peer_id
 from p2p._reqresp import finish_stream, open_stream, read_frame, remote_error, write_frame
-from p2p._transfer import MAX_MANIFEST_BYTES, BlobRequest, FetchPlan, Manifest, Op, Verdict, chunk_digest
+from p2p._transfer import MAX_MANIFEST_BYTES, BlobRequest, FetchPlan, Manifest, Op, Verdict
 
 if TYPE_CHECKING:
     from p2p._node import TrioNode
@@ -155,13 +156,12 @@ class _Fetch:
         self.plan: FetchPlan | None = None
         self.sink: BlobSink | None = None
         self.failed: dict[str, str] = {}  # peers dropped before or while joining the plan
-        self.storing = 0  # accepted chunks whose write to the sink is still in flight
         self._adopt_lock = trio.Lock()
         self._changed = trio.Event()
 
     # -- the decision: complete, or every peer gone
 
-    async def run(self, peers: Sequence[str]) -> bytearray | Path:
+    async def run(self, peers: Sequence[str]) -> memoryview | Path:
         unique = list(dict.fromkeys(peers))
         async with trio.open_nursery() as nursery:
             for peer in unique:
@@ -183,10 +183,8 @@ class _Fetch:
 
     def _settled(self, n_peers: int) -> bool:
         plan = self.plan
-        if plan is not None and plan.complete:
-            # Complete means every chunk accepted; wait until the last writes have landed too, or the
-            # cancellation that ends the fetch would race them and finish() would hash a gap.
-            return self.storing == 0
+        if plan is not None and plan.complete:  # every chunk accepted, so stored (stored first, see below)
+            return True
         joined = len(plan.peers) if plan is not None else 0
         active = len(plan.active_peers()) if plan is not None else 0
         return n_peers - len(self.failed) - joined == 0 and active == 0
@@ -334,16 +332,15 @@ class _Fetch:
             storing.start_soon(self._verify_and_store, peer, plan, asked.popleft(), frame.pieces)
 
     async def _verify_and_store(self, peer: str, plan: FetchPlan, index: int, pieces: Pieces) -> None:
+        """The sink keeps the chunk if it matches the manifest *before* the plan hears of it: once the plan
+        counts a chunk as done, it is in the result or the part file (the worker-thread call cannot be
+        cancelled half way), so a complete plan means a complete sink, and the cancellation that ends the
+        fetch cannot race a store."""
+        assert self.sink is not None  # internal: set with the plan
         size = sum(len(p) for p in pieces)
-        digest = await trio.to_thread.run_sync(chunk_digest, *pieces)
+        digest = await self.sink.verify_and_store(index, pieces)
         verdict = plan.on_data(peer, index, size=size, digest=digest)
         if verdict is Verdict.ACCEPTED:
-            assert self.sink is not None  # internal: set with the plan
-            self.storing += 1
-            try:
-                await self.sink.store(index, pieces)
-            finally:
-                self.storing -= 1
             self.stats.blob_chunks_fetched += 1
             self.stats.blob_bytes_fetched += size
             self.progress.chunks_done += 1
@@ -397,7 +394,7 @@ async def fetch_blob(
     limits: BlobLimits,
     progress: BlobProgress,
     stats: FetchStats,
-) -> bytearray | Path:
+) -> memoryview | Path:
     """See `Host.fetch_blob` (the public entry point, which documents the arguments). Trio thread."""
     progress.blob_id = blob_id
     fetch = _Fetch(

@@ -319,7 +319,7 @@ class Host:
         dest: str | Path | None = None,
         progress: BlobProgress | None = None,
         timeout_s: float | None = None,
-    ) -> bytearray | Path:
+    ) -> memoryview | Path:
         """Fetch a blob from ``peers`` at once, verified chunk by chunk (BLAKE3) and as a whole.
 
         Args:
@@ -336,8 +336,10 @@ class Host:
                 at peers x ``config.blobs.fetch_depth`` x chunk size whatever the blob's size, and a blob
                 that does not fit on the disk is refused. After a failure, a cancellation or a restart,
                 calling again with the same ``dest`` re-verifies the part file and fetches only the missing
-                chunks. None: return the blob as a bytearray, assembled as it arrives (no final copy; at most
-                ``config.blobs.max_memory_bytes``).
+                chunks. None: return the blob in memory, assembled as it arrives (no final copy; at most
+                ``config.blobs.max_memory_bytes``), as a writable memoryview of its own anonymous mapping:
+                bytes-like (``len``, slicing, ``==`` with bytes, hashing, writing to a file; ``bytes(blob)``
+                copies it), freed with its last reference.
             progress: a `BlobProgress` to update as the fetch goes (also listed by `blob_fetches()`).
             timeout_s: deadline of the whole fetch (None: none; stalled peers are dropped anyway).
 

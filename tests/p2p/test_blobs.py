@@ -171,7 +171,10 @@ async def test_a_killed_fetch_resumes_from_its_part_file_fetching_only_missing_c
     resumed = progress.bytes_resumed // CHUNK
     assert 1 <= resumed <= 10  # what the killed process had verified and written survived the kill
     assert fetcher.stats()["blob_chunks_fetched"] == 25 - resumed  # only the missing chunks moved again
-    assert served(server) == 10 + 25 - resumed
+    # The dead child's session may still write out chunks it had asked for (at most fetch_depth) before the
+    # server sees its connection gone: a write into the kernel's socket buffer succeeds.
+    extra = served(server) - (10 + 25 - resumed)
+    assert 0 <= extra <= BlobLimits().fetch_depth
 
 
 async def test_a_cancelled_fetch_keeps_its_part_file_and_the_next_one_resumes(

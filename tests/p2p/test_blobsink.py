@@ -1,10 +1,12 @@
-"""p2p/_blobsink.py without a network: resume scans, sparse holes, short pwritev, the frontier hash."""
+"""p2p/_blobsink.py without a network: resume scans, sparse holes, short pwritev, the frontier hash, the
+memory result, one worker hop per chunk, nothing unverified kept."""
 
 from __future__ import annotations
 
 import itertools
 import os
 import random
+import resource
 from pathlib import Path
 
 import pytest
@@ -27,21 +29,93 @@ def pieces(index: int, n: int = 3) -> tuple[bytes, ...]:
     return tuple(chunk[a:b] for a, b in itertools.pairwise(cuts))
 
 
-def run(sink: BlobSink, order: list[int]) -> tuple[set[int], bytes | Path]:
-    async def main() -> tuple[set[int], bytes | Path]:
+def run(sink: BlobSink, order: list[int]) -> tuple[set[int], memoryview | Path]:
+    async def main() -> tuple[set[int], memoryview | Path]:
         have = await sink.open()
         for index in order:
             if index not in have:
-                await sink.store(index, pieces(index))
+                assert await sink.verify_and_store(index, pieces(index)) == MANIFEST.chunk_digests[index]
         return have, await sink.finish()
 
     return trio.run(main)
 
 
 @pytest.mark.parametrize("verify_whole", [False, True])
-def test_memory_sink_joins_pieces_in_index_order(verify_whole: bool) -> None:
+def test_memory_sink_places_chunks_at_their_offsets_in_any_order(verify_whole: bool) -> None:
     have, data = run(BlobSink(MANIFEST, None, verify_whole=verify_whole), [3, 0, 6, 1, 2, 5, 4])
-    assert have == set() and data == DATA
+    assert have == set() and data == DATA and isinstance(data, memoryview) and not data.readonly
+    assert bytes(data[CHUNK : CHUNK + 10]) == DATA[CHUNK : CHUNK + 10]
+
+
+def test_empty_blob_in_memory() -> None:
+    empty = Manifest.build(b"", chunk_size=CHUNK)
+    assert run(BlobSink(empty, None, verify_whole=True), []) == (set(), b"")
+
+
+def test_memory_result_is_not_touched_before_chunks_land() -> None:
+    """The memory result is mapped lazily: opening a 64 MiB sink faults in (almost) nothing, where
+    ``bytearray(size)`` would memset, and so fault in, all of it before the first byte arrives."""
+    big = Manifest(64 << 20, 4 << 20, bytes(32), (bytes(32),) * 16)
+    sink = BlobSink(big, None, verify_whole=False)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    trio.run(sink.open)
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    assert faults < 256  # a touched 64 MiB is >= 1024 faults even at 64 KiB pages
+
+
+def test_a_chunk_that_fails_its_digest_is_not_kept(tmp_path: Path) -> None:
+    """The sink checks before it copies or writes: unverified bytes never reach the result or the disk."""
+
+    async def main(sink: BlobSink) -> None:
+        await sink.open()
+        bad = (b"\xff" * 10, *pieces(2)[1:])
+        assert await sink.verify_and_store(2, bad) != MANIFEST.chunk_digests[2]
+        assert await sink.verify_and_store(2, pieces(2)[:-1]) != MANIFEST.chunk_digests[2]  # short
+        for index in range(7):
+            await sink.verify_and_store(index, pieces(index))
+        assert await sink.finish() in (DATA, tmp_path / "blob.bin")
+
+    trio.run(main, BlobSink(MANIFEST, None, verify_whole=True))
+    part = tmp_path / "blob.bin.part"
+
+    async def only_bad(sink: BlobSink) -> None:
+        await sink.open()
+        await sink.verify_and_store(2, (b"\xff" * 10, *pieces(2)[1:]))
+        sink.close()
+
+    trio.run(only_bad, BlobSink(MANIFEST, tmp_path / "blob.bin", verify_whole=False))
+    assert part.read_bytes() == bytes(MANIFEST.size)  # the sparse part file holds no byte of it
+    trio.run(main, BlobSink(MANIFEST, tmp_path / "blob.bin", verify_whole=True))
+    assert (tmp_path / "blob.bin").read_bytes() == DATA
+
+
+@pytest.mark.parametrize("to_file", [False, True])
+def test_one_worker_hop_per_chunk_and_duplicates_stored_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, to_file: bool
+) -> None:
+    """Hash and store share one ``trio.to_thread.run_sync`` call; an endgame duplicate is not stored again
+    (nor held for the frontier hash)."""
+    hops: list[str] = []
+    real = trio.to_thread.run_sync
+
+    async def counting(fn, *args, **kwargs):  # type: ignore[no-untyped-def]
+        hops.append(fn.__name__)
+        return await real(fn, *args, **kwargs)
+
+    monkeypatch.setattr(trio.to_thread, "run_sync", counting)
+    writes: list[int] = []
+    real_pwrite = _blobsink._pwrite_all
+
+    def spy(fd: int, chunk: tuple[bytes, ...], offset: int) -> None:
+        writes.append(offset)
+        real_pwrite(fd, chunk, offset)
+
+    monkeypatch.setattr(_blobsink, "_pwrite_all", spy)
+    sink = BlobSink(MANIFEST, tmp_path / "blob.bin" if to_file else None, verify_whole=True)
+    _, result = run(sink, [1, 1, 0, 2, 3, 2, 4, 5, 6])
+    assert result == (tmp_path / "blob.bin" if to_file else DATA)
+    assert hops.count("_verify_and_store_sync") == 9 and not sink._pending
+    assert writes == ([CHUNK * i for i in (1, 0, 2, 3, 4, 5, 6)] if to_file else [])
 
 
 def test_file_sink_starts_each_chunks_writeback_as_it_is_stored(
