@@ -140,27 +140,29 @@ async def _write_msg_without_repeated_record(self: Pubsub, stream: Any, rpc_msg:
 Pubsub.write_msg = _write_msg_without_repeated_record  # type: ignore[method-assign]
 
 # py-libp2p 0.8.1's yamux sends a WINDOW_UPDATE after every read of a stream that is not at its full window
-# (its "partial slack" and "release on read" branches), where go-yamux waits until half the window has been
-# consumed. Each is a 12-byte frame in an 18-byte Noise envelope and a TCP segment of its own: in a 4-daemon
-# training run, 5,131 of 9,135 frames were window updates (154 KB beside 566 KB of model payloads;
-# bench/convergence, 2026-12-01), mostly one per small request or gossip read. We hand the library its
-# reads only once they add up to half the target window (the hysteresis it implements for larger
-# releases), so a short request/response stream sends none and a bulk stream one per half window, as in
-# go-yamux. The sender never stalls on it: with the window exhausted the reader has half of it to release.
+# (its "partial slack" and "release on read" branches), however few bytes the read took. Each is a
+# 12-byte frame in an 18-byte Noise envelope and a TCP segment of its own: in a 4-daemon training run,
+# 5,131 of 9,135 frames were window updates (154 KB beside 566 KB of model payloads; bench/convergence,
+# 2026-12-01), mostly one per small request or gossip read. We hand the library its reads only once they
+# add up to WINDOW_RELEASE_MIN_BYTES, so a short request/response stream sends none and a gossip stream
+# one per 32 KiB. Not half the window, as go-yamux does: py-libp2p's sender polls an empty send window
+# every 10 ms and its window auto-tuning grows only with frequent updates, so bulk streams fell from 444
+# to 42 MB/s (bench/bench_p2p.py); a bulk read (64 KiB and more) is released at once, as before.
 # Test: tests/p2p/test_libp2p.py.
+WINDOW_RELEASE_MIN_BYTES = 32 * 1024  # an eighth of yamux's initial 256 KiB window
 _stock_window_update = YamuxStream._auto_tune_and_send_window_update
 
 
-async def _window_update_at_half(self: YamuxStream, *, bytes_read: int = 0) -> None:
+async def _window_update_batched(self: YamuxStream, *, bytes_read: int = 0) -> None:
     unreleased = getattr(self, "_meshtrain_unreleased", 0) + bytes_read
-    if 0 < unreleased < self._grow_threshold():
+    if 0 < unreleased < WINDOW_RELEASE_MIN_BYTES:
         self._meshtrain_unreleased = unreleased  # type: ignore[attr-defined]
         return
     self._meshtrain_unreleased = 0  # type: ignore[attr-defined]
     await _stock_window_update(self, bytes_read=unreleased)
 
 
-YamuxStream._auto_tune_and_send_window_update = _window_update_at_half  # type: ignore[method-assign]
+YamuxStream._auto_tune_and_send_window_update = _window_update_batched  # type: ignore[method-assign]
 
 # py-libp2p 0.8.1 bug: with a swarm key every connection's raw layer is a `PskConn`, a RawConnection subclass
 # that never calls RawConnection.__init__ and delegates only read/write/close/get_remote_address. So
