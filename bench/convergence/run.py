@@ -16,7 +16,9 @@ Every contender sees the same total samples (peers x steps x batch) of the same 
 init, with the same inner AdamW; see _methods.py for how each one is run and how bytes are counted. The
 "long" preset (default) is the default task at 0.28M parameters (stdlib-lm, 2 layers x 96 wide, 64-byte
 context) for 2,400 inner steps per peer, long enough for H = 30 to 120, with the inner lr decaying along
-a cosine to a tenth over the run (every contender, stretched to its own steps); "full" is the 1,200-step
+a cosine to a tenth over the run (every contender, stretched to its own steps); its meshtrain contender
+runs H = 30, rice-q2 at 1/16 and outer lr 2 with the daemons in lockstep (``--node
+training.lockstep=false`` lets them run free); "full" is the 1,200-step
 preset of the 2026-11-23 benchmark (H = 10); "large" is 3.3M parameters (4 layers x 256) for 600 steps;
 "tiny" is for development (seconds).
 """
@@ -51,9 +53,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         "peers": 4,
         "steps": 2400,
         "evals": 8,
-        # The best measured at about 1000x (2026-12-01, sim and 4 daemons): outer lr 2 (see the README).
+        # The best measured near 1000x (2026-12-02, sim and 4 daemons): outer lr 2, in lockstep (README).
         "diloco": {"inner_steps": 30, "batch_size": 32, "codec": "rice-q2", "topk_density": 1 / 16,
                    "outer_lr": 2.0},
+        "node": {"training.lockstep": True},
         "cosine": True,
     },
     "full": {  # the 2026-11-23 benchmark (171x at +1.4 %): H = 10, sparse-q8 at 5 %
@@ -139,7 +142,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     task_options = preset["task_options"]
     overrides = {k: _value(v) for k, v in (s.split("=", 1) for s in args.set)}
     sync = {k: _value(v) for k, v in (s.split("=", 1) for s in args.sync)}  # over the daemon defaults
-    node = {k: _value(v) for k, v in (s.split("=", 1) for s in args.node)}
+    node = {**preset.get("node", {}), **{k: _value(v) for k, v in (s.split("=", 1) for s in args.node)}}
     task = training.load_task(TASK, **task_options)
     schedule = {"total_steps": steps} if preset.get("cosine") else {}  # cosine decay over the whole run
     options = {**preset["diloco"], **schedule, **overrides, "expected_peers": peers, "device": "cpu"}
