@@ -90,7 +90,7 @@ class Membership:
             for peer, (seen, beat) in self.heartbeats.items()
         }
 
-    def live_peers(self) -> set[str]:
+    def heard_members(self) -> set[str]:
         """Peers heard within three heartbeat refresh periods that have not said goodbye: whom a new
         contribution must reach (daemon/node/sync.py announces it unless pushes reached them all)."""
         oldest = time.monotonic() - 3 * HEARTBEAT_REFRESH_S * self._stretch()

@@ -165,7 +165,7 @@ class Node:
                                     limits=self.limits, timing=self._timing, join=self.join)
             membership = Membership(self.host, run=run, beat=self._heartbeat,
                                                       reject=sync.reject)
-            sync.live_peers = membership.live_peers
+            sync.must_reach = membership.heard_members
             # Proven while the first round trains (a thread, ``proving`` a task of the group below): the
             # first contribution carries it.
             async def admission() -> int:

@@ -102,8 +102,8 @@ class Sync:
         """Where snapshot downloads show (``status.join``)."""
         self._snapshots: SnapshotServer | None = None  # once installed
         self._to_spread: asyncio.Queue[crdt.Contribution] = asyncio.Queue()
-        self.live_peers: Callable[[], set[str]] | None = None
-        """Members a new contribution must reach (the node sets it to Membership.live_peers); None: every
+        self.must_reach: Callable[[], set[str]] | None = None
+        """Members a new contribution must reach (the node sets it to Membership.heard_members); None: every
         contribution is announced on gossip besides its pushes."""
         self.installer = SnapshotInstaller(host, replica, members=self.members, settings=settings,
                                            reject=self.reject, join=self.join, rng=self._rng)
@@ -247,7 +247,7 @@ class Sync:
         while True:
             contribution = await self._to_spread.get()
             reached = await self._push(contribution)
-            live = self.live_peers() if self.live_peers is not None else None
+            live = self.must_reach() if self.must_reach is not None else None
             if live is not None and live <= reached:
                 continue
             announcement = wire.Announcement(
