@@ -165,14 +165,14 @@ class Node:
                                     limits=self.limits, timing=self._timing, join=self.join)
             membership = Membership(self.host, run=run, beat=self._heartbeat,
                                                       reject=sync.reject)
-            sync.must_reach = membership.heard_members
+            sync.spreader.must_reach = membership.heard_members
             # Proven while the first round trains (a thread, ``proving`` a task of the group below): the
             # first contribution carries it.
             async def admission() -> int:
                 return await asyncio.shield(proving)
             rounds = Rounds(self.trainer, replica, signer=self.signer, host=self.host,
-                                          settings=lambda: self.config.training, announce=sync.announce,
-                                          timing=self._timing,
+                                          settings=lambda: self.config.training,
+                                          announce=sync.spreader.announce, timing=self._timing,
                                           count_peers="expected_peers" not in self.config.diloco,
                                           joining=bool(self.config.node.bootstrap),
                                           training_peers=membership.training_peers,

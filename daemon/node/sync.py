@@ -8,15 +8,9 @@ most ``[sync] max_batch`` records, lowest seqs first, or ``snapshot_required`` w
 compacted here. The bandwidth cap (``daemon/node/limits.py``) paces answers. A request that does not
 decode is counted by reason and its sender penalized (:meth:`Sync.reject`).
 
-Spreading a new contribution of our own (:meth:`Sync.announce`): it is pushed to every connected member
-(``/meshtrain/push/1``: the record in one request, the receiver's digest in the answer, so that compaction
-knows what each member holds as after a pull), and announced on gossip only if some
-live member (heartbeat heard lately, daemon/node/membership.py) was not reached that way: a member two hops
-away, a push that failed, a record too big for one request. In a run whose members are all connected,
-nothing goes through gossip and nobody pulls: the announcement's gossip (forwarded through the mesh, about
-three copies per member) and each pull's request were half of a 4-daemon run's bytes beside
-its model payloads (bench/convergence, 2026-12-01). A receiver takes a pushed record through the same door
-as a pulled one, and only records its sender authored.
+Spreading this node's own new contributions (pushes, and gossip announcements for members out of their
+reach) is daemon/node/spread.py's; receiving a push is served here: a receiver takes a pushed record
+through the same door as a pulled one, and only records its sender authored.
 
 Pulling: gossip announcements, the anti-entropy period and pull-backs tell the replication machine whom to
 pull from; :meth:`Sync.run` starts the actions it hands out (several peers at once, each in its own task)
@@ -53,6 +47,7 @@ from daemon.node.offers import SnapshotServer
 from daemon.node.replica import DiskFull, Replica
 from daemon.node.replication import Action, ActionKind, Replication, ReplicationPolicy
 from daemon.node.snapshot_install import SnapshotInstaller
+from daemon.node.spread import Spreader
 from daemon.status import JoinStatus
 
 __all__ = ["Sync"]
@@ -101,10 +96,10 @@ class Sync:
         self.join = join or JoinStatus()
         """Where snapshot downloads show (``status.join``)."""
         self._snapshots: SnapshotServer | None = None  # once installed
-        self._to_spread: asyncio.Queue[crdt.Contribution] = asyncio.Queue()
-        self.must_reach: Callable[[], set[str]] | None = None
-        """Members a new contribution must reach (the node sets it to Membership.heard_members); None: every
-        contribution is announced on gossip besides its pushes."""
+        self.spreader = Spreader(host, replica, run=run, members=self.members, settings=settings,
+                                 blocked=lambda: self.machine.blocked, reject=self.reject,
+                                 compare=self._compare)
+        """Pushes and announces this node's own new contributions."""
         self.installer = SnapshotInstaller(host, replica, members=self.members, settings=settings,
                                            reject=self.reject, join=self.join, rng=self._rng)
 
@@ -236,66 +231,6 @@ class Sync:
             log.error("state diverged peer=%s state_hash=%s theirs=%s", peer, state.state_hash[:16],
                       remote.state_hash[:16])
 
-    # -- announcing ------------------------------------------------------------------------------------
-
-    async def announce(self, contribution: crdt.Contribution) -> None:
-        """Spread a new contribution of ours (pushes, and gossip when they do not reach every live member;
-        see the module docstring) in the background: the round goes on."""
-        self._to_spread.put_nowait(contribution)
-
-    async def _spread_loop(self) -> None:
-        while True:
-            contribution = await self._to_spread.get()
-            reached = await self._push(contribution)
-            live = self.must_reach() if self.must_reach is not None else None
-            if live is not None and live <= reached:
-                continue
-            announcement = wire.Announcement(
-                author=contribution.author,
-                seq=contribution.seq,
-                fragment=contribution.fragment,
-                size=len(contribution.payload),
-                id=contribution.id,
-            )
-            try:
-                await self.host.publish(wire.announce_topic(self.run_name), announcement.encode())
-            except p2p.P2PError as exc:  # no mesh peer: the others pull it in their anti-entropy
-                log.info("announcement not published seq=%d error=%s", contribution.seq, exc)
-                continue
-            self.replica.counters.announced += 1
-
-    async def _push(self, contribution: crdt.Contribution) -> set[str]:
-        """Send ``contribution`` to every connected member at once; the members that took it."""
-        data = wire.Push(self.replica.state.genesis.id, contribution.encode()).encode()
-        if len(data) > wire.MAX_PUSH_BYTES:
-            return set()
-        reached: set[str] = set()
-
-        async def push(peer: str) -> None:
-            try:
-                answer = await self.host.request(peer, wire.PUSH_PROTOCOL, data,
-                                                 timeout_s=self.settings().request_timeout_s)
-                remote = crdt.Digest.decode(answer)
-            except p2p.P2PError as exc:
-                log.info("push failed peer=%s seq=%d error=%s", peer, contribution.seq, exc)
-                return
-            except crdt.CrdtError as exc:
-                self.reject(peer, exc)
-                return
-            reached.add(peer)
-            self.replica.counters.pushed += 1
-            # What it holds, as a pull's answer tells: compaction waits for members by these vectors.
-            # Not a reason to pull from it: what it holds beyond us is mostly other authors' pushes to us,
-            # still in flight (pulling them anyway made 114 duplicates in a 320-record benchmark run).
-            self.replica.note_vector(peer, remote.version_vector)
-            self._compare(peer, remote)
-
-        targets = (set(self.host.connected_peers()) & self.members) - self.machine.blocked
-        async with asyncio.TaskGroup() as tasks:
-            for peer in targets - {self.host.peer_id}:
-                tasks.create_task(push(peer))
-        return reached
-
     # -- pulling ---------------------------------------------------------------------------------------
 
     def set_blocked(self, peers: set[str]) -> None:
@@ -310,7 +245,7 @@ class Sync:
             tasks.create_task(self._checkpoint_loop(), name="checkpoints")
             tasks.create_task(self._publish_checkpoints(), name="checkpoints-out")
             tasks.create_task(self._anti_entropy_loop(), name="anti-entropy")
-            tasks.create_task(self._spread_loop(), name="spread")
+            tasks.create_task(self.spreader.run(), name="spread")
             while True:
                 await self._wakeup.wait()
                 self._wakeup.clear()

@@ -265,7 +265,7 @@ async def test_contributions_are_pushed_to_members_and_announced_only_when_one_i
         assert a.status().counters.pushed == 2 and a.status().counters.announced == 0  # nobody else to tell
         held, _ = a.parts.replica.peer_vectors[b.host.peer_id]  # from the push's answer: what b holds
         assert held.total == 2
-        a.parts.sync.must_reach = lambda: {b.host.peer_id, "12D3KooWfar"}  # heard of, not connected
+        a.parts.sync.spreader.must_reach = lambda: {b.host.peer_id, "12D3KooWfar"}  # heard of, not connected
         for done in (3, 4):
             trainer.round_gate.set()
             await until(lambda: b.status().contributions == done)  # noqa: B023

@@ -1,0 +1,123 @@
+"""Spreading this node's own new contributions: pushed to connected members, announced for the rest.
+
+Theory of operation
+-------------------
+A new contribution of ours (:meth:`Spreader.announce`, called by the round once it is logged) is pushed to
+every connected member (``/meshtrain/push/1``: the record in one request, the receiver's digest in the
+answer, so that compaction knows what each member holds, as after a pull), and announced on gossip only
+if some member that must hear of it (:attr:`Spreader.must_reach`: heartbeats heard lately,
+daemon/node/membership.py) was not reached that way: a member two hops away, a push that failed, a record
+too big for one request. In a run whose members are all connected nothing goes through gossip and nobody
+pulls: the announcement's gossip (forwarded through the mesh, about three copies per member) and each
+pull's request were half of a 4-daemon run's bytes beside its model payloads (bench/convergence,
+2026-12-01). Receiving a push is daemon/node/sync.py's.
+
+A push's answer is not a reason to pull from the member when it holds more than we do: that is mostly
+other authors' pushes to us, still in flight (pulling them anyway made 114 duplicates in a 320-record
+benchmark run); anti-entropy and announcements cover the rest. Spreading runs in its own task, one
+contribution at a time, so a round never waits on a slow member.
+
+Rejected: sending the record itself on gossip (every member would receive it about three times through
+the mesh) and pushing to every connected peer (peers of other runs refuse it; members are the peers that
+synced with our genesis or authored our records).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+import crdt
+import p2p
+from daemon.config import SyncConfig
+from daemon.node import wire
+from daemon.node.replica import Replica
+
+__all__ = ["Spreader"]
+
+log = logging.getLogger(__name__)
+
+
+class Spreader:
+    """Pushes and announces this node's new contributions, in the background."""
+
+    def __init__(
+        self,
+        host: p2p.Host,
+        replica: Replica,
+        *,
+        run: str,
+        members: set[str],
+        settings: Callable[[], SyncConfig],
+        blocked: Callable[[], frozenset[str]],
+        reject: Callable[[str, Exception], None],
+        compare: Callable[[str, crdt.Digest], None],
+    ) -> None:
+        self.host = host
+        self.replica = replica
+        self.run_name = run
+        self.members = members
+        """Peers known to be of this run (shared with Sync): the only ones pushed to."""
+        self.settings = settings
+        self.blocked = blocked
+        self.reject = reject
+        self.compare = compare
+        self.must_reach: Callable[[], set[str]] | None = None
+        """Members a new contribution must reach (the node sets it to Membership.heard_members); None: every
+        contribution is announced on gossip besides its pushes."""
+        self._queue: asyncio.Queue[crdt.Contribution] = asyncio.Queue()
+
+    async def announce(self, contribution: crdt.Contribution) -> None:
+        """Spread a new contribution of ours in the background: the round goes on."""
+        self._queue.put_nowait(contribution)
+
+    async def run(self) -> None:
+        while True:
+            contribution = await self._queue.get()
+            reached = await self._push(contribution)
+            must_reach = self.must_reach() if self.must_reach is not None else None
+            if must_reach is not None and must_reach <= reached:
+                continue
+            announcement = wire.Announcement(
+                author=contribution.author,
+                seq=contribution.seq,
+                fragment=contribution.fragment,
+                size=len(contribution.payload),
+                id=contribution.id,
+            )
+            try:
+                await self.host.publish(wire.announce_topic(self.run_name), announcement.encode())
+            except p2p.P2PError as exc:  # no mesh peer: the others pull it in their anti-entropy
+                log.info("announcement not published seq=%d error=%s", contribution.seq, exc)
+                continue
+            self.replica.counters.announced += 1
+
+    async def _push(self, contribution: crdt.Contribution) -> set[str]:
+        """Send ``contribution`` to every connected member at once; the members that took it."""
+        data = wire.Push(self.replica.state.genesis.id, contribution.encode()).encode()
+        if len(data) > wire.MAX_PUSH_BYTES:
+            return set()
+        reached: set[str] = set()
+
+        async def push(peer: str) -> None:
+            try:
+                answer = await self.host.request(peer, wire.PUSH_PROTOCOL, data,
+                                                 timeout_s=self.settings().request_timeout_s)
+                remote = crdt.Digest.decode(answer)
+            except p2p.P2PError as exc:
+                log.info("push failed peer=%s seq=%d error=%s", peer, contribution.seq, exc)
+                return
+            except crdt.CrdtError as exc:
+                self.reject(peer, exc)
+                return
+            reached.add(peer)
+            self.replica.counters.pushed += 1
+            self.replica.note_vector(peer, remote.version_vector)  # compaction waits for members by these
+            self.compare(peer, remote)
+
+        targets = (set(self.host.connected_peers()) & self.members) - self.blocked()
+        async with asyncio.TaskGroup() as tasks:
+            for peer in targets - {self.host.peer_id}:
+                tasks.create_task(push(peer))
+        return reached
