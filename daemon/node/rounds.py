@@ -46,6 +46,7 @@ import p2p
 from daemon.config import TrainingConfig
 from daemon.node.byzantine import byzantine_round
 from daemon.node.replica import DiskFull, Replica
+from daemon.node.stopwatch import Stopwatch
 from daemon.node.trainer_process import TrainerProcess
 from daemon.status import Evaluation, RoundRecord, TrainingState
 
@@ -277,7 +278,7 @@ class Rounds:
         started = time.monotonic()
         peers = self.live_peers() if self.count_peers else None
         fragment = (seq - 1) % len(state.genesis.fragments)
-        clock = _Stopwatch()
+        clock = Stopwatch()
         fill = clock.timed("materialize", state.materialize)
         result = await self.trainer.run_round(fill, state.genesis.length, fragment, peers)
         clock.spans["train"] = time.monotonic() - started - clock.spans["materialize"]
@@ -385,38 +386,6 @@ class Rounds:
             self.history[-1].val_loss = self.last_eval.val_loss
             self.history[-1].val_accuracy = self.last_eval.val_accuracy
             self.history[-1].val_bpb = self.last_eval.val_bpb
-
-
-class _Stopwatch:
-    """Where a round's time goes: named spans, one running at a time (``timed`` wraps a callable)."""
-
-    def __init__(self) -> None:
-        self.spans: dict[str, float] = {"materialize": 0.0}
-        self._name: str | None = None
-        self._since = 0.0
-
-    def start(self, name: str) -> None:
-        self.stop()
-        self._name, self._since = name, time.perf_counter()
-
-    def stop(self) -> float:
-        """End the running span; returns its length."""
-        if self._name is None:
-            return 0.0
-        elapsed = time.perf_counter() - self._since
-        self.spans[self._name] = self.spans.get(self._name, 0.0) + elapsed
-        self._name = None
-        return elapsed
-
-    def timed(self, name: str, fn: Callable[[Any], object]) -> Callable[[Any], object]:
-        def run(arg: Any) -> object:
-            self.start(name)
-            try:
-                return fn(arg)
-            finally:
-                self.stop()
-
-        return run
 
 
 def _others(vector: crdt.VersionVector, me: bytes) -> int:
