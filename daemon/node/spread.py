@@ -3,8 +3,9 @@
 Theory of operation
 -------------------
 A new contribution of ours (:meth:`Spreader.announce`, called by the round once it is logged) is pushed to
-every connected member (``/meshtrain/push/1``: the record in one request, the receiver's digest in the
-answer, so that compaction knows what each member holds, as after a pull), and announced on gossip only
+every connected member (``/meshtrain/push/1``: the record and our digest in one request, the receiver's
+digest in the answer, so that both know what the other holds, as after a pull: compaction waits for
+members by it, and a node that only receives pushes never compacted), and announced on gossip only
 if some member that must hear of it (:attr:`Spreader.must_reach`: heartbeats heard lately,
 daemon/node/membership.py) was not reached that way: a member two hops away, a push that failed, a record
 too big for one request. In a run whose members are all connected nothing goes through gossip and nobody
@@ -95,7 +96,8 @@ class Spreader:
 
     async def _push(self, contribution: crdt.Contribution) -> set[str]:
         """Send ``contribution`` to every connected member at once; the members that took it."""
-        data = wire.Push(self.replica.state.genesis.id, contribution.encode()).encode()
+        state = self.replica.state
+        data = wire.Push(state.genesis.id, state.digest().encode(), contribution.encode()).encode()
         if len(data) > wire.MAX_PUSH_BYTES:
             return set()
         reached: set[str] = set()

@@ -197,6 +197,8 @@ class Sync:
         contribution = crdt.Contribution.decode(push.contribution)
         if p2p.peer_id_from_public_key(contribution.author) != peer:
             raise wire.WireError("a push carries its sender's own contribution only")
+        remote = crdt.Digest.decode(push.digest)
+        self.replica.note_vector(peer, remote.version_vector)  # as a pull tells: compaction waits by it
         self._accept(contribution)  # DiskFull and ConflictError go back to the sender as errors
         self.replica.counters.pushes_received += 1
         return self.replica.state.digest().encode()  # the sender learns what we hold, as from a pull

@@ -24,11 +24,12 @@ Bulk bytes never travel in these replies: a reply is capped (``p2p.RequestLimits
 genesis and snapshots move as blobs (``/meshtrain/blob/2``: chunked, BLAKE3-verified, resumable, from
 several peers at once); ``daemon/node/offers.py`` serves and fetches them.
 ``/meshtrain/push/1``
-    request ``Push``: the sender's genesis id and one new contribution of its own, sent by its author
-    straight to each connected member; response: the receiver's encoded :class:`crdt.Digest`, as a pull's
-    answer carries. The receiver takes the record through the same door as a pulled one. It saves the
-    announcement's gossip and the pull's request; a record too big for one request (``MAX_PUSH_BYTES``) is
-    announced and pulled instead.
+    request ``Push``: the sender's genesis id, its digest and one new contribution of its own, sent by its
+    author straight to each connected member; response: the receiver's encoded :class:`crdt.Digest`. Both
+    sides thus learn what the other holds, as from a pull (compaction waits for members by it). The
+    receiver takes the record through the same door as a pulled one. It saves the announcement's gossip
+    and the pull's request; a record too big for one request (``MAX_PUSH_BYTES``) is announced and pulled
+    instead.
 ``/meshtrain/goodbye/1``
     request: the sender's last ``Heartbeat`` (training "leaving"); response: empty. Sent at shutdown
     straight to every connected peer, on top of the gossip heartbeat: gossip needs a mesh path at that
@@ -405,13 +406,17 @@ class Push:
     """One new contribution, from its author to a connected member (``/meshtrain/push/1``)."""
 
     genesis: str
+    digest: bytes
+    """The sender's encoded crdt.Digest, as a pull carries: compaction waits for members by it."""
     contribution: bytes
     """An encoded crdt.Contribution (decoded and checked by the receiver's replica)."""
 
     def encode(self) -> bytes:
-        return msgpack.packb({"v": WIRE_VERSION, "genesis": self.genesis, "contribution": self.contribution})
+        return msgpack.packb({"v": WIRE_VERSION, "genesis": self.genesis, "digest": self.digest,
+                              "contribution": self.contribution})
 
     @classmethod
     def decode(cls, data: bytes) -> Push:
         obj = _unpack(data, max_bytes=MAX_PUSH_BYTES)
-        return cls(_field(obj, "genesis", str), _field(obj, "contribution", bytes))
+        return cls(*(_field(obj, name, kind) for name, kind in
+                     (("genesis", str), ("digest", bytes), ("contribution", bytes))))

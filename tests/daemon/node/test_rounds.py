@@ -67,7 +67,7 @@ async def test_peers_whose_heartbeat_says_training_count_before_their_first_cont
     async with running_node(tmp_path / "a", net, trains) as a:
         join = trains.with_overrides("node", bootstrap=(founder.addr,))
         async with running_node(tmp_path / "b", net, join, trainer=held) as b:
-            await until(lambda: a.parts.rounds.live_peers() == 2)
+            await until(lambda: a.parts.rounds.live_peers() == 2, timeout_s=30)  # a heartbeat in <= 6 s
             assert b.status().round == 0  # counted from its heartbeat alone
 
 
