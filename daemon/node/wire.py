@@ -6,7 +6,7 @@ Three protocols carry the model between nodes of one run, and a fourth says good
     request ``GenesisRequest(run)``; response ``GenesisOffer``: the genesis's id, meta and fragment layout
     (what a joiner checks before it fetches anything) and the blob (``p2p.Host.fetch_blob``) that carries
     the stored genesis file: id, manifest root and size. A joiner fetches the genesis by content (its id is
-    the hash) and never re-derives it from a seed: initialization differs across torch builds.
+    the hash), unless its own task initialization hashes to exactly that id (daemon/node/genesis.py).
 ``/meshtrain/sync/1``
     anti-entropy pull. Request: ``SyncRequest``: the caller's genesis id and :class:`crdt.Digest` (version
     vector + state hash). Response:
