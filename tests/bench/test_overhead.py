@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import subprocess
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -35,16 +34,15 @@ def test_tcp_payload_drops_52_header_bytes_a_packet() -> None:
     assert _overhead.tcp_payload(10_520, 10) == 10_000
 
 
-def test_breakdown_adds_up_to_the_wire(tmp_path: Path) -> None:
-    """payload + envelope + genesis + gossip + sync + transport == wire, with every part from its source."""
-    home = tmp_path / "node0"
-    (home / "store").mkdir(parents=True)
-    (home / "store" / "genesis.bin").write_bytes(bytes(1000))
+def test_breakdown_adds_up_to_the_wire() -> None:
+    """payload + envelope + genesis + gossip + sync + transport == wire, with every part from its source;
+    the genesis is the blob bytes the joiners fetched, which the hosts' app counters leave out."""
     statuses = [
-        {"home": str(home), "task": "t", "bytes_sent": 40_000, "uptime_s": 10.0,
+        {"home": "a", "task": "t", "bytes_sent": 40_000, "uptime_s": 10.0,
          "p2p": {"gossip_published": 5, "requests_sent": 7}, "counters": {"pulls": 3, "duplicates": 1}},
-        {"home": "x", "task": "t", "bytes_sent": 40_000, "uptime_s": 12.0,
-         "p2p": {"gossip_published": 5, "requests_sent": 7}, "counters": {"pulls": 3, "duplicates": 0}},
+        {"home": "b", "task": "t", "bytes_sent": 40_000, "uptime_s": 12.0,
+         "p2p": {"gossip_published": 5, "requests_sent": 7, "blob_bytes_fetched": 1000},
+         "counters": {"pulls": 3, "duplicates": 0}},
     ]
     histories = [[{"payload_bytes": 5_000}] * 2, [{"payload_bytes": 5_000}] * 2]  # 2 peers x 2 rounds
     out = _overhead.breakdown(statuses, histories, 100_000, codec="sparse-q2")
@@ -54,7 +52,7 @@ def test_breakdown_adds_up_to_the_wire(tmp_path: Path) -> None:
                              "requests": 14, "uptime_s": 12.0}
     parts = ("payload", "envelope", "genesis", "gossip", "sync", "transport")
     assert sum(out[f"{p}_bytes"] for p in parts) == out["wire_bytes"] == 100_000
-    assert out["transport_bytes"] == 100_000 - 80_000
+    assert out["transport_bytes"] == 100_000 - 80_000 - 1000  # not the genesis download
     assert out["overhead_share"] == pytest.approx((100_000 - 20_000) / 20_000, abs=1e-4)
 
 
