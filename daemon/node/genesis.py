@@ -156,7 +156,8 @@ async def fetch_genesis(
     while True:
         offers = await _acceptable_offers(host, config, fragments, counters=counters, join=join)
         if offers:
-            offered = offers[offers_sources({peer: offer.ref for peer, offer in offers.items()})[1][0]]
+            ref, peers = offers_sources({peer: offer.ref for peer, offer in offers.items()})
+            offered = offers[peers[0]]  # the genesis most peers offered
             if rebuild is not None and offered.id not in tried:
                 tried.add(offered.id)
                 rebuilt = await _rebuilt(offered, rebuild, config, fragments)
@@ -165,8 +166,8 @@ async def fetch_genesis(
                     log.info("rebuilt genesis=%s from the task's initialization: nothing to download",
                              rebuilt.id[:16])
                     return rebuilt
-            genesis = await _download(host, offers, config, fragments, store=store, counters=counters,
-                                      join=join)
+            genesis = await _download(host, offers, ref, peers, config, fragments, store=store,
+                                      counters=counters, join=join)
             if genesis is not None:
                 log.info("fetched genesis=%s from peer=%s pinned=%s", genesis.id[:16], join.source,
                          bool(config.node.genesis))
@@ -209,6 +210,8 @@ async def _acceptable_offers(
 async def _download(
     host: p2p.Host,
     offers: dict[str, wire.GenesisOffer],
+    ref: wire.BlobRef,
+    peers: list[str],
     config: Config,
     fragments: Sequence[tuple[int, int]],
     *,
@@ -216,9 +219,9 @@ async def _download(
     counters: Counters,
     join: JoinStatus,
 ) -> crdt.Genesis | None:
-    """Fetch the genesis file most peers offered, from all of them, and install it if it is acceptable;
-    a peer whose offer it does not match is refused (the bytes matched the root it offered: it lied)."""
-    ref, peers = offers_sources({peer: offer.ref for peer, offer in offers.items()})
+    """Fetch the genesis file ``ref`` (the one most peers offered) from all of ``peers``, and install it if
+    it is acceptable; a peer whose offer it does not match is refused (the bytes matched the root it
+    offered: it lied)."""
     claimed = offers[peers[0]].id
     dest = transfer_dest(store.path, "genesis", claimed)
     try:
