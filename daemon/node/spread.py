@@ -97,7 +97,7 @@ class Spreader:
     async def _push(self, contribution: crdt.Contribution) -> set[str]:
         """Send ``contribution`` to every connected member at once; the members that took it."""
         state = self.replica.state
-        data = wire.Push(state.genesis.id, state.digest().encode(), contribution.encode()).encode()
+        data = wire.Push(state.digest().encode(), contribution.encode()).encode()
         if len(data) > wire.MAX_PUSH_BYTES:
             return set()
         reached: set[str] = set()

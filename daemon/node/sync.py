@@ -193,8 +193,8 @@ class Sync:
 
     async def _serve_push(self, peer: str, data: bytes) -> bytes:
         push = wire.Push.decode(data)
-        self._admit(peer, push.genesis)
         contribution = crdt.Contribution.decode(push.contribution)
+        self._admit(peer, contribution.genesis_id)
         if p2p.peer_id_from_public_key(contribution.author) != peer:
             raise wire.WireError("a push carries its sender's own contribution only")
         remote = crdt.Digest.decode(push.digest)

@@ -403,20 +403,18 @@ def valid_gossip(decode: Callable[[bytes], object]) -> Callable[[str, bytes], bo
 
 @dataclass(frozen=True, slots=True)
 class Push:
-    """One new contribution, from its author to a connected member (``/meshtrain/push/1``)."""
+    """One new contribution, from its author to a connected member (``/meshtrain/push/1``). No genesis
+    field: the signed record names its run (74 bytes a push, 0.4 % of a 0.28M-parameter run's bytes)."""
 
-    genesis: str
     digest: bytes
     """The sender's encoded crdt.Digest, as a pull carries: compaction waits for members by it."""
     contribution: bytes
     """An encoded crdt.Contribution (decoded and checked by the receiver's replica)."""
 
     def encode(self) -> bytes:
-        return msgpack.packb({"v": WIRE_VERSION, "genesis": self.genesis, "digest": self.digest,
-                              "contribution": self.contribution})
+        return msgpack.packb({"v": WIRE_VERSION, "digest": self.digest, "contribution": self.contribution})
 
     @classmethod
     def decode(cls, data: bytes) -> Push:
         obj = _unpack(data, max_bytes=MAX_PUSH_BYTES)
-        return cls(*(_field(obj, name, kind) for name, kind in
-                     (("genesis", str), ("digest", bytes), ("contribution", bytes))))
+        return cls(*(_field(obj, name, bytes) for name in ("digest", "contribution")))

@@ -283,7 +283,6 @@ async def test_a_push_must_be_its_senders_own_record_of_this_run(tmp_path: Path)
     for host in (pusher, relayer, other_run):
         net.link(victim.peer_id, host.peer_id)
     async with running_node(home, net, config()) as v:
-        genesis = v.parts.replica.state.genesis.id
         own, _ = records(v, 7, range(1, 3))
         digest = crdt.Digest(crdt.VersionVector.from_dict({author.public_key: 1}), "00" * 32, 1).encode()
 
@@ -294,13 +293,17 @@ async def test_a_push_must_be_its_senders_own_record_of_this_run(tmp_path: Path)
                 return exc.error_type
             return None
 
-        assert await push(pusher, wire.Push(genesis, digest, own.encode()).encode()) is None
+        assert await push(pusher, wire.Push(digest, own.encode()).encode()) is None
         assert v.status().counters.pushes_received == 1 and v.status().contributions == 1
         held, _ = v.parts.replica.peer_vectors[pusher.peer_id]  # the sender's digest: what it holds
         assert held.total == 1
-        not_its_own = wire.Push(genesis, digest, own.encode()).encode()
+        not_its_own = wire.Push(digest, own.encode()).encode()
         assert await push(relayer, not_its_own) == "WireError"
         assert await push(relayer, b"\x93junk") == "WireError"
-        assert await push(other_run, wire.Push("ff" * 32, digest, own.encode()).encode()) == "ForeignRun"
+        foreign = crdt.make_contribution(  # the signed record says which run it is of
+            author, genesis_id="ff" * 32, seq=1, fragment=0, codec=own.codec, payload=own.payload, weight=1.0,
+            base_version=own.base_version,
+        )
+        assert await push(other_run, wire.Push(digest, foreign.encode()).encode()) == "ForeignRun"
         assert v.status().counters.rejected_reasons == {"WireError": 2}
         assert relayer.peer_id in victim.penalized and other_run.peer_id not in victim.penalized
