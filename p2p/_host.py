@@ -225,7 +225,12 @@ class Host:
     # ------------------------------------------------------------------ request/response
 
     def set_request_handler(
-        self, protocol: str, handler: RequestHandler, *, max_request_bytes: int | None = None
+        self,
+        protocol: str,
+        handler: RequestHandler,
+        *,
+        max_request_bytes: int | None = None,
+        keep_streams: bool = False,
     ) -> None:
         """Serve ``protocol``: ``await handler(peer_id, request) -> response`` on this asyncio loop.
 
@@ -233,14 +238,16 @@ class Host:
         ``max_request_bytes`` bounds this protocol's requests (default ``config.requests.max_request_bytes``);
         a bigger one is refused on its header with MessageTooLarge. Requests in flight are bounded per peer
         and in total (``config.requests``): the excess is refused at once, the requester sees `p2p.Busy`.
-        Replacing a handler is allowed; may be called before or after start().
+        ``keep_streams``: a stream may carry one request after another (``request(keep_stream=True)``),
+        within ``config.requests``' bounds of kept streams. Replacing a handler is allowed; may be called
+        before or after start().
         """
         if not protocol.startswith("/"):
             raise ValueError(f"protocol ids start with '/': {protocol!r}")
         if max_request_bytes is not None and not 0 < max_request_bytes < 2**32:
             raise ValueError("max_request_bytes must be in 1..2**32-1 (u32 frame length)")
         new = protocol not in self._handlers
-        self._handlers[protocol] = HandlerSpec(handler, max_request_bytes)
+        self._handlers[protocol] = HandlerSpec(handler, max_request_bytes, keep_streams)
         if new and self._bridge.is_open:
             self._bridge.call_soon_in_trio(self._node.register_protocol, protocol)
 
@@ -252,11 +259,15 @@ class Host:
         *,
         timeout_s: float,
         max_response_bytes: int | None = None,
+        keep_stream: bool = False,
     ) -> bytes:
         """Send one request and wait for its response.
 
         ``max_response_bytes`` bounds the response (default ``config.requests.max_response_bytes``, 64 MiB);
-        bulk data belongs in blobs (`serve_file` / `fetch_blob`).
+        bulk data belongs in blobs (`serve_file` / `fetch_blob`). ``keep_stream``: on the stream kept to
+        this peer for this protocol (p2p/_kept.py), for frequent idempotent requests of a protocol served
+        with ``keep_streams``: a request on a stream that broke is sent again on a new one, so the peer
+        may see it twice.
 
         Raises:
             RequestTimeout: no response within ``timeout_s`` (dial + transfer + remote handler).
@@ -269,7 +280,7 @@ class Host:
         """
         payload = data if type(data) is bytes else bytes(data)  # no 64 MB copy on the loop for plain bytes
         return await self._bridge.run(
-            self._node.request, peer_id, protocol, payload, timeout_s, max_response_bytes
+            self._node.request, peer_id, protocol, payload, timeout_s, max_response_bytes, keep_stream
         )
 
     # ------------------------------------------------------------------ blobs (p2p/_blobs.py, _blobserve.py)
@@ -480,7 +491,8 @@ class Host:
         """Counters since start: payload bytes of requests/responses/gossip, request and gossip counts.
 
         Keys: bytes_sent, bytes_received, requests_sent, requests_received, requests_failed,
-        requests_refused_busy, requests_timed_out, blob_* (fetching and serving), gossip_published,
+        requests_refused_busy, requests_timed_out, kept_streams_opened (ours, p2p/_kept.py),
+        kept_streams_open (peers' kept streams here now), blob_* (fetching and serving), gossip_published,
         gossip_received, gossip_dropped_queue_full, connected_peers, discovery_rounds,
         discovery_round_errors, discovery_dials_ok, discovery_dials_failed, discovery_refused_addrs,
         discovery_refused_providers, discovery_failed; "gate" (p2p/_security.py counters).
@@ -490,6 +502,7 @@ class Host:
         out.update(self._fetch_stats.as_dict())
         out.update(self._node.blobs.counters)
         out.update(self._node.requests.counters)
+        out["kept_streams_open"] = self._node.requests.kept.count
         out.update(self._node.validators.as_dict())
         out.update(self._node.discovery_stats.as_dict())
         out["discovery_failed"] = self._node.discovery_failed

@@ -33,6 +33,7 @@ from p2p._discovery import DiscoveryPace, DiscoveryStats, run_discovery
 from p2p._errors import HostClosed, MessageTooLarge, PeerUnreachable
 from p2p._gossip import GossipValidators
 from p2p._identity import Identity
+from p2p._kept import KeptStreams
 from p2p._libp2p import GOSSIP_ENVELOPE_HEADROOM_BYTES, build_gossipsub, build_host, check_tcp_ports_free
 from p2p._mdns import run_mdns_dialer
 from p2p._nat import NatConfig, NatService, is_relayed_addr
@@ -80,6 +81,7 @@ class NodeStats:
         "bytes_sent",
         "gossip_published",
         "gossip_received",
+        "kept_streams_opened",
         "requests_failed",
         "requests_received",
         "requests_sent",
@@ -93,6 +95,7 @@ class NodeStats:
         self.requests_failed = 0
         self.gossip_published = 0
         self.gossip_received = 0
+        self.kept_streams_opened = 0
 
     def as_dict(self) -> dict[str, int]:
         return {name: getattr(self, name) for name in self.__slots__}
@@ -138,6 +141,7 @@ class TrioNode:
         self._host: IHost | None = None
         self._pubsub: Pubsub | None = None
         self._nursery: trio.Nursery | None = None
+        self._kept: KeptStreams | None = None  # while running: the kept request streams (p2p/_kept.py)
         self._topics: set[str] = set()
         self.listen_addrs: list[str] = []
         self.discovery_failed = False
@@ -169,6 +173,7 @@ class TrioNode:
             ):
                 await pubsub.wait_until_ready()
                 self._host, self._pubsub, self._nursery = host, pubsub, nursery
+                self._kept = KeptStreams(host, self.stats)
                 self.validators.attach(pubsub)
                 host.get_network().register_notifee(GateNotifee(self.gate, nursery))
                 self.listen_addrs = [str(a) for a in host.get_addrs()]
@@ -185,8 +190,9 @@ class TrioNode:
                 try:
                     yield self
                 finally:
+                    await self._kept.close()
                     nursery.cancel_scope.cancel()
-                    self._host = self._pubsub = self._nursery = None
+                    self._host = self._pubsub = self._nursery = self._kept = None
         finally:
             # libp2p 0.8.1 bug: Pubsub's seen-message cache starts a sweeper thread that nothing stops, so
             # every Pubsub leaks a thread. stop() sets its event and joins (immediate).
@@ -342,16 +348,24 @@ class TrioNode:
     # ------------------------------------------------------------------ request/response (p2p/_reqresp.py)
 
     async def request(
-        self, peer_id: str, protocol: str, data: bytes, timeout_s: float, max_response_bytes: int | None
+        self,
+        peer_id: str,
+        protocol: str,
+        data: bytes,
+        timeout_s: float,
+        max_response_bytes: int | None,
+        keep_stream: bool = False,
     ) -> bytes:
+        host = self._require_host()
         return await request(
-            self._require_host(),
+            host,
             parse_peer_id(peer_id),
             protocol,
             data,
             timeout_s=timeout_s,
             max_response_bytes=max_response_bytes or self.config.requests.max_response_bytes,
             stats=self.stats,
+            via=self._kept.exchange if keep_stream and self._kept is not None else None,
         )
 
     def register_protocol(self, protocol: str) -> None:

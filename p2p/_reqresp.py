@@ -6,6 +6,13 @@ A request opens one yamux stream, sends one REQUEST frame and reads one RESPONSE
 (`p2p/_framing.py`); both sides then close. The serving side runs the asyncio handler through
 `TrioBridge.call_asyncio`. Everything here runs in the Host's trio thread and raises `p2p` errors.
 
+A protocol registered with ``keep_streams`` serves one request after another on a stream (the client's
+side is p2p/_kept.py), within the same per-request bounds: a stream costs a SYN, a FIN each way and the
+multistream negotiation, about 390 bytes in 9 Noise frames, which was 2 % of a 4-daemon training run's
+bytes at one pushed record per stream (bench/convergence, 2026-12-02). At most
+``max_kept_streams_per_peer`` and ``max_kept_streams`` in all stay open after their first answer; one more
+is served once and closed, as before. A kept stream with no request for ``kept_idle_s`` is closed.
+
 What one remote peer with throwaway keys can make a server hold, and the bound on each:
 
 * **requests in flight**: at most ``max_in_flight_per_peer`` per peer and ``max_in_flight`` in total. One
@@ -74,6 +81,7 @@ __all__ = [
     "InFlight",
     "RequestLimits",
     "RequestServer",
+    "exchange",
     "finish_stream",
     "open_stream",
     "read_frame",
@@ -120,6 +128,14 @@ class RequestLimits:
     handler_timeout_s: float = 60.0
     """A whole inbound exchange (read, handler, write) is abandoned after this long: twice the daemon's
     30 s request timeout, after which the requester has given up anyway."""
+    max_kept_streams_per_peer: int = 2
+    """Streams of ``keep_streams`` protocols one peer may keep open between requests (the daemon keeps one
+    per member for pushes)."""
+    max_kept_streams: int = 64
+    """Kept streams in all: past either bound a stream is served once and closed, so a peer with many
+    throwaway keys costs others a new stream per request, not service."""
+    kept_idle_s: float = 120.0
+    """A kept stream with no request for this long is closed (a pushing member sends one per round)."""
 
     def __post_init__(self) -> None:
         for name in ("max_request_bytes", "max_response_bytes"):
@@ -127,16 +143,20 @@ class RequestLimits:
                 raise ValueError(f"{name} must be in 1..{MAX_FRAME_BYTES} (u32 frame length)")
         if min(self.max_in_flight_per_peer, self.max_in_flight) < 1:
             raise ValueError("max_in_flight_per_peer and max_in_flight must be >= 1")
-        if min(self.request_read_timeout_s, self.handler_timeout_s) <= 0:
+        if min(self.max_kept_streams_per_peer, self.max_kept_streams) < 0:
+            raise ValueError("max_kept_streams_per_peer and max_kept_streams must be >= 0")
+        if min(self.request_read_timeout_s, self.handler_timeout_s, self.kept_idle_s) <= 0:
             raise ValueError("timeouts must be positive")
 
 
 @dataclass(frozen=True, slots=True)
 class HandlerSpec:
-    """A registered request handler and its protocol's request bound (None: the Host's default)."""
+    """A registered request handler, its protocol's request bound (None: the Host's default), and whether
+    its streams may carry one request after another."""
 
     handler: RequestHandler
     max_request_bytes: int | None = None
+    keep_streams: bool = False
 
 
 class InFlight:
@@ -250,6 +270,10 @@ def remote_error(payload: bytes) -> RemoteError:
 # ---------------------------------------------------------------------------------------------- client
 
 
+#: How a request reaches the peer: `_exchange` (a new stream) or `KeptStreams.exchange` (p2p/_kept.py).
+Exchange = Callable[[ID, str, bytes, int], Awaitable[bytes]]
+
+
 async def request(
     host: IHost,
     pid: ID,
@@ -259,8 +283,9 @@ async def request(
     timeout_s: float,
     max_response_bytes: int,
     stats: ByteCounters,
+    via: Exchange | None = None,
 ) -> bytes:
-    """One request/response exchange (see `Host.request` for the errors).
+    """One request/response exchange (see `Host.request` for the errors), on a new stream unless ``via``.
 
     The request size is the server's to bound (per protocol); a refusal comes back as an early ERROR frame.
     """
@@ -269,6 +294,8 @@ async def request(
     stats.requests_sent += 1
     try:
         with trio.move_on_after(timeout_s) as scope:
+            if via is not None:
+                return await via(pid, protocol, data, max_response_bytes)
             return await _exchange(host, pid, protocol, data, max_response_bytes, stats)
     except P2PError as exc:
         stats.requests_failed += 1
@@ -283,35 +310,46 @@ async def _exchange(
     host: IHost, pid: ID, protocol: str, data: bytes, max_response_bytes: int, stats: ByteCounters
 ) -> bytes:
     stream = await open_stream(host, pid, protocol)
+    answered = False
+    try:
+        response = await exchange(stream, data, max_response_bytes, stats)
+        answered = True
+        return response
+    except RemoteError:
+        answered = True  # an ERROR frame ends the exchange as cleanly as a response
+        raise
+    finally:
+        await finish_stream(stream, ok=answered)
+
+
+async def exchange(stream: INetStream, data: bytes, max_response_bytes: int, stats: ByteCounters) -> bytes:
+    """Send one REQUEST frame on ``stream`` and read its answer; the stream stays open. Raises RemoteError
+    for an ERROR frame, PeerUnreachable when the stream ends first, ProtocolViolation for a bad frame."""
     decoder = FrameDecoder(
         max_message_bytes=max_response_bytes, expected=frozenset({FrameKind.RESPONSE, FrameKind.ERROR})
     )
-    sent = False
 
     async def send() -> None:
-        nonlocal sent
         with contextlib.suppress(P2PError):  # a broken stream shows up in the read below as well
             await write_frame(stream, FrameKind.REQUEST, data, stats)
-            sent = True
 
     # Read while writing: a server may answer before it has read the request (Busy, MessageTooLarge on the
     # header) and stop reading; then its answer ends our write instead of the write waiting on the window.
     answer: Frame | P2PError | None = None
-    try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(send)
-            try:
-                answer = await read_frame(stream, decoder, stats)
-            except P2PError as exc:
-                answer = exc
-            nursery.cancel_scope.cancel()  # the writer, if the answer came early
-    finally:
-        await finish_stream(stream, ok=sent and isinstance(answer, Frame))
+    async with trio.open_nursery() as nursery:  # errors kept out of it: it would raise them as a group
+        nursery.start_soon(send)
+        try:
+            answer = await read_frame(stream, decoder, stats)
+        except P2PError as exc:
+            answer = exc
+        nursery.cancel_scope.cancel()  # the writer, if the answer came early
     assert answer is not None  # internal: the nursery ended without an exception, so the read finished
     if isinstance(answer, P2PError):
         raise answer
     if answer.kind is FrameKind.ERROR:
         raise remote_error(answer.payload)
+    if decoder.in_frame:
+        raise ProtocolViolation("bytes beyond the answer")
     return answer.payload
 
 
@@ -338,29 +376,59 @@ class RequestServer:
         self._run_handler = run_handler
         self._disconnect = disconnect
         self.in_flight = InFlight(per_peer=limits.max_in_flight_per_peer, total=limits.max_in_flight)
+        self.kept = InFlight(per_peer=limits.max_kept_streams_per_peer, total=limits.max_kept_streams)
+        """Kept streams open now (between requests or in one)."""
         self.counters = {"requests_refused_busy": 0, "requests_timed_out": 0}
 
     async def serve(self, stream: INetStream, protocol: str) -> None:
-        """The libp2p stream handler of every request protocol."""
+        """The libp2p stream handler of every request protocol: one request, or one after another on a
+        kept stream (see the module docstring)."""
         peer_id = stream.muxed_conn.peer_id.to_base58()
-        refusal = self._gate.admit_request(peer_id)
-        if refusal is None and not self.in_flight.try_enter(peer_id):
-            refusal = "Busy"
-            self.counters["requests_refused_busy"] += 1
-        if refusal is not None:
-            await self._refuse(stream, peer_id, protocol, refusal)
-            return
-        ok = False
+        spec = self._handlers.get(protocol)
+        kept = spec is not None and spec.keep_streams and self.kept.try_enter(peer_id)
+        ok = refused = False
         try:
-            with trio.move_on_after(self.limits.handler_timeout_s) as scope:
-                ok = await self._serve_one(stream, protocol, peer_id)
-            if scope.cancelled_caught:
-                self.counters["requests_timed_out"] += 1
-        except P2PError as exc:  # the peer went away or broke framing: nothing to answer
-            log.debug("request stream failed peer=%s protocol=%s error=%r", peer_id, protocol, exc)
+            first = b""
+            while True:
+                refusal = self._gate.admit_request(peer_id)
+                if refusal is None and not self.in_flight.try_enter(peer_id):
+                    refusal = "Busy"
+                    self.counters["requests_refused_busy"] += 1
+                if refusal is not None:
+                    refused = True
+                    await self._refuse(stream, peer_id, protocol, refusal)  # which ends the stream
+                    return
+                ok = reusable = False
+                try:
+                    with trio.move_on_after(self.limits.handler_timeout_s) as scope:
+                        ok, reusable = await self._serve_one(stream, protocol, peer_id, first)
+                    if scope.cancelled_caught:
+                        self.counters["requests_timed_out"] += 1
+                except P2PError as exc:  # the peer went away or broke framing: nothing to answer
+                    log.debug("request stream failed peer=%s protocol=%s error=%r", peer_id, protocol, exc)
+                finally:
+                    self.in_flight.leave(peer_id)
+                if not (ok and reusable and kept):
+                    break
+                first = await self._next_request(stream)
+                if not first:  # the client closed it, or it idled out
+                    break
         finally:
-            self.in_flight.leave(peer_id)
-            await finish_stream(stream, ok=ok)
+            if kept:
+                self.kept.leave(peer_id)
+            if not refused:
+                await finish_stream(stream, ok=ok)
+
+    async def _next_request(self, stream: INetStream) -> bytes:
+        """The first bytes of a kept stream's next request; empty once it closed or idled out. What an idle
+        timeout cancels mid-read is lost with the stream: the client sees it end unanswered and sends again
+        on a new one."""
+        with trio.move_on_after(self.limits.kept_idle_s):
+            try:
+                return await stream.read(READ_SLICE_BYTES)
+            except (BaseLibp2pError, OSError):
+                return b""
+        return b""
 
     async def _refuse(self, stream: INetStream, peer_id: str, protocol: str, refusal: str) -> None:
         """Answer ``refusal`` without reading the payload: a flood costs us one header each."""
@@ -377,12 +445,18 @@ class RequestServer:
         if self._gate.is_banned(peer_id) or not self._gate.is_member(peer_id):
             await self._disconnect(peer_id)
 
-    async def _serve_one(self, stream: INetStream, protocol: str, peer_id: str) -> bool:
+    async def _serve_one(
+        self, stream: INetStream, protocol: str, peer_id: str, first: bytes = b""
+    ) -> tuple[bool, bool]:
+        """Read one request (``first``: its bytes already read) and answer it. Returns (answered: the
+        exchange ended cleanly, reusable: the stream may carry another request; not after a request that
+        was refused unread or bytes beyond it that came unasked)."""
         spec = self._handlers.get(protocol)
         max_bytes = self.limits.max_request_bytes
         if spec is not None and spec.max_request_bytes is not None:
             max_bytes = spec.max_request_bytes
         decoder = FrameDecoder(max_message_bytes=max_bytes, expected=frozenset({FrameKind.REQUEST}))
+        decoder.feed(first)
         try:
             with trio.fail_after(self.limits.request_read_timeout_s):
                 frame = await read_frame(stream, decoder, self._stats)
@@ -390,11 +464,11 @@ class RequestServer:
             await write_frame(
                 stream, FrameKind.ERROR, encode_error_payload("MessageTooLarge", str(exc)), self._stats
             )
-            return True
+            return True, False  # its payload is still on the way
         except trio.TooSlowError:
             self.counters["requests_timed_out"] += 1
             log.debug("request not received in time peer=%s protocol=%s", peer_id, protocol)
-            return False
+            return False, False
         self._stats.requests_received += 1
         try:
             if spec is None:
@@ -408,9 +482,9 @@ class RequestServer:
             log.warning("request handler failed peer=%s protocol=%s", peer_id, protocol, exc_info=True)
             payload = encode_error_payload(type(exc).__name__, str(exc))
             await write_frame(stream, FrameKind.ERROR, payload, self._stats)
-            return True
+            return True, not decoder.in_frame
         await write_frame(stream, FrameKind.RESPONSE, response, self._stats)
-        return True
+        return True, not decoder.in_frame  # a client sends its next request once answered
 
 
 # ---------------------------------------------------------------------------------------------- helpers

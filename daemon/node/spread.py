@@ -104,7 +104,7 @@ class Spreader:
 
         async def push(peer: str) -> None:
             try:
-                answer = await self.host.request(peer, wire.PUSH_PROTOCOL, data,
+                answer = await self.host.request(peer, wire.PUSH_PROTOCOL, data, keep_stream=True,
                                                  timeout_s=self.settings().request_timeout_s)
                 remote = crdt.Digest.decode(answer)
             except p2p.P2PError as exc:

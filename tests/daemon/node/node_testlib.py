@@ -151,7 +151,7 @@ class FakeHost:
     async def aclose(self) -> None:
         self.handlers.clear()
 
-    def set_request_handler(self, protocol: str, handler: Handler) -> None:
+    def set_request_handler(self, protocol: str, handler: Handler, *, keep_streams: bool = False) -> None:
         self.handlers[protocol] = handler
 
     def set_topic_validator(self, topic: str, validator: Callable[[str, bytes], bool]) -> None:
@@ -171,7 +171,9 @@ class FakeHost:
             if topic in other.topics and valid and admitted:
                 other.topics[topic].put_nowait(p2p.GossipMessage(self.peer_id, data))
 
-    async def request(self, peer: str, protocol: str, data: bytes, *, timeout_s: float) -> bytes:
+    async def request(
+        self, peer: str, protocol: str, data: bytes, *, timeout_s: float, keep_stream: bool = False
+    ) -> bytes:
         self.requests.append((peer, protocol))
         await asyncio.sleep(0)  # a request always yields to the loop, as real I/O does
         if not self.net.linked(self.peer_id, peer):
