@@ -137,7 +137,7 @@ listen = "127.0.0.1:8465"
 # Passed to training.DilocoConfig over the task's tuned defaults (stdlib-lm: H=20, rice-q8 at 10 %), e.g.:
 # inner_steps = 20
 # codec = "rice-q8"      # or dense-f32, dense-bf16, sparse-f32, sparse-q8, sparse-q4, sparse-q2,
-#                        # rice-q2, chunked-q2, dct-q8
+#                        # rice-q2, rice-q1, chunked-q2, dct-q8
 # topk_density = 0.015625
 # residual_decay = 1.0   # error feedback's beta
 """
