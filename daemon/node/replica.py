@@ -234,6 +234,16 @@ class Replica:
         """Record what ``peer`` holds (from its digest); the next compaction keeps what it lacks."""
         self.peer_vectors[peer] = (vector, self._clock())
 
+    def note_holds(self, peer: str, contribution: crdt.Contribution) -> None:
+        """``peer`` took ``contribution`` (a push of ours): what it holds, as last heard, plus that record
+        if the author's earlier ones are known to be there (else it may wait in its gap buffer)."""
+        known = self.peer_vectors.get(peer)
+        before = known[0].get(contribution.author) if known is not None else 0
+        if before != contribution.seq - 1:
+            return
+        held = crdt.VersionVector.from_dict({contribution.author: contribution.seq})
+        self.note_vector(peer, known[0].merge(held) if known is not None else held)
+
     def peers_hold(self) -> crdt.VersionVector | None:
         """What the peers heard from within ``member_ttl_s`` hold together (per author, the most any of
         them reported), or None before any peer's digest arrived."""

@@ -3,9 +3,10 @@
 Theory of operation
 -------------------
 A new contribution of ours (:meth:`Spreader.announce`, called by the round once it is logged) is pushed to
-every connected member (``/meshtrain/push/1``: the record and our digest in one request, the receiver's
-digest in the answer, so that both know what the other holds, as after a pull: compaction waits for
-members by it, and a node that only receives pushes never compacted), and announced on gossip only
+every connected member (``/meshtrain/push/2``, on a kept stream: the record and our digest in one request,
+so that the receiver knows what we hold, as after a pull: compaction waits for members by it, and a node
+that only receives pushes never compacted; an empty answer, after which we know the member holds the
+record, and the rest of what it holds from its own pushes and pulls), and announced on gossip only
 if some member that must hear of it (:attr:`Spreader.must_reach`: heartbeats heard lately,
 daemon/node/membership.py) was not reached that way: a member two hops away, a push that failed, a record
 too big for one request. In a run whose members are all connected nothing goes through gossip and nobody
@@ -53,7 +54,6 @@ class Spreader:
         settings: Callable[[], SyncConfig],
         blocked: Callable[[], frozenset[str]],
         reject: Callable[[str, Exception], None],
-        compare: Callable[[str, crdt.Digest], None],
     ) -> None:
         self.host = host
         self.replica = replica
@@ -63,7 +63,6 @@ class Spreader:
         self.settings = settings
         self.blocked = blocked
         self.reject = reject
-        self.compare = compare
         self.must_reach: Callable[[], set[str]] | None = None
         """Members a new contribution must reach (the node sets it to Membership.heard_members); None: every
         contribution is announced on gossip besides its pushes."""
@@ -106,17 +105,15 @@ class Spreader:
             try:
                 answer = await self.host.request(peer, wire.PUSH_PROTOCOL, data, keep_stream=True,
                                                  timeout_s=self.settings().request_timeout_s)
-                remote = crdt.Digest.decode(answer)
             except p2p.P2PError as exc:
                 log.info("push failed peer=%s seq=%d error=%s", peer, contribution.seq, exc)
                 return
-            except crdt.CrdtError as exc:
-                self.reject(peer, exc)
+            if answer:
+                self.reject(peer, wire.WireError("a push is answered with nothing"))
                 return
             reached.add(peer)
             self.replica.counters.pushed += 1
-            self.replica.note_vector(peer, remote.version_vector)  # compaction waits for members by these
-            self.compare(peer, remote)
+            self.replica.note_holds(peer, contribution)
 
         targets = (set(self.host.connected_peers()) & self.members) - self.blocked()
         async with asyncio.TaskGroup() as tasks:

@@ -98,8 +98,7 @@ class Sync:
         """Where snapshot downloads show (``status.join``)."""
         self._snapshots: SnapshotServer | None = None  # once installed
         self.spreader = Spreader(host, replica, run=run, members=self.members, settings=settings,
-                                 blocked=lambda: self.machine.blocked, reject=self.reject,
-                                 compare=self._compare)
+                                 blocked=lambda: self.machine.blocked, reject=self.reject)
         """Pushes and announces this node's own new contributions."""
         self.installer = SnapshotInstaller(host, replica, members=self.members, settings=settings,
                                            reject=self.reject, join=self.join, rng=self._rng)
@@ -208,7 +207,7 @@ class Sync:
         self._accept(contribution)  # DiskFull and ConflictError go back to the sender as errors
         self.replica.counters.pushes_received += 1
         self._pushed_at = time.monotonic()
-        return self.replica.state.digest().encode()  # the sender learns what we hold, as from a pull
+        return b""  # the sender learns what we hold from our own pushes and pulls
 
     async def _serve_snapshot(self, peer: str, data: bytes) -> bytes:
         self._admit(peer, wire.SyncRequest.decode(data).genesis)

@@ -42,6 +42,22 @@ def test_replica_logs_what_it_accepts_and_compacts_only_what_every_member_holds(
     reopened.store.close()
 
 
+def test_a_member_that_took_our_push_holds_it_unless_an_earlier_record_may_be_missing(tmp_path: Path) -> None:
+    replica = _open_replica(tmp_path)
+    first, second, third = sorted((c for c in HIST if c.author == HIST[0].author), key=lambda c: c.seq)[:3]
+    other = next(c.author for c in HIST if c.author != first.author)
+    replica.note_holds("fresh", second)  # nothing heard from it: seq 1 may be missing, 2 in its gap buffer
+    assert "fresh" not in replica.peer_vectors
+    replica.note_holds("fresh", first)
+    replica.note_holds("fresh", second)
+    assert replica.peer_vectors["fresh"][0] == crdt.VersionVector.from_dict({first.author: second.seq})
+    replica.note_vector("member", crdt.VersionVector.from_dict({other: 5}))
+    replica.note_holds("member", first)
+    replica.note_holds("member", third)  # after a push that failed: not claimed
+    assert replica.peer_vectors["member"][0] == crdt.VersionVector.from_dict({other: 5, first.author: 1})
+    replica.store.close()
+
+
 def test_replica_adopts_a_snapshot_only_when_it_loses_nothing(tmp_path: Path) -> None:
     authors = sorted({c.author for c in HIST})
     ahead = state_of(HIST)
