@@ -18,7 +18,7 @@ import hashlib
 import itertools
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -425,6 +425,25 @@ async def running_node(
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+def records(node: Node, author: int, seqs: range) -> Iterator[crdt.Contribution]:
+    """Signed records of a stranger author for ``node``'s genesis (small sparse updates), made lazily."""
+    genesis = node.parts.replica.state.genesis
+    n = genesis.fragment_length(0)
+    return (
+        crdt.make_contribution(
+            signer(author),
+            genesis_id=genesis.id,
+            seq=seq,
+            fragment=0,
+            codec="sparse-q8",
+            payload=crdt.encode_payload("sparse-q8", n, [seq % n], [0.01]),
+            weight=1.0,
+            base_version=b"\0" * 32,
+        )
+        for seq in seqs
+    )
 
 
 async def until(predicate: Callable[[], bool], *, timeout_s: float = 10.0) -> None:

@@ -6,16 +6,24 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import itertools
-from collections.abc import Iterator
 from pathlib import Path
 
-from node_testlib import FakeHost, FakeNet, FakeTrainer, Handler, host_for, running_node, signer, until
+from node_testlib import (
+    FakeHost,
+    FakeNet,
+    FakeTrainer,
+    Handler,
+    host_for,
+    records,
+    running_node,
+    signer,
+    until,
+)
 
 import crdt
 import p2p
 from daemon.config import Config
 from daemon.node import replica, wire
-from daemon.node.node import Node
 
 
 def config(**training: object) -> Config:
@@ -24,25 +32,6 @@ def config(**training: object) -> Config:
             "training": {"max_rounds": 0, "enabled": False, **training},
             "sync": {"interval_s": 0.05, "request_timeout_s": 30.0},
         }
-    )
-
-
-def records(node: Node, author: int, seqs: range) -> Iterator[crdt.Contribution]:
-    """Signed records of a stranger author for ``node``'s genesis (small sparse updates), made lazily."""
-    genesis = node.parts.replica.state.genesis
-    n = genesis.fragment_length(0)
-    return (
-        crdt.make_contribution(
-            signer(author),
-            genesis_id=genesis.id,
-            seq=seq,
-            fragment=0,
-            codec="sparse-q8",
-            payload=crdt.encode_payload("sparse-q8", n, [seq % n], [0.01]),
-            weight=1.0,
-            base_version=b"\0" * 32,
-        )
-        for seq in seqs
     )
 
 
