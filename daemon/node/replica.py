@@ -57,10 +57,6 @@ log = logging.getLogger(__name__)
 DISK_ROOM_BYTES = 64 * 2**20
 #: A member not heard from for this long stops holding compaction back (it catches up from a snapshot).
 DEFAULT_MEMBER_TTL_S = 3600.0
-#: How long a record counts as just arrived: routine pulls do not get it from us, since its author is
-#: pushing it to every member (daemon/node/replication.py). A push takes well under a second here; a 5 MB
-#: record at 1 MB/s takes 5.
-ARRIVAL_GRACE_S = 10.0
 #: Members whose vectors hold compaction back (the most recently heard); more would be a memory lever.
 MAX_MEMBERS = 512
 #: Seqs an equivocating author is listed with in status (the proof kept on disk is one per author).
@@ -99,7 +95,6 @@ class Replica:
         self.member_ttl_s = member_ttl_s
         self._clock = clock
         self.counters = counters or Counters()
-        self._arrivals: dict[str, float] = {}  # record id -> when it came, the last ARRIVAL_GRACE_S only
         self.peer_vectors: dict[str, tuple[crdt.VersionVector, float]] = store.load_peer_vectors()
         """The last version vector heard from each run member, and when (unix time): what compaction may
         forget."""
@@ -167,7 +162,6 @@ class Replica:
             log.warning("the store is writable again; accepting contributions")
             self.disk_full = False
         self.counters.accepted += 1
-        self._note_arrival(contribution.id)
         self._since_snapshot += 1
         if self._since_snapshot >= self.snapshot_every:
             self.snapshot_and_compact()
@@ -218,17 +212,6 @@ class Replica:
         return sorted({*self.suspects.suspects(), *self.equivocators})
 
     # -- compaction and snapshots -----------------------------------------------------------------------
-
-    def _note_arrival(self, contribution_id: str) -> None:
-        now = self._clock()
-        while self._arrivals and next(iter(self._arrivals.values())) < now - ARRIVAL_GRACE_S:
-            del self._arrivals[next(iter(self._arrivals))]  # oldest first: insertion order is arrival order
-        self._arrivals[contribution_id] = now
-
-    def arrived_lately(self, contribution_id: str) -> bool:
-        """The record reached this node (or was made here) within the last ARRIVAL_GRACE_S seconds."""
-        arrived = self._arrivals.get(contribution_id)
-        return arrived is not None and arrived >= self._clock() - ARRIVAL_GRACE_S
 
     def note_vector(self, peer: str, vector: crdt.VersionVector) -> None:
         """Record what ``peer`` holds (from its digest); the next compaction keeps what it lacks."""

@@ -17,13 +17,6 @@ Why a node wants to pull from a peer:
 * a **pull-back**: a peer that pulled from us showed it holds something we lack; at most once per period
   per peer, so two nodes that cannot serve each other do not ping-pong.
 
-Anti-entropy pulls and pull-backs are *routine* (:attr:`Action.routine`): repairs, whose responder leaves
-out the records that reached it moments ago, since their authors push those to every member themselves
-(daemon/node/spread.py); taking them in a repair pull as well made duplicates, 2.8 % of a 4-daemon
-run's bytes (bench/convergence, 2026-12-02). A pull for an announcement or for a waiting round is
-urgent, and an urgent reason makes a routine pull urgent. The driver sends a routine pull as urgent while
-no member pushes to this node (a newcomer, an observer): nobody else would bring it those records.
-
 Per peer::
 
     IDLE --(wanted)--> WANTED --(slot free)--> PULLING --(answer: more, still behind)--> PULLING
@@ -71,8 +64,6 @@ class ActionKind(enum.Enum):
 class Action:
     kind: ActionKind
     peer: str
-    routine: bool = False
-    """A repair pull (see the module docstring): the responder withholds its freshest records."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -95,7 +86,6 @@ class _Phase(enum.Enum):
 class _Pull:
     phase: _Phase
     round_trips: int = 0
-    routine: bool = False
 
 
 @dataclass
@@ -154,7 +144,7 @@ class Replication:
         """An anti-entropy period passed: want ``fanout`` random usable peers."""
         candidates = sorted(p for p in self.connected if self.usable(p))
         for peer in rng.sample(candidates, min(self.policy.fanout, len(candidates))):
-            self._want(peer, routine=True)
+            self._want(peer)
 
     def served(self, peer: str, *, peer_has_more: bool, now: float) -> None:
         """We answered ``peer``'s pull; ``peer_has_more``: its digest shows what we lack."""
@@ -162,14 +152,11 @@ class Replication:
             return
         if now - self._pulled_back_at.get(peer, -float("inf")) > self.policy.pullback_interval_s:
             self._pulled_back_at[peer] = now
-            self._want(peer, routine=True)
+            self._want(peer)
 
-    def _want(self, peer: str, *, routine: bool = False) -> None:
-        pull = self._pulls.get(peer)
-        if pull is None:
-            self._pulls[peer] = _Pull(_Phase.WANTED, routine=routine)
-        elif not routine:
-            pull.routine = False  # urgent from its next request on
+    def _want(self, peer: str) -> None:
+        if peer not in self._pulls:
+            self._pulls[peer] = _Pull(_Phase.WANTED)
 
     # -- what to do now --------------------------------------------------------------------------------
 
@@ -183,7 +170,7 @@ class Replication:
             if pull.phase is _Phase.WANTED and self.usable(peer):
                 pull.phase = _Phase.PULLING
                 busy += 1
-                actions.append(Action(ActionKind.PULL, peer, pull.routine))
+                actions.append(Action(ActionKind.PULL, peer))
         return actions
 
     @property
@@ -219,9 +206,9 @@ class Replication:
         if pull.round_trips >= self.policy.max_round_trips:
             # Budget spent: to the back of the queue, so the other peers get their turn first.
             del self._pulls[peer]
-            self._pulls[peer] = _Pull(_Phase.WANTED, routine=pull.routine)
+            self._pulls[peer] = _Pull(_Phase.WANTED)
             return None
-        return Action(ActionKind.PULL, peer, pull.routine)
+        return Action(ActionKind.PULL, peer)
 
     def failed(self, peer: str, *, foreign: bool = False) -> None:
         """A pull or snapshot fetch failed (unreachable, timed out, refused, or the peer sent junk);

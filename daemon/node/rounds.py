@@ -21,9 +21,7 @@ from the genesis while its first pulls bring in the run, was discarded outright 
 invite lost one round each). The target is what the peers reported when the wait began (they keep
 training, so a moving target might never be reached); the wait ends when the node holds it, when nothing
 has arrived for `CATCH_UP_IDLE_S` (records it cannot take, say), or after `CATCH_UP_MAX_S`. A joiner's
-first round also waits for its first exchange with a peer. Pulls wait `PUSH_GRACE_S` first: what the
-peers' digests show is mostly their records on the way to us by push, and pulling those at once took each
-a second time (23 duplicates in the first rounds of a 4-daemon benchmark run, 2026-12-02).
+first round also waits for its first exchange with a peer.
 
 Lockstep (``[training] lockstep``): a round also waits until every peer training now has contributed
 since this node's previous round began, so the peers' rounds start together from one merged model, as in
@@ -65,7 +63,6 @@ CATCH_UP_MAX_S = 120.0  # a round waits at most this long for what its peers alr
 CATCH_UP_IDLE_S = 15.0  # ...and gives up sooner when nothing arrives for this long (half a sync period)
 STALENESS_ROUNDS = 4  # a round is dropped only past this many rounds' worth of every connected peer's work
 FIRST_EXCHANGE_S = 30.0  # a joiner's first round waits this long at most for a first digest from a peer
-PUSH_GRACE_S = 2.0  # catching up waits this long for pushes in flight before it pulls
 
 
 class Rounds:
@@ -247,11 +244,6 @@ class Rounds:
                 self.pull_now()
                 await self._changed_within(1.0)  # digests do not change the model: look again each second
                 target = self.replica.peers_hold()
-        grace_ends = time.monotonic() + PUSH_GRACE_S
-        while target is not None and self._lag(target) > self.live_peers() and self._resume.is_set():
-            if (left := grace_ends - time.monotonic()) <= 0:
-                break
-            await self._changed_within(left)  # pushes in flight land first: nothing pulled twice
         if target is None or self._lag(target) <= self.live_peers():
             return
         log.info("catching up before the round missing=%d", self._lag(target))

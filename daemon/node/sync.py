@@ -87,7 +87,6 @@ class Sync:
         self.machine = Replication(self._policy())
         self._rng = rng or random.Random()
         self._wakeup = asyncio.Event()
-        self._pushed_at = -float("inf")  # when a member last pushed us a record (monotonic)
         self._outbox: asyncio.Queue[crdt.Checkpoint] = asyncio.Queue()  # checkpoints we signed, to publish
         self.members: set[str] = {p2p.peer_id_from_public_key(a) for a in replica.state.version_vector}
         """Peers known to be of this run: authors of our records, and peers that synced with our genesis.
@@ -184,12 +183,9 @@ class Sync:
         self._wakeup.set()
         quorum = self.replica.attestations.newest_quorum()
         newer = bool(quorum) and quorum[0].version_vector.total > request.attested
-        send = plan.send
-        if request.routine:  # a repair: what reached us moments ago, its author is pushing to them too
-            send = tuple(c for c in send if not self.replica.arrived_lately(c.id))
         response = wire.SyncResponse(
             digest=state.digest().encode(),
-            contributions=tuple(c.encode() for c in send),
+            contributions=tuple(c.encode() for c in plan.send),
             snapshot_required=plan.remote_needs_snapshot,
             checkpoints=tuple(c.encode() for c in quorum) if newer else (),
         ).encode()
@@ -206,7 +202,6 @@ class Sync:
         self.replica.note_vector(peer, remote.version_vector)  # as a pull tells: compaction waits by it
         self._accept(contribution)  # DiskFull and ConflictError go back to the sender as errors
         self.replica.counters.pushes_received += 1
-        self._pushed_at = time.monotonic()
         return b""  # the sender learns what we hold from our own pushes and pulls
 
     async def _serve_snapshot(self, peer: str, data: bytes) -> bytes:
@@ -320,9 +315,7 @@ class Sync:
         try:
             while action is not None:
                 if action.kind is ActionKind.PULL:
-                    # Routine only while members push to us: a newcomer or an observer takes everything.
-                    pushed_lately = time.monotonic() - self._pushed_at < 2 * self.settings().interval_s
-                    action = await self._pull_once(action.peer, routine=action.routine and pushed_lately)
+                    action = await self._pull_once(action.peer)
                 else:
                     try:
                         await self.installer.install_from(action.peer)
@@ -332,7 +325,7 @@ class Sync:
         finally:
             self._wakeup.set()
 
-    async def _pull_once(self, peer: str, *, routine: bool) -> Action | None:
+    async def _pull_once(self, peer: str) -> Action | None:
         if not self.replica.can_write():  # a full disk: pull nothing we could not log
             self.machine.failed(peer)
             return None
@@ -341,7 +334,7 @@ class Sync:
         try:
             attested = self.replica.attestations.attested_vector()
             request = wire.SyncRequest(genesis=state.genesis.id, digest=state.digest().encode(),
-                                       attested=attested.total if attested else 0, routine=routine)
+                                       attested=attested.total if attested else 0)
             started = time.perf_counter()
             data = await self.host.request(
                 peer, wire.SYNC_PROTOCOL, request.encode(), timeout_s=self.settings().request_timeout_s

@@ -184,13 +184,11 @@ class SyncRequest:
     attested: int = 0
     """Total of the newest vector a quorum of checkpoint signers attests, as the requester knows it (0:
     none): a responder that knows a newer one sends its checkpoints along."""
-    routine: bool = False
-    """A repair pull (anti-entropy): the responder withholds the records that reached it moments ago,
-    which their authors are pushing to the requester anyway. Absent (older nodes): False."""
 
     def encode(self) -> bytes:
-        return msgpack.packb({"v": WIRE_VERSION, "genesis": self.genesis, "digest": self.digest,
-                              "attested": self.attested, "routine": self.routine})
+        return msgpack.packb(
+            {"v": WIRE_VERSION, "genesis": self.genesis, "digest": self.digest, "attested": self.attested}
+        )
 
     @classmethod
     def decode(cls, data: bytes) -> SyncRequest:
@@ -198,11 +196,7 @@ class SyncRequest:
         attested = _field(obj, "attested", int)
         if attested < 0:
             raise WireError("attested must be >= 0")
-        routine = obj.get("routine", False)
-        if not isinstance(routine, bool):
-            raise WireError("field 'routine' must be a bool")
-        return cls(_field(obj, "genesis", str), _field(obj, "digest", bytes), attested=attested,
-                   routine=routine)
+        return cls(_field(obj, "genesis", str), _field(obj, "digest", bytes), attested=attested)
 
 
 @dataclass(frozen=True, slots=True)

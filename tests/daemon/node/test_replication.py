@@ -18,8 +18,8 @@ def machine(*peers: str, parallel: int = 2, round_trips: int = 3, fanout: int = 
     return m
 
 
-def pull(peer: str, *, routine: bool = False) -> Action:
-    return Action(ActionKind.PULL, peer, routine)
+def pull(peer: str) -> Action:
+    return Action(ActionKind.PULL, peer)
 
 
 def test_announcement_pulls_from_the_author_when_connected_else_from_the_forwarder() -> None:
@@ -60,7 +60,7 @@ def test_a_peer_that_claims_more_forever_yields_its_slot_after_the_budget() -> N
 def test_snapshot_required_with_nothing_servable_fetches_a_snapshot() -> None:
     m = machine("a")
     m.tick(random.Random(0))
-    assert m.next_actions() == [pull("a", routine=True)]
+    assert m.next_actions() == [pull("a")]
     assert m.answered("a", progressed=False, behind=True, snapshot_required=True, records=0) == Action(
         ActionKind.SNAPSHOT, "a"
     )
@@ -80,7 +80,7 @@ def test_foreign_peers_are_not_asked_again_until_they_reconnect() -> None:
     m.set_connected([])
     m.set_connected(["other-run"])  # it may have restarted on our run
     m.tick(random.Random(0))
-    assert m.next_actions() == [pull("other-run", routine=True)]
+    assert m.next_actions() == [pull("other-run")]
 
 
 def test_blocked_peers_are_dropped_from_the_queue_and_a_pull_ends_when_blocked() -> None:
@@ -98,29 +98,14 @@ def test_blocked_peers_are_dropped_from_the_queue_and_a_pull_ends_when_blocked()
 def test_pull_backs_are_rate_limited_per_peer() -> None:
     m = machine("a")
     m.served("a", peer_has_more=True, now=10.0)
-    assert m.next_actions() == [pull("a", routine=True)]
+    assert m.next_actions() == [pull("a")]
     m.answered("a", progressed=True, behind=False, snapshot_required=False, records=1)
     m.served("a", peer_has_more=True, now=11.0)  # within the interval: no second pull-back
     assert m.next_actions() == []
     m.served("a", peer_has_more=True, now=12.5)
-    assert m.next_actions() == [pull("a", routine=True)]
+    assert m.next_actions() == [pull("a")]
     m.served("b", peer_has_more=True, now=20.0)  # not connected: nothing
     assert m.wanted == []
-
-
-def test_repairs_are_routine_until_an_urgent_reason_comes_and_a_routine_pull_stays_routine() -> None:
-    m = machine("a", "b", parallel=1)
-    m.tick(random.Random(0))
-    m.tick(random.Random(1))
-    first = m.next_actions()
-    assert first[0].routine and len(first) == 1
-    more = {"progressed": True, "behind": True, "snapshot_required": False, "records": 1}
-    assert m.answered(first[0].peer, **more) == pull(first[0].peer, routine=True)  # its next batch too
-    other = ({"a", "b"} - {first[0].peer}).pop()
-    assert m.wanted == [other]
-    m.behind(other)  # a round waits for what it holds: urgent now
-    m.answered(first[0].peer, progressed=False, behind=False, snapshot_required=False, records=0)
-    assert m.next_actions() == [pull(other)]
 
 
 def test_anti_entropy_picks_fanout_usable_peers() -> None:

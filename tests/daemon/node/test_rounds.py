@@ -5,12 +5,9 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-import pytest
-from node_testlib import FakeNet, FakeTrainer, host_for, records, running_node, until
+from node_testlib import FakeNet, FakeTrainer, host_for, running_node, until
 from node_testlib import node_config as config
 
-import crdt
-from daemon.node import rounds as rounds_module
 from daemon.status import TrainingState
 from training import StalenessPolicy
 
@@ -130,23 +127,3 @@ async def test_in_lockstep_a_round_waits_for_every_training_peer_and_not_past_th
             a.config = a.config.with_overrides("training", lockstep_timeout_s=0.5)  # b never answers
             fast.round_gate.set()
             await until(lambda: a.status().round == 3)
-
-
-async def test_catching_up_gives_pushes_in_flight_time_before_it_pulls(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Pulling at once what a peer's digest shows took records a second time: they were being pushed."""
-    monkeypatch.setattr(rounds_module, "PUSH_GRACE_S", 30.0)
-    async with running_node(tmp_path, FakeNet(), config(training={"enabled": False})) as node:
-        rounds, replica = node.parts.rounds, node.parts.replica
-        pulls: list[int] = []
-        rounds.pull_now = lambda: pulls.append(1)
-        coming = list(records(node, 7, range(1, 7)))
-        replica.note_vector("12D3KooWpeer", crdt.VersionVector.from_dict({coming[0].author: 6}))
-        rounds._model_changed.set()
-        catching_up = asyncio.create_task(rounds._catch_up())
-        await until(lambda: not rounds._model_changed.is_set())  # it waits: the 6 records are behind us
-        for contribution in coming:  # the pushes land
-            replica.accept(contribution)
-        await asyncio.wait_for(catching_up, timeout=5)
-        assert pulls == []

@@ -23,7 +23,7 @@ from node_testlib import (
 import crdt
 import p2p
 from daemon.config import Config
-from daemon.node import replica, wire
+from daemon.node import wire
 
 
 def config(**training: object) -> Config:
@@ -296,29 +296,3 @@ async def test_a_push_must_be_its_senders_own_record_of_this_run(tmp_path: Path)
         assert await push(other_run, wire.Push(digest, foreign.encode()).encode()) == "ForeignRun"
         assert v.status().counters.rejected_reasons == {"WireError": 2}
         assert relayer.peer_id in victim.penalized and other_run.peer_id not in victim.penalized
-
-
-async def test_a_routine_pull_does_not_get_records_that_arrived_moments_ago(tmp_path: Path) -> None:
-    """Their authors push them to every member: a repair pull taking them too made duplicates."""
-    net = FakeNet()
-    home = tmp_path / "server"
-    server = host_for(home, net)
-    puller = net.add("12D3KooWpuller")
-    net.link(server.peer_id, puller.peer_id)
-    async with running_node(home, net, config()) as node:
-        for contribution in records(node, 7, range(1, 4)):
-            node.parts.replica.accept(contribution)
-        genesis = node.parts.replica.state.genesis.id
-        nothing = crdt.Digest(crdt.VersionVector.from_dict({}), "00" * 32, 0).encode()
-
-        async def pull(*, routine: bool) -> wire.SyncResponse:
-            request = wire.SyncRequest(genesis=genesis, digest=nothing, routine=routine).encode()
-            return wire.SyncResponse.decode(
-                await puller.request(server.peer_id, wire.SYNC_PROTOCOL, request, timeout_s=5)
-            )
-
-        assert (await pull(routine=True)).contributions == ()
-        assert len((await pull(routine=False)).contributions) == 3  # urgent: a round or an announcement
-        clock = node.parts.replica._clock
-        node.parts.replica._clock = lambda: clock() + replica.ARRIVAL_GRACE_S + 1
-        assert len((await pull(routine=True)).contributions) == 3  # older: a repair takes them
