@@ -1,7 +1,8 @@
 """p2p: meshtrain's networking layer, an asyncio facade over py-libp2p 0.8.1 running in a trio thread.
 
 Layout: `_host.py` (the asyncio `Host`), `_bridge.py` (the only code crossing asyncio <-> trio),
-`_node.py` (trio side: libp2p host, gossip readers), `_reqresp.py` (bounded request/response streams),
+`_node.py` (trio side: libp2p host, gossip readers), `_reqresp.py` (bounded request/response streams;
+the server in `_reqserve.py`, kept streams in `_kept.py`),
 `_framing.py` (sans-IO request/response framing), `_transfer.py` (sans-IO blob manifests and chunk plan),
 `_blobs.py` / `_blobsink.py` / `_blobserve.py` (fetching and serving blobs), `_libp2p.py` (safe libp2p
 construction and monkeypatches), `_speedups.py` (py-libp2p throughput workarounds), `_identity.py`

@@ -2,8 +2,8 @@
 
 Theory of operation
 -------------------
-A request of a ``keep_streams`` protocol (the server's side is p2p/_reqresp.py) goes on the stream this
-node keeps to that peer for that protocol, opened at the first request and left open after each answer;
+A request of a ``keep_streams`` protocol (the server's side is p2p/_reqserve.py) goes on the stream
+this node keeps to that peer for that protocol, opened at the first request and left open after each answer;
 requests to one peer on one protocol wait for each other (one exchange at a time per stream). A new
 stream costs a SYN, a FIN each way and the multistream negotiation: about 390 bytes in 9 Noise frames,
 2 % of a 4-daemon training run's bytes when each pushed record opened its own (bench/convergence,

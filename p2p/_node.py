@@ -37,7 +37,8 @@ from p2p._kept import KeptStreams
 from p2p._libp2p import GOSSIP_ENVELOPE_HEADROOM_BYTES, build_gossipsub, build_host, check_tcp_ports_free
 from p2p._mdns import run_mdns_dialer
 from p2p._nat import NatConfig, NatService, is_relayed_addr
-from p2p._reqresp import HandlerSpec, RequestHandler, RequestLimits, RequestServer, request
+from p2p._reqresp import HandlerSpec, RequestHandler, RequestLimits, request
+from p2p._reqserve import RequestServer
 from p2p._security import GateNotifee, PeerGate, PeerLimits
 
 if TYPE_CHECKING:

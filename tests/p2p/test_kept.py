@@ -1,5 +1,5 @@
-"""Kept request streams (p2p/_kept.py, and their server side in p2p/_reqresp.py) between real hosts on
-127.0.0.1: one stream carries request after request; a stream the server ends is replaced without losing
+"""Kept request streams (p2p/_kept.py, and their server side in p2p/_reqserve.py) between real hosts
+on 127.0.0.1: one stream carries request after request; a stream the server ends is replaced without losing
 or repeating a request; the server's bounds and idle timeout hold."""
 
 from __future__ import annotations
