@@ -9,8 +9,7 @@ values it carries are heavy tailed (3x less error than max/3); q1 keeps only the
 mean |v| as the scale (the least-squares scale of the levels -1, +1; DeMo and signSGD send signs too).
 Codes are the nearest level, clipped. Error bound per entry, for a chunk whose largest magnitude is
 ``m``: q8 ``<= m/254``, q4 ``<= m/14``, q2 ``<= m/2``, q1 ``<= m`` (plus float32 rounding, ~1e-7
-relative). An all-zero chunk gets scale 0 and decodes to zeros
-(q2 too, since level * 0 = 0).
+relative). An all-zero chunk gets scale 0 and decodes to zeros (q2 and q1 too, since level * 0 = 0).
 
 The decoder (:func:`unpack_levels`, then ``level * scale`` in ``crdt/payload.py``) defines the values;
 the encoder (:func:`quantize`) may be any deterministic choice, and its error goes back to the trainer

@@ -357,9 +357,8 @@ class TrioNode:
         max_response_bytes: int | None,
         keep_stream: bool = False,
     ) -> bytes:
-        host = self._require_host()
         return await request(
-            host,
+            self._require_host(),
             parse_peer_id(peer_id),
             protocol,
             data,

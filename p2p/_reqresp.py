@@ -43,7 +43,7 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 import trio
 from libp2p.abc import IHost, INetStream
@@ -71,9 +71,6 @@ from p2p._framing import (
     decode_error_payload,
     encode_header,
 )
-
-if TYPE_CHECKING:
-    pass
 
 __all__ = [
     "HandlerSpec",

@@ -14,10 +14,10 @@ pulls: the announcement's gossip (forwarded through the mesh, about three copies
 pull's request were half of a 4-daemon run's bytes beside its model payloads (bench/convergence,
 2026-12-01). Receiving a push is daemon/node/sync.py's.
 
-A push's answer is not a reason to pull from the member when it holds more than we do: that is mostly
-other authors' pushes to us, still in flight (pulling them anyway made 114 duplicates in a 320-record
-benchmark run); anti-entropy and announcements cover the rest. Spreading runs in its own task, one
-contribution at a time, so a round never waits on a slow member.
+A push never makes us pull from the member: what it holds beyond us is mostly other authors' pushes to
+us, still in flight (pulling on version 1's digest answers made 114 duplicates in a 320-record benchmark
+run); anti-entropy and announcements cover the rest. Spreading runs in its own task, one contribution at a
+time, so a round never waits on a slow member.
 
 Rejected: sending the record itself on gossip (every member would receive it about three times through
 the mesh) and pushing to every connected peer (peers of other runs refuse it; members are the peers that
