@@ -3,10 +3,12 @@
 Theory of operation
 -------------------
 A new contribution of ours (:meth:`Spreader.announce`, called by the round once it is logged) is pushed to
-every connected member (``/meshtrain/push/2``, on a kept stream: the record and our digest in one request,
-so that the receiver knows what we hold, as after a pull: compaction waits for members by it, and a node
-that only receives pushes never compacted; an empty answer, after which we know the member holds the
-record, and the rest of what it holds from its own pushes and pulls), and announced on gossip only
+every connected member (``/meshtrain/push/3``, on a kept stream: the record, and our digest when the
+member has not had one from us within the anti-entropy period, so that it knows what we hold as often as
+a pull would tell it: compaction waits for members by it, and a node that only receives pushes never
+compacted; in every push the digest was about 190 bytes, 1.3 % of a 0.28M-parameter run's bytes, for
+news a few seconds fresher than compaction needs. The answer is empty, after which we know the member
+holds the record, and the rest of what it holds from its own pushes and pulls), and announced on gossip only
 if some member that must hear of it (:attr:`Spreader.must_reach`: heartbeats heard lately,
 daemon/node/membership.py) was not reached that way: a member two hops away, a push that failed, a record
 too big for one request. In a run whose members are all connected nothing goes through gossip and nobody
@@ -28,6 +30,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import time
 from collections.abc import Callable
 
 import crdt
@@ -67,6 +71,7 @@ class Spreader:
         """Members a new contribution must reach (the node sets it to Membership.heard_members); None: every
         contribution is announced on gossip besides its pushes."""
         self._queue: asyncio.Queue[crdt.Contribution] = asyncio.Queue()
+        self._digest_sent: dict[str, float] = {}  # member -> when it last took a push with our digest
 
     async def announce(self, contribution: crdt.Contribution) -> None:
         """Spread a new contribution of ours in the background: the round goes on."""
@@ -95,13 +100,19 @@ class Spreader:
 
     async def _push(self, contribution: crdt.Contribution) -> set[str]:
         """Send ``contribution`` to every connected member at once; the members that took it."""
-        state = self.replica.state
-        data = wire.Push(state.digest().encode(), contribution.encode()).encode()
-        if len(data) > wire.MAX_PUSH_BYTES:
+        record = contribution.encode()
+        with_digest = wire.Push(self.replica.state.digest().encode(), record).encode()
+        if len(with_digest) > wire.MAX_PUSH_BYTES:
             return set()
+        without = wire.Push(b"", record).encode()
         reached: set[str] = set()
+        now, period = time.monotonic(), self.settings().interval_s
+        targets = (set(self.host.connected_peers()) & self.members) - self.blocked()
+        self._digest_sent = {p: t for p, t in self._digest_sent.items() if p in targets}  # bounded
 
         async def push(peer: str) -> None:
+            digest_due = now - self._digest_sent.get(peer, -math.inf) >= period
+            data = with_digest if digest_due else without
             try:
                 answer = await self.host.request(peer, wire.PUSH_PROTOCOL, data, keep_stream=True,
                                                  timeout_s=self.settings().request_timeout_s)
@@ -111,11 +122,12 @@ class Spreader:
             if answer:
                 self.reject(peer, wire.WireError("a push is answered with nothing"))
                 return
+            if digest_due:
+                self._digest_sent[peer] = now
             reached.add(peer)
             self.replica.counters.pushed += 1
             self.replica.note_holds(peer, contribution)
 
-        targets = (set(self.host.connected_peers()) & self.members) - self.blocked()
         async with asyncio.TaskGroup() as tasks:
             for peer in targets - {self.host.peer_id}:
                 tasks.create_task(push(peer))

@@ -198,8 +198,8 @@ class Sync:
         self._admit(peer, contribution.genesis_id)
         if p2p.peer_id_from_public_key(contribution.author) != peer:
             raise wire.WireError("a push carries its sender's own contribution only")
-        remote = crdt.Digest.decode(push.digest)
-        self.replica.note_vector(peer, remote.version_vector)  # as a pull tells: compaction waits by it
+        if push.digest:  # as a pull tells: compaction waits by it (sent once per anti-entropy period)
+            self.replica.note_vector(peer, crdt.Digest.decode(push.digest).version_vector)
         self._accept(contribution)  # DiskFull and ConflictError go back to the sender as errors
         self.replica.counters.pushes_received += 1
         return b""  # the sender learns what we hold from our own pushes and pulls

@@ -23,13 +23,15 @@ Three protocols carry the model between nodes of one run, and a fourth says good
 Bulk bytes never travel in these replies: a reply is capped (``p2p.RequestLimits``), a model is not. The
 genesis and snapshots move as blobs (``/meshtrain/blob/2``: chunked, BLAKE3-verified, resumable, from
 several peers at once); ``daemon/node/offers.py`` serves and fetches them.
-``/meshtrain/push/2``
-    request ``Push``: the sender's digest and one new contribution of its own, sent by its author straight
-    to each connected member on a kept stream; response: empty. The receiver learns what the sender holds,
-    as from a pull (compaction waits for members by it), and the sender that the receiver now holds its
-    record; members that train push to each other every round, so each learns the other's digest that
-    way (version 1 answered with the receiver's digest as well: 1.4 % of a 0.28M-parameter run's bytes).
-    The receiver takes the record through the same door as a pulled one. It saves the announcement's
+``/meshtrain/push/3``
+    request ``Push``: one new contribution of the sender's own, sent by its author straight to each
+    connected member on a kept stream, with the sender's digest when this member has not had one from it
+    within the anti-entropy period (``[sync] interval_s``), else an empty one; response: empty. The
+    receiver learns what the sender holds, as from a pull (compaction waits for members by it), and the
+    sender that the receiver now holds its record; members that train push to each other every round, so
+    each learns the other's digest that way. Version 1 answered with the receiver's digest (1.4 % of a
+    0.28M-parameter run's bytes); version 2 carried the sender's digest in every push (about 190 bytes, 1.3
+    %). The receiver takes the record through the same door as a pulled one. It saves the announcement's
     gossip and the pull's request; a record too big for one request (``MAX_PUSH_BYTES``) is announced and
     pulled instead.
 ``/meshtrain/goodbye/1``
@@ -88,7 +90,7 @@ GENESIS_PROTOCOL = "/meshtrain/genesis/2"  # 1 answered with the whole genesis
 SYNC_PROTOCOL = "/meshtrain/sync/1"
 SNAPSHOT_PROTOCOL = "/meshtrain/snapshot/2"  # 1 answered with the whole snapshot
 GOODBYE_PROTOCOL = "/meshtrain/goodbye/1"
-PUSH_PROTOCOL = "/meshtrain/push/2"  # 1 answered with the receiver's digest
+PUSH_PROTOCOL = "/meshtrain/push/3"  # 1 answered with the receiver's digest; 2 always sent ours
 WIRE_VERSION = 1
 MAX_ANNOUNCEMENT_BYTES = 1024  # a header, never a payload: gossip caps messages at 1 MiB and is CPU-bound
 MAX_SYNC_CONTRIBUTIONS = 4096
@@ -405,11 +407,12 @@ def valid_gossip(decode: Callable[[bytes], object]) -> Callable[[str, bytes], bo
 
 @dataclass(frozen=True, slots=True)
 class Push:
-    """One new contribution, from its author to a connected member (``/meshtrain/push/2``). No genesis
+    """One new contribution, from its author to a connected member (``/meshtrain/push/3``). No genesis
     field: the signed record names its run (74 bytes a push, 0.4 % of a 0.28M-parameter run's bytes)."""
 
     digest: bytes
-    """The sender's encoded crdt.Digest, as a pull carries: compaction waits for members by it."""
+    """The sender's encoded crdt.Digest, as a pull carries (compaction waits for members by it), or empty:
+    the member had one from the sender within the anti-entropy period."""
     contribution: bytes
     """An encoded crdt.Contribution (decoded and checked by the receiver's replica)."""
 
