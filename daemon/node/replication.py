@@ -28,7 +28,9 @@ Fairness and bounds: at most ``parallel`` peers are pulled at once, one request 
 pull ends after ``max_round_trips`` answers even if the peer claims more; the peer then goes to the back
 of the queue. One slow or hostile peer therefore holds one slot for a bounded time, and the others are
 served meanwhile. Rejected: one pull at a time (a peer that answers slowly, or claims more forever while
-sending one record per answer, held every other peer's data back: 2,000 round trips in a test).
+sending one record per answer, held every other peer's data back: 2,000 round trips in a test). But a
+peer whose known surplus a pull in progress already covers waits for that pull (the driver says which,
+from the peers' last digests): pulled at once, peers that hold the same records each send all of them.
 
 A peer answering ``ForeignRun`` trains another model: it is not asked again while connected. Blocked peers
 (partition drills) are never pulled from. Divergence: a peer showing our exact version vector with
@@ -160,17 +162,28 @@ class Replication:
 
     # -- what to do now --------------------------------------------------------------------------------
 
-    def next_actions(self) -> list[Action]:
-        """Pulls to start now: wanted peers, oldest first, into the free slots."""
+    def next_actions(self, covered: Callable[[str, frozenset[str]], bool] | None = None) -> list[Action]:
+        """Pulls to start now: wanted peers, oldest first, into the free slots.
+
+        ``covered(peer, pulling)``: everything ``peer`` is known to hold beyond us would come from the
+        peers being pulled now. Such a peer keeps its place until they are done: peers that hold the same
+        records, pulled at once, each send all of them (a node catching up from three peers took every
+        record three times). A peer that claims much and sends little holds the others back for one
+        pull at most: no progress ends its pull, and ``max_round_trips`` its turn."""
         busy = sum(p.phase is not _Phase.WANTED for p in self._pulls.values())
+        pulling = frozenset(p for p, pull in self._pulls.items() if pull.phase is _Phase.PULLING)
         actions = []
         for peer, pull in self._pulls.items():
             if busy >= self.policy.parallel:
                 break
-            if pull.phase is _Phase.WANTED and self.usable(peer):
-                pull.phase = _Phase.PULLING
-                busy += 1
-                actions.append(Action(ActionKind.PULL, peer))
+            if pull.phase is not _Phase.WANTED or not self.usable(peer):
+                continue
+            if pulling and covered is not None and covered(peer, pulling):
+                continue
+            pull.phase = _Phase.PULLING
+            busy += 1
+            pulling |= {peer}
+            actions.append(Action(ActionKind.PULL, peer))
         return actions
 
     @property

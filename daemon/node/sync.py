@@ -253,7 +253,7 @@ class Sync:
                 await self._wakeup.wait()
                 self._wakeup.clear()
                 self.machine.set_connected(self.host.connected_peers())
-                for action in self.machine.next_actions():
+                for action in self.machine.next_actions(self._covered):
                     tasks.create_task(self._perform(action), name=f"pull-{action.peer[-6:]}")
 
     async def _announcement_loop(self, queue: asyncio.Queue[p2p.GossipMessage]) -> None:
@@ -324,6 +324,17 @@ class Sync:
                     action = None
         finally:
             self._wakeup.set()
+
+    def _covered(self, peer: str, pulling: frozenset[str]) -> bool:
+        """Every record ``peer``'s last digest showed beyond ours is also in the last digest of a peer in
+        ``pulling`` (see Replication.next_actions). A peer whose digest we never had is not covered."""
+        known = self.replica.peer_vectors.get(peer)
+        if known is None:
+            return False
+        ours = self.replica.state.version_vector
+        sources = [entry[0] for p in pulling if (entry := self.replica.peer_vectors.get(p)) is not None]
+        return all(any(v.get(author) >= seq for v in sources)
+                   for author, seq in known[0].items() if seq > ours.get(author))
 
     async def _pull_once(self, peer: str) -> Action | None:
         if not self.replica.can_write():  # a full disk: pull nothing we could not log

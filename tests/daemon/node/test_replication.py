@@ -142,3 +142,22 @@ def test_a_waiting_round_pulls_at_once_from_peers_ahead_but_never_from_blocked_o
     assert m.next_actions() == [pull("ahead")]
     m.behind("ahead")  # already pulling: one pull per peer
     assert m.next_actions() == []
+
+
+def test_peers_whose_surplus_a_pull_in_progress_covers_wait_for_it() -> None:
+    """A node catching up from three peers that held the same records took each record three times."""
+    m = machine("a", "b", "c", parallel=4)
+    for peer in ("a", "b", "c"):
+        m.behind(peer)
+    covers = {"b": {"a"}, "c": {"a", "b"}}  # b's surplus is in a's digest; c's in a's or b's
+
+    def covered(peer: str, pulling: frozenset[str]) -> bool:
+        return bool(covers.get(peer, set()) & pulling)
+
+    assert m.next_actions(covered) == [pull("a")]
+    assert m.next_actions(covered) == []  # still covered while a's pull runs
+    assert m.answered("a", progressed=True, behind=False, snapshot_required=False, records=5) is None
+    assert m.next_actions(covered) == [pull("b")]  # c waits for b in turn
+    assert m.answered("b", progressed=False, behind=False, snapshot_required=False, records=0) is None
+    assert m.next_actions(covered) == [pull("c")]
+    assert m.wanted == []

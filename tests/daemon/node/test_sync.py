@@ -330,3 +330,30 @@ async def test_a_push_must_be_its_senders_own_record_of_this_run(tmp_path: Path)
         assert await push(other_run, wire.Push(digest, foreign.encode()).encode()) == "ForeignRun"
         assert v.status().counters.rejected_reasons == {"WireError": 2}
         assert relayer.peer_id in victim.penalized and other_run.peer_id not in victim.penalized
+
+
+async def test_a_node_behind_peers_that_hold_the_same_records_takes_each_record_once(tmp_path: Path) -> None:
+    """Pulled at once, three peers holding the same 40 records each sent all of them (80 duplicates)."""
+    net = FakeNet()
+    homes = [tmp_path / name for name in "abcd"]
+    hosts = [host_for(home, net) for home in homes]
+    for one, other in itertools.combinations(hosts, 2):
+        net.link(one.peer_id, other.peer_id)
+    quiet = config(enabled=False).with_overrides("sync", interval_s=3600)  # no anti-entropy: our pulls only
+    join = quiet.with_overrides("node", bootstrap=(hosts[0].addr,))
+    async with (
+        running_node(homes[0], net, quiet) as a,
+        running_node(homes[1], net, join) as b,
+        running_node(homes[2], net, join) as c,
+        running_node(homes[3], net, join) as d,
+    ):
+        await until(lambda: all(n.status().state_hash for n in (b, c, d)))  # the joiners took the genesis
+        held = list(records(a, 7, range(1, 41)))
+        for node in (a, b, c):
+            for record in held:
+                node.parts.replica.accept(record)
+        for node in (a, b, c):
+            d.parts.replica.note_vector(node.host.peer_id, node.parts.replica.state.version_vector)
+        d.parts.sync.pull_from_peers_ahead()
+        await until(lambda: d.status().contributions == 40)
+        assert d.status().counters.duplicates == 0
