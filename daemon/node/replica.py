@@ -34,6 +34,8 @@ I/O is the store's.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -111,6 +113,7 @@ class Replica:
         self.on_author: Callable[[str], None] = lambda author: None
         """Called with the author (peer id) of every contribution applied."""
         self._since_snapshot = 0
+        self._adopting = False  # a peer's snapshot is being written (see adopt): no snapshot of our own
 
     @classmethod
     def open(cls, store: Store, genesis: crdt.Genesis, *, snapshot_every: int, **options: Any) -> Replica:
@@ -163,7 +166,7 @@ class Replica:
             self.disk_full = False
         self.counters.accepted += 1
         self._since_snapshot += 1
-        if self._since_snapshot >= self.snapshot_every:
+        if self._since_snapshot >= self.snapshot_every and not self._adopting:
             self.snapshot_and_compact()
         self.on_change()
         return outcome
@@ -349,31 +352,47 @@ class Replica:
             return None
         return self.store.snapshot_file, checkpoints
 
-    def adopt(self, snapshot: crdt.Snapshot, checkpoints: list[crdt.Checkpoint]) -> bool:
+    async def adopt(self, snapshot: crdt.Snapshot, checkpoints: list[crdt.Checkpoint]) -> bool:
         """Catch up through a peer's snapshot, attested by ``checkpoints``; False (nothing changes) if it
         would drop held history.
+
+        The adopted state is written to disk in a worker thread (encoding and writing a 100M-parameter
+        state held the event loop for seconds; at 1B it would be tens). Meanwhile this node goes on
+        accepting records into its current state and log, and they are applied to the adopted state
+        before it replaces the current one; the periodic snapshot waits. Not reentrant (the caller
+        installs one snapshot at a time).
 
         Raises:
             crdt.AttestationError: no quorum of the run's signers vouches for it (the model is untouched).
             crdt.CrdtError: the snapshot is not of this genesis or does not match its own hash.
+            OSError: it could not be written (a full disk); nothing changes.
         """
         policy = self.attestations.policy
         if policy is None:
             raise crdt.AttestationError("snapshot: this run's genesis names no checkpoint signers")
         if not self.state.can_serve(snapshot.header.version_vector):
             return False
+        held = self.state.records()
         fresh = crdt.ModelState.from_snapshot(
-            self.state.genesis, snapshot, checkpoints=checkpoints, policy=policy, log=self.state.records(),
+            self.state.genesis, snapshot, checkpoints=checkpoints, policy=policy, log=held,
             limits=self.state.limits,
         )
         for checkpoint in checkpoints:
             self.attestations.add(checkpoint)
-        self.store.write_snapshot(
-            fresh.snapshot_parts(), floor=fresh.retention_floor,
-            checkpoints=self.attestations.for_state(fresh.version_vector, fresh.state_hash),
-        )
+        written, floor = (fresh.version_vector, fresh.state_hash), fresh.retention_floor
+        self._adopting = True
+        try:
+            staged = await asyncio.to_thread(self.store.stage_snapshot, fresh.snapshot_parts())
+        finally:
+            self._adopting = False
+        self.store.publish_snapshot(staged, floor=floor, checkpoints=self.attestations.for_state(*written))
+        seen = {(c.author, c.seq) for c in held}
+        for c in self.state.records():  # accepted while the file was written: logged, not yet in ``fresh``
+            if (c.author, c.seq) not in seen:
+                with contextlib.suppress(crdt.CrdtError):  # as when it arrived: refused here too
+                    fresh.apply(c)
         self.state = fresh
-        self.file_state = (fresh.version_vector, fresh.state_hash)
+        self.file_state = written
         self._since_snapshot = 0
         self.counters.snapshots_installed += 1
         self.on_change()

@@ -113,7 +113,7 @@ class SnapshotInstaller:
         try:
             snapshot, checkpoints = await fetch_snapshot(self.host, offered, replica.state,
                                                          replica.store.path, join=self.join)
-            adopted = replica.adopt(snapshot, checkpoints)
+            adopted = await replica.adopt(snapshot, checkpoints)
         except (p2p.P2PError, OSError) as exc:  # each dropped peer's reason is in join.dropped
             replica.counters.pull_failures += 1
             log.info("snapshot download failed peers=%s error=%s", peers, exc)

@@ -58,8 +58,10 @@ from daemon.node.store_files import (
     decode_equivocation,
     decode_peer_vectors,
     fsync_dir,
+    publish_staged,
     read_genesis,
     read_snapshot,
+    stage_write,
 )
 
 __all__ = ["RecoveryReport", "Store", "StoreError", "read_genesis", "read_snapshot"]
@@ -342,7 +344,18 @@ class Store:
         """Atomically replace the snapshot with ``parts`` (``ModelState.snapshot_parts()``) and the
         checkpoints held for its state, then drop the WAL records at or below the retention ``floor``
         (``ModelState.retention_floor``). Returns WAL records dropped."""
-        atomic_write(self.snapshot_file, parts)
+        return self.publish_snapshot(self.stage_snapshot(parts), floor=floor, checkpoints=checkpoints)
+
+    def stage_snapshot(self, parts: Iterable[bytes]) -> Path:
+        """The slow half of :meth:`write_snapshot` (encode, write, fsync), for a worker thread: the file
+        is not served or loaded until :meth:`publish_snapshot`. One at a time (one staging name)."""
+        return stage_write(self.snapshot_file, parts)
+
+    def publish_snapshot(
+        self, staged: Path, *, floor: crdt.VersionVector, checkpoints: Iterable[crdt.Checkpoint] = ()
+    ) -> int:
+        """The rest of :meth:`write_snapshot`, on the thread that owns the store."""
+        publish_staged(staged, self.snapshot_file)
         self.write_checkpoints(checkpoints)
         return self._compact(floor)
 

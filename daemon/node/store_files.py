@@ -24,8 +24,10 @@ __all__ = [
     "decode_equivocation",
     "decode_peer_vectors",
     "fsync_dir",
+    "publish_staged",
     "read_genesis",
     "read_snapshot",
+    "stage_write",
 ]
 
 GENESIS_KIND = b"GENESIS"  # the sealed genesis file's tag (crdt.seal_blob)
@@ -47,6 +49,12 @@ def fsync_dir(path: Path) -> None:
 def atomic_write(path: Path, data: bytes | Iterable[bytes]) -> None:
     """Replace ``path`` with ``data`` (bytes, or parts written as they come): a reader sees the old or
     the new file, never a mix. A failed write (a full disk) leaves the old file and no temp file."""
+    publish_staged(stage_write(path, data), path)
+
+
+def stage_write(path: Path, data: bytes | Iterable[bytes]) -> Path:
+    """The first half of :func:`atomic_write`: ``data`` written and synced beside ``path``, not yet in
+    its place (a worker thread may do this half). Returns the staged file."""
     tmp = path.with_name(path.name + ".tmp")
     try:
         with open(tmp, "wb") as f:
@@ -57,7 +65,12 @@ def atomic_write(path: Path, data: bytes | Iterable[bytes]) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    os.replace(tmp, path)
+    return tmp
+
+
+def publish_staged(staged: Path, path: Path) -> None:
+    """The second half of :func:`atomic_write`: the staged file replaces ``path``, durably."""
+    os.replace(staged, path)
     fsync_dir(path.parent)
 
 

@@ -3,7 +3,10 @@ adoption."""
 
 from __future__ import annotations
 
+import asyncio
 import errno
+import threading
+from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
@@ -58,7 +61,7 @@ def test_a_member_that_took_our_push_holds_it_unless_an_earlier_record_may_be_mi
     replica.store.close()
 
 
-def test_replica_adopts_a_snapshot_only_when_it_loses_nothing(tmp_path: Path) -> None:
+async def test_replica_adopts_a_snapshot_only_when_it_loses_nothing(tmp_path: Path) -> None:
     authors = sorted({c.author for c in HIST})
     ahead = state_of(HIST)
     ahead.compact(crdt.VersionVector.from_dict({a: 3 for a in authors}))
@@ -70,8 +73,8 @@ def test_replica_adopts_a_snapshot_only_when_it_loses_nothing(tmp_path: Path) ->
     older = state_of([c for c in HIST if c.seq <= 3])  # lacks authors[0]'s seq 4, held here
     forged, _ = attested(state_of(HIST[:1]))
     with pytest.raises(crdt.AttestationError):  # a snapshot nobody of the run vouches for
-        replica.adopt(forged, [])
-    assert replica.adopt(*attested(older))
+        await replica.adopt(forged, [])
+    assert await replica.adopt(*attested(older))
     assert replica.state.version_vector == crdt.VersionVector.from_dict(
         {a: (4 if a == authors[0] else 3) for a in authors}
     )
@@ -87,9 +90,43 @@ def test_replica_adopts_a_snapshot_only_when_it_loses_nothing(tmp_path: Path) ->
     lossy.snapshot_and_compact()  # forgets everything: now authors[0]'s seq 4 exists only in the state
     assert lossy.state.retention_floor == lossy.state.version_vector
     before = lossy.state.state_hash
-    assert not lossy.adopt(*attested(older))  # adopting would drop authors[0]'s seq 4
+    assert not await lossy.adopt(*attested(older))  # adopting would drop authors[0]'s seq 4
     assert lossy.state.state_hash == before and lossy.counters.snapshots_installed == 0
     lossy.store.close()
+
+
+async def test_records_accepted_while_an_adopted_snapshot_is_written_are_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The adopted state is written in a worker thread while the node goes on accepting records (a 100M
+    state held the event loop for seconds): they end up in the adopted state and on disk, and the
+    node's own periodic snapshot waits for the adoption."""
+    authors = sorted({c.author for c in HIST})
+    older = state_of([c for c in HIST if c.seq <= 2])
+    replica = _open_replica(tmp_path, snapshot_every=1)  # would write a snapshot on every record
+    writing, release = threading.Event(), threading.Event()
+    stage = replica.store.stage_snapshot
+
+    def slow_stage(parts: Iterable[bytes]) -> Path:
+        writing.set()
+        release.wait(10)
+        return stage(parts)
+
+    monkeypatch.setattr(replica.store, "stage_snapshot", slow_stage)
+    adopting = asyncio.create_task(replica.adopt(*attested(older)))
+    while not writing.is_set():
+        await asyncio.sleep(0.01)
+    late = [c for c in HIST if c.seq <= 3 and c.author == authors[0]]  # seq 3 is new to the snapshot
+    for c in late:
+        replica.accept(c)  # the loop is free: the write runs in a thread
+    assert replica.counters.snapshots_written == 0  # our own snapshot waits for the adoption
+    release.set()
+    assert await adopting
+    expected = state_of([c for c in HIST if c.seq <= 2] + late[2:])
+    assert replica.state.version_vector == expected.version_vector
+    assert replica.state.state_hash == expected.state_hash
+    replica.store.close()
+    assert _open_replica(tmp_path).state.state_hash == expected.state_hash  # the late record was logged
 
 
 def test_a_full_disk_refuses_contributions_and_recovers(
