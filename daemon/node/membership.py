@@ -40,6 +40,7 @@ __all__ = ["Membership"]
 HEARTBEAT_S = 5  # how soon a changed state is told, with up to HEARTBEAT_PEERS peers
 HEARTBEAT_REFRESH_S = 60  # an unchanged heartbeat still goes out this often: the peer is alive
 HEARTBEAT_SETTLE_S = 30  # after the connected peers change, every HEARTBEAT_S for this long: newcomers learn
+HEARTBEAT_MIN_S = 1.0  # a change of training state is told at once, but not more often than this
 HEARTBEAT_PEERS = 5  # beyond, both periods grow with the peer count
 GOODBYE_TIMEOUT_S = 1.0  # bound on the last heartbeat during shutdown (the drain has its own bound)
 
@@ -65,6 +66,7 @@ class Membership:
         """Bytes moved, time and state at the last heartbeat sent (state None: none sent yet)."""
         self._peers: frozenset[str] = frozenset()
         self._peers_changed = time.monotonic()
+        self._state_changed = asyncio.Event()
         """The connected peers at the last check, and when they last changed."""
 
     def install(self, counting: Callable[..., object]) -> asyncio.Queue[p2p.GossipMessage]:
@@ -112,10 +114,20 @@ class Membership:
             tasks.create_task(self._listen(heartbeats), name="heartbeats-in")
             tasks.create_task(self._send_periodically(), name="heartbeats-out")
 
+    def state_changed(self) -> None:
+        """This node's training state changed: check at once instead of within HEARTBEAT_S (peers that
+        start training together wait in lockstep only for peers whose heartbeat says they train, and a
+        round here is a few seconds)."""
+        self._state_changed.set()
+
     async def _send_periodically(self) -> None:
         while True:
+            self._state_changed.clear()
             await self.tick(time.monotonic())
-            await asyncio.sleep(HEARTBEAT_S * self._stretch() * random.uniform(0.8, 1.2))
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(HEARTBEAT_S * self._stretch() * random.uniform(0.8, 1.2)):
+                    await self._state_changed.wait()
+                await asyncio.sleep(HEARTBEAT_MIN_S)  # a state flapping through the API: one a second
 
     async def tick(self, now: float) -> bool:
         """Gossip this node's heartbeat if its state changed since the last one sent, or the last one is

@@ -177,6 +177,7 @@ class Node:
                                           joining=bool(self.config.node.bootstrap),
                                           training_peers=membership.training_peers,
                                           pull_now=sync.pull_from_peers_ahead, admission=admission)
+            rounds.on_state_change = membership.state_changed
             self._parts = Parts(replica, sync, rounds, membership)
             await genesis.serve_genesis(self.host, self.store, run_genesis, run=run,
                                         pace=offers.pace(self.limits.bucket, asyncio.get_running_loop()))

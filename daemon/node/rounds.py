@@ -106,7 +106,10 @@ class Rounds:
         self._round_base: crdt.VersionVector | None = None  # what the previous round started from
         self.waiting_for: frozenset[str] = frozenset()
         """Lockstep: the peers the next round waits for (empty: none)."""
-        self.state = TrainingState.RUNNING if settings().enabled else TrainingState.DISABLED
+        self.on_state_change: Callable[[], None] = lambda: None
+        """Called when :attr:`state` changes (the node tells its peers at once: lockstep waits for the
+        peers whose heartbeat says they train)."""
+        self._state = TrainingState.RUNNING if settings().enabled else TrainingState.DISABLED
         self.history: list[RoundRecord] = []
         self.last_eval = Evaluation()
         self.initial_eval = Evaluation()
@@ -144,6 +147,16 @@ class Rounds:
     def config_reloaded(self) -> None:
         """After SIGHUP: a raised max_rounds (or training turned back on) restarts a finished node."""
         self._model_changed.set()
+
+    @property
+    def state(self) -> TrainingState:
+        return self._state
+
+    @state.setter
+    def state(self, value: TrainingState) -> None:
+        changed, self._state = value is not self._state, value
+        if changed:
+            self.on_state_change()
 
     def _round_limit(self) -> int | None:
         """The local round at which training stops (0: never), or None when training is off."""

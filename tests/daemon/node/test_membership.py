@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
+import pytest
 from node_testlib import FakeNet, host_for, running_node, until
 from node_testlib import node_config as config
 
 import p2p
+from daemon.node import membership as membership_module
 from daemon.node import wire
 from daemon.node.membership import HEARTBEAT_REFRESH_S, HEARTBEAT_S, HEARTBEAT_SETTLE_S, Membership
 
@@ -92,3 +95,20 @@ async def test_heartbeats_are_frequent_while_peers_change_and_retried_until_one_
     sent = [await member.tick(t + i * HEARTBEAT_S) for i in range(12)]
     settled = HEARTBEAT_SETTLE_S // HEARTBEAT_S  # checks within HEARTBEAT_SETTLE_S of the change
     assert all(sent[:settled]) and not any(sent[settled:])
+
+
+async def test_a_change_of_training_state_is_told_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Lockstep waits only for peers whose heartbeat says they train: told at the next check, up to
+    HEARTBEAT_S (5 s) later, a start took a round or two to reach the others (rounds of 3-4 s)."""
+    monkeypatch.setattr(membership_module, "HEARTBEAT_S", 3600.0)  # only the change can send it now
+    host, now = _Host(), {"round": 0, "training": "disabled"}
+    member = _member(host, now)
+    sender = asyncio.create_task(member._send_periodically())
+    try:
+        await until(lambda: len(host.published) == 1)  # the first one always
+        now["training"] = "running"
+        member.state_changed()
+        await until(lambda: len(host.published) == 2)
+        assert host.published[-1].training == "running"
+    finally:
+        sender.cancel()
