@@ -357,3 +357,27 @@ async def test_a_node_behind_peers_that_hold_the_same_records_takes_each_record_
         d.parts.sync.pull_from_peers_ahead()
         await until(lambda: d.status().contributions == 40)
         assert d.status().counters.duplicates == 0
+
+
+async def test_newly_connected_peers_are_met_at_once_and_then_pushed_to(tmp_path: Path) -> None:
+    """Only members are pushed to, and a peer became one at the first exchange of digests: left to the
+    anti-entropy period, three of four daemons started together pushed to one member for six rounds."""
+    net = FakeNet()
+    homes = [tmp_path / name for name in "abc"]
+    hosts = [host_for(home, net) for home in homes]
+    for one, other in itertools.combinations(hosts, 2):
+        net.link(one.peer_id, other.peer_id)
+    quiet = config(enabled=False).with_overrides("sync", interval_s=3600)  # no anti-entropy
+    trainer = FakeTrainer()
+    trainer.round_gate = asyncio.Event()
+    founder = quiet.with_overrides("training", enabled=True, max_rounds=1)
+    join = quiet.with_overrides("node", bootstrap=(hosts[0].addr,))
+    async with (
+        running_node(homes[0], net, founder, trainer=trainer) as a,
+        running_node(homes[1], net, join) as b,
+        running_node(homes[2], net, join) as c,
+    ):
+        await until(lambda: {b.host.peer_id, c.host.peer_id} <= a.parts.sync.members)
+        trainer.round_gate.set()
+        await until(lambda: b.status().contributions == 1 and c.status().contributions == 1)
+        assert b.status().counters.pushes_received == c.status().counters.pushes_received == 1
