@@ -143,9 +143,14 @@ def meshtrain_cluster(
         run="bench",
         diloco=diloco,
         sync=sync,
-        training={"max_rounds": rounds, "eval_every": eval_every, "threads": 1},
+        training={"enabled": False, "eval_every": eval_every, "threads": 1},
     )
+    # All start together, as DDP's ranks and the simulation's peers do: started with the daemons, the
+    # founder trained rounds alone while the others were still starting (10-15 s here), and its rounds
+    # stayed numbered ahead of theirs for the whole run.
     try:
+        for info in group.nodes():
+            group.client(info.index).post("/v1/train/start", {"rounds": rounds})
         target = peers * rounds
         statuses = group.wait_until(
             lambda st: (
@@ -198,6 +203,8 @@ def meshtrain_cluster(
         # How far from lockstep the free-running daemons were: lockstep is staleness N - 1, weight 1.
         "mean_staleness": round(float(np.mean([r["staleness"] for h in histories for r in h])), 2),
         "mean_weight": round(float(np.mean([r["weight"] for h in histories for r in h])), 4),
+        # Every round from the previous rounds only, the run is deterministic: two runs, one hash.
+        "state_hash": statuses[0]["state_hash"],
         "wall_s": round(wall, 1),
         "curve": curve,
     }
