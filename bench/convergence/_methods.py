@@ -203,8 +203,6 @@ def meshtrain_cluster(
         # How far from lockstep the free-running daemons were: lockstep is staleness N - 1, weight 1.
         "mean_staleness": round(float(np.mean([r["staleness"] for h in histories for r in h])), 2),
         "mean_weight": round(float(np.mean([r["weight"] for h in histories for r in h])), 4),
-        # Every round from the previous rounds only, the run is deterministic: two runs, one hash.
-        "state_hash": statuses[0]["state_hash"],
         "wall_s": round(wall, 1),
         "curve": curve,
     }
