@@ -352,10 +352,11 @@ class Sync:
         known = self.replica.peer_vectors.get(peer)
         if known is None:
             return False
-        ours = self.replica.state.version_vector
-        sources = [entry[0] for p in pulling if (entry := self.replica.peer_vectors.get(p)) is not None]
-        return all(any(v.get(author) >= seq for v in sources)
-                   for author, seq in known[0].items() if seq > ours.get(author))
+        reach = self.replica.state.version_vector
+        for source in pulling:
+            if (entry := self.replica.peer_vectors.get(source)) is not None:
+                reach = reach.merge(entry[0])
+        return reach.dominates(known[0])
 
     async def _pull_once(self, peer: str) -> Action | None:
         if not self.replica.can_write():  # a full disk: pull nothing we could not log
