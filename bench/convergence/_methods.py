@@ -145,9 +145,8 @@ def meshtrain_cluster(
         sync=sync,
         training={"enabled": False, "eval_every": eval_every, "threads": 1},
     )
-    # All start together, as DDP's ranks and the simulation's peers do: started with the daemons, the
-    # founder trained rounds alone while the others were still starting (10-15 s here), and its rounds
-    # stayed numbered ahead of theirs for the whole run.
+    # All start together, as DDP's ranks and the simulation's peers do: started with its daemon, the
+    # founder could train rounds alone while the others were still starting (10-15 s here).
     try:
         for info in group.nodes():
             group.client(info.index).post("/v1/train/start", {"rounds": rounds})

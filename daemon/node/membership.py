@@ -66,8 +66,8 @@ class Membership:
         """Bytes moved, time and state at the last heartbeat sent (state None: none sent yet)."""
         self._peers: frozenset[str] = frozenset()
         self._peers_changed = time.monotonic()
-        self._state_changed = asyncio.Event()
         """The connected peers at the last check, and when they last changed."""
+        self._state_changed = asyncio.Event()  # set by state_changed(): check at once
 
     def install(self, counting: Callable[..., object]) -> asyncio.Queue[p2p.GossipMessage]:
         """Register the goodbye handler (wrapped by ``counting``) and the heartbeat topic."""
