@@ -12,6 +12,7 @@ Layout (one concept per module; import the public names from ``crdt`` itself):
 - ``checkpoint``  signed Checkpoint records, CheckpointPolicy, check_attestation (the trust model)
 - ``state``       ModelState (int64 fixed-point accumulator), ApplyOutcome; its influence window in
                   ``_window``
+- ``frozen``      FrozenState: a state frozen copy-on-write, hashed and encoded in another thread
 - ``admission``   proof of work an open run may ask of each author (find_admission_nonce)
 - ``log``         WAL framing and scan_log (bytes only; the files live in daemon/store.py)
 - ``antientropy`` plan_sync, retention_floor
@@ -31,6 +32,7 @@ from crdt.errors import (
     SignatureError,
     ValidationError,
 )
+from crdt.frozen import FrozenState
 from crdt.log import LOG_HEADER, MAX_RECORD_BYTES, LogScan, frame_record, scan_log, seal_blob, unseal_blob
 from crdt.payload import (
     CHUNK_SIZE,
@@ -89,6 +91,7 @@ __all__ = [
     "Contribution",
     "CrdtError",
     "Digest",
+    "FrozenState",
     "GapTooLargeError",
     "Genesis",
     "GenesisMismatchError",

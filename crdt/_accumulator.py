@@ -44,11 +44,11 @@ from collections.abc import Iterable, Iterator
 import numpy as np
 
 from crdt import _wire
-from crdt._packed import PackedInt64
+from crdt._packed import FrozenPacked, PackedInt64
 from crdt.records import HASH_BYTES, Genesis
 from crdt.snapshot import SnapshotHeader, encode_snapshot
 
-__all__ = ["QUANTUM", "SCALE_BITS", "Accumulator"]
+__all__ = ["QUANTUM", "SCALE_BITS", "Accumulator", "FrozenAccumulator"]
 
 #: Fractional bits of the accumulator (see the module docstring for the range/overflow analysis).
 SCALE_BITS = 32
@@ -114,17 +114,7 @@ class Accumulator:
         return current
 
     def _digest(self, fragment: int, minus: list[Delta]) -> bytes:
-        """crdt.snapshot.fragment_digest of the fragment's int64 values less ``minus``, in blocks."""
-        h = hashlib.blake2b(digest_size=HASH_BYTES)
-        start, stop = self.genesis.fragments[fragment]
-        for lo in range(start, stop, _BLOCK):
-            hi = min(lo + _BLOCK, stop)
-            block = self.values.read(lo, hi)
-            for _, target, amounts in minus:
-                a, b = np.searchsorted(target, (lo, hi))
-                block[target[a:b] - lo] -= amounts[a:b]
-            h.update(memoryview(block.astype("<i8", copy=False)).cast("B"))
-        return h.digest()
+        return _fragment_digest(self.values, self.genesis.fragments[fragment], minus)
 
     def materialize(self, out: np.ndarray | None) -> np.ndarray:
         n = self.genesis.length
@@ -146,3 +136,52 @@ class Accumulator:
             if self.generation != generation:
                 raise RuntimeError("ModelState changed while its snapshot was being encoded")
             yield part
+
+    def freeze(self, *, hashed: bool) -> FrozenAccumulator:
+        """The values as they are now, readable from one other thread while this one goes on adding, to
+        encode once (``hashed``: the state hash is known) or to hash and then encode."""
+        return FrozenAccumulator(self.genesis, self.values.freeze(1 if hashed else 2), self._hashes,
+                                 self.generation)
+
+    def take_hashes(self, hashes: list[bytes | None]) -> None:
+        """Fill the digests not cached here from a frozen view's of this very generation (the caller
+        checks it)."""
+        self._hashes = [mine or theirs for mine, theirs in zip(self._hashes, hashes, strict=True)]
+
+
+class FrozenAccumulator:
+    """An :class:`Accumulator` frozen at one generation (copy-on-write, crdt/_packed.py): its digests and
+    snapshot stream, computed in whatever thread calls them. Close it when done."""
+
+    def __init__(self, genesis: Genesis, values: FrozenPacked, hashes: list[bytes | None], generation: int
+                 ) -> None:
+        self.genesis = genesis
+        self.values = values
+        self.hashes = list(hashes)
+        self.generation = generation
+
+    def fragment_hashes(self) -> list[bytes]:
+        for i, span in enumerate(self.genesis.fragments):
+            if self.hashes[i] is None:
+                self.hashes[i] = _fragment_digest(self.values, span, [])
+        return self.hashes  # type: ignore[return-value]
+
+    def parts(self, header: SnapshotHeader) -> Iterator[bytes]:
+        return encode_snapshot(self.genesis, header, self.values)
+
+    def close(self) -> None:
+        self.values.close()
+
+
+def _fragment_digest(values: PackedInt64 | FrozenPacked, span: tuple[int, int], minus: list[Delta]) -> bytes:
+    """crdt.snapshot.fragment_digest of the int64 values in ``span`` less ``minus``, in blocks."""
+    h = hashlib.blake2b(digest_size=HASH_BYTES)
+    start, stop = span
+    for lo in range(start, stop, _BLOCK):
+        hi = min(lo + _BLOCK, stop)
+        block = values.read(lo, hi)
+        for _, target, amounts in minus:
+            a, b = np.searchsorted(target, (lo, hi))
+            block[target[a:b] - lo] -= amounts[a:b]
+        h.update(memoryview(block.astype("<i8", copy=False)).cast("B"))
+    return h.digest()

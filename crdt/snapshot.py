@@ -50,7 +50,7 @@ import numpy as np
 import zstandard
 
 from crdt import _wire
-from crdt._packed import PackedInt64
+from crdt._packed import FrozenPacked, PackedInt64
 from crdt.errors import GenesisMismatchError, ValidationError
 from crdt.log import RECORD_HEADER, frame_record, record_checksum
 from crdt.records import FORMAT_VERSION, HASH_BYTES, Genesis
@@ -178,15 +178,15 @@ class Snapshot:
 
 
 def encode_snapshot(
-    genesis: Genesis, header: SnapshotHeader, acc: np.ndarray | PackedInt64
+    genesis: Genesis, header: SnapshotHeader, acc: np.ndarray | PackedInt64 | FrozenPacked
 ) -> Iterator[bytes]:
-    """The snapshot stream of ``acc`` (int64 or packed, genesis.length) under ``header``, one framed part
-    per item: the magic and header first, then one part per block. Holds one block's temporaries at a
-    time."""
+    """The snapshot stream of ``acc`` (int64, packed or a frozen view of packed, genesis.length) under
+    ``header``, one framed part per item: the magic and header first, then one part per block. Holds one
+    block's temporaries at a time."""
     compressor = zstandard.ZstdCompressor(level=_ZSTD_LEVEL)
     yield SNAPSHOT_MAGIC + bytes([FORMAT_VERSION]) + frame_record(header.encode())
     for start, stop in _blocks(genesis):
-        a = acc.read(start, stop) if isinstance(acc, PackedInt64) else acc[start:stop]
+        a = acc[start:stop] if isinstance(acc, np.ndarray) else acc.read(start, stop)
         codes = ((a << 1) ^ (a >> 63)).view(np.uint64)  # zigzag
         planes = np.ascontiguousarray(codes.astype("<u8", copy=False).view(np.uint8).reshape(-1, 8).T)
         packed = [compressor.compress(p.data) if p.any() else b"" for p in planes]

@@ -64,6 +64,7 @@ from crdt.errors import (
     HistoryPrunedError,
     ValidationError,
 )
+from crdt.frozen import FrozenState
 from crdt.records import DEFAULT_LIMITS, Contribution, Genesis, Limits
 from crdt.signing import Signer
 from crdt.snapshot import Snapshot, SnapshotHeader, combine_state_hash
@@ -468,6 +469,20 @@ class ModelState:
         header = SnapshotHeader(self._genesis.id, self.version_vector, self.state_hash, self._self_verified,
                                 self._bases_at(self.version_vector) or VersionVector())
         return self._acc.parts(header)
+
+    def freeze(self) -> FrozenState:
+        """This state as it is now, to hash and encode in another thread while this one goes on applying
+        (crdt/frozen.py). Close it when done."""
+        vector = self.version_vector
+        return FrozenState(self._genesis.id, vector, self._bases_at(vector), self._self_verified,
+                           self._acc.freeze(hashed=self._cache_hash is not None), self._cache_hash)
+
+    def take_hash(self, frozen: FrozenState) -> None:
+        """Keep the hash ``frozen`` computed (and its fragment digests) if this state has not changed since
+        it was frozen, so that it is not computed again here."""
+        if frozen.generation == self._acc.generation and frozen.version_vector == self.version_vector:
+            self._acc.take_hashes(frozen.fragment_hashes)
+            self._cache_hash = frozen.state_hash
 
     @classmethod
     def from_snapshot(cls, genesis: Genesis, snapshot: Snapshot, *, checkpoints: Iterable[Checkpoint],

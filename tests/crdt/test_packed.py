@@ -3,6 +3,8 @@ widening included; a state whose blocks leave int32 mid-run hashes and snapshots
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 from crdt_testlib import SIGNERS, contribution, genesis, read_snapshot
@@ -105,3 +107,52 @@ def test_a_state_whose_blocks_widen_mid_run_hashes_and_snapshots_as_int64(small_
     earlier = ModelState(g)
     earlier.apply_all(history[:2])
     assert state.state_hash_at(earlier.version_vector) == earlier.state_hash
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), count=st.integers(1, 8),
+       cuts=st.lists(st.integers(0, 100), max_size=6))
+def test_a_frozen_view_reads_the_values_of_its_moment_whatever_is_added_between_its_reads(
+    seed: int, count: int, cuts: list[int]
+) -> None:
+    """Copy-on-write by block: adds (widening ones included) and writes land between the view's reads,
+    which stop mid-block too; every read gives the frozen values, and blocks read whole are not copied."""
+    packmod.BLOCK_BITS = 3
+    try:
+        packed = PackedInt64(100)
+        adds = _adds(seed, 100, 2 * count)
+        for target, amounts in adds[:count]:
+            packed.add(target, amounts)
+        frozen = packed.to_int64()
+        view = packed.freeze(passes=2)
+        bounds = [0, *sorted(cuts), 100]
+        later = iter(adds[count:])
+        for start, stop in itertools.pairwise(bounds):
+            assert view.read(start, stop).tobytes() == frozen[start:stop].tobytes()
+            step = next(later, None)
+            if step is not None:
+                packed.add(*step)
+            packed.write(0, packed.read(0, 5) + 2**40)  # a write that widens block 0
+        assert view.read(0, 100).tobytes() == frozen.tobytes()  # the second pass: from the copies or as is
+        view.close()
+        assert not packed._views
+        with pytest.raises(RuntimeError):
+            view.read(0, 1)
+    finally:
+        packmod.BLOCK_BITS = 16
+
+
+def test_a_frozen_view_copies_only_blocks_changed_before_it_read_them(small_blocks: None) -> None:
+    packed = PackedInt64(100)
+    view = packed.freeze()
+    assert view.read(0, 16).tolist() == [0] * 16  # blocks 0 and 1 read whole
+    packed.add(np.array([1, 9, 17, 90], dtype=np.int64), np.ones(4, dtype=np.int64))
+    assert view.saved_bytes == 2 * 8 * 4  # blocks 2 and 11, narrow: their int32 slices
+    packed.add(np.array([17], dtype=np.int64), np.array([2**40], dtype=np.int64))  # widens a saved block
+    assert view.saved_bytes == 2 * 8 * 4  # saved once, before the first change
+    assert view.read(16, 100).tolist() == [0] * 84
+    assert view.saved_bytes == 0  # read whole: the copies are dropped
+    packed.add(np.array([20], dtype=np.int64), np.array([1], dtype=np.int64))
+    assert view.saved_bytes == 0  # blocks already read are not copied again
+    view.close()
+    assert packed.read(0, 100)[[1, 9, 17, 20, 90]].tolist() == [1, 1, 2**40 + 1, 1, 1]
