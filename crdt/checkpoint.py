@@ -64,7 +64,7 @@ from crdt.signing import PUBLIC_KEY_BYTES, SIGNATURE_BYTES, Signer, verify_signa
 from crdt.snapshot import SnapshotHeader
 from crdt.vv import VersionVector, vv_max_bytes
 
-__all__ = ["Checkpoint", "CheckpointPolicy", "check_attestation", "make_checkpoint"]
+__all__ = ["Checkpoint", "CheckpointPolicy", "check_attestation", "make_checkpoint", "require_self_verified"]
 
 #: Genesis meta keys of a run's policy: comma-separated hex public keys, and a decimal quorum.
 META_SIGNERS = "checkpoint_signers"
@@ -169,6 +169,18 @@ def make_checkpoint(signer: Signer, *, genesis_id: str, version_vector: VersionV
     unsigned = Checkpoint(genesis_id, version_vector, state_hash, signer.public_key, b"")
     return Checkpoint(genesis_id, version_vector, state_hash, signer.public_key,
                       signer.sign(unsigned._body()))
+
+
+def require_self_verified(self_verified: bool) -> None:
+    """A signer attests only states it computed from records it verified (ModelState.checkpoint,
+    FrozenState.checkpoint).
+
+    Raises:
+        AttestationError: the state includes a peer's snapshot.
+    """
+    if not self_verified:
+        raise AttestationError("checkpoint: this state includes a peer's snapshot; a signer attests only "
+                               "states it computed from records it verified")
 
 
 def check_attestation(header: SnapshotHeader, checkpoints: Iterable[Checkpoint],

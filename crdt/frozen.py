@@ -16,6 +16,8 @@ from collections.abc import Iterator
 from types import TracebackType
 
 from crdt._accumulator import FrozenAccumulator
+from crdt.checkpoint import Checkpoint, make_checkpoint, require_self_verified
+from crdt.signing import Signer
 from crdt.snapshot import SnapshotHeader, combine_state_hash
 from crdt.vv import VersionVector
 
@@ -50,6 +52,13 @@ class FrozenState:
     @property
     def fragment_hashes(self) -> list[bytes | None]:
         return self._acc.hashes
+
+    def checkpoint(self, signer: Signer) -> Checkpoint:
+        """ModelState.checkpoint of the frozen state (hashing it first if need be: call it where that may
+        take long)."""
+        require_self_verified(self.self_verified)
+        return make_checkpoint(signer, genesis_id=self.genesis_id, version_vector=self.version_vector,
+                               state_hash=self.state_hash)
 
     def snapshot_parts(self) -> Iterator[bytes]:
         """ModelState.snapshot_parts of the frozen state."""

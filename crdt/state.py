@@ -53,9 +53,14 @@ from crdt._accumulator import QUANTUM, SCALE_BITS, Accumulator, Delta, to_fixed
 from crdt._pending import PendingBuffer
 from crdt._window import check_growth, influence_window, windowed_clip
 from crdt.admission import admission_bits, check_admission
-from crdt.checkpoint import Checkpoint, CheckpointPolicy, check_attestation, make_checkpoint
+from crdt.checkpoint import (
+    Checkpoint,
+    CheckpointPolicy,
+    check_attestation,
+    make_checkpoint,
+    require_self_verified,
+)
 from crdt.errors import (
-    AttestationError,
     CapacityError,
     ConflictError,
     CrdtError,
@@ -570,9 +575,7 @@ class ModelState:
             AttestationError: this state is not :attr:`self_verified` (it adopted a peer's snapshot).
             ValidationError, HistoryPrunedError: see :meth:`state_hash_at`.
         """
-        if not self._self_verified:
-            raise AttestationError("checkpoint: this state includes a peer's snapshot; a signer attests only "
-                                   "states it computed from records it verified")
+        require_self_verified(self._self_verified)
         vector = self.version_vector if at is None else at
         return make_checkpoint(signer, genesis_id=self._genesis.id, version_vector=vector,
                                state_hash=self.state_hash_at(vector))

@@ -195,8 +195,11 @@ class Node:
             await self._shutdown()
 
     async def _shutdown(self) -> None:
-        # Fixed order: stop compute, make the log durable, then say goodbye and leave the mesh.
+        # Fixed order: stop compute, finish the snapshot being written and make the log durable, then
+        # say goodbye and leave the mesh.
         await self.trainer.aclose()
+        if self._parts is not None:
+            await self._parts.replica.settle()
         self.store.close()
         if self._parts is not None:
             self._parts.rounds.state = TrainingState.LEAVING

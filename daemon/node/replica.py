@@ -10,14 +10,17 @@ replica counts what it accepted, what was a duplicate and what it refused (:meth
 for junk requests and gossip), and keeps the proof when an author equivocates.
 
 Every ``snapshot_every`` new contributions the replica writes a snapshot and forgets the history that
-every known member already holds: the meet of its own vector and the last vector heard from each member
-(:meth:`note_vector`), persisted before compacting by it so that a restart forgets no member. The WAL keeps
-every record above that floor, so a restart compacts nothing. With no member heard from, nothing is
-compacted: nobody else holds anything, and members that come back could neither get the history nor
-adopt our snapshot. Only members that lack at most ``snapshot_every`` of our contributions hold history
-back (one further behind catches up from a snapshot anyway), a member not heard from for
-``member_ttl_s`` is forgotten, and at most ``MAX_MEMBERS`` (the most recently heard) are kept: otherwise
-one digest with an empty vector, from anyone who knows the genesis id, would pin compaction forever.
+every known member already holds (:meth:`snapshot_and_compact`, in the background: the state is frozen
+copy-on-write and hashed, encoded, written and synced in a worker thread, ~4 s at 100M parameters that the
+event loop used to spend, while records go on being accepted into the live state): the meet of its own
+vector and the last vector heard from each member (:meth:`note_vector`), persisted before compacting by it
+so that a restart forgets no member. The WAL keeps every record above that floor, so a restart compacts
+nothing. With no member heard from, nothing is compacted: nobody else holds anything, and members that
+come back could neither get the history nor adopt our snapshot. Only members that lack at most
+``snapshot_every`` of our contributions hold history back (one further behind catches up from a snapshot
+anyway), a member not heard from for ``member_ttl_s`` is forgotten, and at most ``MAX_MEMBERS`` (the most
+recently heard) are kept: otherwise one digest with an empty vector, from anyone who knows the genesis id,
+would pin compaction forever.
 
 A replica too far behind a peer (the peer compacted what it lacks) adopts the peer's snapshot with
 :meth:`adopt`, only if that loses nothing: every contribution it holds that the snapshot lacks must still
@@ -113,7 +116,8 @@ class Replica:
         self.on_author: Callable[[str], None] = lambda author: None
         """Called with the author (peer id) of every contribution applied."""
         self._since_snapshot = 0
-        self._adopting = False  # a peer's snapshot is being written (see adopt): no snapshot of our own
+        self._writing = asyncio.Lock()  # a snapshot file is being written (ours or an adopted one)
+        self._snapshot_task: asyncio.Task[int] | None = None
 
     @classmethod
     def open(cls, store: Store, genesis: crdt.Genesis, *, snapshot_every: int, **options: Any) -> Replica:
@@ -166,8 +170,8 @@ class Replica:
             self.disk_full = False
         self.counters.accepted += 1
         self._since_snapshot += 1
-        if self._since_snapshot >= self.snapshot_every and not self._adopting:
-            self.snapshot_and_compact()
+        if self._since_snapshot >= self.snapshot_every:
+            self._start_snapshot()
         self.on_change()
         return outcome
 
@@ -261,51 +265,86 @@ class Replica:
             if sum(max(0, s - vv.get(a)) for a, s in ours.items()) <= self.snapshot_every
         }
 
-    def snapshot_and_compact(self) -> int:
+    def _start_snapshot(self) -> None:
+        """Start :meth:`snapshot_and_compact` in the background, unless a snapshot (ours or an adopted one)
+        is being written: then the first accept after it asks again."""
+        if self._writing.locked() or (self._snapshot_task is not None and not self._snapshot_task.done()):
+            return
+        self._snapshot_task = asyncio.get_running_loop().create_task(self.snapshot_and_compact(),
+                                                                     name="snapshot")
+        self._snapshot_task.add_done_callback(_log_failure)
+
+    async def settle(self) -> None:
+        """Wait for the snapshot being written in the background, if any (before the store closes)."""
+        if self._snapshot_task is not None:
+            await asyncio.shield(self._snapshot_task)
+
+    async def snapshot_and_compact(self) -> int:
         """Persist a snapshot and forget the history every known member holds, never above the newest
         state a quorum of checkpoint signers attests (a joiner adopting that snapshot gets the rest as
         records). A signer signs a checkpoint of the snapshot and hands it to ``on_checkpoint``. Returns
-        records dropped. A write that fails (a full disk) compacts nothing; the next one tries again."""
-        state = self.state
-        checkpoint = self._sign()  # first: a signer's own checkpoint attests what it may compact to
-        vv, held = state.version_vector, state.retention_floor
-        vectors = self._members()
-        members = crdt.retention_floor(vv, vectors.values()) if vectors else held
-        attested = self.attestations.attested_vector()
-        if self.attestations.policy is not None:
-            members = crdt.retention_floor(members, [attested or crdt.VersionVector()])
-        # The floor after compacting: per author, the members' floor where it is above what we hold.
-        after = crdt.VersionVector.from_dict(
-            {a: max(held.get(a), min(members.get(a), s)) for a, s in vv.items()}
-        )
-        try:
-            self.store.write_peer_vectors(self.peer_vectors)  # before compacting by them: see the store
-            self.store.write_snapshot(
-                state.snapshot_parts(), floor=after,
-                checkpoints=self.attestations.for_state(vv, state.state_hash),
-            )
-        except OSError as exc:
-            log.error("snapshot not written, nothing compacted error=%s", exc)
-            self.disk_full = True
-            return 0
-        self.file_state = (vv, state.state_hash)
-        dropped = state.compact(members)
-        self._since_snapshot = 0
-        self.counters.snapshots_written += 1
-        log.info("snapshot written contributions=%d compacted=%d retained=%d attested=%s", vv.total, dropped,
-                 state.retained_count, attested.total if attested else "none")
-        if checkpoint is not None:
-            self.on_checkpoint(checkpoint)
-        return dropped
+        records dropped. A write that fails (a full disk) compacts nothing; the next one tries again.
 
-    def _sign(self, at: crdt.VersionVector | None = None) -> crdt.Checkpoint | None:
-        """This node's checkpoint of its state (or of its past state ``at``), if it is a signer of the run
-        and computed that state from records itself; kept with the others."""
+        The state is frozen (crdt.FrozenState) and hashed, encoded, written and synced in a worker
+        thread; records accepted meanwhile change only the live state (the frozen one keeps a copy of
+        each block they change before it was read) and stay in the log above the snapshot's floor.
+        """
+        async with self._writing:
+            state = self.state
+            self._since_snapshot = 0
+            with state.freeze() as frozen:
+                try:
+                    staged = await asyncio.to_thread(self._stage, frozen)
+                except OSError as exc:
+                    log.error("snapshot not written, nothing compacted error=%s", exc)
+                    self.disk_full = True
+                    return 0
+            state.take_hash(frozen)
+            vv, state_hash = frozen.version_vector, frozen.state_hash
+            checkpoint = self._sign(frozen)  # first: a signer's own checkpoint attests what it may compact to
+            held = state.retention_floor
+            vectors = self._members()
+            members = crdt.retention_floor(vv, vectors.values()) if vectors else held
+            attested = self.attestations.attested_vector()
+            if self.attestations.policy is not None:
+                members = crdt.retention_floor(members, [attested or crdt.VersionVector()])
+            # The floor after compacting: per author, the members' floor where it is above what we hold.
+            after = crdt.VersionVector.from_dict(
+                {a: max(held.get(a), min(members.get(a), s)) for a, s in vv.items()}
+            )
+            try:
+                self.store.write_peer_vectors(self.peer_vectors)  # before compacting by them: see the store
+                self.store.publish_snapshot(staged, floor=after,
+                                            checkpoints=self.attestations.for_state(vv, state_hash))
+            except OSError as exc:
+                log.error("snapshot not written, nothing compacted error=%s", exc)
+                self.disk_full = True
+                return 0
+            self.file_state = (vv, state_hash)
+            dropped = state.compact(members)
+            self.counters.snapshots_written += 1
+            log.info("snapshot written contributions=%d compacted=%d retained=%d attested=%s", vv.total,
+                     dropped, state.retained_count, attested.total if attested else "none")
+            if checkpoint is not None:
+                self.on_checkpoint(checkpoint)
+            return dropped
+
+    def _stage(self, frozen: crdt.FrozenState) -> Path:
+        """In a worker thread: hash, encode, write and sync the frozen state (not yet served or loaded)."""
+        return self.store.stage_snapshot(frozen.snapshot_parts())
+
+    def _sign(self, state: crdt.ModelState | crdt.FrozenState, at: crdt.VersionVector | None = None
+              ) -> crdt.Checkpoint | None:
+        """This node's checkpoint of ``state`` (a ModelState: or of its past state ``at``), if it is a
+        signer of the run and computed that state from records itself; kept with the others."""
         if self.signer is None or not self.attestations.is_signer(self.signer.public_key):
             return None
-        if not self.state.self_verified:
+        if not state.self_verified:
             return None
-        checkpoint = self.state.checkpoint(self.signer, at=at)
+        if isinstance(state, crdt.FrozenState):
+            checkpoint = state.checkpoint(self.signer)
+        else:
+            checkpoint = state.checkpoint(self.signer, at=at)
         self.attestations.add(checkpoint)
         return checkpoint
 
@@ -323,14 +362,14 @@ class Replica:
         if self.attestations.attested_vector() != before and self.state.retained_count:
             # Compaction waits for attestation; a node that took its last snapshot before this one arrived
             # (an idle node, say) would otherwise keep its whole history until its next snapshot_every.
-            self.snapshot_and_compact()
+            self._start_snapshot()
         state = self.state
         if self.file_state == (checkpoint.version_vector, checkpoint.state_hash):
             self.store.write_checkpoints(self.attestations.for_state(*self.file_state))
         if not state.version_vector.dominates(checkpoint.version_vector):
             return None  # we have not seen that state yet
         try:
-            mine = self._sign(at=checkpoint.version_vector)
+            mine = self._sign(state, at=checkpoint.version_vector)
         except crdt.HistoryPrunedError:
             return None  # we compacted past it: cannot recompute
         if mine is None or mine.state_hash != checkpoint.state_hash or mine.signer == checkpoint.signer:
@@ -359,8 +398,8 @@ class Replica:
         The adopted state is written to disk in a worker thread (encoding and writing a 100M-parameter
         state held the event loop for seconds; at 1B it would be tens). Meanwhile this node goes on
         accepting records into its current state and log, and they are applied to the adopted state
-        before it replaces the current one; the periodic snapshot waits. Not reentrant (the caller
-        installs one snapshot at a time).
+        before it replaces the current one; our own snapshot waits (one snapshot file is written at a
+        time).
 
         Raises:
             crdt.AttestationError: no quorum of the run's signers vouches for it (the model is untouched).
@@ -370,33 +409,36 @@ class Replica:
         policy = self.attestations.policy
         if policy is None:
             raise crdt.AttestationError("snapshot: this run's genesis names no checkpoint signers")
-        if not self.state.can_serve(snapshot.header.version_vector):
-            return False
-        held = self.state.records()
-        fresh = crdt.ModelState.from_snapshot(
-            self.state.genesis, snapshot, checkpoints=checkpoints, policy=policy, log=held,
-            limits=self.state.limits,
-        )
-        for checkpoint in checkpoints:
-            self.attestations.add(checkpoint)
-        written, floor = (fresh.version_vector, fresh.state_hash), fresh.retention_floor
-        self._adopting = True
-        try:
+        async with self._writing:
+            if not self.state.can_serve(snapshot.header.version_vector):
+                return False
+            held = self.state.records()
+            fresh = crdt.ModelState.from_snapshot(
+                self.state.genesis, snapshot, checkpoints=checkpoints, policy=policy, log=held,
+                limits=self.state.limits,
+            )
+            for checkpoint in checkpoints:
+                self.attestations.add(checkpoint)
+            written, floor = (fresh.version_vector, fresh.state_hash), fresh.retention_floor
             staged = await asyncio.to_thread(self.store.stage_snapshot, fresh.snapshot_parts())
-        finally:
-            self._adopting = False
-        self.store.publish_snapshot(staged, floor=floor, checkpoints=self.attestations.for_state(*written))
-        seen = {(c.author, c.seq) for c in held}
-        for c in self.state.records():  # accepted while the file was written: logged, not yet in ``fresh``
-            if (c.author, c.seq) not in seen:
-                with contextlib.suppress(crdt.CrdtError):  # as when it arrived: refused here too
-                    fresh.apply(c)
-        self.state = fresh
-        self.file_state = written
-        self._since_snapshot = 0
+            self.store.publish_snapshot(staged, floor=floor,
+                                        checkpoints=self.attestations.for_state(*written))
+            seen = {(c.author, c.seq) for c in held}
+            for c in self.state.records():  # accepted while the file was written: logged, not in ``fresh``
+                if (c.author, c.seq) not in seen:
+                    with contextlib.suppress(crdt.CrdtError):  # as when it arrived: refused here too
+                        fresh.apply(c)
+            self.state = fresh
+            self.file_state = written
+            self._since_snapshot = 0
         self.counters.snapshots_installed += 1
         self.on_change()
         return True
+
+
+def _log_failure(task: asyncio.Task[int]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("snapshot failed", exc_info=task.exception())
 
 
 def _peer(author: bytes) -> str:

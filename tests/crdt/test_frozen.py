@@ -84,3 +84,12 @@ def test_a_worker_thread_encodes_a_frozen_state_while_the_owner_applies() -> Non
             owner.apply_all(hist[8:])
             worker.join()
         assert b"".join(out) == want
+
+
+def test_a_frozen_state_is_signed_like_the_state_it_was() -> None:
+    hist = history(G, n_authors=2, per_author=3)
+    state = _replay(hist[:4])
+    with state.freeze() as frozen:
+        state.apply(hist[4])
+        signed = frozen.checkpoint(SIGNERS[0])
+    assert signed == _replay(hist[:4]).checkpoint(SIGNERS[0])

@@ -23,19 +23,20 @@ def _open_replica(path: Path, *, snapshot_every: int = 1000) -> Replica:
     return Replica.open(Store(path), G, snapshot_every=snapshot_every, signer=SIGNER)
 
 
-def test_replica_logs_what_it_accepts_and_compacts_only_what_every_member_holds(tmp_path: Path) -> None:
+async def test_replica_logs_what_it_accepts_and_compacts_only_what_every_member_holds(tmp_path: Path) -> None:
     authors = sorted({c.author for c in HIST})
     replica = _open_replica(tmp_path, snapshot_every=len(HIST) - 1)
     assert replica.accept(HIST[0]) is crdt.ApplyOutcome.APPLIED
     assert replica.accept(HIST[0]) is crdt.ApplyOutcome.DUPLICATE
     for c in HIST[1:-1]:  # the (len - 1)-th new one writes a snapshot, compacting nothing:
         replica.accept(c)  # no member heard from yet, so nobody else holds anything
+    await replica.settle()
     assert replica.store.wal_records == len(HIST) - 1 and replica.counters.snapshots_written == 1
     assert replica.state.retained_count == len(HIST) - 1
     member = crdt.VersionVector.from_dict({a: 2 for a in authors})
     replica.note_vector("peerA", member)
     replica.accept(HIST[-1])
-    assert replica.snapshot_and_compact() == len(authors) * 2
+    assert await replica.snapshot_and_compact() == len(authors) * 2
     assert replica.state.retention_floor == member
     assert not replica.state.can_serve(crdt.VersionVector()) and replica.state.can_serve(member)
     replica.store.close()
@@ -87,7 +88,7 @@ async def test_replica_adopts_a_snapshot_only_when_it_loses_nothing(tmp_path: Pa
     for c in mine:
         lossy.accept(c)
     lossy.note_vector("peerA", lossy.state.version_vector)
-    lossy.snapshot_and_compact()  # forgets everything: now authors[0]'s seq 4 exists only in the state
+    await lossy.snapshot_and_compact()  # forgets everything: now authors[0]'s seq 4 exists only in the state
     assert lossy.state.retention_floor == lossy.state.version_vector
     before = lossy.state.state_hash
     assert not await lossy.adopt(*attested(older))  # adopting would drop authors[0]'s seq 4
@@ -127,6 +128,45 @@ async def test_records_accepted_while_an_adopted_snapshot_is_written_are_kept(
     assert replica.state.state_hash == expected.state_hash
     replica.store.close()
     assert _open_replica(tmp_path).state.state_hash == expected.state_hash  # the late record was logged
+
+
+async def test_records_accepted_while_our_snapshot_is_written_stay_live_and_logged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Our periodic snapshot is hashed, encoded and written in a worker thread from a frozen state: the
+    loop goes on accepting records (the live state moves on, the snapshot file is of the frozen one),
+    the WAL keeps the late records above the snapshot's floor, and a restart has them all."""
+    authors = sorted({c.author for c in HIST})
+    first = [c for c in HIST if c.seq <= 2]
+    late = [c for c in HIST if c.seq == 3]
+    replica = _open_replica(tmp_path, snapshot_every=len(first))
+    replica.note_vector("peerA", crdt.VersionVector.from_dict({a: 3 for a in authors}))  # holds it all
+    writing, release = threading.Event(), threading.Event()
+    stage = replica.store.stage_snapshot
+
+    def slow_stage(parts: Iterable[bytes]) -> Path:
+        writing.set()
+        release.wait(10)
+        return stage(parts)
+
+    monkeypatch.setattr(replica.store, "stage_snapshot", slow_stage)
+    for c in first:
+        replica.accept(c)  # the last one starts the snapshot in the background
+    while not writing.is_set():
+        await asyncio.sleep(0.01)
+    for c in late:
+        assert replica.accept(c) is crdt.ApplyOutcome.APPLIED  # the loop is free meanwhile
+    assert replica.counters.snapshots_written == 0
+    release.set()
+    await replica.settle()
+    assert replica.counters.snapshots_written == 1
+    assert replica.file_state == (state_of(first).version_vector, state_of(first).state_hash)
+    assert replica.state.state_hash == state_of(first + late).state_hash  # the live state moved on
+    # compacted up to the snapshot (peerA holds more, but the file has only the frozen state)
+    assert replica.state.retention_floor == state_of(first).version_vector
+    assert replica.store.wal_records == len(late)
+    replica.store.close()
+    assert _open_replica(tmp_path).state.state_hash == state_of(first + late).state_hash
 
 
 def test_a_full_disk_refuses_contributions_and_recovers(
@@ -173,7 +213,7 @@ def test_a_failed_append_leaves_no_torn_record(tmp_path: Path, monkeypatch: pyte
     assert Store(tmp_path).recovery.truncated_bytes == 0
 
 
-def test_members_far_behind_or_long_silent_do_not_pin_compaction(tmp_path: Path) -> None:
+async def test_members_far_behind_or_long_silent_do_not_pin_compaction(tmp_path: Path) -> None:
     now = [1000.0]
     replica = Replica.open(Store(tmp_path), G, snapshot_every=2, member_ttl_s=60.0, clock=lambda: now[0],
                            signer=SIGNER)
@@ -182,16 +222,19 @@ def test_members_far_behind_or_long_silent_do_not_pin_compaction(tmp_path: Path)
     replica.note_vector("member", crdt.VersionVector.from_dict({a: 1 for a in authors}))
     for c in sorted(HIST, key=lambda c: c.seq)[:6]:  # seqs 1 and 2 of every author
         replica.accept(c)
+        await replica.settle()
     # the stranger lacks 6 > snapshot_every: it does not hold history back; the member (lacks 3) does
     assert replica.state.retention_floor == crdt.VersionVector.from_dict({a: 1 for a in authors})
     now[0] += 61.0  # the member falls silent; another one, up to date, is heard
     replica.note_vector("fresh", replica.state.version_vector)
-    replica.snapshot_and_compact()
+    await replica.snapshot_and_compact()
     assert replica.state.retention_floor == replica.state.version_vector  # nobody else waits: compacted
     assert set(replica.peer_vectors) == {"fresh"}  # the silent member and the stranger were forgotten
 
 
-def test_compaction_waits_for_a_quorum_of_signers_and_checkpoints_are_countersigned(tmp_path: Path) -> None:
+async def test_compaction_waits_for_a_quorum_of_signers_and_checkpoints_are_countersigned(
+    tmp_path: Path,
+) -> None:
     """A non-signer never compacts above the newest attested state: a joiner that adopts that snapshot
     must get the rest as records. The signer's checkpoint, once it arrives, lets it compact."""
     follower = Replica.open(Store(tmp_path / "follower"), G, snapshot_every=1000)
@@ -202,11 +245,12 @@ def test_compaction_waits_for_a_quorum_of_signers_and_checkpoints_are_countersig
         for c in HIST:
             replica.accept(c)
         replica.note_vector("peer", replica.state.version_vector)
-    assert follower.snapshot_and_compact() == 0  # nobody attests anything yet: all of it stays
+    assert await follower.snapshot_and_compact() == 0  # nobody attests anything yet: all of it stays
     assert follower.attested_snapshot() is None  # and its snapshot is not served
-    assert leader.snapshot_and_compact() == len(HIST) and len(published) == 1
+    assert await leader.snapshot_and_compact() == len(HIST) and len(published) == 1
     written = follower.counters.snapshots_written
     assert follower.offer_checkpoint(published[0].encode()) is None  # a follower does not countersign
+    await follower.settle()
     # ...but compacts at once up to what the run now vouches for (an idle node has no next snapshot).
     assert follower.state.retained_count == 0 and follower.counters.snapshots_written == written + 1
     assert follower.offer_checkpoint(published[0].encode()) is None  # held already: nothing new
