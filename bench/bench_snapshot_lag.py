@@ -1,0 +1,169 @@
+"""What a node's own periodic snapshot costs its event loop, at the model sizes users run.
+
+A replica (daemon/node/replica.py) holding a state of N parameters with a few rice-q8 contributions at
+the default density (2 %) writes a snapshot. Two ways, in one process, same state:
+
+* ``on the loop`` (what 0.1 did, and the daemon until 2026-12-02): hash, encode, write and fsync the
+  snapshot on the event loop; the loop is blocked for all of it;
+* ``frozen, worker thread`` (now): ``Replica.snapshot_and_compact`` freezes the state copy-on-write
+  (crdt/frozen.py) and hashes, encodes, writes and syncs it in a worker thread, while a 1 ms ticker on
+  the loop measures its worst scheduling delay; once with nothing else to do, once accepting another
+  contribution in the middle of the write (its blocks are copied for the frozen view first).
+
+For each: wall time, the loop's worst lag (with a record accepted meanwhile: the accept itself, which
+applies on the loop, is the worst; its time is reported beside), the bytes of blocks the frozen view
+copied, and the process's peak resident memory above the state's (sampled every 10 ms), per parameter.
+
+Run: ``python bench/bench_snapshot_lag.py [--params 101296128] [--out bench/results/snapshot_lag.json]``
+(about 3 GB and two minutes at 100M; take the lock: ``flock /work/heavy.lock ...``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import crdt
+from daemon.node.replica import Replica
+from daemon.node.store import Store
+
+DENSITY = 0.02  # training.DilocoConfig.topk_density
+CODEC = "rice-q8"  # training.DilocoConfig.codec
+RESULTS = Path(__file__).parent / "results" / "snapshot_lag.json"
+
+
+class Ticker:
+    """A 1 ms ticker on the loop: its worst delay, and the peak RSS sampled every 10 ms."""
+
+    def __init__(self) -> None:
+        self.worst = 0.0
+        self.peak_rss = 0
+        self._task: asyncio.Task[None] | None = None
+
+    async def _run(self) -> None:
+        process, last_rss = psutil.Process(), 0.0
+        while True:
+            t = time.perf_counter()
+            await asyncio.sleep(0.001)
+            self.worst = max(self.worst, time.perf_counter() - t - 0.001)
+            if t - last_rss > 0.01:
+                self.peak_rss, last_rss = max(self.peak_rss, process.memory_info().rss), t
+
+    def __enter__(self) -> Ticker:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        assert self._task is not None
+        self._task.cancel()
+
+
+def _records(genesis: crdt.Genesis, signer: crdt.Signer, count: int, first_seq: int
+             ) -> list[crdt.Contribution]:
+    rng = np.random.default_rng(first_seq)
+    n, k = genesis.length, int(genesis.length * DENSITY)
+    out = []
+    for seq in range(first_seq, first_seq + count):
+        idx = np.sort(rng.choice(n, size=k, replace=False)).astype(np.uint32)
+        vals = (rng.standard_normal(k) * 1e-3).astype(np.float32)
+        out.append(crdt.make_contribution(signer, genesis_id=genesis.id, seq=seq, fragment=0, codec=CODEC,
+                                          payload=crdt.encode_payload(CODEC, n, idx, vals), weight=1.0,
+                                          base_version=b"\x00" * 32))
+    return out
+
+
+async def _measure(params: int) -> list[dict]:
+    rng = np.random.default_rng(0)
+    genesis = crdt.Genesis((rng.standard_normal(params, dtype=np.float32) * 0.02), ((0, params),),
+                           {"run": "bench-snapshot-lag"})
+    signer = crdt.Signer.from_seed(b"\x01" * 32)
+    records = _records(genesis, signer, 6, 1)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="meshtrain-snaplag-", dir=Path(__file__).parent) as tmp:
+        replica = Replica.open(Store(Path(tmp) / "store"), genesis, snapshot_every=10**9)
+        for c in records[:3]:
+            replica.accept(c)
+        base = psutil.Process().memory_info().rss
+
+        def row(way: str, wall: float, lag: float, copied: int, peak: int, accept: float = 0.0) -> dict:
+            return {"way": way, "params": params, "wall_s": round(wall, 3), "loop_worst_lag_s": round(lag, 3),
+                    "accept_meanwhile_s": round(accept, 3),
+                    "copied_bytes_per_param": round(copied / params, 3),
+                    "peak_rss_above_state_bytes_per_param": round(max(0, peak - base) / params, 3)}
+
+        state = replica.state
+        t = time.perf_counter()
+        state.state_hash  # noqa: B018 - what the loop computed first
+        replica.store.write_snapshot(state.snapshot_parts(), floor=crdt.VersionVector())
+        on_loop = time.perf_counter() - t
+        rows.append(row("on the loop (before)", on_loop, on_loop, 0, psutil.Process().memory_info().rss))
+
+        replica.accept(records[3])  # a fresh change: the hash is not cached
+        with Ticker() as ticker:
+            t = time.perf_counter()
+            await replica.snapshot_and_compact()
+            wall = time.perf_counter() - t
+        rows.append(row("frozen, worker thread", wall, ticker.worst, 0, ticker.peak_rss))
+
+        replica.accept(records[4])
+        copied = 0
+        original = crdt.ModelState.freeze
+
+        def spy(self: crdt.ModelState) -> crdt.FrozenState:
+            nonlocal frozen
+            frozen = original(self)
+            return frozen
+
+        frozen: crdt.FrozenState | None = None
+        crdt.ModelState.freeze = spy  # type: ignore[method-assign]
+        try:
+            with Ticker() as ticker:
+                t = time.perf_counter()
+                writing = asyncio.create_task(replica.snapshot_and_compact())
+                await asyncio.sleep(0.2)  # the worker is hashing by now
+                a = time.perf_counter()
+                replica.accept(records[5])
+                accept = time.perf_counter() - a
+                assert frozen is not None
+                copied = frozen._acc.values.saved_bytes
+                await writing
+                wall = time.perf_counter() - t
+        finally:
+            crdt.ModelState.freeze = original  # type: ignore[method-assign]
+        rows.append(row("frozen, a record accepted meanwhile", wall, ticker.worst, copied, ticker.peak_rss,
+                        accept))
+        replica.close()
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", type=int, default=101_296_128)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    rows = asyncio.run(_measure(args.params))
+    print(f"{'way':<38} {'params':>11} {'wall s':>7} {'loop lag s':>10} {'accept s':>8} {'copied B/p':>10}"
+          f" {'peak B/p':>8}")
+    for r in rows:
+        print(f"{r['way']:<38} {r['params']:>11,} {r['wall_s']:>7.2f} {r['loop_worst_lag_s']:>10.3f}"
+              f" {r['accept_meanwhile_s']:>8.3f}"
+              f" {r['copied_bytes_per_param']:>10.2f} {r['peak_rss_above_state_bytes_per_param']:>8.2f}")
+    result = {"measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": platform.node(),
+              "cpus": psutil.cpu_count(), "codec": CODEC, "density": DENSITY, "rows": rows}
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
