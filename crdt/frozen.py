@@ -19,7 +19,7 @@ from crdt._accumulator import FrozenAccumulator
 from crdt.checkpoint import Checkpoint, make_checkpoint, require_self_verified
 from crdt.signing import Signer
 from crdt.snapshot import SnapshotHeader, combine_state_hash
-from crdt.vv import VersionVector
+from crdt.vv import Digest, VersionVector
 
 __all__ = ["FrozenState"]
 
@@ -48,6 +48,10 @@ class FrozenState:
             self._hash = combine_state_hash(self.genesis_id, self.version_vector, self._acc.fragment_hashes(),
                                             self._bases)
         return self._hash
+
+    def digest(self) -> Digest:
+        """ModelState.digest of the frozen state (hashing it first if need be)."""
+        return Digest(self.version_vector, self.state_hash, self.version_vector.total)
 
     @property
     def fragment_hashes(self) -> list[bytes | None]:

@@ -187,6 +187,11 @@ class ModelState:
         return self._cache_hash
 
     @property
+    def hash_known(self) -> bool:
+        """:attr:`state_hash` is cached (reading it costs nothing); else it hashes every changed fragment."""
+        return self._cache_hash is not None
+
+    @property
     def influence_window(self) -> int | None:
         """The genesis's influence window W (None: off; crdt/_window.py)."""
         return self._window

@@ -101,7 +101,7 @@ class Spreader:
     async def _push(self, contribution: crdt.Contribution) -> set[str]:
         """Send ``contribution`` to every connected member at once; the members that took it."""
         record = contribution.encode()
-        with_digest = wire.Push(self.replica.state.digest().encode(), record).encode()
+        with_digest = wire.Push((await self.replica.digest()).encode(), record).encode()
         if len(with_digest) > wire.MAX_PUSH_BYTES:
             return set()
         without = wire.Push(b"", record).encode()

@@ -177,16 +177,17 @@ class Sync:
         request = wire.SyncRequest.decode(data)
         self._admit(peer, request.genesis)  # before the digest is decoded: a stranger's costs nothing more
         remote = crdt.Digest.decode(request.digest)
+        ours = await self.replica.digest()
         state = self.replica.state
         self.replica.note_vector(peer, remote.version_vector)
-        self._compare(peer, remote)
+        self._compare(peer, remote, ours)
         plan = crdt.plan_sync(state, remote, max_count=self.settings().max_batch)
         self.machine.served(peer, peer_has_more=plan.remote_has_more, now=time.monotonic())
         self._wakeup.set()
         quorum = self.replica.attestations.newest_quorum()
         newer = bool(quorum) and quorum[0].version_vector.total > request.attested
         response = wire.SyncResponse(
-            digest=state.digest().encode(),
+            digest=ours.encode(),
             contributions=tuple(c.encode() for c in plan.send),
             snapshot_required=plan.remote_needs_snapshot,
             checkpoints=tuple(c.encode() for c in quorum) if newer else (),
@@ -226,14 +227,13 @@ class Sync:
             raise wire.Partitioned("partitioned away (fault injection)")
         self.members.add(peer)
 
-    def _compare(self, peer: str, remote: crdt.Digest) -> None:
-        state = self.replica.state
+    def _compare(self, peer: str, remote: crdt.Digest, ours: crdt.Digest) -> None:
         if self.machine.compared(
             peer,
-            same_vector=remote.version_vector == state.version_vector,
-            same_hash=remote.state_hash == state.state_hash,
+            same_vector=remote.version_vector == ours.version_vector,
+            same_hash=remote.state_hash == ours.state_hash,
         ):
-            log.error("state diverged peer=%s state_hash=%s theirs=%s", peer, state.state_hash[:16],
+            log.error("state diverged peer=%s state_hash=%s theirs=%s", peer, ours.state_hash[:16],
                       remote.state_hash[:16])
 
     # -- pulling ---------------------------------------------------------------------------------------
@@ -366,7 +366,8 @@ class Sync:
         self.replica.counters.pulls += 1
         try:
             attested = self.replica.attestations.attested_vector()
-            request = wire.SyncRequest(genesis=state.genesis.id, digest=state.digest().encode(),
+            ours = await self.replica.digest()
+            request = wire.SyncRequest(genesis=state.genesis.id, digest=ours.encode(),
                                        attested=attested.total if attested else 0)
             started = time.perf_counter()
             data = await self.host.request(
@@ -385,7 +386,7 @@ class Sync:
             return None
         self.members.add(peer)  # it answered with our genesis's records
         self.replica.note_vector(peer, remote.version_vector)
-        self._compare(peer, remote)
+        self._compare(peer, remote, ours)
         if not all(self._take_checkpoint(peer, data) for data in response.checkpoints):
             self.machine.failed(peer)
             return None

@@ -260,3 +260,35 @@ async def test_compaction_waits_for_a_quorum_of_signers_and_checkpoints_are_coun
     stranger = crdt.Signer.from_seed(b"\x07" * 32)
     with pytest.raises(crdt.ValidationError, match="not a checkpoint signer"):
         follower.offer_checkpoint(follower.state.checkpoint(stranger).encode())
+
+
+async def test_a_digest_whose_hash_is_unknown_is_hashed_once_off_the_loop_for_all_who_ask(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    replica = _open_replica(tmp_path)
+    for c in HIST[:3]:
+        replica.accept(c)
+    assert not replica.state.hash_known
+    threads: list[str] = []
+    freeze = crdt.ModelState.freeze
+
+    def counting_freeze(state: crdt.ModelState) -> crdt.FrozenState:
+        frozen = freeze(state)
+        digest = frozen.digest
+
+        def noting_thread() -> crdt.Digest:
+            threads.append(threading.current_thread().name)
+            return digest()
+
+        monkeypatch.setattr(frozen, "digest", noting_thread)
+        return frozen
+
+    monkeypatch.setattr(crdt.ModelState, "freeze", counting_freeze)
+    first, second = await asyncio.gather(replica.digest(), replica.digest())
+    assert first == second == state_of(HIST[:3]).digest()
+    assert len(threads) == 1 and threads[0] != threading.main_thread().name  # once, in a worker
+    assert replica.state.hash_known  # kept: nothing changed meanwhile
+    assert await replica.digest() == first and len(threads) == 1
+    replica.accept(HIST[3])
+    assert await replica.digest() == state_of(HIST[:4]).digest() and len(threads) == 2
+    replica.close()
