@@ -79,7 +79,7 @@ def main() -> None:
     import crdt
     from daemon.node.store import Store
     from daemon.node.store_files import read_genesis, read_snapshot
-    from daemon.node.trainer_process import TrainerProcess, TrainerSpec
+    from daemon.node.trainer_process import TrainerProcess, TrainerSpec, fill_from
 
     rng = np.random.default_rng(0)
     fresh = (rng.standard_normal(n, dtype=np.float32) * 0.02).astype(np.float32)
@@ -117,7 +117,7 @@ def main() -> None:
             trainer = TrainerProcess(TrainerSpec(task="stdlib-lm", task_options={}, diloco={}, shard=0,
                                                  num_shards=1, threads=1, state_file=Path(tmp) / "t.pt"))
             trainer._send = _no_child  # type: ignore[method-assign]  # the parent's side only
-            await trainer._call_with_params("round", state.materialize, n)
+            await trainer._call_with_params("round", fill_from(state), n)
             meter("materialized into the trainer handoff")
             trainer._release_params()
 

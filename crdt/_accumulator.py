@@ -117,18 +117,7 @@ class Accumulator:
         return _fragment_digest(self.values, self.genesis.fragments[fragment], minus)
 
     def materialize(self, out: np.ndarray | None) -> np.ndarray:
-        n = self.genesis.length
-        if out is None:
-            out = np.empty(n, dtype=np.float32)
-        _wire.expect(out.dtype == np.float32 and out.shape == (n,) and out.flags.writeable, "materialize",
-                     f"out must be a writeable float32 array of shape ({n},)")
-        for start in range(0, n, _BLOCK):
-            stop = min(start + _BLOCK, n)
-            block = self.values.read(start, stop, np.float64)
-            block *= QUANTUM
-            block += self.genesis.params[start:stop]
-            out[start:stop] = block
-        return out
+        return _materialize(self.genesis, self.values, out)
 
     def parts(self, header: SnapshotHeader) -> Iterator[bytes]:
         generation = self.generation
@@ -169,8 +158,27 @@ class FrozenAccumulator:
     def parts(self, header: SnapshotHeader) -> Iterator[bytes]:
         return encode_snapshot(self.genesis, header, self.values)
 
+    def materialize(self, out: np.ndarray | None) -> np.ndarray:
+        return _materialize(self.genesis, self.values, out)
+
     def close(self) -> None:
         self.values.close()
+
+
+def _materialize(genesis: Genesis, values: PackedInt64 | FrozenPacked, out: np.ndarray | None) -> np.ndarray:
+    """``float32(float64(base) + float64(acc) * 2**-32)``, a block at a time (see the module docstring)."""
+    n = genesis.length
+    if out is None:
+        out = np.empty(n, dtype=np.float32)
+    _wire.expect(out.dtype == np.float32 and out.shape == (n,) and out.flags.writeable, "materialize",
+                 f"out must be a writeable float32 array of shape ({n},)")
+    for start in range(0, n, _BLOCK):
+        stop = min(start + _BLOCK, n)
+        block = values.read(start, stop, np.float64)
+        block *= QUANTUM
+        block += genesis.params[start:stop]
+        out[start:stop] = block
+    return out
 
 
 def _fragment_digest(values: PackedInt64 | FrozenPacked, span: tuple[int, int], minus: list[Delta]) -> bytes:

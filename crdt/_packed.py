@@ -161,7 +161,7 @@ class PackedInt64:
         self.narrow[target] = sums
 
     def _before_write(self, blocks: np.ndarray) -> None:
-        for view in self._views:
+        for view in tuple(self._views):  # a copy: a view may be closed from another thread meanwhile
             view._save(blocks)
 
     def _block_copy(self, b: int) -> np.ndarray:
@@ -199,9 +199,9 @@ class FrozenPacked:
         with self._lock:
             return sum(a.nbytes for a in self._saved.values())
 
-    def read(self, start: int, stop: int) -> np.ndarray:
-        """A new int64 array of the frozen values in ``[start, stop)``."""
-        out = np.empty(max(0, stop - start), dtype=np.int64)
+    def read(self, start: int, stop: int, dtype: type = np.int64) -> np.ndarray:
+        """A new array of the frozen values in ``[start, stop)``, as :meth:`PackedInt64.read`."""
+        out = np.empty(max(0, stop - start), dtype=dtype)
         with self._lock:
             live = self._live
             if live is None:
@@ -213,7 +213,7 @@ class FrozenPacked:
                 if saved is not None:
                     out[lo - start : hi - start] = saved[lo - first : hi - first]
                 else:
-                    out[lo - start : hi - start] = live.read(lo, hi)
+                    out[lo - start : hi - start] = live.read(lo, hi, dtype)
                 if lo == first and hi == end:
                     self._reads[b] += 1
                     if self._reads[b] >= self._passes:
@@ -230,7 +230,8 @@ class FrozenPacked:
     def _save(self, blocks: np.ndarray) -> None:
         """The owner is about to change ``blocks`` (unique block numbers): keep what this view needs."""
         with self._lock:
-            assert self._live is not None
+            if self._live is None:
+                return  # closed since the owner listed it
             for b in blocks[self._reads[blocks] < self._passes].tolist():
                 if b not in self._saved:
                     self._saved[b] = self._live._block_copy(b)

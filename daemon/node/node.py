@@ -45,7 +45,7 @@ from daemon.node.replica import Replica
 from daemon.node.rounds import Rounds
 from daemon.node.store import Store
 from daemon.node.sync import Sync
-from daemon.node.trainer_process import TrainerError, TrainerProcess, TrainerSpec
+from daemon.node.trainer_process import TrainerError, TrainerProcess, TrainerSpec, fill_from
 from daemon.status import (
     ConfigStatus,
     Counters,
@@ -269,7 +269,7 @@ class Node:
     async def export_checkpoint(self, path: Path) -> dict[str, Any]:
         state = self.parts.replica.state
         state_hash, contributions = state.state_hash, state.contribution_count
-        await self.trainer.export(state.materialize, state.genesis.length, path)
+        await self.trainer.export(fill_from(state), state.genesis.length, path)
         return {"path": str(path), "state_hash": state_hash, "contributions": contributions}
 
     # -- reporting ------------------------------------------------------------------------------------

@@ -47,7 +47,7 @@ from daemon.config import TrainingConfig
 from daemon.node.byzantine import byzantine_round
 from daemon.node.replica import DiskFull, Replica
 from daemon.node.stopwatch import Stopwatch
-from daemon.node.trainer_process import TrainerProcess
+from daemon.node.trainer_process import TrainerProcess, fill_from
 from daemon.status import Evaluation, RoundRecord, TrainingState
 
 __all__ = ["Rounds"]
@@ -292,7 +292,7 @@ class Rounds:
         peers = self.live_peers() if self.count_peers else None
         fragment = (seq - 1) % len(state.genesis.fragments)
         clock = Stopwatch()
-        fill = clock.timed("materialize", state.materialize)
+        fill = clock.timed("materialize", fill_from(state))
         result = await self.trainer.run_round(fill, state.genesis.length, fragment, peers)
         clock.spans["train"] = time.monotonic() - started - clock.spans["materialize"]
         self._last_round_s = time.monotonic() - started
@@ -393,7 +393,7 @@ class Rounds:
         state = self.replica.state
         # Read before the await: contributions merged while it runs belong to the next evaluation.
         state_hash, contributions = state.state_hash, state.contribution_count
-        metrics = await self.trainer.evaluate(state.materialize, state.genesis.length)
+        metrics = await self.trainer.evaluate(fill_from(state), state.genesis.length)
         self.last_eval = Evaluation.of(metrics, state_hash=state_hash, contributions=contributions)
         if self.history and self.history[-1].val_loss is None:
             self.history[-1].val_loss = self.last_eval.val_loss

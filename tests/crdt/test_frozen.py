@@ -93,3 +93,14 @@ def test_a_frozen_state_is_signed_like_the_state_it_was() -> None:
         state.apply(hist[4])
         signed = frozen.checkpoint(SIGNERS[0])
     assert signed == _replay(hist[:4]).checkpoint(SIGNERS[0])
+
+
+def test_a_frozen_state_materializes_as_it_was_and_closes_when_dropped() -> None:
+    hist = history(G, n_authors=2, per_author=3)
+    state = _replay(hist[:4])
+    frozen = state.freeze()
+    state.apply(hist[4])
+    assert frozen.materialize().tobytes() == _replay(hist[:4]).materialize().tobytes()
+    assert state._acc.values._views
+    del frozen  # never closed: the owner stops copying blocks for it once it is collected
+    assert not state._acc.values._views

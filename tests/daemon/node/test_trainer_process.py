@@ -8,8 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from node_testlib import HIST, G, state_of
 
-from daemon.node.trainer_process import TrainerError, TrainerProcess, TrainerSpec, _fill_unmapped
+from daemon.node.trainer_process import TrainerError, TrainerProcess, TrainerSpec, _fill_unmapped, fill_from
 
 
 async def test_rounds_and_evaluations_read_the_shared_parameters(tmp_path: Path) -> None:
@@ -193,3 +194,19 @@ def test_the_daemon_side_never_imports_torch() -> None:
     )
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False", out.stderr
+
+
+def test_a_fill_writes_the_state_as_it_was_when_made_and_releases_it() -> None:
+    """The fill runs in a worker thread while the loop applies records: it writes the state frozen when
+    the command was issued, and the frozen view is gone once written (or dropped unwritten)."""
+    state = state_of(HIST[:3])
+    fill = fill_from(state)
+    state.apply(HIST[3])
+    out = np.empty(G.length, dtype=np.float32)
+    fill(out)
+    assert out.tobytes() == state_of(HIST[:3]).materialize().tobytes()
+    assert not state._acc.values._views
+    unused = fill_from(state)
+    assert state._acc.values._views
+    del unused
+    assert not state._acc.values._views
