@@ -9,12 +9,18 @@ the manifest is the whole resume state: `open` re-reads the part file left by an
 (this process or a previous one) and keeps every chunk whose digest matches; holes (never-written ranges of
 the sparse file, found with ``SEEK_DATA``) are skipped without being read. `finish` fsyncs and renames the
 part file into place, so ``dest`` only ever appears complete. Each chunk's write-out to disk is started as
-it is stored (`_start_writeback`), so that fsync finds little left to wait for.
+it is stored (`_start_writeback`), and every `DATASYNC_BYTES` written are made durable with ``fdatasync`` in
+the worker thread that wrote them (`_verify_and_store_sync`), so that the final fsync finds little left to
+wait for. Why both: see `_start_writeback` and `DATASYNC_BYTES`.
 
 Without a destination the blob is assembled in an anonymous private mapping of its exact size
 (`_anonymous_memory`), each chunk copied straight to its offset as it is stored, in any order; the result is
 a memoryview of that mapping (bytes-like: ``len``, slicing, ``==`` with bytes, ``bytes(result)``; the
-mapping goes away with the last reference). Its pages are faulted in as chunks land, never zeroed ahead.
+mapping goes away with the last reference). Its pages are never zeroed in the trio thread: `open` maps it and
+hands ``madvise(MADV_POPULATE_WRITE)`` of the whole mapping to a worker thread (`_prefault`), which faults
+the pages in without the GIL while the first chunks are still on the wire, so the per-chunk copies that hold
+the GIL no longer take a page fault every 4 KiB (16,384 per 64 MiB in this VM, about half of a copy's
+time). Measured 2026-12-02 on a 2-core VM (interleaved bench_p2p runs, see `_prefault`): kept.
 Rejected: a bytearray grown at the frontier (the previous version: chunks past a gap held in a dict until it
 closed, and the copy ran in the trio thread: 22 ms per 64 MiB there, 2026-12-01 profile), joining the pieces
 at the end (a 64 MiB join took 15-21 ms, all of it after the last byte arrived), ``bytearray(size)`` (12 ms
@@ -42,6 +48,13 @@ the prefix is hashed from memory, later ones already on disk are read back); chu
 
 Rejected alternatives: a side file listing the verified chunks (it can disagree with the data after a crash;
 re-verifying the data is the only state that cannot lie); mmap of the part file (SIGBUS on a full disk).
+Measured and rejected 2026-12-02 (2-core VM, 64 MiB): hashing and copying each piece in one pass, while it is
+in cache, instead of hashing the chunk and then copying it (51 vs 52 ms, and it would copy unverified bytes);
+``O_DIRECT`` writes for ``dest`` (no less CPU: 19-21 vs 21-23 ms per 64 MiB; the final flush still waited
+~90 ms, since this VM's host caches the disk; it needs aligned copies; and it leaves the file out of the page
+cache the daemon reads it back from); ``posix_fallocate`` of the part file (the same write and fsync times);
+and `_start_writeback` dropped once `DATASYNC_BYTES` was in (dest= 0.67 of the bare stream without it, 0.77
+with it, 4 interleaved runs each).
 """
 
 from __future__ import annotations
@@ -53,6 +66,7 @@ import mmap
 import os
 import threading
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import trio
@@ -65,6 +79,15 @@ __all__ = ["PART_SUFFIX", "BlobSink"]
 PART_SUFFIX = ".part"
 _IOV_MAX = 1024  # Linux's limit on the pieces of one pwritev
 _SYNC_FILE_RANGE_WRITE = 2  # <linux/fs.h>: start writeback of the range's dirty pages, do not wait
+_MADV_POPULATE_WRITE = 23  # <linux/mman.h>, Linux 5.14+ (Python 3.11's mmap module lacks the constant)
+
+DATASYNC_BYTES = 4 * 1024 * 1024
+"""File mode: a worker thread that has written this many bytes since the last ``fdatasync`` calls it (once
+per chunk at the default 4 MiB chunk size). `_start_writeback` alone is not enough in this VM: its disk is a
+host file behind a write-back cache, so however early the guest writes a page out, the final fsync still
+waits for the host to flush every byte written since the last flush (88 ms per 64 MiB here, 2026-12-02,
+even after a 1 s pause or with O_DIRECT writes; 0.2 ms when each chunk had been synced). On a real disk
+this costs one write-cache flush per chunk, in a worker thread, overlapped with the network."""
 
 
 class BlobSink:
@@ -81,12 +104,15 @@ class BlobSink:
         self._whole = new_blob_hasher() if verify_whole else None
         self._frontier = 0  # chunks 0.._frontier-1 are in the whole-blob hash
         self._lock = threading.Lock()  # stores and `finish` run in worker threads, one at a time
+        self._undurable = 0  # file mode: bytes written since the last fdatasync (`DATASYNC_BYTES`)
         self.bytes_resumed = 0
 
     async def open(self) -> set[int]:
         """Prepare the destination; return the chunks an earlier fetch already left in the part file."""
         if self.part is None:
             self._memory = _anonymous_memory(self.manifest.size)
+            if self.manifest.size:  # not awaited: the pages fault in while the first chunks are on the way
+                trio.lowlevel.start_thread_soon(partial(_prefault, self._memory), _ignore)
             return set()
         return await trio.to_thread.run_sync(self._open_sync)
 
@@ -123,6 +149,7 @@ class BlobSink:
         offset, length = self.manifest.chunk_range(index)
         if digest != self.manifest.chunk_digests[index] or sum(len(p) for p in pieces) != length:
             return digest
+        sync_fd: int | None = None
         with self._lock:
             if index in self._stored:  # a duplicate: the same bytes are already there
                 return digest
@@ -134,10 +161,17 @@ class BlobSink:
                 assert self._fd is not None  # internal: `open` ran
                 _pwrite_all(self._fd, pieces, offset)
                 _start_writeback(self._fd, offset, length)
+                self._undurable += length
+                if self._undurable >= DATASYNC_BYTES:
+                    self._undurable, sync_fd = 0, self._fd
                 if self._whole is not None and index == self._frontier:
                     self._pending[index] = pieces  # hashed from memory just below, not read back
             self._stored.add(index)
             self._advance_frontier()
+        if sync_fd is not None:  # outside the lock, so the next chunk's store does not wait for the disk.
+            # The descriptor is still open: `finish` and `close` run once every store call has returned (the
+            # fetch's nurseries wait for them). An error (EIO, ENOSPC) fails the fetch; the part file stays.
+            os.fdatasync(sync_fd)
         return digest
 
     def _advance_frontier(self) -> None:
@@ -192,11 +226,40 @@ class BlobSink:
 
 
 def _anonymous_memory(size: int) -> memoryview:
-    """``size`` bytes of zeroed, private, anonymous memory, faulted in as it is written (not memset up
-    front, as ``bytearray(size)`` would), freed with its last view."""
+    """``size`` bytes of zeroed, private, anonymous memory, faulted in as it is written or by `_prefault` (not
+    memset up front, as ``bytearray(size)`` would), freed with its last view."""
     if size == 0:
         return memoryview(bytearray())  # mmap refuses an empty mapping
     return memoryview(mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE))
+
+
+def _prefault(memory: memoryview) -> None:
+    """Fault ``memory`` (an `_anonymous_memory`) in, writable, in one ``madvise(MADV_POPULATE_WRITE)``, which
+    runs without the GIL (a ctypes call releases it). A worker thread, not awaited; a hint: where it fails
+    (a kernel before 5.14), the pages are faulted in by the copies, as before.
+
+    Sound while chunks are copied in at the same time: populating maps a page that is not mapped yet and
+    leaves one already written as it is (tests/p2p/test_blobsink.py checks both orders). The mapping cannot
+    go away under it: this call holds a view of it. It does not raise the fetch's memory: every page is
+    written by the end of a fetch anyway, and an abandoned fetch frees the mapping with its last view.
+
+    Measured 2026-12-02 (2-core VM, 64 MiB): populating takes ~21 ms, and copying 16 chunks into the
+    populated pages ~10 ms, where copying them into unpopulated pages took ~31 ms: the same CPU, but 21 ms of
+    it no longer holds the GIL (a 4 MiB copy ~0.65 ms instead of ~1.9 ms). ``MAP_POPULATE`` at mmap time was
+    not used: it populates before `open` returns, so the first READs would wait for it.
+    """
+    if _madvise is None or not memory:
+        return
+    try:
+        pages = (ctypes.c_char * len(memory)).from_buffer(memory)
+        _madvise(ctypes.addressof(pages), len(memory), _MADV_POPULATE_WRITE)
+        del pages  # releases the buffer export
+    except Exception:  # a hint: never fail a fetch over it
+        pass
+
+
+def _ignore(outcome: object) -> None:
+    """`trio.lowlevel.start_thread_soon`'s ``deliver`` for `_prefault` (which never raises)."""
 
 
 def _is_hole(fd: int, offset: int, length: int) -> bool:
@@ -223,29 +286,33 @@ def _pwrite_all(fd: int, pieces: Pieces, offset: int) -> None:
             views[0] = views[0][written:]
 
 
-def _libc_sync_file_range() -> Callable[[int, int, int, int], int] | None:
-    """libc's ``sync_file_range(2)`` (Linux), which the os module does not wrap; None where there is none."""
+def _libc(name: str, argtypes: list[type]) -> Callable[..., int] | None:
+    """libc's function ``name`` (Linux: ``sync_file_range(2)``, ``madvise(2)`` with an advice the mmap module
+    does not know), for calls the os module does not wrap; None where there is none."""
     try:
-        fn = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True).sync_file_range
+        fn = getattr(ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True), name)
     except (OSError, AttributeError):
         return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    fn.argtypes = argtypes
     fn.restype = ctypes.c_int
     return fn  # type: ignore[no-any-return]
 
 
-_sync_file_range = _libc_sync_file_range()
+_sync_file_range = _libc("sync_file_range", [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint])
+_madvise = _libc("madvise", [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int])
 
 
 def _start_writeback(fd: int, offset: int, length: int) -> None:
     """Ask the kernel to start writing a stored chunk to disk now, without waiting for it.
 
     Without this, every byte of the blob is still dirty in the page cache when `finish` calls fsync, and the
-    fetch waits for the whole write-out after the last byte arrived: 17-21 ms per 32 MiB here (2026-12-01),
-    a quarter of the transfer. Started chunk by chunk, the write-out overlaps the network and the final
-    fsync finds almost nothing left (0.3 ms). A hint only: an error here is ignored, the fsync in `finish`
-    is what makes the file durable and reports a failed write. Not ``posix_fadvise(DONTNEED)``, which also
-    starts writeback on Linux but then drops the cached pages the caller is about to read.
+    fetch waits for the whole write-out after the last byte arrived: 17-21 ms per 32 MiB on the VM measured
+    2026-12-01, a quarter of the transfer. Started chunk by chunk, the write-out overlaps the network and the
+    final fsync found almost nothing left (0.3 ms). On the VM measured 2026-12-02 that was not enough (the
+    host flushes its own cache only on fsync): `DATASYNC_BYTES` covers it. A hint only: an error here is
+    ignored, the fdatasync calls and the fsync in `finish` make the file durable and report a failed write.
+    Not ``posix_fadvise(DONTNEED)``, which also starts writeback on Linux but then drops the cached pages the
+    caller is about to read.
     """
     if _sync_file_range is not None:
         _sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)

@@ -3,7 +3,11 @@ memory result, one worker hop per chunk, nothing unverified kept."""
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import functools
 import itertools
+import mmap
 import os
 import random
 import resource
@@ -52,15 +56,77 @@ def test_empty_blob_in_memory() -> None:
     assert run(BlobSink(empty, None, verify_whole=True), []) == (set(), b"")
 
 
-def test_memory_result_is_not_touched_before_chunks_land() -> None:
-    """The memory result is mapped lazily: opening a 64 MiB sink faults in (almost) nothing, where
-    ``bytearray(size)`` would memset, and so fault in, all of it before the first byte arrives."""
+def test_memory_result_is_prefaulted_in_a_worker_thread_not_in_open(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`open` maps the result lazily (opening a 64 MiB sink faults in almost nothing on its thread, where
+    ``bytearray(size)`` would memset all of it before the first byte arrived) and hands the prefault to a
+    worker thread it does not wait for."""
+    started: list[object] = []
+    monkeypatch.setattr(trio.lowlevel, "start_thread_soon", lambda fn, deliver: started.append(fn))
     big = Manifest(64 << 20, 4 << 20, bytes(32), (bytes(32),) * 16)
     sink = BlobSink(big, None, verify_whole=False)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     trio.run(sink.open)
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
     assert faults < 256  # a touched 64 MiB is >= 1024 faults even at 64 KiB pages
+    [prefault] = started
+    assert isinstance(prefault, functools.partial) and prefault.func is _blobsink._prefault
+    assert prefault.args[0] is sink._memory
+
+
+def _populate_supported() -> bool:
+    probe = _blobsink._anonymous_memory(mmap.PAGESIZE)
+    pages = (ctypes.c_char * len(probe)).from_buffer(probe)
+    assert _blobsink._madvise is not None  # Linux: libc's madvise was found
+    ok = _blobsink._madvise(ctypes.addressof(pages), len(probe), _blobsink._MADV_POPULATE_WRITE) == 0
+    del pages
+    return ok
+
+
+@pytest.mark.skipif(not _populate_supported(), reason="MADV_POPULATE_WRITE needs Linux 5.14+")
+def test_prefault_maps_every_page_and_keeps_bytes_already_written() -> None:
+    """Prefaulting may run while chunks are copied in: bytes written before it stay, copies after it take no
+    page faults, and the result is exactly the bytes written."""
+    size = 16 << 20
+    memory = _blobsink._anonymous_memory(size)
+    early = random.Random(1).randbytes(1 << 20)
+    memory[5 << 20 : 6 << 20] = early  # a chunk that landed before the worker thread got to it
+    _blobsink._prefault(memory)
+    late = random.Random(2).randbytes(size)
+    view = memoryview(late)  # slices of bytes would be copies, with page faults of their own
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    memory[: 5 << 20] = view[: 5 << 20]
+    memory[6 << 20 :] = view[6 << 20 :]
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before < 64  # 15 MiB unpopulated: >= 3840
+    assert memory == late[: 5 << 20] + early + late[6 << 20 :]
+    _blobsink._prefault(memory)  # again, over written pages: nothing changes
+    assert memory[5 << 20 : 6 << 20] == early and memory[: 5 << 20] == late[: 5 << 20]
+
+
+def test_prefault_racing_the_stores_yields_the_exact_bytes() -> None:
+    """The real worker thread, started by `open`, races 128 chunk stores of an 8 MiB blob."""
+    data = random.Random(3).randbytes(8 << 20)
+    manifest = Manifest.build(data, chunk_size=CHUNK)
+
+    async def main() -> memoryview | Path:
+        sink = BlobSink(manifest, None, verify_whole=True)
+        await sink.open()
+        for index in range(manifest.chunk_count):
+            offset, length = manifest.chunk_range(index)
+            await sink.verify_and_store(index, (data[offset : offset + length],))
+        return await sink.finish()
+
+    assert trio.run(main) == data
+
+
+def test_prefault_failing_is_not_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A hint: an old kernel (EINVAL), no libc madvise, or an empty result leave the copies to fault."""
+    memory = _blobsink._anonymous_memory(1 << 20)
+    monkeypatch.setattr(_blobsink, "_MADV_POPULATE_WRITE", 0x7FFF)  # unknown advice: EINVAL
+    _blobsink._prefault(memory)
+    monkeypatch.setattr(_blobsink, "_madvise", None)
+    _blobsink._prefault(memory)
+    _blobsink._prefault(_blobsink._anonymous_memory(0))
+    assert memory == bytes(1 << 20)
 
 
 def test_a_chunk_that_fails_its_digest_is_not_kept(tmp_path: Path) -> None:
@@ -144,6 +210,39 @@ def test_writeback_hint_failing_is_not_an_error(tmp_path: Path) -> None:
         _blobsink._start_writeback(fd, 0, 1 << 20)
     finally:
         os.close(fd)
+
+
+def test_file_sink_makes_every_datasync_bytes_durable_as_it_goes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An fdatasync per `DATASYNC_BYTES` written, in the storing worker thread, so the final fsync does not
+    wait for the whole blob to reach the disk; a failing one fails the store (and so the fetch)."""
+    monkeypatch.setattr(_blobsink, "DATASYNC_BYTES", 2 * CHUNK)
+    real = os.fdatasync
+    synced: list[int] = []
+
+    def spy(fd: int) -> None:
+        synced.append(fd)
+        real(fd)
+
+    monkeypatch.setattr(os, "fdatasync", spy)
+    dest = tmp_path / "blob.bin"
+    assert run(BlobSink(MANIFEST, dest, verify_whole=False), [4, 0, 6, 1, 2, 5, 3])[1] == dest
+    assert len(synced) == 3 and dest.read_bytes() == DATA  # after chunks 4+0, 6+1+2, 5+3 (6 is 100 B)
+
+    def failing(fd: int) -> None:
+        raise OSError(errno.EIO, "I/O error")
+
+    monkeypatch.setattr(os, "fdatasync", failing)
+
+    async def main(sink: BlobSink) -> None:
+        await sink.open()
+        await sink.verify_and_store(0, pieces(0))
+        with pytest.raises(OSError, match="I/O error"):
+            await sink.verify_and_store(1, pieces(1))
+        sink.close()
+
+    trio.run(main, BlobSink(MANIFEST, tmp_path / "other.bin", verify_whole=False))
 
 
 @pytest.mark.parametrize("verify_whole", [False, True])
