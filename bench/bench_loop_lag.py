@@ -1,21 +1,25 @@
-"""What a node's own periodic snapshot costs its event loop, at the model sizes users run.
+"""What the model state's whole-model passes cost a node's event loop, at the model sizes users run.
 
-A replica (daemon/node/replica.py) holding a state of N parameters with a few rice-q8 contributions at
-the default density (2 %) writes a snapshot. Two ways, in one process, same state:
+A replica (daemon/node/replica.py) holds a state of N parameters with a few rice-q8 contributions at the
+default density (2 %). Three passes over the whole model, each done two ways in one process:
 
-* ``on the loop`` (what 0.1 did, and the daemon until 2026-12-02): hash, encode, write and fsync the
-  snapshot on the event loop; the loop is blocked for all of it;
-* ``frozen, worker thread`` (now): ``Replica.snapshot_and_compact`` freezes the state copy-on-write
-  (crdt/frozen.py) and hashes, encodes, writes and syncs it in a worker thread, while a 1 ms ticker on
-  the loop measures its worst scheduling delay; once with nothing else to do, once accepting another
-  contribution in the middle of the write (its blocks are copied for the frozen view first).
+* ``on the loop`` (what the daemon did until 2026-12-02): the pass runs on the event loop, which is
+  blocked for all of it;
+* ``worker`` (now): the state is frozen copy-on-write (crdt/frozen.py) and the pass runs in a worker
+  thread while a 1 ms ticker on the loop measures its worst scheduling delay.
+
+The passes: the node's own periodic snapshot (hash, encode, write, fsync: ``Replica.snapshot_and_compact``;
+once more with a contribution accepted in the middle of the write, whose blocks are copied for the frozen
+view first), the state hash a digest needs after every change (``Replica.digest``), and materializing the
+merged model for the training process (``trainer_process.fill_from``).
 
 For each: wall time, the loop's worst lag (with a record accepted meanwhile: the accept itself, which
 applies on the loop, is the worst; its time is reported beside), the bytes of blocks the frozen view
 copied, and the process's peak resident memory above the state's (sampled every 10 ms), per parameter.
 
-Run: ``python bench/bench_snapshot_lag.py [--params 101296128] [--out bench/results/snapshot_lag.json]``
-(about 3 GB and two minutes at 100M; take the lock: ``flock /work/heavy.lock ...``).
+Run: ``python bench/bench_loop_lag.py [--params 101296128]``
+(about 3 GB and two minutes at 100M; take the lock: ``flock /work/heavy.lock ...``). Prints a table,
+writes bench/results/loop_lag.json.
 """
 
 from __future__ import annotations
@@ -37,10 +41,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import crdt
 from daemon.node.replica import Replica
 from daemon.node.store import Store
+from daemon.node.trainer_process import Fill, fill_from
 
 DENSITY = 0.02  # training.DilocoConfig.topk_density
 CODEC = "rice-q8"  # training.DilocoConfig.codec
-RESULTS = Path(__file__).parent / "results" / "snapshot_lag.json"
+RESULTS = Path(__file__).parent / "results" / "loop_lag.json"
 
 
 class Ticker:
@@ -83,12 +88,12 @@ def _records(genesis: crdt.Genesis, signer: crdt.Signer, count: int, first_seq: 
     return out
 
 
-async def _measure(params: int) -> list[dict]:
+async def _measure(params: int) -> tuple[list[dict], dict]:
     rng = np.random.default_rng(0)
     genesis = crdt.Genesis((rng.standard_normal(params, dtype=np.float32) * 0.02), ((0, params),),
                            {"run": "bench-snapshot-lag"})
     signer = crdt.Signer.from_seed(b"\x01" * 32)
-    records = _records(genesis, signer, 6, 1)
+    records = _records(genesis, signer, 7, 1)
     rows = []
     with tempfile.TemporaryDirectory(prefix="meshtrain-snaplag-", dir=Path(__file__).parent) as tmp:
         replica = Replica.open(Store(Path(tmp) / "store"), genesis, snapshot_every=10**9)
@@ -107,14 +112,14 @@ async def _measure(params: int) -> list[dict]:
         state.state_hash  # noqa: B018 - what the loop computed first
         replica.store.write_snapshot(state.snapshot_parts(), floor=crdt.VersionVector())
         on_loop = time.perf_counter() - t
-        rows.append(row("on the loop (before)", on_loop, on_loop, 0, psutil.Process().memory_info().rss))
+        rows.append(row("snapshot, on the loop", on_loop, on_loop, 0, psutil.Process().memory_info().rss))
 
         replica.accept(records[3])  # a fresh change: the hash is not cached
         with Ticker() as ticker:
             t = time.perf_counter()
             await replica.snapshot_and_compact()
             wall = time.perf_counter() - t
-        rows.append(row("frozen, worker thread", wall, ticker.worst, 0, ticker.peak_rss))
+        rows.append(row("snapshot, worker", wall, ticker.worst, 0, ticker.peak_rss))
 
         replica.accept(records[4])
         copied = 0
@@ -141,10 +146,42 @@ async def _measure(params: int) -> list[dict]:
                 wall = time.perf_counter() - t
         finally:
             crdt.ModelState.freeze = original  # type: ignore[method-assign]
-        rows.append(row("frozen, a record accepted meanwhile", wall, ticker.worst, copied, ticker.peak_rss,
-                        accept))
+        rows.append(row("snapshot, worker, a record accepted meanwhile", wall, ticker.worst, copied,
+                        ticker.peak_rss, accept))
+
+        assert not replica.state.hash_known  # the last record came after the freeze
+        with Ticker() as ticker:
+            t = time.perf_counter()
+            await replica.digest()
+            wall = time.perf_counter() - t
+        rows.append(row("digest hash, worker", wall, ticker.worst, 0, ticker.peak_rss))
+        replica.accept(records[6])
+        t = time.perf_counter()
+        replica.state.digest()
+        on_loop = time.perf_counter() - t
+        rows.append(row("digest hash, on the loop", on_loop, on_loop, 0, 0))
+
+        out = np.empty(params, dtype=np.float32)
+        out.fill(0)  # touched: the handoff's pages are the child's, not a fresh mapping's faults here
+        t = time.perf_counter()
+        replica.state.materialize(out)
+        on_loop = time.perf_counter() - t
+        rows.append(row("materialize, on the loop", on_loop, on_loop, 0, 0))
+        with Ticker() as ticker:
+            t = time.perf_counter()
+            await asyncio.to_thread(_filled, fill_from(replica.state), out)
+            wall = time.perf_counter() - t
+        rows.append(row("materialize, worker", wall, ticker.worst, 0, ticker.peak_rss))
+        del out
+        after = psutil.Process().memory_info().rss
         replica.close()
-    return rows
+    return rows, {"state_rss_bytes_per_param": round(base / params, 3),
+                  "rss_after_the_passes_bytes_per_param": round(after / params, 3)}
+
+
+def _filled(fill: Fill, out: np.ndarray) -> None:
+    """``fill(out)``, returning nothing: a finished future keeps its result (here, the model) alive."""
+    fill(out)
 
 
 def main() -> None:
@@ -152,15 +189,17 @@ def main() -> None:
     parser.add_argument("--params", type=int, default=101_296_128)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
-    rows = asyncio.run(_measure(args.params))
-    print(f"{'way':<38} {'params':>11} {'wall s':>7} {'loop lag s':>10} {'accept s':>8} {'copied B/p':>10}"
+    rows, resident = asyncio.run(_measure(args.params))
+    print(f"{'pass':<46} {'params':>11} {'wall s':>7} {'loop lag s':>10} {'accept s':>8} {'copied B/p':>10}"
           f" {'peak B/p':>8}")
     for r in rows:
-        print(f"{r['way']:<38} {r['params']:>11,} {r['wall_s']:>7.2f} {r['loop_worst_lag_s']:>10.3f}"
+        print(f"{r['way']:<46} {r['params']:>11,} {r['wall_s']:>7.2f} {r['loop_worst_lag_s']:>10.3f}"
               f" {r['accept_meanwhile_s']:>8.3f}"
               f" {r['copied_bytes_per_param']:>10.2f} {r['peak_rss_above_state_bytes_per_param']:>8.2f}")
     result = {"measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": platform.node(),
-              "cpus": psutil.cpu_count(), "codec": CODEC, "density": DENSITY, "rows": rows}
+              "cpus": psutil.cpu_count(), "codec": CODEC, "density": DENSITY, "rows": rows, **resident}
+    print(f"resident: {resident['state_rss_bytes_per_param']} B/param holding the state before the passes,"
+          f" {resident['rss_after_the_passes_bytes_per_param']} after them")
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {args.out}")
 
