@@ -19,17 +19,24 @@ a memoryview of that mapping (bytes-like: ``len``, slicing, ``==`` with bytes, `
 mapping goes away with the last reference). Its pages are never zeroed in the trio thread: `open` maps it and
 hands ``madvise(MADV_POPULATE_WRITE)`` of the whole mapping to a worker thread (`_prefault`), which faults
 the pages in without the GIL while the first chunks are still on the wire, so the per-chunk copies that hold
-the GIL no longer take a page fault every 4 KiB (16,384 per 64 MiB in this VM, about half of a copy's
-time). Measured 2026-12-02 on a 2-core VM (interleaved bench_p2p runs, see `_prefault`): kept.
-Rejected: a bytearray grown at the frontier (the previous version: chunks past a gap held in a dict until it
-closed, and the copy ran in the trio thread: 22 ms per 64 MiB there, 2026-12-01 profile), joining the pieces
-at the end (a 64 MiB join took 15-21 ms, all of it after the last byte arrived), ``bytearray(size)`` (12 ms
-of memset before the first byte, then a copy into it anyway), and ``madvise(MADV_HUGEPAGE)`` on the mapping.
-Huge pages cut the faults per 64 MiB from 4192 to 32 and the copy from ~20 to ~9 ms when the kernel has warm
-2 MiB blocks at hand, but in this VM (most likely the hypervisor reclaims the guest's free 2 MiB blocks) a
-cold one costs ~1.3 ms: with 2.5 s between fetches the median was the same (17 vs 16 ms) and the tail four
-times worse (81-86 ms), and six interleaved bench runs each way (2026-12-01) gave the receiver 332 ms of CPU
-per 64 MiB with the advice against 243 without.
+the GIL no longer take a page fault every 4 KiB (16,384 per 64 MiB in this VM, two thirds of a copy's
+time). The faults still happen (bench_p2p's receiver fault count does not drop), only not under the GIL.
+
+Measured 2026-12-02 on a 2-core VM shared with other work (load 1.5-3.7), bench_p2p per-repeat ratios to the
+bare stream, 3 runs x 7 repeats of the old and the new sink, interleaved: ``fetch_blob`` 0.73 -> 0.78
+(interquartile 0.64-0.78 -> 0.76-0.85), ``dest=`` 0.61 -> 0.68 (0.57-0.64 -> 0.65-0.74). Earlier rounds that
+day, each change alone (3 runs each): the prefault 0.77 -> 0.81, `DATASYNC_BYTES` 0.63 -> 0.74 (0.70 at 16
+MiB). Most of what is left over a bare stream is CPU this side cannot shed: BLAKE3 (~44 ms per 64 MiB on this
+VM's CPU), the result's page faults or the page-cache copy (21-43 ms), the sender's reads (~18 ms).
+Rejected, memory result: a bytearray grown at the frontier (the previous version: chunks past a gap held in a
+dict until it closed, and the copy ran in the trio thread: 22 ms per 64 MiB there, 2026-12-01 profile),
+joining the pieces at the end (a 64 MiB join took 15-21 ms, all of it after the last byte arrived),
+``bytearray(size)`` (12 ms of memset before the first byte, then a copy into it anyway), and
+``madvise(MADV_HUGEPAGE)`` on the mapping. Huge pages cut the faults per 64 MiB from 4192 to 32 and the copy
+from ~20 to ~9 ms when the kernel has warm 2 MiB blocks at hand, but in this VM (most likely the hypervisor
+reclaims the guest's free 2 MiB blocks) a cold one costs ~1.3 ms: with 2.5 s between fetches the median was
+the same (17 vs 16 ms) and the tail four times worse (81-86 ms), and six interleaved bench runs each way
+(2026-12-01) gave the receiver 332 ms of CPU per 64 MiB with the advice against 243 without.
 
 One worker-thread hop per chunk (`verify_and_store`): the chunk is hashed and, only if it is the chunk the
 manifest describes, copied or written, in the same thread call, so bytes that fail their digest never reach
