@@ -162,7 +162,8 @@ class TrainerProcess:
             if self._shm is None or self._shm.size < 4 * size:
                 self._release_params()
                 self._shm = shared_memory.SharedMemory(create=True, size=4 * size)  # never touched here
-            await asyncio.to_thread(_fill_unmapped, self._shm.name, fill, size)
+            loop = asyncio.get_running_loop()  # the pipe's thread: one thread (one malloc arena) for fills
+            await loop.run_in_executor(self._executor, _fill_unmapped, self._shm.name, fill, size)
             return await self._send(command, (self._shm.name, size, *args))
 
     async def _send(self, command: str, args: tuple[Any, ...]) -> Any:

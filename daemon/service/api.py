@@ -68,7 +68,7 @@ def _error(status: int, message: str) -> web.Response:
 
 @routes.get("/v1/status")
 async def status(request: web.Request) -> web.Response:
-    return web.json_response(to_json(request.app[NODE].status()))
+    return web.json_response(to_json(await request.app[NODE].fresh_status()))
 
 
 @routes.get("/v1/limits")

@@ -29,6 +29,7 @@ import signal
 import socket
 import time
 from collections.abc import Callable
+from typing import Any
 
 from aiohttp import web
 
@@ -120,7 +121,7 @@ async def _run(
         runners.extend(
             await open_http_sites(
                 config,
-                status=lambda: to_json(node.status()),
+                status=lambda: _status_json(node),
                 history=lambda: round_log.rounds(node.history()),
                 metrics=metrics,
                 logs=ring,
@@ -167,6 +168,10 @@ async def _run(
     # A node that ended by itself failed: surface its exception.
     if node_task.done() and not node_task.cancelled() and node_task.exception() is not None:
         raise node_task.exception()  # type: ignore[misc]
+
+
+async def _status_json(node: Node) -> dict[str, Any]:
+    return to_json(await node.fresh_status())
 
 
 def run_daemon(home: Home, config: Config, *, reload_config: Callable[[], Config] | None = None) -> None:

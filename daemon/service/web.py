@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from importlib import resources
 from typing import Any
 
@@ -32,7 +32,7 @@ __all__ = ["open_http_sites"]
 
 log = logging.getLogger(__name__)
 
-STATUS = web.AppKey("status", Callable[[], dict[str, Any]])
+STATUS = web.AppKey("status", Callable[[], Awaitable[dict[str, Any]]])
 HISTORY = web.AppKey("history", Callable[[], list[dict[str, Any]]])
 METRICS = web.AppKey("metrics", NodeMetrics)
 LOGS = web.AppKey("logs", RingBufferHandler)
@@ -56,14 +56,15 @@ async def metrics(request: web.Request) -> web.Response:
 @dashboard_routes.get("/")
 async def page(request: web.Request) -> web.Response:
     html = resources.files("daemon.service").joinpath("dashboard.html").read_text()
-    data = json.dumps({"status": request.app[STATUS](), "history": _history(request), "logs": _logs(request)})
+    data = json.dumps({"status": await request.app[STATUS](), "history": _history(request),
+                       "logs": _logs(request)})
     html = html.replace(DATA_SLOT, data.replace("</", "<\\/"))  # no "</script>" inside the script
     return web.Response(text=html, content_type="text/html", headers={"Cache-Control": "no-store"})
 
 
 @dashboard_routes.get("/api/status")
 async def api_status(request: web.Request) -> web.Response:
-    return web.json_response(request.app[STATUS]())
+    return web.json_response(await request.app[STATUS]())
 
 
 @dashboard_routes.get("/api/history")
@@ -96,7 +97,7 @@ def _logs(request: web.Request) -> list[str]:
 async def open_http_sites(
     config: Config,
     *,
-    status: Callable[[], dict[str, Any]],
+    status: Callable[[], Awaitable[dict[str, Any]]],
     history: Callable[[], list[dict[str, Any]]],
     metrics: NodeMetrics | None,
     logs: RingBufferHandler | None = None,

@@ -41,6 +41,9 @@ class _Node:
         assert self._status is not None
         return self._status
 
+    async def fresh_status(self) -> Status:
+        return self.status()
+
 
 @pytest.fixture
 async def api(tmp_path: Path) -> AsyncIterator[Any]:

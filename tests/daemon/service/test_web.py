@@ -10,7 +10,7 @@ import os
 import re
 import shutil
 import subprocess
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -96,7 +96,7 @@ async def site(node_status: Status) -> AsyncIterator[str]:
 
     runners = await open_http_sites(
         config,
-        status=lambda: to_json(status),
+        status=_json_of(status),
         history=lambda: _rounds(2, 6),
         metrics=NodeMetrics(_Node()),
         logs=ring,
@@ -163,3 +163,10 @@ async def _chromium(*argv: str) -> str:
     proc = await asyncio.create_subprocess_exec(*argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     out, _ = await asyncio.wait_for(proc.communicate(), 90)
     return out.decode()
+
+
+def _json_of(status: Status) -> Callable[[], Awaitable[dict[str, Any]]]:
+    async def json_status() -> dict[str, Any]:
+        return to_json(status)
+
+    return json_status
