@@ -50,6 +50,7 @@ import numpy as np
 
 import crdt
 import p2p
+from daemon.node import heap
 from daemon.node.attestation import Attestations
 from daemon.node.store import Store
 from daemon.node.suspects import SuspectTracker
@@ -148,7 +149,15 @@ class Replica:
         self.store.close()
 
     async def _off_loop(self, fn: Callable[..., T], *args: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)
+        """``fn(*args)`` on the replica's worker thread, the heap trimmed after it (daemon/node/heap.py)."""
+
+        def run() -> T:
+            try:
+                return fn(*args)
+            finally:
+                heap.trim()
+
+        return await asyncio.get_running_loop().run_in_executor(self._worker, run)
 
     # -- the door ---------------------------------------------------------------------------------------
 

@@ -49,6 +49,7 @@ from typing import Any
 import numpy as np
 
 import crdt
+from daemon.node import heap
 
 __all__ = ["Fill", "TrainerError", "TrainerProcess", "TrainerSpec", "fill_from"]
 
@@ -221,6 +222,7 @@ def _fill_unmapped(name: str, fill: Fill, size: int) -> None:
         del view  # the mapping cannot close while an array still points into it
     finally:
         block.close()
+        heap.trim()
 
 
 def _roundtrip(conn: Connection, command: str, args: tuple[Any, ...]) -> tuple[str, Any]:
