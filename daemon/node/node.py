@@ -196,17 +196,18 @@ class Node:
 
     async def _shutdown(self) -> None:
         # Fixed order: stop compute, finish the snapshot being written and make the log durable, then
-        # say goodbye and leave the mesh.
+        # say goodbye and leave the mesh; the replica's worker thread goes last (peers' requests can ask
+        # it for a digest until the host is closed).
         await self.trainer.aclose()
         if self._parts is not None:
             await self._parts.replica.settle()
-            self._parts.replica.close()  # and the store
-        else:
-            self.store.close()
+        self.store.close()
         if self._parts is not None:
             self._parts.rounds.state = TrainingState.LEAVING
             await self._parts.membership.say_goodbye()
         await self.host.aclose()
+        if self._parts is not None:
+            self._parts.replica.close()
 
     # -- genesis --------------------------------------------------------------------------------------
 
