@@ -31,6 +31,7 @@ import platform
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable
 from pathlib import Path
 
 import numpy as np
@@ -115,10 +116,7 @@ async def _measure(params: int) -> tuple[list[dict], dict]:
         rows.append(row("snapshot, on the loop", on_loop, on_loop, 0, psutil.Process().memory_info().rss))
 
         replica.accept(records[3])  # a fresh change: the hash is not cached
-        with Ticker() as ticker:
-            t = time.perf_counter()
-            await replica.snapshot_and_compact()
-            wall = time.perf_counter() - t
+        wall, ticker = await _ticking(replica.snapshot_and_compact())
         rows.append(row("snapshot, worker", wall, ticker.worst, 0, ticker.peak_rss))
 
         replica.accept(records[4])
@@ -150,10 +148,7 @@ async def _measure(params: int) -> tuple[list[dict], dict]:
                         ticker.peak_rss, accept))
 
         assert not replica.state.hash_known  # the last record came after the freeze
-        with Ticker() as ticker:
-            t = time.perf_counter()
-            await replica.digest()
-            wall = time.perf_counter() - t
+        wall, ticker = await _ticking(replica.digest())
         rows.append(row("digest hash, worker", wall, ticker.worst, 0, ticker.peak_rss))
         replica.accept(records[6])
         t = time.perf_counter()
@@ -167,16 +162,21 @@ async def _measure(params: int) -> tuple[list[dict], dict]:
         replica.state.materialize(out)
         on_loop = time.perf_counter() - t
         rows.append(row("materialize, on the loop", on_loop, on_loop, 0, 0))
-        with Ticker() as ticker:
-            t = time.perf_counter()
-            await asyncio.to_thread(_filled, fill_from(replica.state), out)
-            wall = time.perf_counter() - t
+        wall, ticker = await _ticking(asyncio.to_thread(_filled, fill_from(replica.state), out))
         rows.append(row("materialize, worker", wall, ticker.worst, 0, ticker.peak_rss))
         del out
         after = psutil.Process().memory_info().rss
         replica.close()
     return rows, {"state_rss_bytes_per_param": round(base / params, 3),
                   "rss_after_the_passes_bytes_per_param": round(after / params, 3)}
+
+
+async def _ticking(work: Awaitable[object]) -> tuple[float, Ticker]:
+    """Await ``work`` with a ticker on the loop: its wall time, and the ticker's readings."""
+    with Ticker() as ticker:
+        t = time.perf_counter()
+        await work
+        return time.perf_counter() - t, ticker
 
 
 def _filled(fill: Fill, out: np.ndarray) -> None:

@@ -23,6 +23,22 @@ def _open_replica(path: Path, *, snapshot_every: int = 1000) -> Replica:
     return Replica.open(Store(path), G, snapshot_every=snapshot_every, signer=SIGNER)
 
 
+def _hold_snapshot_writes(
+    replica: Replica, monkeypatch: pytest.MonkeyPatch
+) -> tuple[threading.Event, threading.Event]:
+    """Make the replica's snapshot writes (in its worker thread) wait: (writing, release) events."""
+    writing, release = threading.Event(), threading.Event()
+    stage = replica.store.stage_snapshot
+
+    def slow_stage(parts: Iterable[bytes]) -> Path:
+        writing.set()
+        release.wait(10)
+        return stage(parts)
+
+    monkeypatch.setattr(replica.store, "stage_snapshot", slow_stage)
+    return writing, release
+
+
 async def test_replica_logs_what_it_accepts_and_compacts_only_what_every_member_holds(tmp_path: Path) -> None:
     authors = sorted({c.author for c in HIST})
     replica = _open_replica(tmp_path, snapshot_every=len(HIST) - 1)
@@ -105,15 +121,7 @@ async def test_records_accepted_while_an_adopted_snapshot_is_written_are_kept(
     authors = sorted({c.author for c in HIST})
     older = state_of([c for c in HIST if c.seq <= 2])
     replica = _open_replica(tmp_path, snapshot_every=1)  # would write a snapshot on every record
-    writing, release = threading.Event(), threading.Event()
-    stage = replica.store.stage_snapshot
-
-    def slow_stage(parts: Iterable[bytes]) -> Path:
-        writing.set()
-        release.wait(10)
-        return stage(parts)
-
-    monkeypatch.setattr(replica.store, "stage_snapshot", slow_stage)
+    writing, release = _hold_snapshot_writes(replica, monkeypatch)
     adopting = asyncio.create_task(replica.adopt(*attested(older)))
     while not writing.is_set():
         await asyncio.sleep(0.01)
@@ -141,15 +149,7 @@ async def test_records_accepted_while_our_snapshot_is_written_stay_live_and_logg
     late = [c for c in HIST if c.seq == 3]
     replica = _open_replica(tmp_path, snapshot_every=len(first))
     replica.note_vector("peerA", crdt.VersionVector.from_dict({a: 3 for a in authors}))  # holds it all
-    writing, release = threading.Event(), threading.Event()
-    stage = replica.store.stage_snapshot
-
-    def slow_stage(parts: Iterable[bytes]) -> Path:
-        writing.set()
-        release.wait(10)
-        return stage(parts)
-
-    monkeypatch.setattr(replica.store, "stage_snapshot", slow_stage)
+    writing, release = _hold_snapshot_writes(replica, monkeypatch)
     for c in first:
         replica.accept(c)  # the last one starts the snapshot in the background
     while not writing.is_set():
