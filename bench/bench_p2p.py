@@ -243,10 +243,12 @@ async def receiver(mb: int, repeats: int, profile: bool) -> dict[str, object]:
             peer = await host.connect(snd.hello["addr"])
 
             async def fetch() -> int:
-                return len(await host.fetch_blob(BLOB_ID, peers=[peer], timeout_s=120))
+                # size pinned, as the daemon pins what it fetches (an offer's root and size)
+                return len(await host.fetch_blob(BLOB_ID, peers=[peer], size=nbytes, timeout_s=120))
 
             async def fetch_dest() -> int:
-                path = await host.fetch_blob(BLOB_ID, peers=[peer], dest=work / "blob.bin", timeout_s=120)
+                path = await host.fetch_blob(BLOB_ID, peers=[peer], dest=work / "blob.bin", size=nbytes,
+                                             timeout_s=120)
                 assert isinstance(path, Path)
                 size = path.stat().st_size
                 path.unlink()

@@ -270,7 +270,10 @@ class _Fetch:
     async def _adopt(self, manifest: Manifest) -> None:
         if self.dest is not None:  # a peer announcing more than the disk holds is dropped, not obeyed
             await trio.to_thread.run_sync(_check_disk_space, self.dest, manifest.size)
-        self.sink = BlobSink(manifest, self.dest, verify_whole=self.digest is not None)
+        # Prefault a memory result only for a blob the caller pinned: an unpinned manifest's size is the
+        # sender's word, and its pages must be committed only as verified chunks land (SECURITY.md).
+        pinned = any(pin is not None for pin in (self.root, self.digest, self.size))
+        self.sink = BlobSink(manifest, self.dest, verify_whole=self.digest is not None, prefault=pinned)
         have = await self.sink.open()
         self.plan = FetchPlan(manifest, have=have, max_in_flight_per_peer=self.limits.fetch_depth)
         progress = self.progress

@@ -16,7 +16,8 @@ wait for. Why both: see `_start_writeback` and `DATASYNC_BYTES`.
 Without a destination the blob is assembled in an anonymous private mapping of its exact size
 (`_anonymous_memory`), each chunk copied straight to its offset as it is stored, in any order; the result is
 a memoryview of that mapping (bytes-like: ``len``, slicing, ``==`` with bytes, ``bytes(result)``; the
-mapping goes away with the last reference). Its pages are never zeroed in the trio thread: `open` maps it and
+mapping goes away with the last reference). Its pages are never zeroed in the trio thread: `open` maps it and,
+for a blob the caller pinned (root, digest or size: then the size is the caller's word, not the sender's),
 hands ``madvise(MADV_POPULATE_WRITE)`` of the whole mapping to a worker thread (`_prefault`), which faults
 the pages in without the GIL while the first chunks are still on the wire, so the per-chunk copies that hold
 the GIL no longer take a page fault every 4 KiB (16,384 per 64 MiB in this VM, two thirds of a copy's
@@ -100,7 +101,8 @@ this costs one write-cache flush per chunk, in a worker thread, overlapped with 
 class BlobSink:
     """Verified chunks of one manifest -> memory (``dest`` None) or a file at ``dest`` (trio side)."""
 
-    def __init__(self, manifest: Manifest, dest: Path | None, *, verify_whole: bool) -> None:
+    def __init__(self, manifest: Manifest, dest: Path | None, *, verify_whole: bool, prefault: bool = False
+                 ) -> None:
         self.manifest = manifest
         self.dest = dest
         self.part = dest.with_name(dest.name + PART_SUFFIX) if dest is not None else None
@@ -113,12 +115,13 @@ class BlobSink:
         self._lock = threading.Lock()  # stores and `finish` run in worker threads, one at a time
         self._undurable = 0  # file mode: bytes written since the last fdatasync (`DATASYNC_BYTES`)
         self.bytes_resumed = 0
+        self._populate = prefault  # memory mode: the caller pinned the blob, so its size is the caller's
 
     async def open(self) -> set[int]:
         """Prepare the destination; return the chunks an earlier fetch already left in the part file."""
         if self.part is None:
             self._memory = _anonymous_memory(self.manifest.size)
-            if self.manifest.size:  # not awaited: the pages fault in while the first chunks are on the way
+            if self._populate and self.manifest.size:  # not awaited: pages fault in as chunks are on the way
                 trio.lowlevel.start_thread_soon(partial(_prefault, self._memory), _ignore)
             return set()
         return await trio.to_thread.run_sync(self._open_sync)

@@ -63,7 +63,7 @@ def test_memory_result_is_prefaulted_in_a_worker_thread_not_in_open(monkeypatch:
     started: list[object] = []
     monkeypatch.setattr(trio.lowlevel, "start_thread_soon", lambda fn, deliver: started.append(fn))
     big = Manifest(64 << 20, 4 << 20, bytes(32), (bytes(32),) * 16)
-    sink = BlobSink(big, None, verify_whole=False)
+    sink = BlobSink(big, None, verify_whole=False, prefault=True)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     trio.run(sink.open)
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
@@ -71,6 +71,8 @@ def test_memory_result_is_prefaulted_in_a_worker_thread_not_in_open(monkeypatch:
     [prefault] = started
     assert isinstance(prefault, functools.partial) and prefault.func is _blobsink._prefault
     assert prefault.args[0] is sink._memory
+    trio.run(BlobSink(big, None, verify_whole=False).open)  # an unpinned blob: the sender's word on size
+    assert len(started) == 1  # its pages are committed only as verified chunks land
 
 
 def _populate_supported() -> bool:
@@ -108,7 +110,7 @@ def test_prefault_racing_the_stores_yields_the_exact_bytes() -> None:
     manifest = Manifest.build(data, chunk_size=CHUNK)
 
     async def main() -> memoryview | Path:
-        sink = BlobSink(manifest, None, verify_whole=True)
+        sink = BlobSink(manifest, None, verify_whole=True, prefault=True)
         await sink.open()
         for index in range(manifest.chunk_count):
             offset, length = manifest.chunk_range(index)
