@@ -262,8 +262,11 @@ class Replica:
     # -- compaction and snapshots -----------------------------------------------------------------------
 
     def note_vector(self, peer: str, vector: crdt.VersionVector) -> None:
-        """Record what ``peer`` holds (from its digest); the next compaction keeps what it lacks."""
-        self.peer_vectors[peer] = (vector, self._clock())
+        """Record what ``peer`` holds (from its digest); the next compaction keeps what it lacks. Joined with
+        what it was known to hold: a replica only gains contributions, and a digest may be a few records
+        old (``digest`` hashes a frozen state while more arrive)."""
+        known = self.peer_vectors.get(peer)
+        self.peer_vectors[peer] = (vector if known is None else known[0].merge(vector), self._clock())
 
     def note_holds(self, peer: str, contribution: crdt.Contribution) -> None:
         """``peer`` took ``contribution`` (a push of ours): what it holds, as last heard, plus that record

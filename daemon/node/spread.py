@@ -77,26 +77,37 @@ class Spreader:
         """Spread a new contribution of ours in the background: the round goes on."""
         self._queue.put_nowait(contribution)
 
+    async def spread(self) -> None:
+        """Wait until every contribution handed to :meth:`announce` so far is pushed (and announced if
+        need be)."""
+        await self._queue.join()
+
     async def run(self) -> None:
         while True:
             contribution = await self._queue.get()
-            reached = await self._push(contribution)
-            must_reach = self.must_reach() if self.must_reach is not None else None
-            if must_reach is not None and must_reach <= reached:
-                continue
-            announcement = wire.Announcement(
-                author=contribution.author,
-                seq=contribution.seq,
-                fragment=contribution.fragment,
-                size=len(contribution.payload),
-                id=contribution.id,
-            )
             try:
-                await self.host.publish(wire.announce_topic(self.run_name), announcement.encode())
-            except p2p.P2PError as exc:  # no mesh peer: the others pull it in their anti-entropy
-                log.info("announcement not published seq=%d error=%s", contribution.seq, exc)
-                continue
-            self.replica.counters.announced += 1
+                await self._spread(contribution)
+            finally:
+                self._queue.task_done()
+
+    async def _spread(self, contribution: crdt.Contribution) -> None:
+        reached = await self._push(contribution)
+        must_reach = self.must_reach() if self.must_reach is not None else None
+        if must_reach is not None and must_reach <= reached:
+            return
+        announcement = wire.Announcement(
+            author=contribution.author,
+            seq=contribution.seq,
+            fragment=contribution.fragment,
+            size=len(contribution.payload),
+            id=contribution.id,
+        )
+        try:
+            await self.host.publish(wire.announce_topic(self.run_name), announcement.encode())
+        except p2p.P2PError as exc:  # no mesh peer: the others pull it in their anti-entropy
+            log.info("announcement not published seq=%d error=%s", contribution.seq, exc)
+            return
+        self.replica.counters.announced += 1
 
     async def _push(self, contribution: crdt.Contribution) -> set[str]:
         """Send ``contribution`` to every connected member at once; the members that took it. Our digest

@@ -250,6 +250,8 @@ async def test_contributions_are_pushed_to_members_and_announced_only_when_one_i
         for done in (1, 2):
             trainer.round_gate.set()
             await until(lambda: b.status().contributions == done)  # noqa: B023 - awaited at once
+            await until(lambda: len(a.history()) == done)  # noqa: B023 - a's round is handed to the spreader
+            await a.parts.sync.spreader.spread()  # which decided whether to announce it, after b's answer
         assert b.status().counters.pushes_received == 2  # each round's record, straight from its author
         assert a.status().counters.pushed == 2 and a.status().counters.announced == 0  # nobody else to tell
         held, _ = a.parts.replica.peer_vectors[b.host.peer_id]  # from the push's answer: what b holds
@@ -258,6 +260,8 @@ async def test_contributions_are_pushed_to_members_and_announced_only_when_one_i
         for done in (3, 4):
             trainer.round_gate.set()
             await until(lambda: b.status().contributions == done)  # noqa: B023
+            await until(lambda: len(a.history()) == done)  # noqa: B023
+            await a.parts.sync.spreader.spread()
         assert a.status().counters.announced == 2  # the far member is told by gossip (rounds 3 and 4)
         assert b.status().counters.pushes_received == 4
 
