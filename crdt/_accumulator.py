@@ -99,10 +99,7 @@ class Accumulator:
 
     def fragment_hashes(self) -> list[bytes]:
         """blake2b-256 of each fragment, recomputed only for fragments changed since the last call."""
-        for i in range(len(self.genesis.fragments)):
-            if self._hashes[i] is None:
-                self._hashes[i] = self._digest(i, [])
-        return self._hashes  # type: ignore[return-value]
+        return _fill_hashes(self.genesis, self.values, self._hashes)
 
     def hashes_without(self, deltas: list[Delta]) -> list[bytes]:
         """The fragment digests the accumulator would have without ``deltas`` (applied ones): each touched
@@ -110,11 +107,9 @@ class Accumulator:
         as the group requires); the accumulator itself is not touched."""
         current = list(self.fragment_hashes())
         for fragment in {d[0] for d in deltas}:
-            current[fragment] = self._digest(fragment, [d for d in deltas if d[0] == fragment])
+            minus = [d for d in deltas if d[0] == fragment]
+            current[fragment] = _fragment_digest(self.values, self.genesis.fragments[fragment], minus)
         return current
-
-    def _digest(self, fragment: int, minus: list[Delta]) -> bytes:
-        return _fragment_digest(self.values, self.genesis.fragments[fragment], minus)
 
     def materialize(self, out: np.ndarray | None) -> np.ndarray:
         return _materialize(self.genesis, self.values, out)
@@ -150,10 +145,7 @@ class FrozenAccumulator:
         self.generation = generation
 
     def fragment_hashes(self) -> list[bytes]:
-        for i, span in enumerate(self.genesis.fragments):
-            if self.hashes[i] is None:
-                self.hashes[i] = _fragment_digest(self.values, span, [])
-        return self.hashes  # type: ignore[return-value]
+        return _fill_hashes(self.genesis, self.values, self.hashes)
 
     def parts(self, header: SnapshotHeader) -> Iterator[bytes]:
         return encode_snapshot(self.genesis, header, self.values)
@@ -179,6 +171,15 @@ def _materialize(genesis: Genesis, values: PackedInt64 | FrozenPacked, out: np.n
         block += genesis.params[start:stop]
         out[start:stop] = block
     return out
+
+
+def _fill_hashes(genesis: Genesis, values: PackedInt64 | FrozenPacked,
+                 hashes: list[bytes | None]) -> list[bytes]:
+    """Hash, in place, the fragments whose digest ``hashes`` lacks (None); returns ``hashes``, now full."""
+    for i, span in enumerate(genesis.fragments):
+        if hashes[i] is None:
+            hashes[i] = _fragment_digest(values, span, [])
+    return hashes  # type: ignore[return-value]
 
 
 def _fragment_digest(values: PackedInt64 | FrozenPacked, span: tuple[int, int], minus: list[Delta]) -> bytes:
