@@ -1,7 +1,9 @@
 import itertools
+import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -95,3 +97,21 @@ def test_function_factories_get_raw_options_and_describe_nothing(
     assert training.describe_task_options("raw_factory_task:make") == []
     assert training.load_task("raw_factory_task:make", hidden=4).config.hidden == 4  # type: ignore[attr-defined]
     sys.modules.pop("raw_factory_task", None)
+
+
+def test_digits_are_read_as_sklearn_gives_them_without_importing_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    from sklearn.datasets import load_digits as sklearn_load_digits
+
+    from training._digits import load_digits
+
+    reference = sklearn_load_digits()
+    for located in (True, False):  # the bundled file, then the fallback through sklearn itself
+        if not located:
+            monkeypatch.setattr("importlib.util.find_spec", lambda name: None)
+        pixels, labels = load_digits()
+        assert pixels.dtype == np.float64 and labels.dtype == np.int64
+        np.testing.assert_array_equal(pixels, reference.data)
+        np.testing.assert_array_equal(labels, reference.target)
+    code = "import sys, training; training.load_task('digits'); print('sklearn' in sys.modules)"
+    imported = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert imported.stdout.strip() == "False"

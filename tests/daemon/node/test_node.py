@@ -51,6 +51,34 @@ async def test_status_answers_before_the_state_is_loaded(tmp_path: Path) -> None
     node.store.close()
 
 
+async def test_the_training_process_starts_beside_the_host_and_is_closed_if_the_host_fails(
+    tmp_path: Path,
+) -> None:
+    """The child's start (torch, the task: seconds) overlaps the host's; a host that cannot start (a port
+    taken) fails the node with its own error and leaves no training process behind."""
+    host = host_for(tmp_path, FakeNet())
+    trainer = FakeTrainer()
+    trainer_starting, closed = asyncio.Event(), []
+
+    async def start_trainer() -> None:
+        trainer_starting.set()
+        await asyncio.Event().wait()  # importing torch, for as long as the host needs
+
+    async def start_host() -> None:
+        await asyncio.wait_for(trainer_starting.wait(), 10)  # times out if the node waits for the trainer
+        raise OSError(errno.EADDRINUSE, "address in use")
+
+    async def close_trainer() -> None:
+        closed.append(True)
+
+    trainer.start, trainer.aclose, host.start = start_trainer, close_trainer, start_host  # type: ignore[method-assign]
+    node = Node(Home(tmp_path), Config(), host=host, trainer=trainer)  # type: ignore[arg-type]
+    with pytest.raises(OSError, match="address in use"):
+        await node.run()
+    assert closed == [True]
+    node.store.close()
+
+
 async def test_a_joiner_fetches_the_genesis_and_a_restart_keeps_everything(tmp_path: Path) -> None:
     net = FakeNet()
     founder, joiner = tmp_path / "f", tmp_path / "j"
