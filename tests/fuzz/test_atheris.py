@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -24,8 +25,8 @@ def test_every_decoder_survives_coverage_guided_fuzzing(tmp_path: Path) -> None:
     listed = subprocess.run([sys.executable, HARNESS, "--list"], capture_output=True, text=True, check=True)
     targets = listed.stdout.split()
     assert len(targets) >= 19  # every decoder in the harness, not an empty loop
-    failures = []
-    for target in targets:
+
+    def fuzz(target: str) -> str | None:
         run = subprocess.run(
             [sys.executable, HARNESS, target, tmp_path / target, f"-runs={RUNS}", "-max_len=4096"],
             capture_output=True,
@@ -34,5 +35,9 @@ def test_every_decoder_survives_coverage_guided_fuzzing(tmp_path: Path) -> None:
             timeout=600,
         )
         if run.returncode != 0 or "DONE" not in run.stderr:
-            failures.append(f"{target}: exit {run.returncode}\n{run.stderr[-3000:]}")
+            return f"{target}: exit {run.returncode}\n{run.stderr[-3000:]}"
+        return None
+
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:  # one target per core
+        failures = [failure for failure in pool.map(fuzz, targets) if failure is not None]
     assert not failures, "\n\n".join(failures)
