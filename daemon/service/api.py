@@ -210,7 +210,7 @@ async def download_checkpoint(request: web.Request) -> web.StreamResponse:
 async def invite(request: web.Request) -> web.Response:
     """What a joiner needs (``meshtrain invite`` turns it into a token). Never the swarm key."""
     node = request.app[NODE]
-    status = node.status()
+    status = await node.fresh_status()
     if status.genesis is None:
         return _error(503, "the node has no genesis yet (still loading, or fetching it from its peers)")
     return web.json_response({

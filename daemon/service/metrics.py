@@ -33,7 +33,14 @@ import platform
 from collections.abc import Callable, Iterable, Iterator
 from typing import Protocol
 
-from prometheus_client import CollectorRegistry, GCCollector, Histogram, PlatformCollector, ProcessCollector
+from prometheus_client import (
+    CollectorRegistry,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
 
 from daemon.status import Status, TrainingState
@@ -56,6 +63,8 @@ class _Node(Protocol):
     on_timing: Callable[[str, float], None]
 
     def status(self) -> Status: ...
+
+    async def fresh_status(self) -> Status: ...
 
 
 def _counter(name: str, help_text: str, value: float) -> CounterMetricFamily:
@@ -278,6 +287,7 @@ class NodeMetrics:
             pid=lambda: trainer_pid() or NO_PROCESS,
             registry=self.registry,
         )
+        self._node = node
         self._histograms = {
             "merge": Histogram(
                 "meshtrain_merge_seconds",
@@ -304,3 +314,10 @@ class NodeMetrics:
         histogram = self._histograms.get(name)
         if histogram is not None:
             histogram.observe(seconds)
+
+    async def scrape(self) -> bytes:
+        """The exposition text. The node's state hash is computed first, off the loop, if it is not known
+        (``fresh_status``); the collector's ``status()`` right after, with no await between, finds it.
+        A scrape after each change hashed the whole model on the event loop: 1.6 s at 100M parameters."""
+        await self._node.fresh_status()
+        return generate_latest(self.registry)

@@ -22,7 +22,7 @@ from importlib import resources
 from typing import Any
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from daemon.config import Config, parse_listen
 from daemon.service.logs import RingBufferHandler
@@ -46,7 +46,7 @@ dashboard_routes = web.RouteTableDef()
 
 @metrics_routes.get("/metrics")
 async def metrics(request: web.Request) -> web.Response:
-    body = generate_latest(request.app[METRICS].registry)
+    body = await request.app[METRICS].scrape()
     response = web.Response(body=body)
     response.content_type = CONTENT_TYPE_LATEST.split(";")[0]
     response.charset = "utf-8"

@@ -94,6 +94,9 @@ async def site(node_status: Status) -> AsyncIterator[str]:
         def status(self) -> Status:
             return status
 
+        async def fresh_status(self) -> Status:
+            return status
+
     runners = await open_http_sites(
         config,
         status=_json_of(status),
