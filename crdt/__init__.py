@@ -10,7 +10,7 @@ Layout (one concept per module; import the public names from ``crdt`` itself):
 - ``vv``          VersionVector, Digest (decoders capped by max_authors)
 - ``snapshot``    the compact streamed snapshot format: SnapshotHeader, SnapshotReader, Snapshot
 - ``checkpoint``  signed Checkpoint records, CheckpointPolicy, check_attestation (the trust model)
-- ``state``       ModelState (int64 fixed-point accumulator), ApplyOutcome; its influence window in
+- ``state``       ModelState (int64 fixed-point accumulator), ApplyOutcome, Decoded; its influence window in
                   ``_window``
 - ``frozen``      FrozenState: a state frozen copy-on-write, hashed and encoded in another thread
 - ``admission``   proof of work an open run may ask of each author (find_admission_nonce)
@@ -61,7 +61,7 @@ from crdt.records import (
 )
 from crdt.signing import Signer, verify_signature
 from crdt.snapshot import SNAPSHOT_MAGIC, Snapshot, SnapshotHeader, SnapshotReader
-from crdt.state import QUANTUM, SCALE_BITS, ApplyOutcome, ModelState
+from crdt.state import QUANTUM, SCALE_BITS, ApplyOutcome, Decoded, ModelState
 from crdt.vv import Digest, VersionVector
 
 __all__ = [
@@ -90,6 +90,7 @@ __all__ = [
     "ConflictError",
     "Contribution",
     "CrdtError",
+    "Decoded",
     "Digest",
     "FrozenState",
     "GapTooLargeError",

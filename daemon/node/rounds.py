@@ -323,7 +323,7 @@ class Rounds:
         )
         clock.start("accept")
         try:
-            self.replica.accept(contribution)
+            await self.replica.receive(contribution)
         except DiskFull:
             # Never logged, never announced: this seq is signed again by a later round, safely. The
             # training process keeps what the round did to its residuals (error feedback loses them).

@@ -203,7 +203,7 @@ class Sync:
             raise wire.WireError("a push carries its sender's own contribution only")
         if push.digest:  # as a pull tells: compaction waits by it (sent once per anti-entropy period)
             self.replica.note_vector(peer, crdt.Digest.decode(push.digest).version_vector)
-        self._accept(contribution)  # DiskFull and ConflictError go back to the sender as errors
+        await self._accept(contribution)  # DiskFull and ConflictError go back to the sender as errors
         self.replica.counters.pushes_received += 1
         return b""  # the sender learns what we hold from our own pushes and pulls
 
@@ -393,7 +393,7 @@ class Sync:
         progressed = False
         for encoded in response.contributions:
             try:
-                outcome = self._accept(crdt.Contribution.decode(encoded))
+                outcome = await self._accept(crdt.Contribution.decode(encoded))
                 progressed |= outcome is not crdt.ApplyOutcome.DUPLICATE
             except crdt.ConflictError:
                 continue  # the author equivocated (proof kept by the replica); the relayer is not to blame
@@ -412,9 +412,9 @@ class Sync:
             records=len(response.contributions),
         )
 
-    def _accept(self, contribution: crdt.Contribution) -> crdt.ApplyOutcome:
+    async def _accept(self, contribution: crdt.Contribution) -> crdt.ApplyOutcome:
         started = time.perf_counter()
         try:
-            return self.replica.accept(contribution)
+            return await self.replica.receive(contribution)
         finally:
             self.timing("merge", time.perf_counter() - started)

@@ -292,3 +292,22 @@ def test_a_failing_before_commit_leaves_the_state_unchanged() -> None:
     assert state.apply(third, before_commit=logged.append) is ApplyOutcome.BUFFERED
     assert state.apply(second, before_commit=logged.append) is ApplyOutcome.APPLIED
     assert logged == [first, third, second] and state.version_vector.get(SIGNERS[0].public_key) == 3
+
+
+def test_a_record_decoded_ahead_applies_as_one_decoded_here() -> None:
+    """``decode`` (run in another thread by the daemon) then ``apply(decoded=...)``: the same state as a
+    plain apply, in any order, for applied and buffered records alike; a decode of another record is refused."""
+    order = HIST[::-1]  # most arrive ahead of their author's prefix: buffered first, applied in a drain
+    ahead = ModelState(G)
+    for c in order:
+        ahead.apply(c, decoded=ahead.decode(c))
+    assert ahead.state_hash == _replay(order).state_hash == _replay(HIST).state_hash
+    fresh = ModelState(G)
+    with pytest.raises(ValueError, match="another contribution"):
+        fresh.apply(HIST[0], decoded=fresh.decode(HIST[1]))
+    assert fresh.contribution_count == 0 and fresh.pending_count == 0
+    other = genesis(length=96, n_fragments=4, seed=1)  # a fragment this run does not have
+    far = contribution(other, SIGNERS[0], 1)
+    far = dataclasses.replace(far, fragment=9)
+    with pytest.raises(GenesisMismatchError):
+        fresh.decode(far)

@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
-from node_testlib import HIST, SIGNER, G, attested, state_of
+from node_testlib import HIST, SIGNER, G, attested, signer, state_of
 
 import crdt
 from daemon.node.replica import DISK_ROOM_BYTES, DiskFull, Replica
@@ -167,6 +167,36 @@ async def test_records_accepted_while_our_snapshot_is_written_stay_live_and_logg
     assert replica.store.wal_records == len(late)
     replica.store.close()
     assert _open_replica(tmp_path).state.state_hash == state_of(first + late).state_hash
+
+
+async def test_received_records_are_decoded_in_a_worker_and_refused_as_accept_would(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    replica = _open_replica(tmp_path)
+    threads: list[str] = []
+    decode = replica.state.decode
+
+    def traced(c: crdt.Contribution) -> crdt.Decoded:
+        threads.append(threading.current_thread().name)
+        return decode(c)
+
+    monkeypatch.setattr(replica.state, "decode", traced)
+    outcomes = [await replica.receive(c) for c in HIST]
+    assert set(outcomes) <= {crdt.ApplyOutcome.APPLIED, crdt.ApplyOutcome.BUFFERED}
+    assert replica.state.state_hash == state_of(HIST).state_hash
+    assert threads and all(name.startswith("replica-decode") for name in threads)
+    decoded = len(threads)
+    assert await replica.receive(HIST[0]) is crdt.ApplyOutcome.DUPLICATE
+    assert len(threads) == decoded  # a record already held is not decoded again
+    # A second record for a held slot with a payload that does not decode: named an equivocation, as a
+    # plain accept names it (the decode failed in the worker; accept checked the slot first).
+    first = HIST[0]
+    bad = crdt.make_contribution(signer(0), genesis_id=G.id, seq=first.seq, fragment=first.fragment,
+                                 codec=first.codec, payload=b"\xff" * 8, weight=first.weight,
+                                 base_version=first.base_version)
+    with pytest.raises(crdt.ConflictError):
+        await replica.receive(bad)
+    replica.close()
 
 
 def test_a_full_disk_refuses_contributions_and_recovers(
