@@ -4,7 +4,8 @@ Theory of operation
 -------------------
 :meth:`Replica.accept` is the one door through which a contribution, local or remote, enters the node:
 ``crdt.ModelState.apply`` verifies and applies it (decoding the payload once and handing the decoded
-update to the suspect tracker), then the store appends it to the WAL with fsync. A crash in between loses
+update to the suspect tracker), then the store appends it to the WAL with fsync. Sync and the rounds loop
+come in through :meth:`Replica.receive`, which decodes the payload in a worker thread first. A crash in between loses
 a contribution that anti-entropy fetches again, never one the node already told anybody about. The
 replica counts what it accepted, what was a duplicate and what it refused (:meth:`reject`, also used
 for junk requests and gossip), and keeps the proof when an author equivocates.
