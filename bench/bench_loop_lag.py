@@ -11,7 +11,9 @@ default density (2 %). Three passes over the whole model, each done two ways in 
 The passes: the node's own periodic snapshot (hash, encode, write, fsync: ``Replica.snapshot_and_compact``;
 once more with a contribution accepted in the middle of the write, whose blocks are copied for the frozen
 view first), the state hash a digest needs after every change (``Replica.digest``), and materializing the
-merged model for the training process (``trainer_process.fill_from``).
+merged model for the training process (``trainer_process.fill_from``). And one record's apply
+(a 2 % rice-q8 record of the whole model): ``Replica.accept`` on the loop, and ``Replica.receive``, which
+decodes the payload in a worker thread first (the scatter-add and the WAL append stay on the loop).
 
 For each: wall time, the loop's worst lag (with a record accepted meanwhile: the accept itself, which
 applies on the loop, is the worst; its time is reported beside), the bytes of blocks the frozen view
@@ -94,7 +96,7 @@ async def _measure(params: int) -> tuple[list[dict], dict]:
     genesis = crdt.Genesis((rng.standard_normal(params, dtype=np.float32) * 0.02), ((0, params),),
                            {"run": "bench-snapshot-lag"})
     signer = crdt.Signer.from_seed(b"\x01" * 32)
-    records = _records(genesis, signer, 7, 1)
+    records = _records(genesis, signer, 9, 1)
     rows = []
     with tempfile.TemporaryDirectory(prefix="meshtrain-snaplag-", dir=Path(__file__).parent) as tmp:
         replica = Replica.open(Store(Path(tmp) / "store"), genesis, snapshot_every=10**9)
@@ -155,6 +157,13 @@ async def _measure(params: int) -> tuple[list[dict], dict]:
         replica.state.digest()
         on_loop = time.perf_counter() - t
         rows.append(row("digest hash, on the loop", on_loop, on_loop, 0, 0))
+
+        t = time.perf_counter()
+        replica.accept(records[7])
+        on_loop = time.perf_counter() - t
+        rows.append(row("record apply, on the loop", on_loop, on_loop, 0, 0))
+        wall, ticker = await _ticking(replica.receive(records[8]))
+        rows.append(row("record apply, decoded in a worker", wall, ticker.worst, 0, ticker.peak_rss))
 
         out = np.empty(params, dtype=np.float32)
         out.fill(0)  # touched: the handoff's pages are the child's, not a fresh mapping's faults here
