@@ -4,9 +4,10 @@ Theory of operation
 -------------------
 :meth:`Replica.accept` is the one door through which a contribution, local or remote, enters the node:
 ``crdt.ModelState.apply`` verifies and applies it (decoding the payload once and handing the decoded
-update to the suspect tracker), then the store appends it to the WAL with fsync. Sync and the rounds loop
-come in through :meth:`Replica.receive`, which decodes the payload in a worker thread first. A crash in between loses
-a contribution that anti-entropy fetches again, never one the node already told anybody about. The
+update to the suspect tracker), then the store appends it to the WAL with fsync. A crash in between
+loses a contribution that anti-entropy fetches again, never one the node already told anybody about.
+Sync and the rounds loop come in through :meth:`Replica.receive`, which decodes the payload and measures
+it for the suspect tracker in a worker thread first. The
 replica counts what it accepted, what was a duplicate and what it refused (:meth:`reject`, also used
 for junk requests and gossip), and keeps the proof when an author equivocates.
 
@@ -40,6 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -54,7 +56,7 @@ import p2p
 from daemon.node import heap
 from daemon.node.attestation import Attestations
 from daemon.node.store import Store
-from daemon.node.suspects import SuspectTracker
+from daemon.node.suspects import Measure, SuspectTracker
 from daemon.status import Counters
 
 __all__ = ["DiskFull", "Replica"]
@@ -166,23 +168,29 @@ class Replica:
     # -- the door ---------------------------------------------------------------------------------------
 
     async def receive(self, contribution: crdt.Contribution) -> crdt.ApplyOutcome:
-        """:meth:`accept`, with the payload decoded first in a worker thread (``crdt.ModelState.decode``):
-        about half of an apply's time (2026-12-02 profile at 20M parameters: rice decoding and the norm),
-        which the loop spent before, 0.2 s at 100M for 2 % of the model. A record the state already holds
-        is not decoded; one that does not decode goes to :meth:`accept` as it is, which then raises as it
-        always did, in the same order of checks (an equivocation is named before a bad payload). Raises
-        as :meth:`accept`."""
-        decoded = None
+        """:meth:`accept`, with the payload decoded (``crdt.ModelState.decode``) and measured for the
+        suspect tracker first, in a worker thread: most of an apply's time, which the loop spent before.
+        A record the state already holds is not decoded; one that does not decode goes to :meth:`accept`
+        as it is, which then raises as it always did, in the same order of checks (an equivocation is
+        named before a bad payload). Raises as :meth:`accept`."""
+        ahead: tuple[crdt.Decoded, Measure] | tuple[None, None] = (None, None)
         if contribution.seq >= self.state.next_seq(contribution.author):
             loop = asyncio.get_running_loop()
             with contextlib.suppress(crdt.CrdtError):
-                decoded = await loop.run_in_executor(self._decoder, self.state.decode, contribution)
-        return self.accept(contribution, decoded)
+                ahead = await loop.run_in_executor(self._decoder, self._decode, contribution)
+        return self.accept(contribution, *ahead)
 
-    def accept(self, contribution: crdt.Contribution, decoded: crdt.Decoded | None = None
-               ) -> crdt.ApplyOutcome:
+    def _decode(self, contribution: crdt.Contribution) -> tuple[crdt.Decoded, Measure]:
+        """`receive`'s work in the worker thread: the payload decoded and the suspect tracker's measure."""
+        decoded = self.state.decode(contribution)
+        return decoded, self.suspects.measure(contribution.fragment, decoded.indices, decoded.values,
+                                              contribution.weight)
+
+    def accept(self, contribution: crdt.Contribution, decoded: crdt.Decoded | None = None,
+               measured: Measure | None = None) -> crdt.ApplyOutcome:
         """Apply, then log durably; snapshot and compact every ``snapshot_every`` new contributions.
-        ``decoded``: the payload as ``crdt.ModelState.decode`` gave it (:meth:`receive`).
+        ``decoded`` and ``measured``: the payload as ``crdt.ModelState.decode`` gave it and the suspect
+        tracker's measure of it (:meth:`receive`).
 
         Raises:
             DiskFull: the store could not log it; nothing changed (counted).
@@ -191,7 +199,9 @@ class Replica:
             crdt.CrdtError: the contribution is invalid here (nothing was logged).
         """
         try:
-            outcome = self.state.apply(contribution, observe=self._observe, before_commit=self.store.append,
+            observe = self._observe if measured is None else functools.partial(
+                self._observe, ahead=(contribution, measured))
+            outcome = self.state.apply(contribution, observe=observe, before_commit=self.store.append,
                                        decoded=decoded)
         except crdt.ConflictError as exc:
             self._note_equivocation(exc)
@@ -245,9 +255,13 @@ class Replica:
         """Count refused input from a peer, by exception type (``status.counters.rejected_reasons``)."""
         self.counters.reject(type(reason).__name__)
 
-    def _observe(self, contribution: crdt.Contribution, indices: np.ndarray, values: np.ndarray) -> None:
+    def _observe(self, contribution: crdt.Contribution, indices: np.ndarray, values: np.ndarray,
+                 ahead: tuple[crdt.Contribution, Measure] | None = None) -> None:
+        """The apply's hook, for ``contribution`` and any buffered successor it unblocked (``ahead``: the
+        measure `receive` computed, which is for its own record only)."""
         author = _peer(contribution.author)
-        self.suspects.observe(author, contribution.fragment, indices, values, contribution.weight)
+        measured = ahead[1] if ahead is not None and ahead[0] is contribution else None
+        self.suspects.observe(author, contribution.fragment, indices, values, contribution.weight, measured)
         self._last_contribution[author] = self._clock()
         self.on_author(author)
 

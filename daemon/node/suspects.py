@@ -22,10 +22,11 @@ a payload is decoded once.
 from __future__ import annotations
 
 from collections import OrderedDict, deque
+from typing import NamedTuple
 
 import numpy as np
 
-__all__ = ["SuspectTracker"]
+__all__ = ["Measure", "SuspectTracker"]
 
 #: An author is suspect when its typical update norm is this many times the median author's ...
 SUSPECT_NORM_RATIO = 4.0
@@ -41,6 +42,13 @@ MAX_AUTHORS = 4096
 #: The median over authors is recomputed once per authors/this observations (amortized O(1) each).
 MEDIAN_EVERY_FRACTION = 16
 _HASH_MUL = np.uint64(0x9E3779B97F4A7C15)  # Fibonacci hashing: spreads consecutive indices
+
+
+class Measure(NamedTuple):
+    """What an update contributes to the statistics, before they change (`SuspectTracker.measure`)."""
+
+    norm: float
+    sketch: np.ndarray
 
 
 class SuspectTracker:
@@ -68,12 +76,18 @@ class SuspectTracker:
         np.add.at(out, buckets.astype(np.int64), signs * values)
         return out
 
-    def observe(
-        self, author: str, fragment: int, indices: np.ndarray, values: np.ndarray, weight: float
-    ) -> None:
+    def measure(self, fragment: int, indices: np.ndarray, values: np.ndarray, weight: float) -> Measure:
+        """The update's weighted norm and its sketch: most of an observation's work (0.1 s for 2 % of 100M
+        parameters), reading nothing that changes, so a worker thread may compute it for `observe`."""
         weighted = values.astype(np.float64) * weight
-        norm = float(np.sqrt(np.dot(weighted, weighted)))
-        update = self._sketch(fragment, indices, weighted)
+        return Measure(float(np.sqrt(np.dot(weighted, weighted))), self._sketch(fragment, indices, weighted))
+
+    def observe(
+        self, author: str, fragment: int, indices: np.ndarray, values: np.ndarray, weight: float,
+        measured: Measure | None = None,
+    ) -> None:
+        """Add one applied update (``measured``: its `measure`, if computed already)."""
+        norm, update = measured or self.measure(fragment, indices, values, weight)
         mean = self._sketches[fragment]
         mean_norm = float(np.sqrt(np.dot(mean, mean)))
         sketched_norm = float(np.sqrt(np.dot(update, update)))

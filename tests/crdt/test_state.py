@@ -296,7 +296,7 @@ def test_a_failing_before_commit_leaves_the_state_unchanged() -> None:
 
 def test_a_record_decoded_ahead_applies_as_one_decoded_here() -> None:
     """``decode`` (run in another thread by the daemon) then ``apply(decoded=...)``: the same state as a
-    plain apply, in any order, for applied and buffered records alike; a decode of another record is refused."""
+    plain apply, in any order, for applied and buffered records alike; another record's decode is refused."""
     order = HIST[::-1]  # most arrive ahead of their author's prefix: buffered first, applied in a drain
     ahead = ModelState(G)
     for c in order:

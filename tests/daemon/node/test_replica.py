@@ -185,6 +185,11 @@ async def test_received_records_are_decoded_in_a_worker_and_refused_as_accept_wo
     assert set(outcomes) <= {crdt.ApplyOutcome.APPLIED, crdt.ApplyOutcome.BUFFERED}
     assert replica.state.state_hash == state_of(HIST).state_hash
     assert threads and all(name.startswith("replica-decode") for name in threads)
+    plain = _open_replica(tmp_path / "plain")
+    for c in HIST:
+        plain.accept(c)
+    assert replica.suspects.stats() == plain.suspects.stats()  # measured in the worker, recorded the same
+    plain.close()
     decoded = len(threads)
     assert await replica.receive(HIST[0]) is crdt.ApplyOutcome.DUPLICATE
     assert len(threads) == decoded  # a record already held is not decoded again
