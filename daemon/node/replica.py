@@ -7,9 +7,9 @@ Theory of operation
 update to the suspect tracker), then the store appends it to the WAL with fsync. A crash in between
 loses a contribution that anti-entropy fetches again, never one the node already told anybody about.
 Sync and the rounds loop come in through :meth:`Replica.receive`, which decodes the payload and measures
-it for the suspect tracker in a worker thread first. The
-replica counts what it accepted, what was a duplicate and what it refused (:meth:`reject`, also used
-for junk requests and gossip), and keeps the proof when an author equivocates.
+it for the suspect tracker in a worker thread first. The replica counts what it accepted, what was a
+duplicate and what it refused (:meth:`reject`, also used for junk requests and gossip), and keeps the
+proof when an author equivocates.
 
 Every ``snapshot_every`` new contributions the replica writes a snapshot and forgets the history that
 every known member already holds (:meth:`snapshot_and_compact`, in the background: the state is frozen
