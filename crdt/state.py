@@ -236,6 +236,11 @@ class ModelState:
     def next_seq(self, author: bytes) -> int:
         return self._vv.get(author, 0) + 1
 
+    def holds_slot(self, author: bytes, seq: int) -> bool:
+        """Whether ``author``'s slot ``seq`` is taken here (applied, compacted or buffered): ``apply`` of a
+        record for it decodes nothing (it is a duplicate, or an equivocation)."""
+        return seq <= self._vv.get(author, 0) or self._pending.get(author, seq) is not None
+
     def can_serve(self, remote: VersionVector) -> bool:
         """True if every contribution ``remote`` lacks is still retained here (else send a snapshot)."""
         return all(remote.get(a) >= f for a, f in self._floor.items() if self._vv.get(a, 0) > remote.get(a))

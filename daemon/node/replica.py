@@ -170,11 +170,12 @@ class Replica:
     async def receive(self, contribution: crdt.Contribution) -> crdt.ApplyOutcome:
         """:meth:`accept`, with the payload decoded (``crdt.ModelState.decode``) and measured for the
         suspect tracker first, in a worker thread: most of an apply's time, which the loop spent before.
-        A record the state already holds is not decoded; one that does not decode goes to :meth:`accept`
-        as it is, which then raises as it always did, in the same order of checks (an equivocation is
-        named before a bad payload). Raises as :meth:`accept`."""
+        A record for a slot the state already holds (applied or buffered) is not decoded: sent again, it
+        costs what a duplicate always cost. One that does not decode goes to :meth:`accept` as it is,
+        which then raises as it always did, in the same order of checks (an equivocation is named before
+        a bad payload). Raises as :meth:`accept`."""
         ahead: tuple[crdt.Decoded, Measure] | tuple[None, None] = (None, None)
-        if contribution.seq >= self.state.next_seq(contribution.author):
+        if not self.state.holds_slot(contribution.author, contribution.seq):
             loop = asyncio.get_running_loop()
             with contextlib.suppress(crdt.CrdtError):
                 ahead = await loop.run_in_executor(self._decoder, self._decode, contribution)

@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
-from node_testlib import HIST, SIGNER, G, attested, signer, state_of
+from node_testlib import HIST, SIGNER, G, attested, history, signer, state_of
 
 import crdt
 from daemon.node.replica import DISK_ROOM_BYTES, DiskFull, Replica
@@ -193,6 +193,10 @@ async def test_received_records_are_decoded_in_a_worker_and_refused_as_accept_wo
     decoded = len(threads)
     assert await replica.receive(HIST[0]) is crdt.ApplyOutcome.DUPLICATE
     assert len(threads) == decoded  # a record already held is not decoded again
+    ahead = history(G, n_authors=1, per_author=3, first=7)[2]  # seq 3 of a new author: buffered
+    assert await replica.receive(ahead) is crdt.ApplyOutcome.BUFFERED
+    assert await replica.receive(ahead) is crdt.ApplyOutcome.DUPLICATE
+    assert len(threads) == decoded + 1  # a buffered record sent again is not decoded again either
     # A second record for a held slot with a payload that does not decode: named an equivocation, as a
     # plain accept names it (the decode failed in the worker; accept checked the slot first).
     first = HIST[0]
