@@ -29,7 +29,8 @@ def load_digits() -> tuple[np.ndarray, np.ndarray]:
     """The 1797 images as float64 pixels 0-16 (N, 64) and their int64 labels (N,), as scikit-learn's
     ``load_digits`` gives them."""
     spec = importlib.util.find_spec("sklearn")  # locates the package without running it
-    for root in (spec.submodule_search_locations or []) if spec is not None else []:
+    roots = spec.submodule_search_locations if spec is not None else None
+    for root in roots or []:
         path = Path(root, "datasets", "data", "digits.csv.gz")
         if path.is_file():
             table = np.loadtxt(path, delimiter=",")
