@@ -15,14 +15,12 @@ Every ``snapshot_every`` new contributions the replica writes a snapshot and for
 every known member already holds (:meth:`snapshot_and_compact`, in the background: the state is frozen
 copy-on-write and hashed, encoded, written and synced in a worker thread, ~4 s at 100M parameters that the
 event loop used to spend, while records go on being accepted into the live state): the meet of its own
-vector and the last vector heard from each member (:meth:`note_vector`), persisted before compacting by it
-so that a restart forgets no member. The WAL keeps every record above that floor, so a restart compacts
-nothing. With no member heard from, nothing is compacted: nobody else holds anything, and members that
-come back could neither get the history nor adopt our snapshot. Only members that lack at most
-``snapshot_every`` of our contributions hold history back (one further behind catches up from a snapshot
-anyway), a member not heard from for ``member_ttl_s`` is forgotten, and at most ``MAX_MEMBERS`` (the most
-recently heard) are kept: otherwise one digest with an empty vector, from anyone who knows the genesis id,
-would pin compaction forever.
+vector and the last vector heard from each member (:attr:`Replica.holdings`, daemon/node/holdings.py),
+persisted before compacting by it so that a restart forgets no member. The WAL keeps every record above
+that floor, so a restart compacts nothing. With no member heard from, nothing is compacted: nobody else
+holds anything, and members that come back could neither get the history nor adopt our snapshot. Only
+members that lack at most ``snapshot_every`` of our contributions hold history back, and silent or
+surplus members are forgotten (see holdings.py).
 
 A replica too far behind a peer (the peer compacted what it lacks) adopts the peer's snapshot with
 :meth:`adopt`, only if that loses nothing: every contribution it holds that the snapshot lacks must still
@@ -55,6 +53,7 @@ import crdt
 import p2p
 from daemon.node import heap
 from daemon.node.attestation import Attestations
+from daemon.node.holdings import DEFAULT_MEMBER_TTL_S, PeerHoldings
 from daemon.node.store import Store
 from daemon.node.suspects import Measure, SuspectTracker
 from daemon.status import Counters
@@ -66,10 +65,6 @@ T = TypeVar("T")
 
 #: Free space that counts as "room again" after a full disk: a few records and a rewritten log.
 DISK_ROOM_BYTES = 64 * 2**20
-#: A member not heard from for this long stops holding compaction back (it catches up from a snapshot).
-DEFAULT_MEMBER_TTL_S = 3600.0
-#: Members whose vectors hold compaction back (the most recently heard); more would be a memory lever.
-MAX_MEMBERS = 512
 #: Seqs an equivocating author is listed with in status (the proof kept on disk is one per author).
 MAX_EQUIVOCATIONS_LISTED = 16
 
@@ -103,12 +98,10 @@ class Replica:
         self.file_state: tuple[crdt.VersionVector, str] | None = None
         """The vector and state hash of the snapshot file in the store (None: none written yet)."""
         self.snapshot_every = snapshot_every
-        self.member_ttl_s = member_ttl_s
         self._clock = clock
         self.counters = counters or Counters()
-        self.peer_vectors: dict[str, tuple[crdt.VersionVector, float]] = store.load_peer_vectors()
-        """The last version vector heard from each run member, and when (unix time): what compaction may
-        forget."""
+        self.holdings = PeerHoldings(store.load_peer_vectors(), ttl_s=member_ttl_s, clock=clock)
+        """What each run member is known to hold: what compaction may forget."""
         self.suspects = SuspectTracker([stop - start for start, stop in state.genesis.fragments])
         self.equivocators: dict[str, set[int]] = {}
         """Authors caught signing two records for one seq, with those seqs (proofs in the store)."""
@@ -297,54 +290,6 @@ class Replica:
 
     # -- compaction and snapshots -----------------------------------------------------------------------
 
-    def note_vector(self, peer: str, vector: crdt.VersionVector) -> None:
-        """Record what ``peer`` holds (from its digest); the next compaction keeps what it lacks. Joined with
-        what it was known to hold: a replica only gains contributions, and a digest may be a few records
-        old (``digest`` hashes a frozen state while more arrive)."""
-        known = self.peer_vectors.get(peer)
-        self.peer_vectors[peer] = (vector if known is None else known[0].merge(vector), self._clock())
-
-    def note_holds(self, peer: str, contribution: crdt.Contribution) -> None:
-        """``peer`` took ``contribution`` (a push of ours): what it holds, as last heard, plus that record
-        if the author's earlier ones are known to be there (else it may wait in its gap buffer)."""
-        known = self.peer_vectors.get(peer)
-        before = known[0].get(contribution.author) if known is not None else 0
-        if before != contribution.seq - 1:
-            return
-        held = crdt.VersionVector.from_dict({contribution.author: contribution.seq})
-        self.note_vector(peer, known[0].merge(held) if known is not None else held)
-
-    def peers_hold(self) -> crdt.VersionVector | None:
-        """What the peers heard from within ``member_ttl_s`` hold together (per author, the most any of
-        them reported), or None before any peer's digest arrived."""
-        oldest = self._clock() - self.member_ttl_s
-        held = [vv for vv, heard in self.peer_vectors.values() if heard >= oldest]
-        if not held:
-            return None
-        merged = held[0]
-        for vv in held[1:]:
-            merged = merged.merge(vv)
-        return merged
-
-    def _members(self) -> dict[str, crdt.VersionVector]:
-        """The members compaction waits for: heard within ``member_ttl_s`` (the MAX_MEMBERS latest are
-        remembered) and at most ``snapshot_every`` contributions behind us."""
-        oldest = self._clock() - self.member_ttl_s
-        fresh = sorted(
-            ((heard, peer, vv) for peer, (vv, heard) in self.peer_vectors.items() if heard >= oldest),
-            reverse=True,
-        )[:MAX_MEMBERS]
-        forgotten = len(self.peer_vectors) - len(fresh)
-        if forgotten:
-            log.info("forgetting members not heard from recently count=%d", forgotten)
-        self.peer_vectors = {peer: (vv, heard) for heard, peer, vv in fresh}
-        ours = self.state.version_vector
-        return {
-            peer: vv
-            for peer, (vv, _) in self.peer_vectors.items()
-            if sum(max(0, s - vv.get(a)) for a, s in ours.items()) <= self.snapshot_every
-        }
-
     def _start_snapshot(self) -> None:
         """Start :meth:`snapshot_and_compact` in the background, unless a snapshot (ours or an adopted one)
         is being written: then the first accept after it asks again."""
@@ -383,7 +328,7 @@ class Replica:
             vv, state_hash = frozen.version_vector, frozen.state_hash
             checkpoint = self._sign(frozen)  # first: a signer's own checkpoint attests what it may compact to
             held = state.retention_floor
-            vectors = self._members()
+            vectors = self.holdings.members(state.version_vector, within=self.snapshot_every)
             members = crdt.retention_floor(vv, vectors.values()) if vectors else held
             attested = self.attestations.attested_vector()
             if self.attestations.policy is not None:
@@ -393,7 +338,7 @@ class Replica:
                 {a: max(held.get(a), min(members.get(a), s)) for a, s in vv.items()}
             )
             try:
-                self.store.write_peer_vectors(self.peer_vectors)  # before compacting by them: see the store
+                self.store.write_peer_vectors(self.holdings.vectors)  # before compacting by them
                 self.store.publish_snapshot(staged, floor=after,
                                             checkpoints=self.attestations.for_state(vv, state_hash))
             except OSError as exc:

@@ -251,12 +251,12 @@ class Rounds:
         """Wait (bounded) until this node holds what its peers held when it began waiting, if that is
         more than a round's worth of contributions (see the module docstring)."""
         started = time.monotonic()
-        target = self.replica.peers_hold()
+        target = self.replica.holdings.together()
         if target is None and self.joining and self.rounds_done == 0:
             while target is None and self._resume.is_set() and time.monotonic() - started < FIRST_EXCHANGE_S:
                 self.pull_now()
                 await self._changed_within(1.0)  # digests do not change the model: look again each second
-                target = self.replica.peers_hold()
+                target = self.replica.holdings.together()
         if target is None or self._lag(target) <= self.live_peers():
             return
         log.info("catching up before the round missing=%d", self._lag(target))

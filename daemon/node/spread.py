@@ -142,7 +142,7 @@ class Spreader:
                 self._digest_sent[peer] = now
             reached.add(peer)
             self.replica.counters.pushed += 1
-            self.replica.note_holds(peer, contribution)
+            self.replica.holdings.note_holds(peer, contribution)
 
         async with asyncio.TaskGroup() as tasks:
             for peer in targets:

@@ -121,8 +121,8 @@ class Sync:
         connected = self.host.connected_peers()
         self.machine.set_connected(connected)
         for peer in connected:
-            known = self.replica.peer_vectors.get(peer)
-            if known is None or not ours.dominates(known[0]):
+            known = self.replica.holdings.get(peer)
+            if known is None or not ours.dominates(known):
                 self.machine.behind(peer)
         self._wakeup.set()
 
@@ -179,7 +179,7 @@ class Sync:
         remote = crdt.Digest.decode(request.digest)
         ours = await self.replica.digest()
         state = self.replica.state
-        self.replica.note_vector(peer, remote.version_vector)
+        self.replica.holdings.note_vector(peer, remote.version_vector)
         self._compare(peer, remote, ours)
         plan = crdt.plan_sync(state, remote, max_count=self.settings().max_batch)
         self.machine.served(peer, peer_has_more=plan.remote_has_more, now=time.monotonic())
@@ -202,7 +202,7 @@ class Sync:
         if p2p.peer_id_from_public_key(contribution.author) != peer:
             raise wire.WireError("a push carries its sender's own contribution only")
         if push.digest:  # as a pull tells: compaction waits by it (sent once per anti-entropy period)
-            self.replica.note_vector(peer, crdt.Digest.decode(push.digest).version_vector)
+            self.replica.holdings.note_vector(peer, crdt.Digest.decode(push.digest).version_vector)
         await self._accept(contribution)  # DiskFull and ConflictError go back to the sender as errors
         self.replica.counters.pushes_received += 1
         return b""  # the sender learns what we hold from our own pushes and pulls
@@ -349,14 +349,14 @@ class Sync:
     def _covered(self, peer: str, pulling: frozenset[str]) -> bool:
         """Every record ``peer``'s last digest showed beyond ours is also in the last digest of a peer in
         ``pulling`` (see Replication.next_actions). A peer whose digest we never had is not covered."""
-        known = self.replica.peer_vectors.get(peer)
+        known = self.replica.holdings.get(peer)
         if known is None:
             return False
         reach = self.replica.state.version_vector
         for source in pulling:
-            if (entry := self.replica.peer_vectors.get(source)) is not None:
-                reach = reach.merge(entry[0])
-        return reach.dominates(known[0])
+            if (held := self.replica.holdings.get(source)) is not None:
+                reach = reach.merge(held)
+        return reach.dominates(known)
 
     async def _pull_once(self, peer: str) -> Action | None:
         if not self.replica.can_write():  # a full disk: pull nothing we could not log
@@ -385,7 +385,7 @@ class Sync:
             self.machine.failed(peer, foreign=foreign)
             return None
         self.members.add(peer)  # it answered with our genesis's records
-        self.replica.note_vector(peer, remote.version_vector)
+        self.replica.holdings.note_vector(peer, remote.version_vector)
         self._compare(peer, remote, ours)
         if not all(self._take_checkpoint(peer, data) for data in response.checkpoints):
             self.machine.failed(peer)

@@ -50,7 +50,7 @@ async def test_replica_logs_what_it_accepts_and_compacts_only_what_every_member_
     assert replica.store.wal_records == len(HIST) - 1 and replica.counters.snapshots_written == 1
     assert replica.state.retained_count == len(HIST) - 1
     member = crdt.VersionVector.from_dict({a: 2 for a in authors})
-    replica.note_vector("peerA", member)
+    replica.holdings.note_vector("peerA", member)
     replica.accept(HIST[-1])
     assert await replica.snapshot_and_compact() == len(authors) * 2
     assert replica.state.retention_floor == member
@@ -58,24 +58,8 @@ async def test_replica_logs_what_it_accepts_and_compacts_only_what_every_member_
     replica.store.close()
     reopened = _open_replica(tmp_path)  # a restart: same state, same floor, the member remembered
     assert reopened.state.state_hash == state_of(HIST).state_hash
-    assert reopened.state.retention_floor == member and reopened.peer_vectors["peerA"][0] == member
+    assert reopened.state.retention_floor == member and reopened.holdings.get("peerA") == member
     reopened.store.close()
-
-
-def test_a_member_that_took_our_push_holds_it_unless_an_earlier_record_may_be_missing(tmp_path: Path) -> None:
-    replica = _open_replica(tmp_path)
-    first, second, third = sorted((c for c in HIST if c.author == HIST[0].author), key=lambda c: c.seq)[:3]
-    other = next(c.author for c in HIST if c.author != first.author)
-    replica.note_holds("fresh", second)  # nothing heard from it: seq 1 may be missing, 2 in its gap buffer
-    assert "fresh" not in replica.peer_vectors
-    replica.note_holds("fresh", first)
-    replica.note_holds("fresh", second)
-    assert replica.peer_vectors["fresh"][0] == crdt.VersionVector.from_dict({first.author: second.seq})
-    replica.note_vector("member", crdt.VersionVector.from_dict({other: 5}))
-    replica.note_holds("member", first)
-    replica.note_holds("member", third)  # after a push that failed: not claimed
-    assert replica.peer_vectors["member"][0] == crdt.VersionVector.from_dict({other: 5, first.author: 1})
-    replica.store.close()
 
 
 async def test_replica_adopts_a_snapshot_only_when_it_loses_nothing(tmp_path: Path) -> None:
@@ -103,7 +87,7 @@ async def test_replica_adopts_a_snapshot_only_when_it_loses_nothing(tmp_path: Pa
     lossy = Replica.open(Store(tmp_path / "lossy"), G, snapshot_every=1000, signer=SIGNER)
     for c in mine:
         lossy.accept(c)
-    lossy.note_vector("peerA", lossy.state.version_vector)
+    lossy.holdings.note_vector("peerA", lossy.state.version_vector)
     await lossy.snapshot_and_compact()  # forgets everything: now authors[0]'s seq 4 exists only in the state
     assert lossy.state.retention_floor == lossy.state.version_vector
     before = lossy.state.state_hash
@@ -148,7 +132,7 @@ async def test_records_accepted_while_our_snapshot_is_written_stay_live_and_logg
     first = [c for c in HIST if c.seq <= 2]
     late = [c for c in HIST if c.seq == 3]
     replica = _open_replica(tmp_path, snapshot_every=len(first))
-    replica.note_vector("peerA", crdt.VersionVector.from_dict({a: 3 for a in authors}))  # holds it all
+    replica.holdings.note_vector("peerA", crdt.VersionVector.from_dict({a: 3 for a in authors}))  # holds all
     writing, release = _hold_snapshot_writes(replica, monkeypatch)
     for c in first:
         replica.accept(c)  # the last one starts the snapshot in the background
@@ -257,18 +241,18 @@ async def test_members_far_behind_or_long_silent_do_not_pin_compaction(tmp_path:
     replica = Replica.open(Store(tmp_path), G, snapshot_every=2, member_ttl_s=60.0, clock=lambda: now[0],
                            signer=SIGNER)
     authors = sorted({c.author for c in HIST})
-    replica.note_vector("stranger", crdt.VersionVector())  # one empty digest from anyone with the genesis id
-    replica.note_vector("member", crdt.VersionVector.from_dict({a: 1 for a in authors}))
+    replica.holdings.note_vector("stranger", crdt.VersionVector())  # anyone with the genesis id
+    replica.holdings.note_vector("member", crdt.VersionVector.from_dict({a: 1 for a in authors}))
     for c in sorted(HIST, key=lambda c: c.seq)[:6]:  # seqs 1 and 2 of every author
         replica.accept(c)
         await replica.settle()
     # the stranger lacks 6 > snapshot_every: it does not hold history back; the member (lacks 3) does
     assert replica.state.retention_floor == crdt.VersionVector.from_dict({a: 1 for a in authors})
     now[0] += 61.0  # the member falls silent; another one, up to date, is heard
-    replica.note_vector("fresh", replica.state.version_vector)
+    replica.holdings.note_vector("fresh", replica.state.version_vector)
     await replica.snapshot_and_compact()
     assert replica.state.retention_floor == replica.state.version_vector  # nobody else waits: compacted
-    assert set(replica.peer_vectors) == {"fresh"}  # the silent member and the stranger were forgotten
+    assert set(replica.holdings.vectors) == {"fresh"}  # the silent member and the stranger were forgotten
 
 
 async def test_compaction_waits_for_a_quorum_of_signers_and_checkpoints_are_countersigned(
@@ -283,7 +267,7 @@ async def test_compaction_waits_for_a_quorum_of_signers_and_checkpoints_are_coun
     for replica in (follower, leader):
         for c in HIST:
             replica.accept(c)
-        replica.note_vector("peer", replica.state.version_vector)
+        replica.holdings.note_vector("peer", replica.state.version_vector)
     assert await follower.snapshot_and_compact() == 0  # nobody attests anything yet: all of it stays
     assert follower.attested_snapshot() is None  # and its snapshot is not served
     assert await leader.snapshot_and_compact() == len(HIST) and len(published) == 1

@@ -254,7 +254,7 @@ async def test_contributions_are_pushed_to_members_and_announced_only_when_one_i
             await a.parts.sync.spreader.spread()  # which decided whether to announce it, after b's answer
         assert b.status().counters.pushes_received == 2  # each round's record, straight from its author
         assert a.status().counters.pushed == 2 and a.status().counters.announced == 0  # nobody else to tell
-        held, _ = a.parts.replica.peer_vectors[b.host.peer_id]  # from the push's answer: what b holds
+        held = a.parts.replica.holdings.get(b.host.peer_id)  # from the push's answer: what b holds
         assert held.total == 2
         a.parts.sync.spreader.must_reach = lambda: {b.host.peer_id, "12D3KooWfar"}  # heard of, not connected
         for done in (3, 4):
@@ -296,7 +296,7 @@ async def test_a_member_gets_our_digest_in_a_push_once_per_anti_entropy_period(t
         trainer.round_gate.set()
         await until(lambda: b.status().contributions == 3)
         assert [bool(d) for d in digests] == [True, False, True]
-        held, _ = b.parts.replica.peer_vectors[a.host.peer_id]
+        held = b.parts.replica.holdings.get(a.host.peer_id)
         assert held.total == 3 and b.status().counters.rejected == 0
 
 
@@ -322,7 +322,7 @@ async def test_a_push_must_be_its_senders_own_record_of_this_run(tmp_path: Path)
 
         assert await push(pusher, wire.Push(digest, own.encode()).encode()) is None
         assert v.status().counters.pushes_received == 1 and v.status().contributions == 1
-        held, _ = v.parts.replica.peer_vectors[pusher.peer_id]  # the sender's digest: what it holds
+        held = v.parts.replica.holdings.get(pusher.peer_id)  # the sender's digest: what it holds
         assert held.total == 1
         not_its_own = wire.Push(digest, own.encode()).encode()
         assert await push(relayer, not_its_own) == "WireError"
@@ -357,7 +357,7 @@ async def test_a_node_behind_peers_that_hold_the_same_records_takes_each_record_
             for record in held:
                 node.parts.replica.accept(record)
         for node in (a, b, c):
-            d.parts.replica.note_vector(node.host.peer_id, node.parts.replica.state.version_vector)
+            d.parts.replica.holdings.note_vector(node.host.peer_id, node.parts.replica.state.version_vector)
         d.parts.sync.pull_from_peers_ahead()
         await until(lambda: d.status().contributions == 40)
         assert d.status().counters.duplicates == 0
