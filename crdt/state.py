@@ -44,7 +44,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import enum
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 
@@ -241,6 +241,15 @@ class ModelState:
         record for it decodes nothing (it is a duplicate, or an equivocation)."""
         return seq <= self._vv.get(author, 0) or self._pending.get(author, seq) is not None
 
+    def successors(self, c: Contribution) -> list[Contribution]:
+        """The buffered records of ``c``'s author that follow ``c`` without a gap: what applying ``c`` would
+        apply right after it (with an influence window, some may have to wait). For a caller that decodes
+        them ahead, in another thread, with :meth:`decode` (``apply(ahead=...)``)."""
+        found = []
+        while (nxt := self._pending.get(c.author, c.seq + 1 + len(found))) is not None:
+            found.append(nxt)
+        return found
+
     def can_serve(self, remote: VersionVector) -> bool:
         """True if every contribution ``remote`` lacks is still retained here (else send a snapshot)."""
         return all(remote.get(a) >= f for a, f in self._floor.items() if self._vv.get(a, 0) > remote.get(a))
@@ -272,11 +281,13 @@ class ModelState:
         observe: Observer | None = None,
         before_commit: Callable[[Contribution], None] | None = None,
         decoded: Decoded | None = None,
+        ahead: Iterable[Decoded] = (),
     ) -> ApplyOutcome:
         """Verify and apply (or buffer) one contribution.
 
         ``decoded``: ``c``'s payload as :meth:`decode` gave it (computed in another thread), so that it is
-        not decoded again here; None: decoded here.
+        not decoded again here; None: decoded here. ``ahead``: buffered records decoded the same way
+        (:meth:`successors`), used for those that this call applies; the others are decoded here.
 
         ``observe`` is called with every contribution this call applies (``c``, and buffered successors
         it unblocks) and its decoded ``(indices, values)``, so a caller that inspects updates (the
@@ -316,9 +327,10 @@ class ModelState:
             raise CapacityError(f"contribution: a new author beyond the limit of {self._limits.max_authors}")
         if seq == have + 1 and self._ready(c):
             self._add(c, observe, before_commit, decoded)
-            self._drain(author, observe)
+            early = {d.contribution.id: d for d in ahead}
+            self._drain(author, observe, early)
             if self._window is not None:
-                self._drain_waiting(observe)
+                self._drain_waiting(observe, early)
             return ApplyOutcome.APPLIED
         if decoded is None:  # buffer only contributions that will apply
             c.validate_against(self._genesis, self._limits)
@@ -425,8 +437,10 @@ class ModelState:
         self._cache_vv = None
         self._cache_hash = None
 
-    def _drain(self, author: bytes, observe: Observer | None = None) -> bool:
-        """Apply ``author``'s buffered successors while they are ready; True if any was."""
+    def _drain(self, author: bytes, observe: Observer | None = None,
+               early: Mapping[str, Decoded] | None = None) -> bool:
+        """Apply ``author``'s buffered successors while they are ready (with their payloads from ``early``,
+        by record id, where decoded ahead); True if any was."""
         applied = False
         while (c := self._pending.get(author, self._vv.get(author, 0) + 1)) is not None:
             try:
@@ -436,13 +450,14 @@ class ModelState:
                 self._pending.pop(c.author, c.seq)
                 break
             self._pending.pop(c.author, c.seq)
-            self._add(c, observe)
+            self._add(c, observe, decoded=(early or {}).get(c.id))  # content-addressed: same id, same payload
             applied = True
         return applied
 
-    def _drain_waiting(self, observe: Observer | None = None) -> None:
+    def _drain_waiting(self, observe: Observer | None = None, early: Mapping[str, Decoded] | None = None
+                       ) -> None:
         """(Windowed) every contribution applied lets the others' records that waited for it apply."""
-        while any([self._drain(author, observe) for author in list(self._pending.authors())]):
+        while any([self._drain(author, observe, early) for author in list(self._pending.authors())]):
             pass
 
     def drop_pending(self, authors: Iterable[bytes] | None = None) -> int:

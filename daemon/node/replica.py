@@ -6,8 +6,9 @@ Theory of operation
 ``crdt.ModelState.apply`` verifies and applies it (decoding the payload once and handing the decoded
 update to the suspect tracker), then the store appends it to the WAL with fsync. A crash in between
 loses a contribution that anti-entropy fetches again, never one the node already told anybody about.
-Sync and the rounds loop come in through :meth:`Replica.receive`, which decodes the payload and measures
-it for the suspect tracker in a worker thread first. The replica counts what it accepted, what was a
+Sync and the rounds loop come in through :meth:`Replica.receive`, which checks the signature, decodes the
+payload and measures it for the suspect tracker in a worker thread first (with the buffered records it
+will let apply). The replica counts what it accepted, what was a
 duplicate and what it refused (:meth:`reject`, also used for junk requests and gossip), and keeps the
 proof when an author equivocates.
 
@@ -39,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import logging
 import time
@@ -58,7 +60,7 @@ from daemon.node.store import Store
 from daemon.node.suspects import Measure, SuspectTracker
 from daemon.status import Counters
 
-__all__ = ["DiskFull", "Replica"]
+__all__ = ["DiskFull", "Prepared", "Replica"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -67,6 +69,17 @@ T = TypeVar("T")
 DISK_ROOM_BYTES = 64 * 2**20
 #: Seqs an equivocating author is listed with in status (the proof kept on disk is one per author).
 MAX_EQUIVOCATIONS_LISTED = 16
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Prepared:
+    """What :meth:`Replica.receive` computes for a record in its worker thread, for :meth:`Replica.accept`."""
+
+    decoded: crdt.Decoded
+    successors: list[crdt.Decoded]
+    """The buffered records it will let apply (``crdt.ModelState.successors``), decoded."""
+    measures: dict[str, Measure]
+    """The suspect tracker's measure of each of them, by record id."""
 
 
 class DiskFull(Exception):
@@ -161,30 +174,39 @@ class Replica:
     # -- the door ---------------------------------------------------------------------------------------
 
     async def receive(self, contribution: crdt.Contribution) -> crdt.ApplyOutcome:
-        """:meth:`accept`, with the payload decoded (``crdt.ModelState.decode``) and measured for the
-        suspect tracker first, in a worker thread: most of an apply's time, which the loop spent before.
+        """:meth:`accept`, with the record's signature checked and its payload decoded
+        (``crdt.ModelState.decode``) and measured for the suspect tracker first, in a worker thread: most
+        of an apply's time, which the loop spent before. So are the buffered records of its author that it
+        will let apply right after it (``crdt.ModelState.successors``): each used to cost the loop a whole
+        decode when an out-of-order arrival was drained.
+
         A record for a slot the state already holds (applied or buffered) is not decoded: sent again, it
-        costs what a duplicate always cost. One that does not decode goes to :meth:`accept` as it is,
-        which then raises as it always did, in the same order of checks (an equivocation is named before
-        a bad payload). Raises as :meth:`accept`."""
-        ahead: tuple[crdt.Decoded, Measure] | tuple[None, None] = (None, None)
+        costs what a duplicate always cost. One that does not verify or decode goes to :meth:`accept` as
+        it is, which then raises as it always did, in the same order of checks (an equivocation is named
+        before a bad payload), and its successors are not decoded for it. Raises as :meth:`accept`."""
+        prepared = None
         if not self.state.holds_slot(contribution.author, contribution.seq):
+            successors = self.state.successors(contribution)
             loop = asyncio.get_running_loop()
             with contextlib.suppress(crdt.CrdtError):
-                ahead = await loop.run_in_executor(self._decoder, self._decode, contribution)
-        return self.accept(contribution, *ahead)
+                prepared = await loop.run_in_executor(self._decoder, self._prepare, contribution, successors)
+        return self.accept(contribution, prepared)
 
-    def _decode(self, contribution: crdt.Contribution) -> tuple[crdt.Decoded, Measure]:
-        """`receive`'s work in the worker thread: the payload decoded and the suspect tracker's measure."""
-        decoded = self.state.decode(contribution)
-        return decoded, self.suspects.measure(contribution.fragment, decoded.indices, decoded.values,
-                                              contribution.weight)
+    def _prepare(self, contribution: crdt.Contribution, successors: list[crdt.Contribution]) -> Prepared:
+        """`receive`'s work in the worker thread. The signature first: a forged record costs a hash, not a
+        decode, and not the decode of the records buffered behind its slot."""
+        contribution.verify(self.state.limits)
+        decoded = [self.state.decode(contribution)]
+        for successor in successors:  # verified and decodable when they were buffered
+            with contextlib.suppress(crdt.CrdtError):
+                decoded.append(self.state.decode(successor))
+        measures = {d.contribution.id: self.suspects.measure(d.contribution.fragment, d.indices, d.values,
+                                                             d.contribution.weight) for d in decoded}
+        return Prepared(decoded[0], decoded[1:], measures)
 
-    def accept(self, contribution: crdt.Contribution, decoded: crdt.Decoded | None = None,
-               measured: Measure | None = None) -> crdt.ApplyOutcome:
+    def accept(self, contribution: crdt.Contribution, prepared: Prepared | None = None) -> crdt.ApplyOutcome:
         """Apply, then log durably; snapshot and compact every ``snapshot_every`` new contributions.
-        ``decoded`` and ``measured``: the payload as ``crdt.ModelState.decode`` gave it and the suspect
-        tracker's measure of it (:meth:`receive`).
+        ``prepared``: what :meth:`receive` computed ahead for it.
 
         Raises:
             DiskFull: the store could not log it; nothing changed (counted).
@@ -193,10 +215,11 @@ class Replica:
             crdt.CrdtError: the contribution is invalid here (nothing was logged).
         """
         try:
-            observe = self._observe if measured is None else functools.partial(
-                self._observe, ahead=(contribution, measured))
+            observe = self._observe if prepared is None else functools.partial(
+                self._observe, measures=prepared.measures)
             outcome = self.state.apply(contribution, observe=observe, before_commit=self.store.append,
-                                       decoded=decoded)
+                                       decoded=prepared.decoded if prepared else None,
+                                       ahead=prepared.successors if prepared else ())
         except crdt.ConflictError as exc:
             self._note_equivocation(exc)
             raise
@@ -250,11 +273,11 @@ class Replica:
         self.counters.reject(type(reason).__name__)
 
     def _observe(self, contribution: crdt.Contribution, indices: np.ndarray, values: np.ndarray,
-                 ahead: tuple[crdt.Contribution, Measure] | None = None) -> None:
-        """The apply's hook, for ``contribution`` and any buffered successor it unblocked (``ahead``: the
-        measure `receive` computed, which is for its own record only)."""
+                 measures: dict[str, Measure] | None = None) -> None:
+        """The apply's hook, for ``contribution`` and any buffered successor it unblocked (``measures``:
+        those `receive` computed, by record id; a record it did not measure is measured here)."""
         author = _peer(contribution.author)
-        measured = ahead[1] if ahead is not None and ahead[0] is contribution else None
+        measured = (measures or {}).get(contribution.id)
         self.suspects.observe(author, contribution.fragment, indices, values, contribution.weight, measured)
         self._last_contribution[author] = self._clock()
         self.on_author(author)

@@ -311,3 +311,23 @@ def test_a_record_decoded_ahead_applies_as_one_decoded_here() -> None:
     far = dataclasses.replace(far, fragment=9)
     with pytest.raises(GenesisMismatchError):
         fresh.decode(far)
+
+
+def test_successors_decoded_ahead_are_applied_without_decoding_them_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A record that fills its author's gap drains the buffered ones after it: ``successors`` names them,
+    and ``apply(ahead=...)`` uses their payloads decoded elsewhere. The state is the same either way."""
+    mine = sorted((c for c in HIST if c.author == HIST[0].author), key=lambda c: c.seq)
+    first, later = mine[0], mine[1:]
+    state = ModelState(G)
+    for c in reversed(later):
+        state.apply(c)  # buffered: the author's seq 1 is missing
+    assert state.successors(first) == later and state.successors(later[-1]) == []
+    early = [state.decode(c) for c in state.successors(first)]
+    decoded_here: list[int] = []
+    real = state.decode
+    monkeypatch.setattr(state, "decode", lambda c: decoded_here.append(c.seq) or real(c))
+    assert state.apply(first, ahead=early) is ApplyOutcome.APPLIED
+    assert decoded_here == [first.seq]  # only the record itself; its successors came decoded
+    assert state.state_hash == _replay(mine).state_hash

@@ -4,6 +4,7 @@ adoption."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import errno
 import threading
 from collections.abc import Iterable
@@ -189,6 +190,41 @@ async def test_received_records_are_decoded_in_a_worker_and_refused_as_accept_wo
                                  base_version=first.base_version)
     with pytest.raises(crdt.ConflictError):
         await replica.receive(bad)
+    replica.close()
+
+
+async def test_buffered_records_drained_by_a_received_one_were_decoded_in_the_worker(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Records that arrived ahead of their author's prefix wait in the buffer; the record that fills the
+    gap drains them. They are decoded (and measured) in the worker with it, not on the loop at the drain.
+    A forged record for the gap costs no decode at all: its signature is checked first."""
+    replica = _open_replica(tmp_path)
+    calls: list[tuple[int, str]] = []
+    decode = replica.state.decode
+
+    def traced(c: crdt.Contribution) -> crdt.Decoded:
+        calls.append((c.seq, threading.current_thread().name))
+        return decode(c)
+
+    monkeypatch.setattr(replica.state, "decode", traced)
+    mine = sorted((c for c in HIST if c.author == HIST[0].author), key=lambda c: c.seq)
+    for c in reversed(mine[1:]):
+        assert await replica.receive(c) is crdt.ApplyOutcome.BUFFERED
+    calls.clear()
+    forged = dataclasses.replace(mine[0], signature=b"\1" * 64)
+    with pytest.raises(crdt.SignatureError):
+        await replica.receive(forged)
+    assert calls == []
+    assert await replica.receive(mine[0]) is crdt.ApplyOutcome.APPLIED
+    assert sorted(seq for seq, _ in calls) == [c.seq for c in mine]  # each once, successors included
+    assert all(name.startswith("replica-decode") for _, name in calls)
+    assert replica.state.state_hash == state_of(mine).state_hash
+    plain = _open_replica(tmp_path / "plain")
+    for c in mine:
+        plain.accept(c)
+    assert replica.suspects.stats() == plain.suspects.stats()  # measured in the worker, recorded the same
+    plain.close()
     replica.close()
 
 
