@@ -67,6 +67,9 @@ T = TypeVar("T")
 
 #: Free space that counts as "room again" after a full disk: a few records and a rewritten log.
 DISK_ROOM_BYTES = 64 * 2**20
+#: Decoded successors `Replica.receive` holds at once (a buffered author may hold 64 MiB of payload, and a
+#: low-bit payload decodes to 10-40x its size): about five 2 % records at 100M parameters.
+AHEAD_DECODED_BYTES = 128 * 2**20
 #: Seqs an equivocating author is listed with in status (the proof kept on disk is one per author).
 MAX_EQUIVOCATIONS_LISTED = 16
 
@@ -197,9 +200,13 @@ class Replica:
         decode, and not the decode of the records buffered behind its slot."""
         contribution.verify(self.state.limits)
         decoded = [self.state.decode(contribution)]
+        held = 0
         for successor in successors:  # verified and decodable when they were buffered
+            if held >= AHEAD_DECODED_BYTES:  # the rest are decoded one by one as they are drained
+                break
             with contextlib.suppress(crdt.CrdtError):
                 decoded.append(self.state.decode(successor))
+                held += decoded[-1].indices.nbytes + decoded[-1].values.nbytes
         measures = {d.contribution.id: self.suspects.measure(d.contribution.fragment, d.indices, d.values,
                                                              d.contribution.weight) for d in decoded}
         return Prepared(decoded[0], decoded[1:], measures)

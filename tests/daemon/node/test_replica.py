@@ -14,6 +14,7 @@ import pytest
 from node_testlib import HIST, SIGNER, G, attested, history, signer, state_of
 
 import crdt
+from daemon.node import replica as replica_module
 from daemon.node.replica import DISK_ROOM_BYTES, DiskFull, Replica
 from daemon.node.store import Store
 
@@ -225,6 +226,33 @@ async def test_buffered_records_drained_by_a_received_one_were_decoded_in_the_wo
         plain.accept(c)
     assert replica.suspects.stats() == plain.suspects.stats()  # measured in the worker, recorded the same
     plain.close()
+    replica.close()
+
+
+async def test_successors_decoded_ahead_are_bounded_in_bytes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past AHEAD_DECODED_BYTES of decoded successors, the rest are decoded one by one as they drain
+    (a buffered author may hold 64 MiB of payload: decoding all of it at once would multiply that)."""
+    monkeypatch.setattr(replica_module, "AHEAD_DECODED_BYTES", 1)
+    replica = _open_replica(tmp_path)
+    mine = sorted((c for c in HIST if c.author == HIST[0].author), key=lambda c: c.seq)
+    assert len(mine) >= 3
+    for c in reversed(mine[1:]):
+        await replica.receive(c)
+    calls: list[tuple[int, str]] = []
+    decode = replica.state.decode
+
+    def traced(c: crdt.Contribution) -> crdt.Decoded:
+        calls.append((c.seq, threading.current_thread().name))
+        return decode(c)
+
+    monkeypatch.setattr(replica.state, "decode", traced)
+    assert await replica.receive(mine[0]) is crdt.ApplyOutcome.APPLIED
+    in_worker = [seq for seq, name in calls if name.startswith("replica-decode")]
+    assert in_worker == [mine[0].seq, mine[1].seq]  # the record and one successor, then the bound
+    assert sorted(seq for seq, _ in calls) == [c.seq for c in mine]
+    assert replica.state.state_hash == state_of(mine).state_hash
     replica.close()
 
 
