@@ -37,6 +37,7 @@ import ctypes
 import logging
 import multiprocessing
 import os
+import sys
 import traceback
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -326,7 +327,13 @@ def _child_main(conn: Connection, spec: TrainerSpec, parent_pid: int) -> None:
         except (EOFError, KeyboardInterrupt):
             return
         if command == "stop":
-            return
+            # Nothing is left to save (`commit` is the parent's explicit call), so skip the interpreter's
+            # teardown: with a ~100M-parameter model and its optimizer state it took 1.2 s alone, and over
+            # STOP_TIMEOUT_S (then a kill) for three nodes stopping at once on 2 cores (2026-12-02).
+            for stream in (sys.stdout, sys.stderr):
+                with contextlib.suppress(Exception):
+                    stream.flush()
+            os._exit(0)
         try:
             answer = ("ok", handlers[command](*args))
         except Exception:

@@ -210,3 +210,26 @@ def test_a_fill_writes_the_state_as_it_was_when_made_and_releases_it() -> None:
     assert state._acc.values._views
     del unused
     assert not state._acc.values._views
+
+
+async def test_a_stopped_child_exits_without_the_interpreters_teardown(tmp_path: Path) -> None:
+    """On stop the child leaves at once (os._exit): nothing is left to save, and the teardown of a large
+    model's interpreter held shutdowns past STOP_TIMEOUT_S. Here a plug-in leaves a thread that never ends,
+    which a normal interpreter exit waits for forever: the child must still exit by itself, code 0, not be
+    killed (-9) after the timeout."""
+    plugin = tmp_path / "lingering.py"
+    plugin.write_text(
+        "import threading\n"
+        "from training import load_task\n"
+        "threading.Thread(target=threading.Event().wait, daemon=False).start()\n"
+        "def Task():\n"
+        "    return load_task('digits')\n"
+    )
+    spec = TrainerSpec(task=f"{plugin}:Task", task_options={}, diloco={}, shard=0, num_shards=1, threads=1,
+                       state_file=tmp_path / "trainer.pt")
+    trainer = TrainerProcess(spec)
+    await trainer.start()
+    proc = trainer._proc
+    assert proc is not None
+    await trainer.aclose()
+    assert proc.exitcode == 0
