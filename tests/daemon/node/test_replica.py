@@ -194,13 +194,8 @@ async def test_received_records_are_decoded_in_a_worker_and_refused_as_accept_wo
     replica.close()
 
 
-async def test_buffered_records_drained_by_a_received_one_were_decoded_in_the_worker(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Records that arrived ahead of their author's prefix wait in the buffer; the record that fills the
-    gap drains them. They are decoded (and measured) in the worker with it, not on the loop at the drain.
-    A forged record for the gap costs no decode at all: its signature is checked first."""
-    replica = _open_replica(tmp_path)
+def _trace_decodes(replica: Replica, monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, str]]:
+    """(seq, thread name) of each record ``replica.state.decode`` decodes from now on."""
     calls: list[tuple[int, str]] = []
     decode = replica.state.decode
 
@@ -209,6 +204,17 @@ async def test_buffered_records_drained_by_a_received_one_were_decoded_in_the_wo
         return decode(c)
 
     monkeypatch.setattr(replica.state, "decode", traced)
+    return calls
+
+
+async def test_buffered_records_drained_by_a_received_one_were_decoded_in_the_worker(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Records that arrived ahead of their author's prefix wait in the buffer; the record that fills the
+    gap drains them. They are decoded (and measured) in the worker with it, not on the loop at the drain.
+    A forged record for the gap costs no decode at all: its signature is checked first."""
+    replica = _open_replica(tmp_path)
+    calls = _trace_decodes(replica, monkeypatch)
     mine = sorted((c for c in HIST if c.author == HIST[0].author), key=lambda c: c.seq)
     for c in reversed(mine[1:]):
         assert await replica.receive(c) is crdt.ApplyOutcome.BUFFERED
@@ -240,14 +246,7 @@ async def test_successors_decoded_ahead_are_bounded_in_bytes(
     assert len(mine) >= 3
     for c in reversed(mine[1:]):
         await replica.receive(c)
-    calls: list[tuple[int, str]] = []
-    decode = replica.state.decode
-
-    def traced(c: crdt.Contribution) -> crdt.Decoded:
-        calls.append((c.seq, threading.current_thread().name))
-        return decode(c)
-
-    monkeypatch.setattr(replica.state, "decode", traced)
+    calls = _trace_decodes(replica, monkeypatch)
     assert await replica.receive(mine[0]) is crdt.ApplyOutcome.APPLIED
     in_worker = [seq for seq, name in calls if name.startswith("replica-decode")]
     assert in_worker == [mine[0].seq, mine[1].seq]  # the record and one successor, then the bound
