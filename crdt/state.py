@@ -243,8 +243,11 @@ class ModelState:
 
     def successors(self, c: Contribution) -> list[Contribution]:
         """The buffered records of ``c``'s author that follow ``c`` without a gap: what applying ``c`` would
-        apply right after it (with an influence window, some may have to wait). For a caller that decodes
-        them ahead, in another thread, with :meth:`decode` (``apply(ahead=...)``)."""
+        apply right after it (with an influence window, some may have to wait); none when ``c`` is not its
+        author's next record (it would wait in the buffer itself). For a caller that decodes them ahead, in
+        another thread, with :meth:`decode` (``apply(ahead=...)``)."""
+        if c.seq != self.next_seq(c.author):
+            return []
         found = []
         while (nxt := self._pending.get(c.author, c.seq + 1 + len(found))) is not None:
             found.append(nxt)

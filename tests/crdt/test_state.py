@@ -324,6 +324,7 @@ def test_successors_decoded_ahead_are_applied_without_decoding_them_again(
     for c in reversed(later):
         state.apply(c)  # buffered: the author's seq 1 is missing
     assert state.successors(first) == later and state.successors(later[-1]) == []
+    assert state.successors(later[0]) == []  # seq 2 would itself wait for seq 1: nothing applies after it
     early = [state.decode(c) for c in state.successors(first)]
     decoded_here: list[int] = []
     real = state.decode
