@@ -155,45 +155,6 @@ async def test_records_accepted_while_our_snapshot_is_written_stay_live_and_logg
     assert _open_replica(tmp_path).state.state_hash == state_of(first + late).state_hash
 
 
-async def test_received_records_are_decoded_in_a_worker_and_refused_as_accept_would(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    replica = _open_replica(tmp_path)
-    threads: list[str] = []
-    decode = replica.state.decode
-
-    def traced(c: crdt.Contribution) -> crdt.Decoded:
-        threads.append(threading.current_thread().name)
-        return decode(c)
-
-    monkeypatch.setattr(replica.state, "decode", traced)
-    outcomes = [await replica.receive(c) for c in HIST]
-    assert set(outcomes) <= {crdt.ApplyOutcome.APPLIED, crdt.ApplyOutcome.BUFFERED}
-    assert replica.state.state_hash == state_of(HIST).state_hash
-    assert threads and all(name.startswith("replica-decode") for name in threads)
-    plain = _open_replica(tmp_path / "plain")
-    for c in HIST:
-        plain.accept(c)
-    assert replica.suspects.stats() == plain.suspects.stats()  # measured in the worker, recorded the same
-    plain.close()
-    decoded = len(threads)
-    assert await replica.receive(HIST[0]) is crdt.ApplyOutcome.DUPLICATE
-    assert len(threads) == decoded  # a record already held is not decoded again
-    ahead = history(G, n_authors=1, per_author=3, first=7)[2]  # seq 3 of a new author: buffered
-    assert await replica.receive(ahead) is crdt.ApplyOutcome.BUFFERED
-    assert await replica.receive(ahead) is crdt.ApplyOutcome.DUPLICATE
-    assert len(threads) == decoded + 1  # a buffered record sent again is not decoded again either
-    # A second record for a held slot with a payload that does not decode: named an equivocation, as a
-    # plain accept names it (the decode failed in the worker; accept checked the slot first).
-    first = HIST[0]
-    bad = crdt.make_contribution(signer(0), genesis_id=G.id, seq=first.seq, fragment=first.fragment,
-                                 codec=first.codec, payload=b"\xff" * 8, weight=first.weight,
-                                 base_version=first.base_version)
-    with pytest.raises(crdt.ConflictError):
-        await replica.receive(bad)
-    replica.close()
-
-
 def _trace_decodes(replica: Replica, monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, str]]:
     """(seq, thread name) of each record ``replica.state.decode`` decodes from now on."""
     calls: list[tuple[int, str]] = []
@@ -205,6 +166,38 @@ def _trace_decodes(replica: Replica, monkeypatch: pytest.MonkeyPatch) -> list[tu
 
     monkeypatch.setattr(replica.state, "decode", traced)
     return calls
+
+
+async def test_received_records_are_decoded_in_a_worker_and_refused_as_accept_would(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    replica = _open_replica(tmp_path)
+    calls = _trace_decodes(replica, monkeypatch)
+    outcomes = [await replica.receive(c) for c in HIST]
+    assert set(outcomes) <= {crdt.ApplyOutcome.APPLIED, crdt.ApplyOutcome.BUFFERED}
+    assert replica.state.state_hash == state_of(HIST).state_hash
+    assert calls and all(name.startswith("replica-decode") for _, name in calls)
+    plain = _open_replica(tmp_path / "plain")
+    for c in HIST:
+        plain.accept(c)
+    assert replica.suspects.stats() == plain.suspects.stats()  # measured in the worker, recorded the same
+    plain.close()
+    decoded = len(calls)
+    assert await replica.receive(HIST[0]) is crdt.ApplyOutcome.DUPLICATE
+    assert len(calls) == decoded  # a record already held is not decoded again
+    ahead = history(G, n_authors=1, per_author=3, first=7)[2]  # seq 3 of a new author: buffered
+    assert await replica.receive(ahead) is crdt.ApplyOutcome.BUFFERED
+    assert await replica.receive(ahead) is crdt.ApplyOutcome.DUPLICATE
+    assert len(calls) == decoded + 1  # a buffered record sent again is not decoded again either
+    # A second record for a held slot with a payload that does not decode: named an equivocation, as a
+    # plain accept names it (the decode failed in the worker; accept checked the slot first).
+    first = HIST[0]
+    bad = crdt.make_contribution(signer(0), genesis_id=G.id, seq=first.seq, fragment=first.fragment,
+                                 codec=first.codec, payload=b"\xff" * 8, weight=first.weight,
+                                 base_version=first.base_version)
+    with pytest.raises(crdt.ConflictError):
+        await replica.receive(bad)
+    replica.close()
 
 
 async def test_buffered_records_drained_by_a_received_one_were_decoded_in_the_worker(
